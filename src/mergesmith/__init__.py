@@ -1,0 +1,16 @@
+"""mergesmith: merge fine-tuned Hugging Face models with any method, streaming tensor by tensor."""
+
+__version__ = "0.1.0"
+
+from mergesmith.errors import MergesmithError  # noqa: E402
+
+__all__ = ["MergesmithError", "__version__", "merge", "plan"]
+
+
+def __getattr__(name):
+    # The engine imports torch; keep `import mergesmith` cheap for the CLI's --help.
+    if name in ("merge", "plan"):
+        from mergesmith.engine import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

@@ -1,0 +1,147 @@
+"""One registry of merge methods: what each needs, which parameters it takes, and its function.
+
+A method is a pure function `fn(base, experts, *, ctx, **params) -> Tensor` of fp32 tensors.
+`base` is None for methods that take no base; per-model parameters arrive as lists aligned
+with `experts`. The engine reads the spec to validate a recipe before it computes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from mergesmith.errors import MethodError
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter as the recipe names it.
+
+    `per_model` parameters are given on each model entry (mergekit's "non-base" scope) and reach
+    the function as a list named `arg`; global ones are given once and reach it as a scalar.
+    """
+
+    name: str
+    type: type = float
+    default: Any = REQUIRED
+    per_model: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | None = None
+    arg: str | None = None
+    doc: str = ""
+
+    @property
+    def argname(self) -> str:
+        return self.arg or self.name
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, value: Any) -> Any:
+        """Coerce a recipe value to the parameter's type; raise ValueError saying what is allowed."""
+        if value is None and self.default is None:
+            return None
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {value!r}")
+        elif self.type in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"must be a number, got {value!r}")
+            if self.type is int and float(value) != int(value):
+                raise ValueError(f"must be an integer, got {value!r}")
+            value = self.type(value)
+            if self.minimum is not None and value < self.minimum:
+                raise ValueError(f"must be >= {self.minimum}, got {value}")
+            if self.maximum is not None and value > self.maximum:
+                raise ValueError(f"must be <= {self.maximum}, got {value}")
+        elif self.type is str and not isinstance(value, str):
+            raise ValueError(f"must be a string, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor it merges, besides its values."""
+
+    name: str
+    layer: int | None = None
+    num_layers: int | None = None
+    seed: int = 0
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded by (seed, tensor name): randomness independent of processing order."""
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}".encode()).digest()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+        return gen
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    summary: str
+    paper: str
+    needs_base: bool
+    params: tuple[Param, ...]
+    min_models: int = 1
+    max_models: int | None = None
+    # f(rows of inputs) == rows of f(inputs): the engine may stream such a method in row chunks.
+    elementwise: bool = False
+    # For methods that are elementwise once a few whole-tensor sums are known (SLERP's norms and
+    # dot product): `reduce(base_chunk, expert_chunks, **params)` returns float64 partial sums,
+    # which the engine adds over chunks and passes to `fn` as `stats=`.
+    reduce: Callable[..., torch.Tensor] | None = None
+    # Plan-time check of one tensor's resolved parameters (raise ValueError): lets the engine
+    # reject a bad recipe before it computes anything.
+    validate: Callable[[dict[str, Any]], None] | None = None
+    aliases: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def chunkable(self) -> bool:
+        return self.elementwise or self.reduce is not None
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, **spec: Any) -> Callable[[Callable], Callable]:
+    def wrap(fn: Callable) -> Callable:
+        entry = MethodSpec(name=name, fn=fn, **spec)
+        for key in (name, *entry.aliases):
+            if key in _REGISTRY:
+                raise RuntimeError(f"merge method {key!r} registered twice")
+            _REGISTRY[key] = entry
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else "`mergesmith methods` lists them"
+        raise MethodError(f"unknown merge method {name!r}", hint=hint)
+    return _REGISTRY[name]
+
+
+def all_methods() -> list[MethodSpec]:
+    """Each method once (aliases folded), in registration order."""
+    seen: dict[str, MethodSpec] = {}
+    for spec in _REGISTRY.values():
+        seen.setdefault(spec.name, spec)
+    return list(seen.values())

@@ -1,0 +1,146 @@
+"""Interpolation on the sphere: SLERP, multi-model SLERP and the weighted Karcher mean."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergesmith.methods.blocks import unit
+from mergesmith.methods.registry import Param, TensorContext, register
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+def slerp_sums(base: torch.Tensor, experts: list[torch.Tensor], **_) -> torch.Tensor:
+    """Σa², Σb², Σab in float64: all SLERP needs to know about the whole tensor."""
+    a, b = base.double().flatten(), experts[0].double().flatten()
+    return torch.stack([a @ a, b @ b, a @ b])
+
+
+def slerp_coefficients(sums: torch.Tensor, t: float) -> tuple[float, float]:
+    """(ca, cb) with slerp(a, b) = ca·a + cb·b; linear when a and b are (anti)parallel."""
+    norm_a, norm_b = (math.sqrt(max(float(s), 0.0)) for s in sums[:2])
+    norm_a = norm_a if norm_a > EPS else 1.0
+    norm_b = norm_b if norm_b > EPS else 1.0
+    dot = min(1.0, max(-1.0, float(sums[2]) / (norm_a * norm_b)))
+    if abs(dot) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    omega = math.acos(dot)
+    return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+
+
+
+@register(
+    "slerp",
+    summary="Spherical interpolation between the base and one other model (t=0 gives the base).",
+    paper="Shoemake 1985, Animating rotation with quaternion curves (used by mergekit)",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    params=(Param("t", minimum=0.0, maximum=1.0, doc="position from base (0) to model (1)"),),
+    reduce=slerp_sums,
+)
+def slerp(
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    *,
+    t: float,
+    stats: torch.Tensor | None = None,
+    ctx: TensorContext | None = None,
+) -> torch.Tensor:
+    """θ = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b with cos Ω = â·b̂; linear when |â·b̂| > 0.9995."""
+    (other,) = experts
+    ca, cb = slerp_coefficients(slerp_sums(base, experts) if stats is None else stats, t)
+    return base * ca + other * cb
+
+
+@register(
+    "multislerp",
+    summary="Barycentric SLERP of any number of models (around the base's origin when given).",
+    paper="Goddard 2025, Multi-SLERP (mergekit's multislerp)",
+    needs_base=False,
+    min_models=2,
+    params=(
+        Param("weight", per_model=True, arg="weights", doc="the model's coefficient"),
+        Param("normalize_weights", bool, default=True, doc="make the weights sum to one"),
+        Param("eps", default=1e-8, minimum=0.0, doc="numerical floor for norms"),
+    ),
+)
+def multislerp(
+    base: torch.Tensor | None,
+    experts: list[torch.Tensor],
+    *,
+    weights: list[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    ctx: TensorContext | None = None,
+) -> torch.Tensor:
+    """Project unit vectors onto the tangent space at their weighted mean, average, map back."""
+    points = torch.stack([x if base is None else x - base for x in experts]).flatten(1)
+    w = torch.tensor(weights, dtype=points.dtype, device=points.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(points, dim=1, keepdim=True)
+    units = points / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    if torch.linalg.vector_norm(mean) < eps:
+        raise ValueError("the weighted mean of the models' directions is zero (antipodal inputs)")
+    mean = mean / torch.linalg.vector_norm(mean)
+    tangent = ((units - (units @ mean)[:, None] * mean) * w[:, None]).sum(0)
+    angle = torch.linalg.vector_norm(tangent) + eps
+    result = (mean * torch.cos(angle) + tangent * (torch.sin(angle) / angle)) * (norms[:, 0] @ w)
+    result = result.view(experts[0].shape)
+    return result if base is None else result + base
+
+
+@register(
+    "karcher",
+    summary="Weighted Riemannian (Karcher) mean of the models on the sphere, rescaled by mean norm.",
+    paper="Karcher 1977; as a merge: mergekit's karcher (which ignores weights; we honour them)",
+    needs_base=False,
+    min_models=1,
+    params=(
+        Param("weight", per_model=True, arg="weights", default=1.0, doc="the model's coefficient"),
+        Param("max_iter", int, default=10, minimum=1, doc="fixed-point iterations"),
+        Param("tol", default=1e-5, minimum=0.0, doc="stop when the tangent step is this small"),
+    ),
+)
+def karcher(
+    base: torch.Tensor | None,
+    experts: list[torch.Tensor],
+    *,
+    weights: list[float] | None = None,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+    ctx: TensorContext | None = None,
+) -> torch.Tensor:
+    """argmin_m Σ ŵi d(m, x̂i)² on the unit sphere by Riemannian gradient steps; × Σ ŵi ||xi||."""
+    weights = [1.0] * len(experts) if weights is None else weights
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("karcher weights must sum to a positive number")
+    alphas = [w / total for w in weights]
+    pairs = [unit(x) for x in experts]
+    scale = sum(a * float(n) for a, (_, n) in zip(alphas, pairs))
+    live = [(a, u) for a, (u, n) in zip(alphas, pairs) if n > tol and a != 0]
+    if not live:
+        return torch.zeros_like(experts[0])
+    live_total = sum(a for a, _ in live)
+    live = [(a / live_total, u) for a, u in live]
+    mean, norm = unit(sum(a * u for a, u in live))
+    if norm < tol:
+        mean = live[0][1].clone()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in live:
+            cos = torch.clamp(torch.sum(mean * u), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta > tol:
+                tangent += a * (theta / torch.sin(theta)) * (u - cos * mean)
+        step = torch.linalg.vector_norm(tangent)
+        if step < tol:
+            break
+        mean, _ = unit(torch.cos(step) * mean + torch.sin(step) * (tangent / step))
+    return mean * scale
