@@ -95,6 +95,8 @@ class MethodSpec:
     params: tuple[Param, ...]
     min_models: int = 1
     max_models: int | None = None
+    # The base is used when given (e.g. as the origin of multislerp) but is not required.
+    optional_base: bool = False
     # f(rows of inputs) == rows of f(inputs): the engine may stream such a method in row chunks.
     elementwise: bool = False
     # For methods that are elementwise once a few whole-tensor sums are known (SLERP's norms and
@@ -108,6 +110,10 @@ class MethodSpec:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def uses_base(self) -> bool:
+        return self.needs_base or self.optional_base
 
     @property
     def chunkable(self) -> bool:

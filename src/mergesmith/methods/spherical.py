@@ -61,6 +61,7 @@ def slerp(
     summary="Barycentric SLERP of any number of models (around the base's origin when given).",
     paper="Goddard 2025, Multi-SLERP (mergekit's multislerp)",
     needs_base=False,
+    optional_base=True,
     min_models=2,
     params=(
         Param("weight", per_model=True, arg="weights", doc="the model's coefficient"),

@@ -1,0 +1,121 @@
+"""The engine's public entry points: `plan` (check a recipe, write nothing) and `merge`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from mergesmith import __version__
+from mergesmith.engine.finalize import write_metadata
+from mergesmith.engine.plan import Plan, build_plan
+from mergesmith.engine.run import DEFAULT_CHUNK_BYTES, stream
+from mergesmith.errors import MergesmithError
+from mergesmith.io import OutputFolder
+from mergesmith.io.checkpoint import weight_files
+from mergesmith.recipe import Recipe
+
+UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3,
+         "GB": 1000**3, "T": 1000**4, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '250M', '1.5GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in UNITS:
+        raise MergesmithError(f"bad size {text!r}", hint="write it like 5GB, 250MB or 1GiB")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+
+
+def plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
+         shard_size: str | int = "5GB") -> Plan:
+    """Validate a recipe against its models' headers and return the merge plan (reads no weights)."""
+    return build_plan(recipe, seed=seed, shard_bytes=parse_size(shard_size))
+
+
+def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: str | int = "5GB",
+          device: str = "cpu", seed: int | None = None, resume: bool = False,
+          overwrite: bool = False, chunk_size: str | int = DEFAULT_CHUNK_BYTES,
+          progress: bool = False) -> Path:
+    """Merge as the recipe says and write a Hugging Face model folder at `out`; return its path.
+
+    The folder appears only when complete. After an interruption, the same call with
+    `resume=True` finishes the job and gives the same bytes as an uninterrupted run.
+    """
+    the_plan = plan(recipe, seed=seed, shard_size=shard_size)
+    compute = _device(device)
+    chunk_bytes = parse_size(chunk_size)
+    output = OutputFolder(Path(out), fingerprint(the_plan, chunk_bytes, compute),
+                          resume=resume, overwrite=overwrite)
+    bar = ProgressBar(the_plan) if progress else None
+    try:
+        if bar:
+            bar.start()
+        stream(the_plan, output, device=compute, chunk_bytes=chunk_bytes, progress=bar)
+    finally:
+        if bar:
+            bar.stop()
+    write_metadata(the_plan, output.partial)
+    return output.finalize()
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MergesmithError(f"unknown device {name!r}", hint="use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergesmithError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def fingerprint(the_plan: Plan, chunk_bytes: int, device: torch.device) -> str:
+    """What must match for a resumed merge to give the same bytes: recipe, options, inputs."""
+    inputs = sorted({
+        (str(f), f.stat().st_size, f.stat().st_mtime_ns)
+        for ck in the_plan.models.values() for f in weight_files(ck.path)
+    })
+    blob = json.dumps([__version__, the_plan.recipe.fingerprint(), the_plan.seed, chunk_bytes,
+                       device.type, [s.filename for s in the_plan.shards], inputs])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ProgressBar:
+    """Tensors, bytes and time left, on stderr."""
+
+    def __init__(self, the_plan: Plan):
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+        self.total_tensors = len(the_plan.jobs)
+        self.tensors = 0
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.fields[count]} tensors"), DownloadColumn(), TransferSpeedColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("[dim]{task.fields[name]}"),
+            console=Console(stderr=True), transient=False,
+        )
+        self.task = self.progress.add_task(f"merging ({the_plan.method.name})",
+                                           total=the_plan.total_bytes, name="",
+                                           count=f"0/{self.total_tensors}")
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def advance(self, nbytes: int, tensors: int, name: str | None = None) -> None:
+        self.tensors += tensors
+        fields = {"count": f"{self.tensors}/{self.total_tensors}"}
+        if name is not None:
+            fields["name"] = name
+        self.progress.update(self.task, advance=nbytes, **fields)
+

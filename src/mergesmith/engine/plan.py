@@ -1,0 +1,274 @@
+"""Plan a merge from headers alone: which inputs feed each output tensor, how, and with what.
+
+Everything a recipe can get wrong is found here, before any tensor data is read: unknown
+method or parameter, missing or out-of-range values, layer ranges, tensor names, shapes and
+vocabulary sizes. Each error names the recipe line, the model and the tensor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith.engine import layers as L
+from mergesmith.engine.params import ParamResolver
+from mergesmith.engine.vocab import VocabPlan, plan_vocab
+from mergesmith.errors import MergesmithError, PlanError, RecipeError
+from mergesmith.io import Checkpoint, OutTensor, Shard, layout_shards, resolve_model
+from mergesmith.methods import MethodSpec, TensorContext, get_method
+from mergesmith.recipe import Recipe, load_recipe
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Source:
+    """One model feeding one output slice, over layers [start, stop)."""
+
+    ckpt: Checkpoint
+    start: int
+    stop: int
+    params: dict | None
+    path: tuple  # where the source sits in the recipe, for error messages
+
+
+@dataclass
+class OutSlice:
+    sources: list[Source]
+    base: Source | None
+    params: dict | None
+    path: tuple
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: its inputs (base first when the method takes one) and how to merge them."""
+
+    out: OutTensor
+    inputs: list[tuple[Checkpoint, str]]
+    has_base: bool
+    params: dict[str, Any]
+    ctx: TensorContext
+    copy: bool = False  # integer buffers are copied from the first input, never merged
+    vocab_axis: bool = False
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    method: MethodSpec
+    jobs: list[TensorJob]
+    shards: list[Shard]
+    config: dict
+    config_source: Checkpoint
+    load_dtype: torch.dtype | None
+    vocab: VocabPlan | None
+    seed: int
+    models: dict[str, Checkpoint]  # recipe reference -> opened folder
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(job.out.nbytes for job in self.jobs)
+
+    def peak_memory(self, chunk_bytes: int) -> int:
+        """Bytes the run holds at its peak: one unit being merged plus one being prefetched."""
+        worst = 0
+        for job in self.jobs:
+            elements = math.prod(job.out.shape)
+            if self.method.chunkable and not job.vocab_axis:
+                elements = min(elements, max(chunk_bytes // 4, math.prod(job.out.shape[1:]) or 1))
+            stored = sum(ck.tensors[name].dtype.itemsize for ck, name in job.inputs) * elements
+            compute = (len(job.inputs) + 2) * 4 * elements  # fp32 inputs, result, scratch
+            worst = max(worst, 2 * stored + compute + job.out.dtype.itemsize * elements)
+        return worst
+
+
+def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
+               shard_bytes: int = 5 * 1000**3) -> Plan:
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    try:
+        method = get_method(recipe.merge_method)
+    except MergesmithError as exc:
+        raise RecipeError(f"{recipe.where('merge_method')}: {exc.message}", hint=exc.hint) from None
+    opened = _open_models(recipe)
+    slices = _normalize(recipe, opened, method)
+    resolver = ParamResolver(recipe, method)
+    warnings = resolver.check_names()
+    ref = slices[0].base or slices[0].sources[0]
+    vocab = plan_vocab(recipe, opened, ref.ckpt)
+    seed = seed if seed is not None else (recipe.seed or 0)
+    load_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
+    out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+    total_layers = sum(s.sources[0].stop - s.sources[0].start for s in slices)
+
+    jobs: list[TensorJob] = []
+
+    def add(out_slice: OutSlice, names: list[tuple[str, str | None]], t: float, layer: int | None):
+        """names: (output name, name in the slice's reference model, per source offset)."""
+        for out_name, src_layer_offset in names:
+            jobs.append(_job(out_slice, out_name, src_layer_offset, t, layer, total_layers,
+                             resolver, method, seed, out_dtype, vocab))
+
+    ref_names = sorted(ref.ckpt.tensors)
+    outside = [n for n in ref_names if L.layer_of(n) is None]
+    add(slices[0], [(n, None) for n in outside if L.is_before_layers(n)], 0.0, None)
+    out_layer = 0
+    for out_slice in slices:
+        lead = out_slice.base or out_slice.sources[0]
+        count = out_slice.sources[0].stop - out_slice.sources[0].start
+        for offset in range(count):
+            t = offset / (count - 1) if count > 1 else 1.0
+            template = [n for n in sorted(lead.ckpt.tensors) if L.layer_of(n) == lead.start + offset]
+            names = [(L.with_layer(n, out_layer), offset) for n in template]
+            add(out_slice, names, t, out_layer)
+            out_layer += 1
+    add(slices[-1], [(n, None) for n in outside if not L.is_before_layers(n)], 0.0, None)
+
+    if not jobs:
+        raise PlanError(f"{ref.ckpt.label}: no tensors to merge")
+    config = _output_config(ref.ckpt, slices, total_layers, out_dtype or jobs[0].out.dtype, vocab)
+    _warn_unused(slices, jobs, warnings)
+    return Plan(recipe=recipe, method=method, jobs=jobs,
+                shards=layout_shards([job.out for job in jobs], shard_bytes),
+                config=config, config_source=ref.ckpt, load_dtype=load_dtype, vocab=vocab,
+                seed=seed, models=opened, warnings=warnings)
+
+
+def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
+    opened: dict[str, Checkpoint] = {}
+    by_folder: dict[Path, Checkpoint] = {}
+    for ref in recipe.model_refs():
+        folder = resolve_model(ref).resolve()
+        if folder not in by_folder:
+            by_folder[folder] = Checkpoint(folder, label=ref)
+        opened[ref] = by_folder[folder]
+    return opened
+
+
+def _normalize(recipe: Recipe, opened: dict[str, Checkpoint], method: MethodSpec) -> list[OutSlice]:
+    """Both recipe forms as output slices; `models:` is one slice over all layers (as mergekit)."""
+    counts = {id(ck): L.num_layers(list(ck.tensors)) for ck in opened.values()}
+    base_ck = opened[recipe.base_model] if recipe.base_model else None
+    if recipe.models is not None:
+        sources = [Source(opened[m.model], 0, counts[id(opened[m.model])], m.parameters,
+                          ("models", i)) for i, m in enumerate(recipe.models)]
+        if base_ck is not None and all(s.ckpt is not base_ck for s in sources):
+            sources.append(Source(base_ck, 0, counts[id(base_ck)], None, ("base_model",)))
+        raw = [(sources, base_ck, None, ())]
+    else:
+        raw = []
+        for i, sl in enumerate(recipe.slices):
+            sources = [Source(opened[s.model], *s.layer_range, s.parameters, ("slices", i, "sources", j))
+                       for j, s in enumerate(sl.sources)]
+            slice_base = opened[sl.base_model] if sl.base_model else base_ck
+            raw.append((sources, slice_base, sl.parameters, ("slices", i)))
+
+    slices = []
+    for sources, base_ck, params, path in raw:
+        for s in sources:
+            have = counts[id(s.ckpt)]
+            if s.stop > have and recipe.slices is not None:
+                raise PlanError(f"{recipe.where(*s.path, 'layer_range')}: layer_range "
+                                f"[{s.start}, {s.stop}] goes past {s.ckpt.label}, which has {have} layers")
+        lengths = {s.stop - s.start for s in sources}
+        if len(lengths) > 1:
+            detail = ", ".join(f"{s.ckpt.label}: {s.stop - s.start}" for s in sources)
+            raise PlanError(f"{recipe.where(*path) if path else 'models'}: the models of one slice "
+                            f"must have the same number of layers ({detail})")
+        base = next((s for s in sources if s.ckpt is base_ck), None)
+        if method.needs_base and base_ck is None:
+            raise PlanError(f"{recipe.where('merge_method')}: method {method.name!r} needs a "
+                            "base model", hint="add base_model: <the model the experts were tuned from>")
+        if method.uses_base and base_ck is not None and base is None:
+            raise PlanError(f"{recipe.where(*path)}: the base model {base_ck.label} is not among "
+                            "this slice's sources")
+        experts = len(sources) - (1 if base is not None and method.uses_base else 0)
+        if experts < method.min_models or (method.max_models and experts > method.max_models):
+            want = (f"exactly {method.min_models}" if method.min_models == method.max_models else
+                    f"at least {method.min_models}" if not method.max_models else
+                    f"{method.min_models} to {method.max_models}")
+            raise PlanError(f"{recipe.where(*path) if path else recipe.where('models')}: method "
+                            f"{method.name!r} merges {want} model(s) besides the base; got {experts}")
+        slices.append(OutSlice(sources, base if method.uses_base else None, params, path))
+    return slices
+
+
+def _input_name(source: Source, template: str, offset: int | None) -> str:
+    name = template if offset is None else L.with_layer(template, source.start + offset)
+    if name in source.ckpt.tensors:
+        return name
+    tied = L.tied_embedding(set(source.ckpt.tensors), name)
+    if tied is not None:
+        return tied
+    close = difflib.get_close_matches(name, list(source.ckpt.tensors), n=1)
+    raise PlanError(f"{source.ckpt.label}: has no tensor {name!r}",
+                    hint=f"closest is {close[0]!r}" if close else "the models differ in architecture")
+
+
+def _job(out_slice: OutSlice, out_name: str, offset: int | None, t: float, layer: int | None,
+         total_layers: int, resolver: ParamResolver, method: MethodSpec, seed: int,
+         out_dtype: torch.dtype | None, vocab: VocabPlan | None) -> TensorJob:
+    lead = out_slice.base or out_slice.sources[0]
+    template = out_name if offset is None else L.with_layer(out_name, lead.start + offset)
+    experts = [s for s in out_slice.sources if s is not out_slice.base]
+    ordered = ([out_slice.base] if out_slice.base else []) + experts
+    inputs = [(s.ckpt, _input_name(s, template, offset)) for s in ordered]
+    infos = [ck.tensors[name] for ck, name in inputs]
+    ref_info = lead.ckpt.tensors[_input_name(lead, template, offset)]
+    vocab_axis = vocab is not None and bool(L.VOCAB_NAMES.search(out_name))
+    shape = ref_info.shape
+    if vocab_axis:
+        shape = (vocab.rows, *ref_info.shape[1:])
+    for (ck, name), info in zip(inputs, infos):
+        if info.shape == ref_info.shape or (vocab_axis and info.shape[1:] == ref_info.shape[1:]):
+            continue
+        if L.VOCAB_NAMES.search(out_name) and info.shape[1:] == ref_info.shape[1:]:
+            raise PlanError(
+                f"vocabulary sizes differ: {lead.ckpt.label} has {ref_info.shape[0]} rows in "
+                f"{template!r}, {ck.label} has {info.shape[0]} in {name!r}",
+                hint="mergesmith never truncates; set tokenizer_source: base, union or a model "
+                     "to match rows by token")
+        raise PlanError(f"shapes differ for {out_name!r}: {lead.ckpt.label} has "
+                        f"{list(ref_info.shape)}, {ck.label} has {list(info.shape)} ({name!r})")
+    copy = not ref_info.dtype.is_floating_point
+    dtype = ref_info.dtype if copy else (out_dtype or ref_info.dtype)
+    params = {} if copy else resolver.resolve(out_slice, experts, out_name, t)
+    return TensorJob(OutTensor(out_name, dtype, tuple(shape)), inputs, out_slice.base is not None,
+                     params, TensorContext(out_name, layer, total_layers or None, seed),
+                     copy=copy, vocab_axis=vocab_axis)
+
+
+def _output_config(ref: Checkpoint, slices: list[OutSlice], total_layers: int,
+                   dtype: torch.dtype, vocab: VocabPlan | None) -> dict:
+    config = dict(ref.config)
+    key = L.layer_count_key(config)
+    if key is not None and total_layers:
+        config[key] = total_layers
+        types = config.get("layer_types")
+        if isinstance(types, list):
+            # per-layer attention kinds follow the layers they came from
+            config["layer_types"] = [
+                (s.ckpt.config.get("layer_types") or types)[s.start + i]
+                for sl in slices for s in sl.sources[:1] for i in range(s.stop - s.start)
+            ]
+    if vocab is not None:
+        config["vocab_size"] = vocab.rows
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    return config
+
+
+def _warn_unused(slices: list[OutSlice], jobs: list[TensorJob], warnings: list[str]) -> None:
+    used = {(id(ck), name) for job in jobs for ck, name in job.inputs}
+    for ck in {id(s.ckpt): s.ckpt for sl in slices for s in sl.sources}.values():
+        unused = [n for n in ck.tensors if (id(ck), n) not in used and L.layer_of(n) is None]
+        if unused:
+            warnings.append(f"{ck.label}: {len(unused)} tensor(s) not in the output, e.g. {unused[0]!r}")

@@ -1,0 +1,182 @@
+"""Stream a plan to disk: a reader thread prefetches, the method merges, a writer appends.
+
+Memory holds one work unit being merged and one being read: a whole tensor, or a block of rows
+when the method is element-wise (or element-wise after a first pass of sums, like SLERP). So the
+peak depends on `chunk_bytes` and the number of inputs, not on the model's or the shard's size.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from mergesmith.engine.plan import Plan, TensorJob
+from mergesmith.errors import MethodError, OutputError
+from mergesmith.io import OutputFolder, ShardWriter
+
+DEFAULT_CHUNK_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class Unit:
+    job: TensorJob
+    rows: tuple[int, int] | None  # None: the whole tensor
+    phase: str  # "merge", or "reduce" for the first pass of a two-pass method
+
+    @property
+    def out_bytes(self) -> int:
+        if self.phase != "merge":
+            return 0
+        if self.rows is None:
+            return self.job.out.nbytes
+        return (self.rows[1] - self.rows[0]) * math.prod(self.job.out.shape[1:]) * self.job.out.dtype.itemsize
+
+
+def units(plan: Plan, job: TensorJob, chunk_bytes: int) -> list[Unit]:
+    shape = job.out.shape
+    row_elems = math.prod(shape[1:]) if shape else 1
+    whole = (job.copy or job.vocab_axis or not plan.method.chunkable or not shape
+             or 4 * math.prod(shape) <= chunk_bytes)
+    if whole:
+        return [Unit(job, None, "merge")]
+    step = max(1, chunk_bytes // (4 * row_elems))
+    blocks = [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+    passes = ("reduce", "merge") if plan.method.reduce is not None else ("merge",)
+    return [Unit(job, rows, phase) for phase in passes for rows in blocks]
+
+
+class Reader(threading.Thread):
+    """Reads the inputs of each unit, in order, one unit ahead of the merge."""
+
+    def __init__(self, work: list[Unit], plan: Plan):
+        super().__init__(daemon=True, name="mergesmith-reader")
+        self.work, self.plan = work, plan
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        for unit in self.work:
+            try:
+                item = [ck.read(name, unit.rows) for ck, name in unit.job.inputs]
+                if unit.job.vocab_axis:
+                    item = self.plan.vocab.gather(item, [ck for ck, _ in unit.job.inputs])
+            except BaseException as exc:  # handed to the main thread, which raises it
+                item = exc
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self.stopped.is_set() or isinstance(item, BaseException):
+                return
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        for _ in self.work:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torch.device,
+               stats: torch.Tensor | None):
+    job = unit.job
+    if job.copy:
+        return tensors[0]
+    xs = [_prepare(t, plan.load_dtype, device) for t in tensors]
+    base, experts = (xs[0], xs[1:]) if job.has_base else (None, xs)
+    method = plan.method
+    if unit.phase == "reduce":
+        return method.reduce(base, experts, **job.params)
+    extra = {"stats": stats} if stats is not None else {}
+    try:
+        result = method.fn(base, experts, ctx=job.ctx, **job.params, **extra)
+    except ValueError as exc:
+        raise MethodError(f"{method.name} failed on tensor {job.out.name!r}: {exc}") from None
+    expected = job.out.shape if unit.rows is None else (unit.rows[1] - unit.rows[0], *job.out.shape[1:])
+    if tuple(result.shape) != tuple(expected):
+        raise MethodError(f"{method.name} returned shape {list(result.shape)} for {job.out.name!r}, "
+                          f"expected {list(expected)}")
+    if not torch.isfinite(result).all():
+        culprits = [ck.label for (ck, _), x in zip(job.inputs, xs) if not torch.isfinite(x).all()]
+        cause = f"input from {', '.join(culprits)} has NaN/Inf" if culprits else "the method produced NaN/Inf"
+        raise MethodError(f"tensor {job.out.name!r}: {cause}")
+    return result.to(job.out.dtype).cpu()
+
+
+def _prepare(tensor: torch.Tensor, load_dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """As mergekit: cast to the recipe's `dtype` on load, then compute in fp32."""
+    tensor = tensor.to(device, non_blocking=True)
+    if load_dtype is not None:
+        tensor = tensor.to(load_dtype)
+    return tensor.float()
+
+
+def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_bytes: int,
+           progress=None) -> None:
+    """Write every shard not already finished, each through a fresh writer."""
+    pending = [s for s in plan.shards if not output.is_done(s.filename, s.size)]
+    if progress:
+        progress.advance(sum(s.data_bytes for s in plan.shards if s not in pending),
+                         sum(len(s.tensors) for s in plan.shards if s not in pending))
+    jobs = {job.out.name: job for job in plan.jobs}
+    work = [u for shard in pending for t in shard.tensors for u in units(plan, jobs[t.name], chunk_bytes)]
+    reader = Reader(work, plan)
+    reader.start()
+    inputs = iter(reader)
+    try:
+        for shard in pending:
+            writer = _open_writer(output, shard)
+            try:
+                for out in shard.tensors:
+                    job = jobs[out.name]
+                    stats = None
+                    for unit in units(plan, job, chunk_bytes):
+                        result = merge_unit(plan, unit, next(inputs), device, stats)
+                        if unit.phase == "reduce":
+                            stats = result if stats is None else stats + result
+                            continue
+                        _write(writer, result)
+                        if progress:
+                            progress.advance(unit.out_bytes, 0, job.out.name)
+                    if progress:
+                        progress.advance(0, 1)
+                _close(writer)
+            except BaseException:
+                writer.abort()
+                raise
+            output.mark_done(shard.filename, shard.size)
+    finally:
+        reader.stop()
+
+
+def _open_writer(output: OutputFolder, shard) -> ShardWriter:
+    try:
+        return ShardWriter(output.path(shard.filename), shard)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output.path(shard.filename)}: {exc.strerror}") from None
+
+
+def _write(writer: ShardWriter, tensor: torch.Tensor) -> None:
+    try:
+        writer.write(tensor)
+    except OSError as exc:
+        raise OutputError(f"writing {writer.path} failed: {exc.strerror or exc}",
+                          hint="the merge can continue with --resume once the cause is fixed") from None
+
+
+def _close(writer: ShardWriter) -> None:
+    try:
+        writer.close()
+    except OSError as exc:
+        raise OutputError(f"writing {writer.path} failed: {exc.strerror or exc}",
+                          hint="the merge can continue with --resume once the cause is fixed") from None

@@ -1,0 +1,205 @@
+"""Open a Hugging Face model folder for lazy reads: headers now, tensor bytes only when asked.
+
+Safetensors files are read by byte range (seek + readinto), never mapped whole, so a tensor (or a
+few rows of it) costs exactly its own bytes. Pickled `.bin` files are loaded only with
+`torch.load(weights_only=True)`, memory-mapped, so no code in a checkpoint ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergesmith.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives. `offset` is absolute in `file`; None for pickled checkpoints."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.nbytes
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors header against the file's real size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes, "
+                f"file has {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except KeyError as exc:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has an unsupported or missing field ({exc})"
+            ) from None
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        info = TensorInfo(name, dtype, shape, path, data_start + begin)
+        if end - begin != info.nbytes:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} declares shape {list(shape)} ({info.nbytes} bytes) "
+                f"but spans {end - begin} bytes"
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, "
+                f"the file has {size}",
+                hint="the download or copy of this file is incomplete",
+            )
+        tensors[name] = info
+    return tensors
+
+
+class Checkpoint:
+    """One model folder: its config and a lazy view of its tensors."""
+
+    def __init__(self, path: Path, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        self.config = self._read_config()
+        self.tensors: dict[str, TensorInfo] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._scan()
+
+    def _read_config(self) -> dict:
+        config = self.path / "config.json"
+        if not config.is_file():
+            raise CheckpointError(f"{self.label}: no config.json in {self.path}")
+        try:
+            return json.loads(config.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{config}: invalid JSON ({exc})") from None
+
+    def _scan(self) -> None:
+        for index_name, single in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
+            index = self.path / index_name
+            if index.is_file():
+                for file in self._index_files(index):
+                    self._add_file(file)
+                return
+            if (self.path / single).is_file():
+                self._add_file(self.path / single)
+                return
+        raise CheckpointError(
+            f"{self.label}: no weights in {self.path}",
+            hint="expected model.safetensors, a safetensors index, or pytorch_model.bin",
+        )
+
+    def _index_files(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid weight index ({exc})") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (self.path / name).is_file():
+                raise CheckpointError(f"{index}: lists shard {name!r}, which is missing")
+        return [self.path / name for name in files]
+
+    def _add_file(self, file: Path) -> None:
+        if file.suffix == ".safetensors":
+            found = read_safetensors_header(file)
+        else:
+            found = self._load_pickled(file)
+        for name in found:
+            if name in self.tensors:
+                raise CheckpointError(f"{self.label}: tensor {name!r} appears in two shards")
+        self.tensors.update(found)
+
+    def _load_pickled(self, file: Path) -> dict[str, TensorInfo]:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for a bad or unsafe pickle
+            raise CheckpointError(
+                f"{file}: cannot be loaded safely ({type(exc).__name__}: {str(exc)[:200]})",
+                hint="only plain tensor checkpoints load; convert others to safetensors",
+            ) from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
+        self._pickled[file] = state
+        return {
+            name: TensorInfo(name, t.dtype, tuple(t.shape), file, None)
+            for name, t in state.items()
+            if isinstance(t, torch.Tensor)
+        }
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or rows [start, stop) of its first dimension, in its stored dtype."""
+        info = self.tensors[name]
+        start, stop = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        if info.offset is None:
+            tensor = self._pickled[info.file][name]
+            return (tensor[start:stop] if rows is not None else tensor).clone()
+        out = torch.empty(shape, dtype=info.dtype)
+        buffer = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if buffer is None:
+            return out
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset + start * info.row_bytes)
+            got = f.readinto(buffer)
+        if got != buffer.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        return out
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The files that hold a folder's weights (for sizing and I/O accounting)."""
+    return sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def available_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
