@@ -13,7 +13,16 @@ from mergesmith.errors import PlanError
 from mergesmith.methods import MethodSpec, all_methods
 from mergesmith.recipe import Recipe, resolve_setting
 
-_UNSET = object()
+
+
+def _numeric(value: Any) -> Any:
+    """YAML 1.1 reads `1e-8` as a string; mergekit accepts it as a number, so do we."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 class ParamResolver:
@@ -81,7 +90,8 @@ class ParamResolver:
     def _value(self, param, levels, tensor_name, t, *, missing_at, model):
         for settings, path in levels:
             if settings and param.name in settings:
-                value = resolve_setting(settings[param.name], tensor_name, t)
+                value = resolve_setting(settings[param.name], tensor_name, t,
+                                        validate=_numeric if param.type in (int, float) else None)
                 if value is not None:
                     return self._check(param, value, (*path, param.name))
         if param.required:
@@ -92,10 +102,7 @@ class ParamResolver:
         return param.default
 
     def _check(self, param, value, path):
-        key = (path, repr(value))
         try:
-            checked = param.check(value)
+            return param.check(value)
         except ValueError as exc:
             raise PlanError(f"{self.recipe.where(*path)}: {param.name} {exc}") from None
-        self._checked.add(key)
-        return checked

@@ -96,6 +96,12 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
         method = get_method(recipe.merge_method)
     except MergesmithError as exc:
         raise RecipeError(f"{recipe.where('merge_method')}: {exc.message}", hint=exc.hint) from None
+    if recipe.tokenizer:
+        raise PlanError(f"{recipe.where('tokenizer')}: the tokenizer: section is not supported yet",
+                        hint="use tokenizer_source: base | union | <model>")
+    if recipe.chat_template and "{" not in recipe.chat_template:
+        raise PlanError(f"{recipe.where('chat_template')}: named chat templates are not supported "
+                        "yet; give the Jinja template itself")
     opened = _open_models(recipe)
     slices = _normalize(recipe, opened, method)
     resolver = ParamResolver(recipe, method)

@@ -1,0 +1,16 @@
+"""Merge recipes: mergekit 0.1.5's YAML format, validated with file:line messages."""
+
+from mergesmith.recipe.loader import load_recipe
+from mergesmith.recipe.parameters import ParameterSetting, lookup, resolve_setting
+from mergesmith.recipe.schema import InputModel, Recipe, Slice, SliceSource
+
+__all__ = [
+    "InputModel",
+    "ParameterSetting",
+    "Recipe",
+    "Slice",
+    "SliceSource",
+    "load_recipe",
+    "lookup",
+    "resolve_setting",
+]

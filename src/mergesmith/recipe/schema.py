@@ -1,0 +1,223 @@
+"""The recipe schema: mergekit 0.1.5's merge configuration, accepted as written.
+
+Model references stay strings ("org/name", "org/name@revision", a local path); the engine
+resolves them. Every model forbids unknown fields, so a typo is an error rather than a setting
+silently ignored. A loaded Recipe remembers its file and the line of every field for messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from mergesmith.recipe.parameters import ParameterSetting, describe
+
+NO_FILE = "<recipe>"
+
+_DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}  # fmt: skip
+
+Parameters = Optional[dict[str, ParameterSetting]]
+
+
+def _dtype(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    # mergekit accepts a "torch." prefix; case is forgiven since the meaning is unambiguous.
+    name = value.strip().lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(
+            f"unsupported dtype {value!r}; allowed: float32, float16, bfloat16 "
+            "(or fp32, fp16, bf16, float, half)"
+        )
+    return _DTYPES[name]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputModel(_Strict):
+    """An entry of `models:`."""
+
+    model: StrictStr
+    parameters: Parameters = None
+
+
+class SliceSource(_Strict):
+    """An entry of a slice's `sources:`: layers [start, end) of one model."""
+
+    model: StrictStr
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: Parameters = None
+
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _two_items(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"expected [start, end] (two integers), got {describe(value)}")
+        return value
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if not 0 <= start < end:
+            raise ValueError(f"expected [start, end) with 0 <= start < end, got [{start}, {end}]")
+        return value
+
+
+class Slice(_Strict):
+    """An entry of `slices:`: output layers built from one or more source ranges."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: Optional[StrictStr] = None
+    # mergekit 0.1.5 declares this field but never reads it; accepted so its recipes load.
+    residual_weight: Optional[float] = None
+    parameters: Parameters = None
+
+
+class Recipe(_Strict):
+    """A whole merge recipe."""
+
+    merge_method: StrictStr
+    base_model: Optional[StrictStr] = None
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[Slice]] = None
+    parameters: Parameters = None
+    dtype: Optional[StrictStr] = None
+    out_dtype: Optional[StrictStr] = None
+    tokenizer_source: Optional[StrictStr] = None
+    tokenizer: Optional[dict[str, Any]] = None
+    chat_template: Optional[StrictStr] = None
+    seed: Optional[StrictInt] = None
+    name: Optional[StrictStr] = None
+
+    _source: str = PrivateAttr(default=NO_FILE)
+    _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+
+    _normalise_dtype = field_validator("dtype", "out_dtype")(_dtype)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_modules(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "modules" in data:
+            raise PydanticCustomError(
+                "recipe",
+                "the 'modules' form is not supported yet; use 'models' or 'slices'",
+                {"field": "modules"},
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> "Recipe":
+        # Truthiness, like mergekit: an empty list counts as absent.
+        if self.models and self.slices:
+            raise PydanticCustomError(
+                "recipe", "give either 'models' or 'slices', not both", {"field": "slices"}
+            )
+        if not self.models and not self.slices:
+            raise PydanticCustomError(
+                "recipe", "no inputs: give a non-empty 'models' or 'slices' list", {"field": ""}
+            )
+        if self.tokenizer_source and self.tokenizer:
+            raise PydanticCustomError(
+                "recipe", "give either 'tokenizer_source' or 'tokenizer', not both",
+                {"field": "tokenizer"},
+            )  # fmt: skip
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        # Equal content is an equal recipe, wherever it was loaded from.
+        return type(other) is type(self) and self.model_dump() == other.model_dump()
+
+    @property
+    def source(self) -> str:
+        """The recipe's file path, or "<recipe>" when it came from a string or a dict."""
+        return self._source
+
+    def where(self, *path: str | int) -> str:
+        """'recipe.yaml:12: models[1].parameters.weight' for where("models", 1, "parameters",
+        "weight"); the line is the nearest ancestor's when the field itself was not written."""
+        return locate(self._source, self._lines, path)
+
+    def fingerprint(self) -> str:
+        """sha256 of the recipe's content: key order, absent-vs-null and 1-vs-1.0 do not count."""
+        data = _canonical(self.model_dump(mode="json", exclude_none=True))
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML, in field order with unset fields left out (for the model card)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+    def model_refs(self) -> list[str]:
+        """Every distinct model this recipe names, in first-seen order."""
+        refs = [self.base_model]
+        refs += [m.model for m in self.models or ()]
+        for piece in self.slices or ():
+            refs += [src.model for src in piece.sources] + [piece.base_model]
+        refs.append(self.tokenizer_source)
+        if self.tokenizer and isinstance(self.tokenizer.get("source"), str):
+            refs.append(self.tokenizer["source"])
+        keywords = {"base", "union"}  # tokenizer sources that are not models
+        return list(dict.fromkeys(r for r in refs if r and r not in keywords))
+
+
+def format_path(path: tuple) -> str:
+    """("models", 1, "parameters", "weight") -> "models[1].parameters.weight"."""
+    out = ""
+    for item in path:
+        out += f"[{item}]" if isinstance(item, int) else (f".{item}" if out else str(item))
+    return out
+
+
+def locate(source: str, lines: dict[tuple, int], path: tuple) -> str:
+    """'FILE:LINE: dotted.path' using the nearest ancestor with a known line; just the dotted
+    path (or "recipe" for the root) when there is no file."""
+    dotted = format_path(path)
+    if source == NO_FILE:
+        return dotted or "recipe"
+    line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
+    head = f"{source}:{line}" if line is not None else source
+    return f"{head}: {dotted}" if dotted else head
+
+
+def _canonical(value: Any) -> Any:
+    # 1.0 and 1 mean the same to every method (parameters are coerced to their declared type).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes lists of scalars inline (`t: [0, 0.5, 1]`), as mergekit does."""
+
+    def represent_list(self, data: list) -> yaml.SequenceNode:
+        flow = all(isinstance(e, (bool, int, float, str)) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
