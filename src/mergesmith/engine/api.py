@@ -91,15 +91,14 @@ class ProgressBar:
     def __init__(self, the_plan: Plan):
         from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+                                   TimeRemainingColumn)
 
         self.total_tensors = len(the_plan.jobs)
         self.tensors = 0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
-            TextColumn("{task.fields[count]} tensors"), DownloadColumn(), TransferSpeedColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            TextColumn("[dim]{task.fields[name]}"),
+            TextColumn("{task.fields[count]} tensors"), DownloadColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(),
             console=Console(stderr=True), transient=False,
         )
         self.task = self.progress.add_task(f"merging ({the_plan.method.name})",

@@ -273,8 +273,9 @@ def _output_config(ref: Checkpoint, slices: list[OutSlice], total_layers: int,
 
 
 def _warn_unused(slices: list[OutSlice], jobs: list[TensorJob], warnings: list[str]) -> None:
-    used = {(id(ck), name) for job in jobs for ck, name in job.inputs}
+    """Name tensors no output is made from (an expert's extra head, say): dropped, but not silently."""
+    used = {name for job in jobs for _, name in job.inputs}
     for ck in {id(s.ckpt): s.ckpt for sl in slices for s in sl.sources}.values():
-        unused = [n for n in ck.tensors if (id(ck), n) not in used and L.layer_of(n) is None]
+        unused = [n for n in ck.tensors if n not in used and L.layer_of(n) is None]
         if unused:
             warnings.append(f"{ck.label}: {len(unused)} tensor(s) not in the output, e.g. {unused[0]!r}")

@@ -35,8 +35,10 @@ class OutputFolder:
             raise OutputError(
                 f"output {self.target} already exists", hint="choose a new folder or pass --overwrite"
             )
-        if not self.target.parent.is_dir():
-            raise OutputError(f"cannot write {self.target}: {self.target.parent} does not exist")
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.target.parent}: {exc.strerror}") from None
         if self.partial.exists():
             if resume:
                 self._load_manifest()
