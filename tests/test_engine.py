@@ -260,3 +260,21 @@ def test_cuda_matches_cpu(tmp_path, zoo):
     for name in cpu:
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-7)
     assert math.isfinite(sum(float(t.sum()) for t in gpu.values()))
+
+
+def test_yaml_scientific_notation_is_a_number(tmp_path, zoo):
+    """PyYAML reads `5e-1` as a string; mergekit takes it as a number, and so must we."""
+    models = zoo("llama")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""merge_method: task_arithmetic
+base_model: {models['base']}
+models:
+  - model: {models['e1']}
+    parameters: {{weight: 1}}
+parameters:
+  lambda: 5e-1
+""")
+    out = read_tensors(mergesmith.merge(recipe, tmp_path / "out"))
+    base, e1 = read_tensors(models["base"]), read_tensors(models["e1"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(out[name], base[name] + 0.5 * (e1[name] - base[name]))

@@ -97,7 +97,7 @@ def methods() -> None:
         models = (f"{spec.min_models}" if spec.min_models == spec.max_models
                   else f"{spec.min_models}+" if spec.max_models is None
                   else f"{spec.min_models}-{spec.max_models}")
-        needs = ("base + " if spec.needs_base else "[base] + " if spec.optional_base else "") + \
+        needs = ("base + " if spec.needs_base else "\\[base] + " if spec.optional_base else "") + \
             f"{models} model(s)"
         params = "\n".join(
             f"{p.name}{' (per model)' if p.per_model else ''}"

@@ -12,8 +12,8 @@ import torch
 from mergesmith import __version__
 from mergesmith.engine.finalize import write_metadata
 from mergesmith.engine.plan import Plan, build_plan
-from mergesmith.engine.run import DEFAULT_CHUNK_BYTES, stream
-from mergesmith.errors import MergesmithError
+from mergesmith.engine.run import DEFAULT_CHUNK_BYTES, RESUME_HINT, stream
+from mergesmith.errors import MergesmithError, OutputError
 from mergesmith.io import OutputFolder
 from mergesmith.io.checkpoint import weight_files
 from mergesmith.recipe import Recipe
@@ -60,8 +60,12 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
     finally:
         if bar:
             bar.stop()
-    write_metadata(the_plan, output.partial)
-    return output.finalize()
+    try:
+        write_metadata(the_plan, output.partial)
+        return output.finalize()
+    except OSError as exc:
+        raise OutputError(f"writing {exc.filename or output.partial} failed: {exc.strerror or exc}",
+                          hint=RESUME_HINT) from None
 
 
 def _device(name: str) -> torch.device:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,6 +22,8 @@ from mergesmith.errors import MethodError, OutputError
 from mergesmith.io import OutputFolder, ShardWriter
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
+RESUME_HINT = "the merge can continue with --resume once the cause is fixed"
+CPU_TILE = 1 << 18  # elements: inputs, result and scratch of one tile stay within L2/L3 cache
 
 
 @dataclass(frozen=True)
@@ -89,24 +93,51 @@ class Reader(threading.Thread):
 
 def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torch.device,
                stats: torch.Tensor | None):
+    """The unit's merged values in the output dtype on the CPU (or, in a reduce pass, its sums)."""
     job = unit.job
     if job.copy:
         return tensors[0]
+    tile = _tile(plan, tensors[0], device)
+    if tile is None:
+        return _merge_tile(plan, job, unit.phase, tensors, device, stats)
+    flat = [t.view(-1) for t in tensors]
+    size = flat[0].numel()
+    if unit.phase == "reduce":
+        return sum(_merge_tile(plan, job, "reduce", [f[a:a + tile] for f in flat], device, None)
+                   for a in range(0, size, tile))
+    out = torch.empty(size, dtype=job.out.dtype)
+    for a in range(0, size, tile):
+        out[a:a + tile] = _merge_tile(plan, job, "merge", [f[a:a + tile] for f in flat], device, stats)
+    return out.view(tensors[0].shape)
+
+
+def _tile(plan: Plan, tensor: torch.Tensor, device: torch.device) -> int | None:
+    """Element-wise work on the CPU goes in cache-sized tiles: the cast, the method's few
+    operations and the cast back then stream through cache once instead of through memory
+    several times. GPUs want the whole block in one launch."""
+    if device.type != "cpu" or not plan.method.chunkable or tensor.numel() <= CPU_TILE:
+        return None
+    return CPU_TILE
+
+
+def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tensor],
+                device: torch.device, stats: torch.Tensor | None) -> torch.Tensor:
     xs = [_prepare(t, plan.load_dtype, device) for t in tensors]
     base, experts = (xs[0], xs[1:]) if job.has_base else (None, xs)
     method = plan.method
-    if unit.phase == "reduce":
+    if phase == "reduce":
         return method.reduce(base, experts, **job.params)
     extra = {"stats": stats} if stats is not None else {}
     try:
         result = method.fn(base, experts, ctx=job.ctx, **job.params, **extra)
     except ValueError as exc:
         raise MethodError(f"{method.name} failed on tensor {job.out.name!r}: {exc}") from None
-    expected = job.out.shape if unit.rows is None else (unit.rows[1] - unit.rows[0], *job.out.shape[1:])
-    if tuple(result.shape) != tuple(expected):
+    if tuple(result.shape) != tuple(tensors[0].shape):
         raise MethodError(f"{method.name} returned shape {list(result.shape)} for {job.out.name!r}, "
-                          f"expected {list(expected)}")
-    if not torch.isfinite(result).all():
+                          f"expected {list(tensors[0].shape)}")
+    # a sum is finite exactly when no value is NaN/Inf, barring overflow, which the full check
+    # then rules out; it costs far less than checking every value
+    if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
         culprits = [ck.label for (ck, _), x in zip(job.inputs, xs) if not torch.isfinite(x).all()]
         cause = f"input from {', '.join(culprits)} has NaN/Inf" if culprits else "the method produced NaN/Inf"
         raise MethodError(f"tensor {job.out.name!r}: {cause}")
@@ -121,6 +152,30 @@ def _prepare(tensor: torch.Tensor, load_dtype: torch.dtype | None, device: torch
     return tensor.float()
 
 
+class WriteBehind:
+    """Writes in a thread of their own, so the next tile is merged while bytes go to disk;
+    at most `depth` writes wait, so memory stays bounded."""
+
+    def __init__(self, depth: int = 2):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergesmith-writer")
+        self.waiting: deque = deque()
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        self.waiting.append(self.pool.submit(fn, *args))
+        while len(self.waiting) > self.depth:
+            self.waiting.popleft().result()
+
+    def drain(self) -> None:
+        while self.waiting:
+            self.waiting.popleft().result()
+
+    def close(self) -> None:
+        for future in self.waiting:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
 def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_bytes: int,
            progress=None) -> None:
     """Write every shard not already finished, each through a fresh writer."""
@@ -133,6 +188,7 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
     reader = Reader(work, plan)
     reader.start()
     inputs = iter(reader)
+    behind = WriteBehind()
     try:
         for shard in pending:
             writer = _open_writer(output, shard)
@@ -145,17 +201,20 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
                         if unit.phase == "reduce":
                             stats = result if stats is None else stats + result
                             continue
-                        _write(writer, result)
+                        behind.submit(_write, writer, result)
                         if progress:
                             progress.advance(unit.out_bytes, 0, job.out.name)
                     if progress:
                         progress.advance(0, 1)
-                _close(writer)
+                behind.submit(_close, writer)
+                behind.drain()
             except BaseException:
+                behind.close()
                 writer.abort()
                 raise
             output.mark_done(shard.filename, shard.size)
     finally:
+        behind.close()
         reader.stop()
 
 
@@ -163,7 +222,8 @@ def _open_writer(output: OutputFolder, shard) -> ShardWriter:
     try:
         return ShardWriter(output.path(shard.filename), shard)
     except OSError as exc:
-        raise OutputError(f"cannot write {output.path(shard.filename)}: {exc.strerror}") from None
+        raise OutputError(f"cannot write {output.path(shard.filename)}: {exc.strerror}",
+                          hint=RESUME_HINT) from None
 
 
 def _write(writer: ShardWriter, tensor: torch.Tensor) -> None:
@@ -171,7 +231,7 @@ def _write(writer: ShardWriter, tensor: torch.Tensor) -> None:
         writer.write(tensor)
     except OSError as exc:
         raise OutputError(f"writing {writer.path} failed: {exc.strerror or exc}",
-                          hint="the merge can continue with --resume once the cause is fixed") from None
+                          hint=RESUME_HINT) from None
 
 
 def _close(writer: ShardWriter) -> None:
@@ -179,4 +239,4 @@ def _close(writer: ShardWriter) -> None:
         writer.close()
     except OSError as exc:
         raise OutputError(f"writing {writer.path} failed: {exc.strerror or exc}",
-                          hint="the merge can continue with --resume once the cause is fixed") from None
+                          hint=RESUME_HINT) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from textwrap import shorten
 from pathlib import Path
 
 from mergesmith.errors import ModelNotFoundError
@@ -42,6 +43,6 @@ def resolve_model(ref: str) -> Path:
         where = "in the local hub cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
         raise ModelNotFoundError(
             f"model {path}{'@' + revision if revision else ''} not found {where}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+            f"{type(exc).__name__}: {shorten(str(exc).splitlines()[0] if str(exc) else '', 240)}",
             hint="check the id and revision, or download it first with `hf download`",
         ) from None

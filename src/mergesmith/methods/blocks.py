@@ -12,8 +12,8 @@ def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.
 
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Σ wi xi, accumulated in one buffer."""
-    total = torch.zeros_like(tensors[0])
-    for tensor, weight in zip(tensors, weights):
+    total = tensors[0] * weights[0]
+    for tensor, weight in zip(tensors[1:], weights[1:]):
         total.add_(tensor, alpha=weight)
     return total
 
