@@ -21,7 +21,9 @@ from mergesmith.engine.plan import Plan, TensorJob
 from mergesmith.errors import MethodError, OutputError
 from mergesmith.io import OutputFolder, ShardWriter
 
-DEFAULT_CHUNK_BYTES = 64 * 1024**2
+# Small enough that the prefetched and in-flight units of a 70B model weigh what a 100M
+# model's do (peak memory flat in model size); large enough that reads stay sequential.
+DEFAULT_CHUNK_BYTES = 16 * 1024**2
 RESUME_HINT = "the merge can continue with --resume once the cause is fixed"
 CPU_TILE = 1 << 18  # elements: inputs, result and scratch of one tile stay within L2/L3 cache
 
