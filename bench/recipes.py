@@ -71,6 +71,34 @@ breadcrumbs = _sparse("breadcrumbs", gamma=0.01)
 della = _sparse("della", epsilon=0.1)
 
 
+def model_stock(models):
+    return {
+        "merge_method": "model_stock",
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[f"expert{i}"])} for i in (1, 2, 3)],
+        "dtype": "bfloat16",
+    }
+
+
+def nuslerp(models):
+    return {
+        "merge_method": "nuslerp",
+        "base_model": str(models["base"]),
+        "models": _experts(models, weights=(0.6, 0.4)),
+        "dtype": "bfloat16",
+    }
+
+
+def sce(models):
+    return {
+        "merge_method": "sce",
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[f"expert{i}"])} for i in (1, 2, 3)],
+        "parameters": {"select_topk": 0.5},
+        "dtype": "bfloat16",
+    }
+
+
 METHODS = {
     "linear": linear,
     "task_arithmetic": task_arithmetic,
@@ -79,7 +107,9 @@ METHODS = {
     "dare_ties": dare_ties,
     "breadcrumbs": breadcrumbs,
     "della": della,
-    # later: "model_stock": ...  (same shape: a function of `models` returning a dict)
+    "model_stock": model_stock,
+    "nuslerp": nuslerp,
+    "sce": sce,
 }
 
 

@@ -107,6 +107,134 @@ def methods() -> None:
     out.print(table)
 
 
+TASKS_HELP = "A task.yaml (or its folder); repeat for more tasks."
+EXPERT_HELP = "TASK=MODEL: the task's expert, to normalize scores by; repeat for each task."
+
+
+@app.command()
+def evaluate(
+    models: list[str] = typer.Argument(..., help="Model folders to score."),
+    tasks: list[Path] = typer.Option(..., "--tasks", "-t", help=TASKS_HELP),
+    experts: list[str] = typer.Option([], "--experts", "--expert", help=EXPERT_HELP),
+    base: Optional[str] = typer.Option(None, help="The base model, to measure forgetting against."),
+    split: str = typer.Option("test", help="Which split of each task to score."),
+    batch_size: int = typer.Option(32, help="Examples per forward pass."),
+    device: str = typer.Option("cpu", help="Where to run the models: cpu, cuda, cuda:1."),
+    max_examples: Optional[int] = typer.Option(None, help="Score only the first N examples."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap resamples."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    markdown: Optional[Path] = typer.Option(None, help="Write the report as a Markdown table."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of average normalized scores."),
+) -> None:
+    """Score MODELS on tasks: scores, normalized scores with 95% intervals, forgetting."""
+    from mergesmith.evaluate import evaluate_models, load_task, plot_normalized, summarize
+
+    loaded = [load_task(t) for t in tasks]
+    expert_of = _pairs(experts, "--experts")
+    names = list(dict.fromkeys([*models, *expert_of.values(), *([base] if base else [])]))
+    results = evaluate_models({name: name for name in names}, loaded, split, batch_size=batch_size,
+                              device=device, max_examples=max_examples)
+    report = summarize(results, expert_of, base, seed=seed)
+    out.print(report.table(title=f"evaluation ({split} split)"))
+    _write_report(report, json_path, markdown)
+    if plot:
+        err.print(f"wrote {plot_normalized(report, plot)}", highlight=False)
+
+
+@app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., help="Recipe YAML whose global parameters are swept."),
+    grid: list[str] = typer.Option(..., "--grid", help="NAME=START:STOP:STEP or NAME=V1,V2,...; repeat."),
+    tasks: list[Path] = typer.Option(..., "--tasks", "-t", help=TASKS_HELP),
+    experts: list[str] = typer.Option([], "--expert", "--experts", help=EXPERT_HELP),
+    base: Optional[str] = typer.Option(None, help="The base model, to measure forgetting against."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for merges, scores, sweep.json/.md/.png."),
+    in_memory: bool = typer.Option(False, help="Merge in memory (small models); no folder per point."),
+    batch_size: int = typer.Option(32, help="Examples per forward pass."),
+    device: str = typer.Option("cpu", help="Where to merge and evaluate."),
+    max_examples: Optional[int] = typer.Option(None, help="Score only the first N examples of a split."),
+    seed: Optional[int] = typer.Option(None, help="Seed for randomized methods."),
+) -> None:
+    """Merge at every grid point, pick the best on validation, report it on test."""
+    from mergesmith.search import parse_grid, sweep as run_sweep
+
+    result = run_sweep(recipe, dict(parse_grid(g) for g in grid), tasks, out_dir,
+                       experts=_pairs(experts, "--expert"), base=base, in_memory=in_memory,
+                       device=device, batch_size=batch_size, max_examples=max_examples, seed=seed,
+                       progress=lambda line: err.print(line, highlight=False))
+    out.print(result.validation.table(title="sweep (validation split)"))
+    out.print(result.test.table(title=f"best: {result.best.label} (test split)"))
+    err.print(f"merged {result.merged} point(s), reused the rest; wrote "
+              f"{', '.join(str(f) for f in result.files.values())}", highlight=False)
+
+
+@app.command()
+def soup(
+    models: list[str] = typer.Argument(..., help="Fine-tuned models of one architecture (the ingredients)."),
+    tasks: list[Path] = typer.Option(..., "--tasks", "-t", help=TASKS_HELP),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the soup, scores, soup.json/.md/.yaml."),
+    uniform: bool = typer.Option(False, help="Average every model instead of the greedy soup."),
+    experts: list[str] = typer.Option([], "--expert", "--experts", help=EXPERT_HELP),
+    base: Optional[str] = typer.Option(None, help="The base model, to measure forgetting against."),
+    in_memory: bool = typer.Option(False, help="Merge candidates in memory (small models)."),
+    batch_size: int = typer.Option(32, help="Examples per forward pass."),
+    device: str = typer.Option("cpu", help="Where to merge and evaluate."),
+    max_examples: Optional[int] = typer.Option(None, help="Score only the first N examples of a split."),
+) -> None:
+    """Greedy (default) or uniform model soup, chosen on validation, reported on test."""
+    from mergesmith.search import soup as make_soup
+
+    result = make_soup(models, tasks, out_dir, greedy=not uniform, experts=_pairs(experts, "--expert"),
+                       base=base, in_memory=in_memory, device=device, batch_size=batch_size,
+                       max_examples=max_examples, progress=lambda line: err.print(line, highlight=False))
+    out.print(result.test.table(title=f"soup of {len(result.kept)} (test split)"))
+    err.print(f"soup: {', '.join(result.kept)}\nwrote {result.folder} and "
+              f"{', '.join(str(f) for f in result.files.values())}", highlight=False)
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    """['task=model', ...] -> {task: model}."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise MergesmithError(f"{option} {item!r}: expected TASK=MODEL")
+        pairs[key] = value
+    return pairs
+
+
+def _write_report(report, json_path: Optional[Path], markdown: Optional[Path]) -> None:
+    if json_path:
+        report.to_json(json_path)
+        err.print(f"wrote {json_path}", highlight=False)
+    if markdown:
+        markdown.write_text(report.to_markdown())
+        err.print(f"wrote {markdown}", highlight=False)
+
+
+emr_app = typer.Typer(no_args_is_help=True,
+                      help="EMR-merging: rebuild a task's model from a merge made with emr.")
+app.add_typer(emr_app, name="emr")
+
+
+@emr_app.command("apply")
+def emr_apply(
+    merged: Path = typer.Argument(..., help="Folder written by a merge with merge_method: emr."),
+    task: str = typer.Argument(..., help="The task's model as the recipe names it, or its index."),
+    output: Path = typer.Argument(..., help="Folder to write; appears only when complete."),
+    base: Optional[Path] = typer.Option(None, help="The base model's folder, if it moved since the merge."),
+    resume: bool = typer.Option(False, help="Continue an interrupted apply into OUTPUT."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
+) -> None:
+    """Write TASK's model θ0 + λ·M ⊙ τ_uni, rebuilt from the EMR merge in MERGED, to OUTPUT."""
+    from mergesmith.engine.emr import apply_emr
+
+    path = apply_emr(merged, task, output, base=base, resume=resume, overwrite=overwrite)
+    if not quiet:
+        err.print(f"wrote {path}", highlight=False)
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":

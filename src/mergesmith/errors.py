@@ -40,3 +40,7 @@ class MethodError(MergesmithError):
 
 class OutputError(MergesmithError):
     """The output folder cannot be written, or a resume does not match."""
+
+
+class TaskError(MergesmithError):
+    """An evaluation task definition or its data is malformed: bad field, missing file or column."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mergesmith import __version__
+from mergesmith.engine.emr import MaskWriter, write_index
 from mergesmith.engine.finalize import write_metadata
 from mergesmith.engine.plan import Plan, build_plan
 from mergesmith.engine.run import DEFAULT_CHUNK_BYTES, RESUME_HINT, stream
@@ -53,15 +54,18 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
     output = OutputFolder(Path(out), fingerprint(the_plan, chunk_bytes, compute),
                           resume=resume, overwrite=overwrite)
     bar = ProgressBar(the_plan) if progress else None
+    side = MaskWriter(the_plan, output) if the_plan.method.side else None
     try:
         if bar:
             bar.start()
-        stream(the_plan, output, device=compute, chunk_bytes=chunk_bytes, progress=bar)
+        stream(the_plan, output, device=compute, chunk_bytes=chunk_bytes, progress=bar, side=side)
     finally:
         if bar:
             bar.stop()
     try:
         write_metadata(the_plan, output.partial)
+        if side is not None:
+            write_index(the_plan, output.partial)
         return output.finalize()
     except OSError as exc:
         raise OutputError(f"writing {exc.filename or output.partial} failed: {exc.strerror or exc}",

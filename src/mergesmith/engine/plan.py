@@ -21,7 +21,9 @@ from mergesmith.engine.vocab import VocabPlan, plan_vocab
 from mergesmith.errors import MergesmithError, PlanError, RecipeError
 from mergesmith.io import Checkpoint, OutTensor, Shard, layout_shards, resolve_model
 from mergesmith.methods import MethodSpec, TensorContext, get_method
+from mergesmith.methods.lines import layer_scale
 from mergesmith.recipe import Recipe, load_recipe
+from mergesmith.recipe.schema import LayerScaling
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,6 +45,7 @@ class OutSlice:
     base: Source | None
     params: dict | None
     path: tuple
+    lines_base: Source | None = None  # θ0 of LiNeS, also when the method takes no base
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TensorJob:
     ctx: TensorContext
     copy: bool = False  # integer buffers are copied from the first input, never merged
     vocab_axis: bool = False
+    # LiNeS: θ0 + s·(merged − θ0). inputs[0] is then θ0, given to the method only if has_base.
+    lines_scale: float | None = None
 
 
 @dataclass
@@ -108,6 +113,8 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     warnings = resolver.check_names()
     ref = slices[0].base or slices[0].sources[0]
     vocab = plan_vocab(recipe, opened, ref.ckpt)
+    if method.side is not None:
+        _check_side_outputs(recipe, method, slices, vocab)
     seed = seed if seed is not None else (recipe.seed or 0)
     load_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
@@ -119,7 +126,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
         """names: (output name, name in the slice's reference model, per source offset)."""
         for out_name, src_layer_offset in names:
             jobs.append(_job(out_slice, out_name, src_layer_offset, t, layer, total_layers,
-                             resolver, method, seed, out_dtype, vocab))
+                             resolver, method, seed, out_dtype, vocab, recipe.lines))
 
     ref_names = sorted(ref.ckpt.tensors)
     outside = [n for n in ref_names if L.layer_of(n) is None]
@@ -201,8 +208,27 @@ def _normalize(recipe: Recipe, opened: dict[str, Checkpoint], method: MethodSpec
                     f"{method.min_models} to {method.max_models}")
             raise PlanError(f"{recipe.where(*path) if path else recipe.where('models')}: method "
                             f"{method.name!r} merges {want} model(s) besides the base; got {experts}")
-        slices.append(OutSlice(sources, base if method.uses_base else None, params, path))
+        if recipe.lines is not None and base is None:
+            missing = (f"the base model {base_ck.label} is not among this slice's sources"
+                       if base_ck is not None else "the recipe has no base_model")
+            raise PlanError(f"{recipe.where('lines')}: LiNeS scales each layer's change from the "
+                            f"base model, but {missing}",
+                            hint="add base_model: <the model the experts were tuned from>")
+        slices.append(OutSlice(sources, base if method.uses_base else None, params, path,
+                               lines_base=base if recipe.lines is not None else None))
     return slices
+
+
+def _check_side_outputs(recipe: Recipe, method: MethodSpec, slices: list[OutSlice],
+                        vocab: VocabPlan | None) -> None:
+    """Side outputs (EMR's masks) are rebuilt later against the base's own tensors, so the
+    output rows must be the base's rows, from one base model."""
+    if vocab is not None:
+        raise PlanError(f"{recipe.where('tokenizer_source')}: {method.name} does not support a "
+                        "merged vocabulary yet", hint="leave tokenizer_source out")
+    if len({id(s.base.ckpt) for s in slices}) > 1:
+        raise PlanError(f"{recipe.where('slices')}: {method.name} needs one base model for all "
+                        "slices", hint="give base_model once, at the top of the recipe")
 
 
 def _input_name(source: Source, template: str, offset: int | None) -> str:
@@ -219,11 +245,13 @@ def _input_name(source: Source, template: str, offset: int | None) -> str:
 
 def _job(out_slice: OutSlice, out_name: str, offset: int | None, t: float, layer: int | None,
          total_layers: int, resolver: ParamResolver, method: MethodSpec, seed: int,
-         out_dtype: torch.dtype | None, vocab: VocabPlan | None) -> TensorJob:
+         out_dtype: torch.dtype | None, vocab: VocabPlan | None,
+         lines: LayerScaling | None) -> TensorJob:
     lead = out_slice.base or out_slice.sources[0]
     template = out_name if offset is None else L.with_layer(out_name, lead.start + offset)
     experts = [s for s in out_slice.sources if s is not out_slice.base]
-    ordered = ([out_slice.base] if out_slice.base else []) + experts
+    origin = out_slice.base or out_slice.lines_base  # θ0, first when the method or LiNeS uses it
+    ordered = ([origin] if origin else []) + experts
     inputs = [(s.ckpt, _input_name(s, template, offset)) for s in ordered]
     infos = [ck.tensors[name] for ck, name in inputs]
     ref_info = lead.ckpt.tensors[_input_name(lead, template, offset)]
@@ -245,9 +273,11 @@ def _job(out_slice: OutSlice, out_name: str, offset: int | None, t: float, layer
     copy = not ref_info.dtype.is_floating_point
     dtype = ref_info.dtype if copy else (out_dtype or ref_info.dtype)
     params = {} if copy else resolver.resolve(out_slice, experts, out_name, t)
+    scale = (None if copy or lines is None
+             else layer_scale(layer, total_layers, lines.alpha, lines.beta))
     return TensorJob(OutTensor(out_name, dtype, tuple(shape)), inputs, out_slice.base is not None,
                      params, TensorContext(out_name, layer, total_layers or None, seed),
-                     copy=copy, vocab_axis=vocab_axis)
+                     copy=copy, vocab_axis=vocab_axis, lines_scale=scale)
 
 
 def _output_config(ref: Checkpoint, slices: list[OutSlice], total_layers: int,

@@ -20,6 +20,7 @@ import torch
 from mergesmith.engine.plan import Plan, TensorJob
 from mergesmith.errors import MethodError, OutputError
 from mergesmith.io import OutputFolder, ShardWriter
+from mergesmith.methods.lines import scale_task_vector
 
 # Small enough that the prefetched and in-flight units of a 70B model weigh what a 100M
 # model's do (peak memory flat in model size); large enough that reads stay sequential.
@@ -104,9 +105,13 @@ def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torc
         return _merge_tile(plan, job, unit.phase, tensors, device, stats)
     flat = [t.view(-1) for t in tensors]
     size = flat[0].numel()
-    if unit.phase == "reduce":
-        return sum(_merge_tile(plan, job, "reduce", [f[a:a + tile] for f in flat], device, None)
+    if unit.phase == "reduce" or (stats is None and plan.method.reduce is not None):
+        # a whole-tensor unit has no reduce pass of its own: its sums must span all its tiles
+        sums = sum(_merge_tile(plan, job, "reduce", [f[a:a + tile] for f in flat], device, None)
                    for a in range(0, size, tile))
+        if unit.phase == "reduce":
+            return sums
+        stats = sums
     out = torch.empty(size, dtype=job.out.dtype)
     for a in range(0, size, tile):
         out[a:a + tile] = _merge_tile(plan, job, "merge", [f[a:a + tile] for f in flat], device, stats)
@@ -125,6 +130,9 @@ def _tile(plan: Plan, tensor: torch.Tensor, device: torch.device) -> int | None:
 def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tensor],
                 device: torch.device, stats: torch.Tensor | None) -> torch.Tensor:
     xs = [_prepare(t, plan.load_dtype, device) for t in tensors]
+    origin = xs[0] if job.lines_scale is not None else None  # θ0 of LiNeS
+    if origin is not None and not job.has_base:
+        xs = xs[1:]
     base, experts = (xs[0], xs[1:]) if job.has_base else (None, xs)
     method = plan.method
     if phase == "reduce":
@@ -137,6 +145,8 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
     if tuple(result.shape) != tuple(tensors[0].shape):
         raise MethodError(f"{method.name} returned shape {list(result.shape)} for {job.out.name!r}, "
                           f"expected {list(tensors[0].shape)}")
+    if origin is not None:
+        result = scale_task_vector(origin, result, job.lines_scale)
     # a sum is finite exactly when no value is NaN/Inf, barring overflow, which the full check
     # then rules out; it costs far less than checking every value
     if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
@@ -179,8 +189,9 @@ class WriteBehind:
 
 
 def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_bytes: int,
-           progress=None) -> None:
-    """Write every shard not already finished, each through a fresh writer."""
+           progress=None, side=None) -> None:
+    """Write every shard not already finished, each through a fresh writer. `side` (engine/
+    emr.py's MaskWriter) stores the method's side outputs, per shard, before it is marked done."""
     pending = [s for s in plan.shards if not output.is_done(s.filename, s.size)]
     if progress:
         progress.advance(sum(s.data_bytes for s in plan.shards if s not in pending),
@@ -195,14 +206,19 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
         for shard in pending:
             writer = _open_writer(output, shard)
             try:
+                if side is not None:
+                    side.open(shard)
                 for out in shard.tensors:
                     job = jobs[out.name]
                     stats = None
                     for unit in units(plan, job, chunk_bytes):
-                        result = merge_unit(plan, unit, next(inputs), device, stats)
+                        tensors = next(inputs)
+                        result = merge_unit(plan, unit, tensors, device, stats)
                         if unit.phase == "reduce":
                             stats = result if stats is None else stats + result
                             continue
+                        if side is not None and not job.copy:
+                            side.add(job, *side_outputs(plan, job, tensors, device))
                         behind.submit(_write, writer, result)
                         if progress:
                             progress.advance(unit.out_bytes, 0, job.out.name)
@@ -210,14 +226,25 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
                         progress.advance(0, 1)
                 behind.submit(_close, writer)
                 behind.drain()
+                if side is not None:
+                    side.close()
             except BaseException:
                 behind.close()
                 writer.abort()
+                if side is not None:
+                    side.abort()
                 raise
             output.mark_done(shard.filename, shard.size)
     finally:
         behind.close()
         reader.stop()
+
+
+def side_outputs(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: torch.device):
+    """The method's outputs besides the merge (EMR's masks and sums) for one unit's inputs;
+    such methods take a base, which is inputs[0]."""
+    xs = [_prepare(t, plan.load_dtype, device) for t in tensors]
+    return plan.method.side(xs[0], xs[1:], **job.params)
 
 
 def _open_writer(output: OutputFolder, shard) -> ShardWriter:

@@ -14,7 +14,15 @@ from mergesmith.methods.registry import (
 )
 from mergesmith.methods.linear import linear, task_arithmetic
 from mergesmith.methods.selection import layer_swap, passthrough
-from mergesmith.methods.spherical import karcher, multislerp, slerp
+from mergesmith.methods.spherical import karcher, multislerp, nuslerp, slerp
+from mergesmith.methods.stock import model_stock
+from mergesmith.methods.selective import arcee_fusion, nearswap, sce
+from mergesmith.methods.overlap import ram, ramplus_tl
+from mergesmith.methods.subspace import iso_c, iso_cts, tsv_m
+from mergesmith.methods.competition import pcb, widen
+from mergesmith.methods.sparse import breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, ties  # noqa: E501
+from mergesmith.methods.consensus import consensus_ta, consensus_ties, magmax
+from mergesmith.methods.emr import emr
 
 __all__ = [
     "MethodSpec", "Param", "TensorContext", "all_methods", "get_method", "register",

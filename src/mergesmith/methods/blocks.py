@@ -1,6 +1,14 @@
-"""Building blocks shared by the methods; each reads like the equation it implements."""
+"""Building blocks shared by the methods; each reads like the equation it implements.
+
+Task-vector methods (TIES, DARE, breadcrumbs, DELLA, consensus, ...) are compositions of these:
+sparsify each τi (`keep_topk`, `drop_random`, ...), elect a sign per entry (`elect_sign`), and
+combine the agreeing entries (`disjoint_mean`). A new method should add a block here only when
+no composition of the existing ones expresses it.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,3 +30,112 @@ def unit(x: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor
     """x / ||x|| (over all entries) and ||x||; a zero vector stays zero."""
     norm = torch.linalg.vector_norm(x)
     return (x / norm if norm > eps else torch.zeros_like(x)), norm
+
+
+def topk_count(numel: int, density: float) -> int:
+    """How many entries a density keeps: ⌊d·n⌋, at least one of a non-empty tensor (as mergekit)."""
+    if density <= 0 or numel == 0:
+        return 0
+    return numel if density >= 1 else max(1, int(density * numel))
+
+
+def kth_largest(values: torch.Tensor, ks: list[int]) -> list[float]:
+    """The k-th largest entry of `values` for each k (1-based), found by selection (introselect,
+    a few linear passes), never by sorting. `values` is reordered in place: pass a scratch tensor.
+
+    On the CPU numpy's partition does it (one call for all ks, ~15x faster than torch.kthvalue
+    on a 2048x5632 tensor); elsewhere torch.kthvalue.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    positions = [n - k for k in ks]  # 0-based, ascending
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        array = flat.numpy()
+        array.partition(positions)
+        return [float(array[p]) for p in positions]
+    return [float(torch.kthvalue(flat, p + 1).values) for p in positions]
+
+
+def magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |x|, found by selection, never by sorting the tensor."""
+    (value,) = kth_largest(x.abs(), [k])
+    return torch.tensor(value, dtype=x.dtype, device=x.device)
+
+
+def magnitude_band_mask(x: torch.Tensor, low: float, high: float = math.inf) -> torch.Tensor:
+    """low ≤ |x| ≤ high: the entries a magnitude cut keeps (ties with a bound are kept)."""
+    magnitude = x.abs()
+    mask = magnitude >= low
+    return mask if high == math.inf else mask.logical_and_(magnitude <= high)
+
+
+def keep_topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """mask = |x| ≥ k-th largest |x|, k = topk_count(n, d). Entries tied with the threshold are
+    all kept, so the mask never depends on the order of equal values (mergekit's argsort keeps
+    exactly k, an arbitrary subset of the tied ones)."""
+    k = topk_count(x.numel(), density)
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k == x.numel():
+        return torch.ones_like(x, dtype=torch.bool)
+    (threshold,) = kth_largest(x.abs(), [k])
+    return magnitude_band_mask(x, threshold)
+
+
+def keep_topk(x: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim: keep the top-d fraction of entries by magnitude, zero the rest."""
+    return torch.where(keep_topk_mask(x, density), x, 0.0)
+
+
+def drop_random(x: torch.Tensor, density: float, generator: torch.Generator,
+                rescale: bool = True) -> torch.Tensor:
+    """DARE: keep each entry with probability d (Bernoulli), scale the kept ones by 1/d.
+
+    One uniform draw per entry, in row-major order, from `generator` (none when d ≥ 1 or d ≤ 0).
+    """
+    if density >= 1:
+        return x.clone()
+    if density <= 0:
+        return torch.zeros_like(x)
+    keep = torch.rand(x.shape, generator=generator, device=x.device).lt_(density)  # 1.0 / 0.0
+    kept = keep.mul_(x)
+    return kept.div_(density) if rescale else kept
+
+
+def elect_sign(task_vectors: list[torch.Tensor], weights: list[float] | None = None,
+               mode: str = "sum") -> torch.Tensor:
+    """TIES' elect: s = sign(Σ wi τi) ("sum", the paper's mass vote) or the sign held by more
+    models ("count"). Entries with no majority get sign 0 and are dropped by `disjoint_mean`
+    (mergekit elects + there, which breaks merge(−τ) = −merge(τ); the TIES authors' code gives
+    them the tensor's majority sign)."""
+    weights = weights or [1.0] * len(task_vectors)
+    if mode == "sum":
+        return weighted_sum(task_vectors, weights).sign_()
+    if mode == "count":
+        return torch.sign(sum(torch.sign(tv) * (1 if w >= 0 else -1)
+                              for tv, w in zip(task_vectors, weights)))
+    raise ValueError(f"unknown sign election mode {mode!r}; use sum or count")
+
+
+def disjoint_mean(task_vectors: list[torch.Tensor], sign: torch.Tensor,
+                  weights: list[float] | None = None, normalize: bool = True) -> torch.Tensor:
+    """TIES' disjoint merge: per entry, Σ wi τi over the τi whose wi·τi has the elected sign s,
+    divided (when `normalize`) by Σ wi over those same agreeing non-zero entries. Where no
+    weight agrees, the sum is left undivided (it is 0 unless agreeing weights cancel; as mergekit).
+
+    Rounded as mergekit: the terms are wi·τi rounded once, added in model order.
+    """
+    weights = weights or [1.0] * len(task_vectors)
+    total = torch.zeros_like(sign)
+    count = torch.zeros_like(sign) if normalize else None
+    agreeing = torch.empty_like(sign)
+    for tv, w in zip(task_vectors, weights):
+        # |wi τi| where wi·τi has the sign s, else 0 (also where s = 0): no mask tensors
+        torch.mul(tv, w, out=agreeing).mul_(sign).clamp_(min=0)
+        total.add_(agreeing)
+        if count is not None:
+            count.add_(agreeing.sign_(), alpha=w)
+    total.mul_(sign)
+    if count is None:
+        return total
+    return total.div_(count.masked_fill_(count == 0, 1))

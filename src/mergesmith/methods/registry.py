@@ -106,6 +106,10 @@ class MethodSpec:
     # Plan-time check of one tensor's resolved parameters (raise ValueError): lets the engine
     # reject a bad recipe before it computes anything.
     validate: Callable[[dict[str, Any]], None] | None = None
+    # Outputs besides the merged model (EMR's per-task masks): `side(base, expert_chunks,
+    # **params)` returns per-expert bool masks of the chunk's entries and float64 sums, which
+    # the engine stores beside the merge and adds up over the model (engine/emr.py).
+    side: Callable[..., tuple[list[torch.Tensor], torch.Tensor]] | None = None
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:

@@ -1,4 +1,4 @@
-"""Interpolation on the sphere: SLERP, multi-model SLERP and the weighted Karcher mean."""
+"""Interpolation on the sphere: SLERP, NuSLERP, multi-model SLERP and the weighted Karcher mean."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergesmith.methods.blocks import unit
+from mergesmith.methods.blocks import task_vectors, unit
 from mergesmith.methods.registry import Param, TensorContext, register
 
 DOT_THRESHOLD = 0.9995
@@ -19,13 +19,15 @@ def slerp_sums(base: torch.Tensor, experts: list[torch.Tensor], **_) -> torch.Te
     return torch.stack([a @ a, b @ b, a @ b])
 
 
-def slerp_coefficients(sums: torch.Tensor, t: float) -> tuple[float, float]:
-    """(ca, cb) with slerp(a, b) = ca·a + cb·b; linear when a and b are (anti)parallel."""
-    norm_a, norm_b = (math.sqrt(max(float(s), 0.0)) for s in sums[:2])
+def slerp_coefficients(sums: torch.Tensor, t: float,
+                       dot_threshold: float = DOT_THRESHOLD) -> tuple[float, float]:
+    """(ca, cb) with slerp(a, b) = ca·a + cb·b; linear when |â·b̂| > dot_threshold."""
+    sum_aa, sum_bb, sum_ab = sums.tolist()
+    norm_a, norm_b = (math.sqrt(max(s, 0.0)) for s in (sum_aa, sum_bb))
     norm_a = norm_a if norm_a > EPS else 1.0
     norm_b = norm_b if norm_b > EPS else 1.0
-    dot = min(1.0, max(-1.0, float(sums[2]) / (norm_a * norm_b)))
-    if abs(dot) > DOT_THRESHOLD:
+    dot = min(1.0, max(-1.0, sum_ab / (norm_a * norm_b)))
+    if abs(dot) > dot_threshold:
         return 1.0 - t, t
     omega = math.acos(dot)
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
@@ -54,6 +56,87 @@ def slerp(
     (other,) = experts
     ca, cb = slerp_coefficients(slerp_sums(base, experts) if stats is None else stats, t)
     return base * ca + other * cb
+
+
+NUSLERP_DOT_THRESHOLD = 1 - 2**-24  # past this, SLERP and linear agree to fp32 precision
+
+
+def nuslerp_t(weights: list[float]) -> float:
+    """t = w2 / (w1 + w2): the second model's share; 0.5 when the weights cancel (as mergekit)."""
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+def _nuslerp_endpoints(base: torch.Tensor | None,
+                       experts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The two points NuSLERP interpolates: the models, or their task vectors given a base."""
+    return experts if base is None else task_vectors(base, experts)
+
+
+def nuslerp_sums(base: torch.Tensor | None, experts: list[torch.Tensor], **_) -> torch.Tensor:
+    """Σa², Σb², Σab of the two endpoints, in float64."""
+    a, b = _nuslerp_endpoints(base, experts)
+    return slerp_sums(a, [b])
+
+
+def _slerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float, dim: int) -> torch.Tensor:
+    """SLERP of each pair of vectors along `dim` (a 1-D tensor is a single vector)."""
+    a_v, b_v = a.movedim(dim, -1), b.movedim(dim, -1)
+    a64, b64 = a_v.double(), b_v.double()
+    sums = torch.stack([(a64 * a64).sum(-1), (b64 * b64).sum(-1), (a64 * b64).sum(-1)])
+    pairs = [slerp_coefficients(s, t, NUSLERP_DOT_THRESHOLD) for s in sums.flatten(1).T]
+    ca, cb = (torch.tensor(c, dtype=a.dtype, device=a.device).view(*a_v.shape[:-1], 1)
+              for c in zip(*pairs))
+    return (a_v * ca + b_v * cb).movedim(-1, dim)
+
+
+def _flattened_only(params: dict) -> None:
+    if not params.get("flatten", True):
+        raise ValueError(
+            "nuslerp_flatten: false (one SLERP per row or column) is not available in recipes "
+            "yet: the engine streams nuslerp over the whole tensor; call "
+            "mergesmith.methods.nuslerp directly, or leave nuslerp_flatten out")
+
+
+@register(
+    "nuslerp",
+    summary="SLERP of two models by their weights (t = w2/(w1+w2)); of their task vectors "
+            "around the base when one is given.",
+    paper="Goddard 2024, NuSLERP (mergekit's nuslerp; no paper)",
+    needs_base=False,
+    optional_base=True,
+    min_models=2,
+    max_models=2,
+    params=(
+        Param("weight", per_model=True, arg="weights", doc="the model's share of t"),
+        Param("nuslerp_flatten", bool, default=True, arg="flatten",
+              doc="one SLERP over the whole tensor; false: one per row"),
+        Param("nuslerp_row_wise", bool, default=False, arg="row_wise",
+              doc="with nuslerp_flatten false: one SLERP per column instead of per row"),
+    ),
+    reduce=nuslerp_sums,
+    validate=_flattened_only,
+)
+def nuslerp(
+    base: torch.Tensor | None,
+    experts: list[torch.Tensor],
+    *,
+    weights: list[float],
+    flatten: bool = True,
+    row_wise: bool = False,
+    stats: torch.Tensor | None = None,
+    ctx: TensorContext | None = None,
+) -> torch.Tensor:
+    """slerp(a, b; t) with t = w2/(w1+w2) and (a, b) the models, or θ0 + slerp(τ1, τ2; t)."""
+    a, b = _nuslerp_endpoints(base, experts)
+    t = nuslerp_t(weights)
+    if flatten:
+        sums = slerp_sums(a, [b]) if stats is None else stats
+        ca, cb = slerp_coefficients(sums, t, NUSLERP_DOT_THRESHOLD)
+        merged = a * ca + b * cb
+    else:
+        merged = _slerp_vectors(a, b, t, dim=0 if row_wise else -1)
+    return merged if base is None else merged.add_(base)
 
 
 @register(

@@ -94,6 +94,14 @@ class Slice(_Strict):
     parameters: Parameters = None
 
 
+class LayerScaling(_Strict):
+    """`lines:` LiNeS, applied after the method: θ = θ0 + (α + β·l/(L − 1))·(θ_merged − θ0) for
+    block l of L (tensors outside the blocks get α); needs a base_model."""
+
+    alpha: float = Field(allow_inf_nan=False)
+    beta: float = Field(allow_inf_nan=False)
+
+
 class Recipe(_Strict):
     """A whole merge recipe."""
 
@@ -109,6 +117,7 @@ class Recipe(_Strict):
     chat_template: Optional[StrictStr] = None
     seed: Optional[StrictInt] = None
     name: Optional[StrictStr] = None
+    lines: Optional[LayerScaling] = None
 
     _source: str = PrivateAttr(default=NO_FILE)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)

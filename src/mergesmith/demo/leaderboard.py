@@ -1,0 +1,304 @@
+"""The demo's leaderboard: every method that applies, tuned on validation, scored on test.
+
+Each method merges the same experts; its parameters are chosen from a small grid by the average
+normalized score on the validation split, and only the chosen point is scored on the test split.
+All test results go into one paired-bootstrap summary, so any two methods can be compared on the
+same resamples, and the report says which differences are beyond noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mergesmith.evaluate import Report, Task, load_task, plot_normalized, plot_sweep, summarize
+from mergesmith.methods import MethodSpec, all_methods
+from mergesmith.recipe import Recipe, load_recipe
+from mergesmith.search.scoring import Scorer
+from mergesmith.search.sweep import with_parameters
+
+# The grid each method is tuned over (its other parameters keep their defaults). A method that is
+# not listed runs once, with its defaults.
+GRIDS: dict[str, dict[str, list]] = {
+    "task_arithmetic": {"lambda": [0.3, 0.5, 0.7, 1.0]},
+    "ties": {"density": [0.2, 0.5], "lambda": [0.7, 1.0]},
+    "dare_ties": {"density": [0.3, 0.6], "lambda": [0.7, 1.0]},
+    "dare_linear": {"density": [0.3, 0.6], "lambda": [0.5, 1.0]},
+    "breadcrumbs": {"density": [0.3, 0.6], "lambda": [0.5, 1.0]},
+    "breadcrumbs_ties": {"density": [0.3, 0.6], "lambda": [0.7, 1.0]},
+    "della": {"density": [0.3, 0.6], "lambda": [0.7, 1.0]},
+    "della_linear": {"density": [0.3, 0.6], "lambda": [0.5, 1.0]},
+    "consensus_ta": {"lambda": [0.5, 1.0]},
+    "consensus_ties": {"lambda": [0.7, 1.0]},
+    "magmax": {"lambda": [0.5, 1.0]},
+    "tsv_m": {"alpha": [0.5, 1.0]},
+    "iso_c": {"alpha": [0.5, 1.0, 1.5]},
+    "iso_cts": {"alpha": [0.5, 1.0, 1.5]},
+    "pcb": {"lambda": [0.5, 1.0]},
+}
+# Methods that never apply to "merge these experts into one model".
+NOT_A_MERGE_OF_EXPERTS = {
+    "passthrough": "copies layers from one model (frankenmerges)",
+    "layer_swap": "needs a per-layer choice of model",
+}
+# Parameters a recipe sets per model; the demo weights every expert equally.
+PER_MODEL_DEFAULTS = {"weight": 1.0}
+
+
+@dataclass
+class Entry:
+    """One method on the leaderboard."""
+
+    method: str
+    values: dict[str, Any]
+    recipe: Recipe
+    validation: float
+    points: list[tuple[dict[str, Any], float, float | None, float | None]] = field(default_factory=list)
+    merge_seconds: float | None = None
+    merge_peak_mb: float | None = None
+
+
+@dataclass
+class Leaderboard:
+    entries: list[Entry]
+    skipped: dict[str, str]
+    test: Report
+    names: dict[str, str]  # leaderboard label -> scorer name (a method, or a reference folder)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def skip_reason(spec: MethodSpec, experts: int) -> str | None:
+    """Why a method cannot merge `experts` experts of one base, or None if it can."""
+    if spec.name in NOT_A_MERGE_OF_EXPERTS:
+        return NOT_A_MERGE_OF_EXPERTS[spec.name]
+    if getattr(spec, "needs_data", False):
+        return "needs calibration data"
+    if spec.max_models is not None and experts > spec.max_models:
+        return f"merges at most {spec.max_models} model(s) besides the base"
+    if experts < spec.min_models:
+        return f"needs at least {spec.min_models} models"
+    grid = GRIDS.get(spec.name, {})
+    required = [p.name for p in spec.params
+                if p.required and p.name not in grid and p.name not in PER_MODEL_DEFAULTS]
+    if required:
+        return f"needs {', '.join(required)} chosen by hand"
+    return None
+
+
+def method_recipe(spec: MethodSpec, base: Path, experts: list[Path]) -> Recipe:
+    per_model = {name: value for name, value in PER_MODEL_DEFAULTS.items()
+                 if (p := spec.param(name)) is not None and p.per_model}
+    data: dict[str, Any] = {
+        "merge_method": spec.name,
+        "models": [{"model": str(e), **({"parameters": dict(per_model)} if per_model else {})}
+                   for e in experts],
+        "dtype": "float32",
+    }
+    if spec.uses_base:
+        data["base_model"] = str(base)
+    return load_recipe(data)
+
+
+def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path], out: Path, *,
+                    cache: Path, seed: int = 0, methods: list[str] | None = None,
+                    say: Callable[[str], None] = print, n_bootstrap: int = 1000) -> Leaderboard:
+    """Tune every applicable method on validation, score the chosen points and the references
+    on test, and write report.md, leaderboard.json and the plots into `out`."""
+    loaded: list[Task] = [load_task(tasks[name]) for name in experts]
+    scorer = Scorer(loaded, cache, experts={t: str(p) for t, p in experts.items()}, base=str(base),
+                    in_memory=True, seed=seed, n_bootstrap=n_bootstrap)
+    expert_paths = list(experts.values())
+    entries, skipped = [], {}
+    for spec in all_methods():
+        if methods is not None and spec.name not in methods:
+            continue
+        reason = skip_reason(spec, len(expert_paths))
+        if reason is not None:
+            skipped[spec.name] = reason
+            continue
+        say(f"[{spec.name}] tuning on validation")
+        entries.append(_tune(spec, method_recipe(spec, base, expert_paths), scorer))
+
+    say("scoring the chosen points on test")
+    candidates = {e.method: scorer.score_recipe(e.recipe, "test") for e in entries}
+    references = scorer.references("test")
+    names = {e.method: e.method for e in entries}
+    names["base (pretrained + task heads)"] = str(base)
+    names.update({f"expert: {task}": str(path) for task, path in experts.items()})
+    results = {label: (candidates | references)[name] for label, name in names.items()}
+    label_of = {name: label for label, name in names.items()}
+    test = summarize(results, {t: label_of[str(p)] for t, p in experts.items()},
+                     label_of[str(base)], seed=seed, n_bootstrap=n_bootstrap)
+
+    for entry in entries:
+        say(f"[{entry.method}] timing one streaming merge")
+        entry.merge_seconds, entry.merge_peak_mb = _timed_merge(entry.recipe, cache, seed)
+    board = Leaderboard(entries, skipped, test, names)
+    _write(board, out)
+    return board
+
+
+def _tune(spec: MethodSpec, recipe: Recipe, scorer: Scorer) -> Entry:
+    grid = GRIDS.get(spec.name, {})
+    combos = [dict(zip(grid, c)) for c in itertools.product(*grid.values())] or [{}]
+    recipes = {json.dumps(values): with_parameters(recipe, values) if values else recipe
+               for values in combos}
+    scores = {label: scorer.score_recipe(r, "validation") for label, r in recipes.items()}
+    report = scorer.report(scores, "validation")
+    points = [(json.loads(label), report.averages[label].normalized, report.averages[label].lo,
+               report.averages[label].hi) for label in recipes]
+    best = max(recipes, key=lambda label: scorer.objective(report, label))
+    return Entry(spec.name, json.loads(best), recipes[best], report.averages[best].normalized, points)
+
+
+def _timed_merge(recipe: Recipe, cache: Path, seed: int) -> tuple[float, float]:
+    """Wall seconds and peak extra anonymous memory (MB) of one streaming merge to disk."""
+    from mergesmith.engine.api import merge
+
+    target = Path(tempfile.mkdtemp(dir=cache, prefix="timed-")) / "merged"
+    sampler = _AnonSampler()
+    try:
+        sampler.start()
+        start = time.perf_counter()
+        merge(recipe, target, seed=seed)
+        seconds = time.perf_counter() - start
+    finally:
+        sampler.stop()
+        shutil.rmtree(target.parent, ignore_errors=True)
+    return seconds, sampler.peak_mb
+
+
+class _AnonSampler(threading.Thread):
+    """Samples this process's anonymous resident memory; the peak above the first sample."""
+
+    def __init__(self, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval, self.halt = interval, threading.Event()
+        self.first = self.peak = _anon_bytes()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.peak = max(self.peak, _anon_bytes())
+            self.halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return max(0, self.peak - self.first) / 2**20
+
+
+def _anon_bytes() -> int:
+    try:
+        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+def leaderboard_rows(board: Leaderboard, reference: str = "task_arithmetic") -> tuple[list[str], list[list[str]]]:
+    """Methods ranked by test average normalized score, then the references."""
+    test = board.test
+    header = ["rank", "model", "chosen on validation", "avg normalized [95% CI]",
+              *[f"{t}" for t in test.tasks], f"vs {reference}", "merge s", "peak MB"]
+    by_method = {e.method: e for e in board.entries}
+    ranked = sorted(by_method, key=lambda m: -(test.averages[m].normalized or -math.inf))
+    rows = []
+    for rank, label in enumerate(ranked + [n for n in board.names if n not in by_method], start=1):
+        entry = by_method.get(label)
+        avg = test.averages[label]
+        versus = ""
+        if entry is not None and reference in by_method and label != reference:
+            c = test.compare(label, reference)
+            versus = f"{c.difference:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" + (" *" if c.beyond_noise else "")
+        rows.append([
+            str(rank) if entry else "",
+            label,
+            ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in entry.values.items()) if entry else "",
+            f"{avg.normalized:.3f} [{avg.lo:.3f}, {avg.hi:.3f}]" if avg.normalized is not None else "-",
+            *[f"{test.cell(label, t).normalized:.3f}" if test.cell(label, t).normalized is not None
+              else "-" for t in test.tasks],
+            versus,
+            f"{entry.merge_seconds:.2f}" if entry and entry.merge_seconds is not None else "",
+            f"{entry.merge_peak_mb:.0f}" if entry and entry.merge_peak_mb is not None else "",
+        ])
+    return header, rows
+
+
+def rich_table(board: Leaderboard):
+    from rich.table import Table
+
+    header, rows = leaderboard_rows(board)
+    table = Table(title="mergesmith demo: normalized score on the test split (expert = 1.0)")
+    for name in header:
+        table.add_column(name, justify="left" if name in ("model", "chosen on validation") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _markdown(board: Leaderboard) -> str:
+    header, rows = leaderboard_rows(board)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    by_method = {e.method: e for e in board.entries}
+    notes = [
+        "",
+        "Normalized score = the model's accuracy on a task / that task's expert's accuracy, "
+        "averaged over the tasks; 95% paired-bootstrap intervals (the same resampled test examples "
+        "for every model). `vs task_arithmetic`: difference of average normalized score with its "
+        "paired interval; `*` marks a difference whose interval excludes 0 (beyond noise). "
+        "Parameters were chosen on the validation split only. `merge s` and `peak MB`: one "
+        "streaming merge to disk, wall time and anonymous memory above the process's baseline.",
+    ]
+    if board.skipped:
+        notes += ["", "Not run: " + "; ".join(f"`{m}` ({why})" for m, why in board.skipped.items()) + "."]
+    notes += ["", "## Validation grids", ""]
+    for method, entry in by_method.items():
+        if len(entry.points) > 1:
+            cells = ", ".join(f"{_values(v)}: {s:.3f}" for v, s, _, _ in entry.points)
+            notes.append(f"- `{method}`: {cells}")
+    notes += ["", "## Per task (test split)", "", board.test.to_markdown()]
+    return "# mergesmith demo leaderboard\n\n" + "\n".join(lines + notes) + "\n"
+
+
+def _values(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def _write(board: Leaderboard, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    board.files["markdown"] = out / "report.md"
+    board.files["markdown"].write_text(_markdown(board))
+    board.files["json"] = out / "leaderboard.json"
+    board.files["json"].write_text(json.dumps({
+        "entries": [{"method": e.method, "values": e.values, "validation": e.validation,
+                     "points": e.points, "merge_seconds": e.merge_seconds,
+                     "merge_peak_mb": e.merge_peak_mb} for e in board.entries],
+        "skipped": board.skipped,
+        "test": board.test.to_dict(),
+    }, indent=2) + "\n")
+    board.files["plot"] = plot_normalized(board.test, out / "normalized.png",
+                                          title="average normalized score on test (95% CI)")
+    ta = next((e for e in board.entries if e.method == "task_arithmetic"), None)
+    if ta is not None and len(ta.points) > 1:
+        board.files["sweep"] = plot_sweep(
+            {"task_arithmetic": [(v["lambda"], s, lo, hi) for v, s, lo, hi in ta.points]},
+            out / "task_arithmetic_lambda.png", xlabel="lambda",
+            ylabel="average normalized score (validation)", title="task arithmetic: lambda")
