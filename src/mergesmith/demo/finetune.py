@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ import yaml
 
 from mergesmith.demo.assets import building
 from mergesmith.evaluate.run import _mean_pool as mean_pool
+from mergesmith.evaluate.run import quiet_transformers
 from mergesmith.evaluate.tasks import Task, load_task
 
 RECIPE_VERSION = 1  # bump when the training code changes what it produces
@@ -41,6 +43,9 @@ class Settings:
     train_examples: int | None = None  # None: the whole train split
     head_l2: float = 0.01
 
+    def with_seed(self, seed: int) -> Settings:
+        return replace(self, seed=seed)
+
 
 FAST = Settings(steps=6, batch_size=8, max_length=32, train_examples=64)
 
@@ -51,8 +56,6 @@ def digest(*parts: object) -> str:
 
 def load_encoder(folder: Path):
     from transformers import AutoModel, AutoTokenizer
-
-    from mergesmith.evaluate.run import quiet_transformers
 
     with quiet_transformers():
         model = AutoModel.from_pretrained(folder, dtype=torch.float32)
@@ -97,10 +100,18 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float) -> di
 
 
 def accuracy(x: torch.Tensor, y: torch.Tensor, head: dict[str, torch.Tensor]) -> float:
+    """Share of rows whose highest logit x W^T + b is their label."""
     return float(((x @ head["weight"].T + head["bias"]).argmax(-1) == y).float().mean())
 
 
-def prepare_task(task_file: Path, base: Path, cache_root: Path, settings: Settings) -> Path:
+Log = Callable[[str], None]
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def prepare_task(task_file: Path, base: Path, cache_root: Path, settings: Settings, log: Log = _silent) -> Path:
     """The task copied into the cache with its frozen head (`head.safetensors`), fitted on first use."""
     from safetensors.torch import save_file
 
@@ -110,6 +121,7 @@ def prepare_task(task_file: Path, base: Path, cache_root: Path, settings: Settin
     target = cache_root / "demo" / "tasks" / f"{source.name}-{key}"
     if (target / "task.yaml").is_file():
         return target / "task.yaml"
+    log(f"{source.name}: fitting the frozen head on the base model's features")
     encoder, tokenizer = load_encoder(base)
     train_x, train_y = _split_features(encoder, tokenizer, source, "train", settings)
     valid_x, valid_y = _split_features(encoder, tokenizer, source, "validation", settings)
@@ -122,11 +134,12 @@ def prepare_task(task_file: Path, base: Path, cache_root: Path, settings: Settin
         spec["head"] = "head.safetensors"
         (folder / "task.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True),
                                           encoding="utf-8")
-        (folder / "head.json").write_text(json.dumps({"validation_accuracy": accuracy(valid_x, valid_y, head), "base": str(base)}))
+        (folder / "head.json").write_text(json.dumps(
+            {"base": str(base), "validation_accuracy": accuracy(valid_x, valid_y, head)}, indent=2))
     return target / "task.yaml"
 
 
-def prepare_expert(task_file: Path, base: Path, cache_root: Path, settings: Settings) -> Path:
+def prepare_expert(task_file: Path, base: Path, cache_root: Path, settings: Settings, log: Log = _silent) -> Path:
     """The encoder fine-tuned on the task (whose head is frozen), saved as a Hugging Face folder."""
     task = load_task(task_file)
     key = digest("expert", RECIPE_VERSION, task.fingerprint, base.name, asdict(settings))
@@ -135,19 +148,20 @@ def prepare_expert(task_file: Path, base: Path, cache_root: Path, settings: Sett
         return target
     from safetensors.torch import load_file
 
+    log(f"{task.name}: fine-tuning the expert ({settings.steps} steps; cached afterwards)")
     encoder, tokenizer = load_encoder(base)
     head = load_file(task.head)
     started, cpu_started = time.perf_counter(), time.process_time()
     train(encoder, tokenizer, task, head, settings)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    valid_x, valid_y = _split_features(encoder, tokenizer, task, "validation", settings)
-    with building(target) as folder:
+    score = accuracy(*_split_features(encoder, tokenizer, task, "validation", settings), head)
+    log(f"{task.name}: expert trained in {seconds:.0f} s, validation accuracy {score:.3f}")
+    with building(target) as folder, quiet_transformers():
         encoder.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         (folder / "expert.json").write_text(json.dumps(
             {"task": task.name, "base": str(base), "settings": asdict(settings), "train_seconds": seconds,
-             "train_cpu_seconds": cpu_seconds,
-             "validation_accuracy": accuracy(valid_x, valid_y, head)}, indent=2))
+             "train_cpu_seconds": cpu_seconds, "validation_accuracy": score}, indent=2))
     return target
 
 
@@ -193,12 +207,10 @@ def _batches(count: int, size: int, steps: int, generator: torch.Generator) -> l
     return [stream[i * size:(i + 1) * size] for i in range(steps)]
 
 
-def _split_features(encoder, tokenizer, task: Task, split: str, settings: Settings):
-    limit = settings.train_examples
-    rows = task.examples(split)[:limit]
+def _split_features(encoder, tokenizer, task: Task, split: str,
+                    settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features and label indices of the split (its first `train_examples` rows in fast mode)."""
+    rows = task.examples(split)[:settings.train_examples]
     x = features(encoder, tokenizer, [row[task.text_field] for row in rows], settings.max_length)
     return x, torch.tensor(task.label_ids(split)[:len(rows)])
 
-
-def with_seed(settings: Settings, seed: int) -> Settings:
-    return replace(settings, seed=seed)

@@ -13,17 +13,19 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import Report, Task, load_task, plot_normalized, plot_sweep, summarize
 from mergesmith.methods import MethodSpec, all_methods
 from mergesmith.recipe import Recipe, load_recipe
-from mergesmith.search.scoring import Scorer
+from mergesmith.search.scoring import Scorer, recipe_key
 from mergesmith.search.sweep import with_parameters
 
 # The grid each method is tuned over (its other parameters keep their defaults). A method that is
@@ -40,9 +42,9 @@ GRIDS: dict[str, dict[str, list]] = {
     "consensus_ta": {"lambda": [0.5, 1.0]},
     "consensus_ties": {"lambda": [0.7, 1.0]},
     "magmax": {"lambda": [0.5, 1.0]},
-    "tsv_m": {"alpha": [0.5, 1.0]},
-    "iso_c": {"alpha": [0.5, 1.0, 1.5]},
-    "iso_cts": {"alpha": [0.5, 1.0, 1.5]},
+    "tsv_m": {"lambda": [0.5, 1.0]},
+    "iso_c": {"lambda": [0.5, 1.0, 1.5]},
+    "iso_cts": {"lambda": [0.5, 1.0, 1.5]},
     "pcb": {"lambda": [0.5, 1.0]},
 }
 # Methods that never apply to "merge these experts into one model".
@@ -50,6 +52,9 @@ NOT_A_MERGE_OF_EXPERTS = {
     "passthrough": "copies layers from one model (frankenmerges)",
     "layer_swap": "needs a per-layer choice of model",
 }
+# Methods whose merge is one shared model plus a per-task part: each task is scored with its own
+# rebuilt model (`mergesmith emr apply`).
+PER_TASK_MODELS = {"emr"}
 # Parameters a recipe sets per model; the demo weights every expert equally.
 PER_MODEL_DEFAULTS = {"weight": 1.0}
 
@@ -126,10 +131,18 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
             skipped[spec.name] = reason
             continue
         say(f"[{spec.name}] tuning on validation")
-        entries.append(_tune(spec, method_recipe(spec, base, expert_paths), scorer))
+        try:
+            entries.append(_tune(spec, method_recipe(spec, base, expert_paths), scorer))
+        except MergesmithError as exc:  # reported in the table's notes; the other methods go on
+            skipped[spec.name] = f"failed: {exc}"
+            say(f"[{spec.name}] failed: {exc}")
 
     say("scoring the chosen points on test")
-    candidates = {e.method: scorer.score_recipe(e.recipe, "test") for e in entries}
+    candidates = {e.method: scorer.score_recipe(e.recipe, "test") for e in entries
+                  if e.method not in PER_TASK_MODELS}
+    for entry in entries:
+        if entry.method in PER_TASK_MODELS:
+            candidates[entry.method] = _score_per_task(entry.recipe, scorer, loaded, experts, "test")
     references = scorer.references("test")
     names = {e.method: e.method for e in entries}
     names["base (pretrained + task heads)"] = str(base)
@@ -147,7 +160,26 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
     return board
 
 
+def _score_per_task(recipe: Recipe, scorer: Scorer, tasks: list[Task], experts: dict[str, Path],
+                    split: str) -> dict:
+    """Each task scored by its own model, rebuilt from the shared merge (EMR's masks and scales)."""
+    from mergesmith.engine.emr import apply_emr
+
+    merged = scorer.merge_folder(recipe)
+    results = {}
+    for index, task in enumerate(tasks):
+        rebuilt = merged.parent / f"{merged.name}-{task.name}"
+        if not (rebuilt / "config.json").is_file():
+            apply_emr(merged, index, rebuilt, overwrite=rebuilt.exists())
+        single = Scorer([task], scorer.dir, device=scorer.device, batch_size=scorer.batch_size,
+                        max_examples=scorer.max_examples, seed=scorer.seed)
+        results[task.name] = single.score_folder(rebuilt, split)[task.name]
+    return results
+
+
 def _tune(spec: MethodSpec, recipe: Recipe, scorer: Scorer) -> Entry:
+    if spec.name in PER_TASK_MODELS:  # tuning-free; its models are scored on test only
+        return Entry(spec.name, {}, recipe, math.nan)
     grid = GRIDS.get(spec.name, {})
     combos = [dict(zip(grid, c)) for c in itertools.product(*grid.values())] or [{}]
     recipes = {json.dumps(values): with_parameters(recipe, values) if values else recipe
@@ -161,52 +193,31 @@ def _tune(spec: MethodSpec, recipe: Recipe, scorer: Scorer) -> Entry:
 
 
 def _timed_merge(recipe: Recipe, cache: Path, seed: int) -> tuple[float, float]:
-    """Wall seconds and peak extra anonymous memory (MB) of one streaming merge to disk."""
-    from mergesmith.engine.api import merge
-
-    target = Path(tempfile.mkdtemp(dir=cache, prefix="timed-")) / "merged"
-    sampler = _AnonSampler()
+    """Wall seconds and peak resident memory (MB) of `mergesmith merge` run as its own process,
+    so the memory is the merge's alone; measured once per recipe and kept in the cache."""
+    key = recipe_key(recipe, seed)
+    record = cache / "costs" / f"{key}.json"
+    if record.is_file():
+        data = json.loads(record.read_text())
+        return data["seconds"], data["peak_mb"]
+    work = Path(tempfile.mkdtemp(dir=cache, prefix="timed-"))
     try:
-        sampler.start()
+        (work / "recipe.yaml").write_text(recipe.to_yaml())
+        command = [sys.executable, "-m", "mergesmith.cli", "merge", str(work / "recipe.yaml"),
+                   str(work / "merged"), "--quiet", "--seed", str(seed)]
         start = time.perf_counter()
-        merge(recipe, target, seed=seed)
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise MergesmithError(f"timing the {recipe.merge_method} merge failed: "
+                                  f"{child.stderr.read().decode(errors='replace').strip()[-300:]}")
     finally:
-        sampler.stop()
-        shutil.rmtree(target.parent, ignore_errors=True)
-    return seconds, sampler.peak_mb
-
-
-class _AnonSampler(threading.Thread):
-    """Samples this process's anonymous resident memory; the peak above the first sample."""
-
-    def __init__(self, interval: float = 0.01):
-        super().__init__(daemon=True)
-        self.interval, self.halt = interval, threading.Event()
-        self.first = self.peak = _anon_bytes()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            self.peak = max(self.peak, _anon_bytes())
-            self.halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join()
-
-    @property
-    def peak_mb(self) -> float:
-        return max(0, self.peak - self.first) / 2**20
-
-
-def _anon_bytes() -> int:
-    try:
-        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        shutil.rmtree(work, ignore_errors=True)
+    peak_mb = usage.ru_maxrss / 1024  # Linux reports kilobytes
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
+    return seconds, peak_mb
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -265,7 +276,8 @@ def _markdown(board: Leaderboard) -> str:
         "for every model). `vs task_arithmetic`: difference of average normalized score with its "
         "paired interval; `*` marks a difference whose interval excludes 0 (beyond noise). "
         "Parameters were chosen on the validation split only. `merge s` and `peak MB`: one "
-        "streaming merge to disk, wall time and anonymous memory above the process's baseline.",
+        "`mergesmith merge` of the chosen recipe to disk, run as its own process: wall time "
+        "(including ~2 s of start-up) and peak resident memory.",
     ]
     if board.skipped:
         notes += ["", "Not run: " + "; ".join(f"`{m}` ({why})" for m, why in board.skipped.items()) + "."]

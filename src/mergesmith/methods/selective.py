@@ -119,9 +119,6 @@ def nearswap(
     t: float,
     ctx: TensorContext | None = None,
 ) -> torch.Tensor:
-    """θ = lerp(θ0, θ1, w) with w = min(1, t/|θ1 − θ0|): θ0 + clamp(τ, −t, t), where entries
-    within t of each other take θ1's value exactly."""
-    (other,) = experts
-    distance = (other - base).abs_()
-    weight = torch.where(distance <= t, 1.0, t / distance)
-    return torch.lerp(base, other, weight)
+    """θ = θ0 + w·τ with w = min(1, t/|τ|), that is θ = θ0 + clamp(τ, −t, t)."""
+    (tau,) = task_vectors(base, experts)
+    return tau.clamp_(-t, t).add_(base)

@@ -27,8 +27,8 @@ tensors of the deterministic methods. Where we differ from mergekit, on purpose:
 - `int8_mask` is accepted and does nothing: no mask tensor is ever materialized.
 
 How it runs: the cuts of TIES and breadcrumbs need one selection per τi over the whole tensor;
-then the tensor is merged in blocks of rows, so that every temporary is block-sized and stays in
-cache, and the method holds at most one full-size scratch tensor besides its result. Random draws
+then the tensor is merged in small blocks of rows, so that every temporary is block-sized and
+stays in cache, and the method holds at most one full-size scratch tensor besides its result. Random draws
 come from one generator per expert, seeded from `ctx.generator`, drawn in row-major order, so a
 mask depends on (seed, tensor name, expert) only, not on the block size.
 """
@@ -44,8 +44,8 @@ from mergesmith.methods.blocks import (
     disjoint_mean,
     drop_random,
     elect_sign,
+    keep_magnitude_band,
     kth_largest,
-    magnitude_band_mask,
     topk_count,
     weighted_sum,
 )
@@ -53,7 +53,11 @@ from mergesmith.methods.registry import Param, TensorContext, register
 
 Sparsify = Callable[[torch.Tensor], torch.Tensor]  # rows of τi, in order -> their kept part
 
-BLOCK_ELEMENTS = 1 << 18  # per block of rows on the CPU: a block's temporaries stay in cache
+# Entries per block of rows on the CPU: at most torch's grain size (32768), so that each of a
+# block's ~35 operations runs on the calling thread. Larger blocks split every operation over
+# the intra-op threads, and on 2 busy cores each split waits milliseconds for a core: 5-8x
+# slower (measured); single-threaded and in cache, a block is as fast as a 4x larger one.
+BLOCK_ELEMENTS = 1 << 15
 L1_EPS = 1e-7  # mergekit's: no L1 rescale of a τi whose norm before or after is below this
 RESCALE_CHOICES = (True, False, "1/density", "l1", "none")
 
@@ -66,7 +70,7 @@ def keep_band(low: float, high: float, divisor: float = 1.0) -> Sparsify:
     """Keep the entries with low ≤ |τ| ≤ high, divided by `divisor`."""
 
     def sparsify(tau: torch.Tensor) -> torch.Tensor:
-        kept = torch.where(magnitude_band_mask(tau, low, high), tau, 0.0)
+        kept = keep_magnitude_band(tau, low, high)
         return kept.div_(divisor) if divisor != 1 else kept
 
     return sparsify
@@ -114,7 +118,7 @@ def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
     sort, 4x faster than torch's argsort on the CPU, where numpy's vectorized sort does it."""
     cols = rows.shape[1]
     shift = max(1, (cols - 1).bit_length())
-    keys = rows.abs().view(torch.int32).to(torch.int64) << shift
+    keys = rows.abs().float().view(torch.int32).to(torch.int64) << shift
     keys |= torch.arange(cols, device=rows.device)
     if keys.device.type == "cpu":
         keys.numpy().sort(axis=1)
@@ -134,10 +138,11 @@ def rank_drop(cols: int, density: float, epsilon: float, generator: torch.Genera
     keep_probability = della_keep_probability(cols, density, epsilon, device)
 
     def sparsify(tau: torch.Tensor) -> torch.Tensor:
-        draws = torch.rand(tau.shape, generator=generator, device=tau.device)
-        keep = draws.lt_(keep_probability)  # 1.0 / 0.0, by rank
+        draws = torch.rand(tau.shape, generator=generator, dtype=tau.dtype, device=tau.device)
+        probability = keep_probability.to(tau.dtype)
+        keep = draws.lt_(probability)  # 1.0 / 0.0, by rank
         if unbiased:
-            keep.div_(keep_probability)
+            keep.div_(probability)
         return tau.mul_(torch.empty_like(tau).scatter_(1, magnitude_order(tau), keep))
 
     return sparsify
@@ -153,7 +158,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_blocks(rows: torch.Tensor) -> list[slice]:
-    """Blocks of about BLOCK_ELEMENTS entries on the CPU; one block on other devices."""
+    """Blocks of at most BLOCK_ELEMENTS entries (or one row) on the CPU; one block on other
+    devices, which want the whole tensor in one launch."""
     count, cols = rows.shape
     step = count if rows.device.type != "cpu" else max(1, BLOCK_ELEMENTS // max(cols, 1))
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
@@ -280,7 +286,7 @@ def ties(base, experts, *, weights, densities, lambda_=1.0, normalize=True, resc
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1")
 
 
-def dare(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx, consensus):
+def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx, consensus):
     mode = rescale_mode(rescale, true_means="1/density")
     generators = expert_generators(ctx, base.device, len(experts))
     drops = [random_drop(d, g, mode == "1/density") for d, g in zip(densities, generators)]
@@ -294,7 +300,7 @@ def dare(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx,
 def dare_ties(base, experts, *, weights, densities, lambda_=1.0, normalize=False, rescale=True,
               int8_mask=False, ctx=None):
     """θ = θ0 + λ · disjoint_mean(drop(τi)/d, s)."""
-    return dare(base, experts, weights=weights, densities=densities, lambda_=lambda_,
+    return dare_merge(base, experts, weights=weights, densities=densities, lambda_=lambda_,
                 normalize=normalize, rescale=rescale, ctx=ctx, consensus=True)
 
 
@@ -304,7 +310,7 @@ def dare_ties(base, experts, *, weights, densities, lambda_=1.0, normalize=False
 def dare_linear(base, experts, *, weights, densities, lambda_=1.0, normalize=False, rescale=True,
                 int8_mask=False, ctx=None):
     """θ = θ0 + λ · Σ wi drop(τi)/d."""
-    return dare(base, experts, weights=weights, densities=densities, lambda_=lambda_,
+    return dare_merge(base, experts, weights=weights, densities=densities, lambda_=lambda_,
                 normalize=normalize, rescale=rescale, ctx=ctx, consensus=False)
 
 

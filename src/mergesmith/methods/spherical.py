@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergesmith.methods.blocks import task_vectors, unit
+from mergesmith.methods.blocks import task_vectors, unit, weighted_sum
 from mergesmith.methods.registry import Param, TensorContext, register
 
 DOT_THRESHOLD = 0.9995
@@ -128,15 +128,16 @@ def nuslerp(
     ctx: TensorContext | None = None,
 ) -> torch.Tensor:
     """slerp(a, b; t) with t = w2/(w1+w2) and (a, b) the models, or θ0 + slerp(τ1, τ2; t)."""
-    a, b = _nuslerp_endpoints(base, experts)
     t = nuslerp_t(weights)
-    if flatten:
-        sums = slerp_sums(a, [b]) if stats is None else stats
-        ca, cb = slerp_coefficients(sums, t, NUSLERP_DOT_THRESHOLD)
-        merged = a * ca + b * cb
-    else:
+    if not flatten:
+        a, b = _nuslerp_endpoints(base, experts)
         merged = _slerp_vectors(a, b, t, dim=0 if row_wise else -1)
-    return merged if base is None else merged.add_(base)
+        return merged if base is None else merged.add_(base)
+    sums = nuslerp_sums(base, experts) if stats is None else stats
+    ca, cb = slerp_coefficients(sums, t, NUSLERP_DOT_THRESHOLD)
+    if base is None:
+        return weighted_sum(experts, [ca, cb])
+    return weighted_sum([base, *experts], [1 - ca - cb, ca, cb])  # θ0 + ca·τ1 + cb·τ2
 
 
 @register(
@@ -168,6 +169,8 @@ def multislerp(
         w = w / w.sum()
     norms = torch.linalg.vector_norm(points, dim=1, keepdim=True)
     units = points / (norms + eps)
+    if bool((norms <= eps).all()):  # every model sits at the origin (e.g. a tensor no expert tuned)
+        return experts[0].clone() if base is None else base.clone()
     mean = (units * w[:, None]).sum(0)
     if torch.linalg.vector_norm(mean) < eps:
         raise ValueError("the weighted mean of the models' directions is zero (antipodal inputs)")

@@ -24,7 +24,7 @@ SINGULAR = 1e-6  # |1 + (k − 1)·cos θ| below this: no finite ratio; keep the
 
 def stock_gram(base: torch.Tensor, experts: list[torch.Tensor], **_) -> torch.Tensor:
     """G[i, j] = τi·τj in float64 over all entries: the whole-tensor part of Model Stock."""
-    tvs = torch.stack([tv.flatten() for tv in task_vectors(base, experts)]).double()
+    tvs = torch.stack(experts).sub_(base).flatten(1).double()  # the τi, in one buffer
     return tvs @ tvs.T
 
 
@@ -89,12 +89,12 @@ def model_stock(
     k = len(experts)
     if k < 2:
         raise ValueError("model_stock needs at least two experts to measure their angle")
-    average = weighted_sum(experts, [1.0] * k).div_(k)
     if filter_wise:
+        average = weighted_sum(experts, [1.0] * k).div_(k)
         tvs = torch.stack([_rows(tv) for tv in task_vectors(base, experts)]).double()
         grams = torch.einsum("irc,jrc->rij", tvs, tvs).tolist()
         t = torch.tensor([stock_ratio(g, clamp_t) for g in grams], dtype=base.dtype,
                          device=base.device)[:, None]
         return (_rows(average) * t + _rows(base) * (1 - t)).reshape(base.shape)
     t = stock_ratio((stock_gram(base, experts) if stats is None else stats).tolist(), clamp_t)
-    return average.mul_(t).add_(base, alpha=1 - t)
+    return weighted_sum(experts, [t / k] * k).add_(base, alpha=1 - t)
