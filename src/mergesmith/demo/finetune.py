@@ -34,8 +34,8 @@ RECIPE_VERSION = 1  # bump when the training code changes what it produces
 class Settings:
     """What an expert depends on besides its task and base model."""
 
-    steps: int = 150
-    learning_rate: float = 5e-5
+    steps: int = 100
+    learning_rate: float = 1e-4
     batch_size: int = 16
     max_length: int = 64
     warmup_fraction: float = 0.1
@@ -47,7 +47,7 @@ class Settings:
         return replace(self, seed=seed)
 
 
-FAST = Settings(steps=6, batch_size=8, max_length=32, train_examples=64)
+FAST = Settings(steps=4, batch_size=8, max_length=32, train_examples=64)
 
 
 def digest(*parts: object) -> str:
@@ -172,7 +172,9 @@ def train(encoder, tokenizer, task: Task, head: dict[str, torch.Tensor], setting
     rows = task.examples("train")[:settings.train_examples]
     labels = torch.tensor(task.label_ids("train")[:len(rows)])
     tokens = tokenizer([row[task.text_field] for row in rows], truncation=True, max_length=settings.max_length)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    # fused: one pass per step over all 22.7M parameters instead of a loop of small kernels (~40% of
+    # a short-text step on CPU). No weight decay: a task vector should hold what the task taught.
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=settings.learning_rate, weight_decay=0.0, fused=True)
     warmup = max(1, int(settings.steps * settings.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, (settings.steps - step) / (settings.steps - warmup + 1)))

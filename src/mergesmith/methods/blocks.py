@@ -120,8 +120,8 @@ def drop_random(x: torch.Tensor, density: float, generator: torch.Generator,
         return x.clone()
     if density <= 0:
         return torch.zeros_like(x)
-    keep = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device).lt_(density)
-    kept = keep.mul_(x)
+    draws = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    kept = draws.lt_(density).mul_(x)  # 1.0 / 0.0 floats: a bool mask costs ~10x more on the CPU
     return kept.div_(density) if rescale else kept
 
 

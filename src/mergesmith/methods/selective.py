@@ -11,12 +11,25 @@ from mergesmith.methods.blocks import disjoint_mean, elect_sign, magnitude_thres
 from mergesmith.methods.registry import Param, TensorContext, register
 
 
+VARIANCE_BLOCK = 1 << 20  # entries: the experts' values are stacked one block at a time
+
+
+def variance_across(tvs: list[torch.Tensor]) -> torch.Tensor:
+    """σ²(τ1..τk) per entry (population variance), stacking one block of entries at a time."""
+    variance = torch.empty_like(tvs[0])
+    flat, parts = variance.view(-1), [tv.reshape(-1) for tv in tvs]
+    for a in range(0, flat.numel(), VARIANCE_BLOCK):
+        block = torch.stack([p[a:a + VARIANCE_BLOCK] for p in parts])
+        flat[a:a + VARIANCE_BLOCK] = torch.var(block, dim=0, unbiased=False)
+    return variance
+
+
 def high_variance_mask(tvs: list[torch.Tensor], density: float) -> torch.Tensor:
     """SCE's select: the top-d fraction (of the entries that vary at all) by the variance of
     τ1..τk across the experts."""
     if density >= 1:
         return torch.ones_like(tvs[0], dtype=torch.bool)
-    variance = torch.var(torch.stack(tvs), dim=0, unbiased=False)
+    variance = variance_across(tvs)
     k = int(torch.count_nonzero(variance) * density)
     if k == 0:
         return torch.zeros_like(variance, dtype=torch.bool)

@@ -7,7 +7,9 @@ outliers (breadcrumbs), a random d fraction (DARE), or a random fraction whose k
 rises with magnitude rank (DELLA). `combine` is the weighted sum Σ wi τi (÷ Σ wi with
 `normalize`), or TIES' sign election and disjoint mean for ties, dare_ties, breadcrumbs_ties and
 della. Method names, parameter names, defaults and scopes are mergekit 0.1.5's, and so are the
-tensors of the deterministic methods. Where we differ from mergekit, on purpose:
+tensors where nothing is random: bitwise with sign election, within weighted_sum's fused
+multiply-add (≤ 2 ulps at the terms' scale, as task_arithmetic) without. Where we differ from
+mergekit, on purpose:
 
 - `rescale` (undo the shrinkage of sparsification) takes "1/density" (divide each kept entry by
   its keep probability: DARE's 1/d and DELLA's 1/p(rank), the papers' unbiased rescale; 1/d for
@@ -28,9 +30,9 @@ tensors of the deterministic methods. Where we differ from mergekit, on purpose:
 
 How it runs: the cuts of TIES and breadcrumbs need one selection per τi over the whole tensor;
 then the tensor is merged in small blocks of rows, so that every temporary is block-sized and
-stays in cache, and the method holds at most one full-size scratch tensor besides its result. Random draws
-come from one generator per expert, seeded from `ctx.generator`, drawn in row-major order, so a
-mask depends on (seed, tensor name, expert) only, not on the block size.
+stays in cache, and the method holds at most one full-size scratch tensor besides its result.
+Random draws come from one generator per expert, seeded from `ctx.generator`, drawn in
+row-major order, so a mask depends on (seed, tensor name, expert) only, not on the block size.
 """
 
 from __future__ import annotations
@@ -201,7 +203,8 @@ def merge_sparse(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: l
     out = torch.empty_like(base_rows)
     for rows in row_blocks(base_rows):
         theta0 = base_rows[rows]
-        taus = [sparsify(expert[rows] - theta0) for expert, sparsify in zip(expert_rows, sparsifiers)]
+        taus = [sparsify(expert[rows] - theta0)
+                for expert, sparsify in zip(expert_rows, sparsifiers)]
         taus = [tau.mul_(scale) if scale != 1 else tau for tau, scale in zip(taus, scales)]
         merged = combine(taus, weights, consensus, normalize)
         if lambda_ != 1:
@@ -267,7 +270,8 @@ def family_params(*, normalize: bool, rescale: bool, extra: tuple[Param, ...] = 
               doc="fraction of τi's entries kept"),
         *extra,
         Param("lambda", default=1.0, arg="lambda_", doc="scale of the merged task vector"),
-        Param("normalize", bool, default=normalize, doc="divide by the sum of the (agreeing) weights"),
+        Param("normalize", bool, default=normalize,
+              doc="divide by the sum of the (agreeing) weights"),
         Param("rescale", object, default=rescale, choices=RESCALE_CHOICES,
               doc="'1/density', 'l1' or 'none'; true = the method's own (see the module)"),
         Param("int8_mask", bool, default=False, doc="accepted for mergekit recipes; no effect"),
@@ -291,7 +295,8 @@ def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale
     generators = expert_generators(ctx, base.device, len(experts))
     drops = [random_drop(d, g, mode == "1/density") for d, g in zip(densities, generators)]
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
-                        normalize=normalize, lambda_=lambda_, l1=mode == "l1", generators=generators)
+                        normalize=normalize, lambda_=lambda_, l1=mode == "l1",
+                        generators=generators)
 
 
 @register("dare_ties", summary="Drop each task-vector entry with probability 1 − d, rescale the "
@@ -353,7 +358,8 @@ def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normali
     drops = [rank_drop(cols, d, eps, g, mode == "1/density", base.device)
              for d, eps, g in zip(densities, epsilons, generators)]
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
-                        normalize=normalize, lambda_=lambda_, l1=mode == "l1", generators=generators)
+                        normalize=normalize, lambda_=lambda_, l1=mode == "l1",
+                        generators=generators)
 
 
 @register("della", summary="Drop task-vector entries at random, less often the larger they "

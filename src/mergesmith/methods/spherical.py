@@ -84,7 +84,7 @@ def _slerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float, dim: int) -> torc
     a_v, b_v = a.movedim(dim, -1), b.movedim(dim, -1)
     a64, b64 = a_v.double(), b_v.double()
     sums = torch.stack([(a64 * a64).sum(-1), (b64 * b64).sum(-1), (a64 * b64).sum(-1)])
-    pairs = [slerp_coefficients(s, t, NUSLERP_DOT_THRESHOLD) for s in sums.flatten(1).T]
+    pairs = [slerp_coefficients(s, t, NUSLERP_DOT_THRESHOLD) for s in sums.reshape(3, -1).T]
     ca, cb = (torch.tensor(c, dtype=a.dtype, device=a.device).view(*a_v.shape[:-1], 1)
               for c in zip(*pairs))
     return (a_v * ca + b_v * cb).movedim(-1, dim)
