@@ -365,8 +365,14 @@ def test_rescale_values(tmp_path, llama):
     assert torch.equal(halved, ties(base, [tau], **kw) / 0.5)
     l1 = ties(base, [tau], rescale=True, **kw)  # true is mergekit's L1 for TIES
     torch.testing.assert_close(l1.abs().sum(), tau.abs().sum())
-    recipe = sparse_recipe(llama, "ties", density=0.5)
-    recipe["parameters"] = {"rescale": "L2"}
+    # through a recipe: true and "l1" are the same for TIES; an unknown value is a plan error
+    merged = {}
+    for value in (True, "l1"):
+        recipe = sparse_recipe(llama, "ties", parameters={"rescale": value})
+        folder = mergesmith.merge(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / str(value))
+        merged[value] = read_tensors(folder)
+    assert all(torch.equal(merged[True][k], merged["l1"][k]) for k in merged[True])
+    recipe = sparse_recipe(llama, "ties", parameters={"rescale": "L2"})
     with pytest.raises(PlanError, match="rescale"):
         mergesmith.merge(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "out")
 

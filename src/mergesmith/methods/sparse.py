@@ -83,6 +83,7 @@ def magnitude_cuts(base: torch.Tensor, experts: list[torch.Tensor], densities: l
     """TIES' trim (γ = 0) and breadcrumbs' band: in each τi keep the k = topk_count(n, d) largest
     magnitudes after the ⌊γ·n⌋ largest (fewer outliers when d + γ > 1, so that k stay)."""
     n = base.numel()
+    base_rows = as_rows(base)
     scratch = None
     cuts = []
     for expert, density, gamma in zip(experts, densities, gammas or [0.0] * len(experts)):
@@ -95,9 +96,11 @@ def magnitude_cuts(base: torch.Tensor, experts: list[torch.Tensor], densities: l
             cuts.append(lambda tau: tau)
             continue
         if scratch is None:
-            scratch = torch.empty_like(base)
-        magnitudes = torch.sub(expert, base, out=scratch).abs_()
-        low, *high = kth_largest(magnitudes, [skip + keep] + ([skip + 1] if skip else []))
+            scratch = torch.empty_like(base_rows)
+        expert_rows = as_rows(expert)
+        for rows in row_blocks(base_rows):  # |τi| in blocks too: see BLOCK_ELEMENTS
+            torch.sub(expert_rows[rows], base_rows[rows], out=scratch[rows]).abs_()
+        low, *high = kth_largest(scratch, [skip + keep] + ([skip + 1] if skip else []))
         cuts.append(keep_band(low, high[0] if high else math.inf, density if unbiased else 1.0))
     return cuts
 
