@@ -58,16 +58,21 @@ def units(plan: Plan, job: TensorJob, chunk_bytes: int) -> list[Unit]:
 
 
 class Reader(threading.Thread):
-    """Reads the inputs of each unit, in order, one unit ahead of the merge."""
+    """Reads the inputs of each unit, in order, one unit ahead of the merge: the next unit is
+    read only once the merge has taken the previous one, so at most two units are in memory."""
 
     def __init__(self, work: list[Unit], plan: Plan):
         super().__init__(daemon=True, name="mergesmith-reader")
         self.work, self.plan = work, plan
         self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.slot = threading.Semaphore(1)
         self.stopped = threading.Event()
 
     def run(self) -> None:
         for unit in self.work:
+            while not self.slot.acquire(timeout=0.1):
+                if self.stopped.is_set():
+                    return
             try:
                 item = [ck.read(name, unit.rows) for ck, name in unit.job.inputs]
                 if unit.job.vocab_axis:
@@ -86,6 +91,7 @@ class Reader(threading.Thread):
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
         for _ in self.work:
             item = self.queue.get()
+            self.slot.release()
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -129,7 +135,10 @@ def _tile(plan: Plan, tensor: torch.Tensor, device: torch.device) -> int | None:
 
 def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tensor],
                 device: torch.device, stats: torch.Tensor | None) -> torch.Tensor:
-    xs = [_prepare(t, plan.load_dtype, device) for t in tensors]
+    # converted in place, so each stored-dtype input is freed as soon as its fp32 copy exists
+    for i, tensor in enumerate(tensors):
+        tensors[i] = _prepare(tensor, plan.load_dtype, device)
+    xs = tensors
     origin = xs[0] if job.lines_scale is not None else None  # θ0 of LiNeS
     if origin is not None and not job.has_base:
         xs = xs[1:]
