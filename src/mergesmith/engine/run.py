@@ -201,6 +201,20 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
            progress=None, side=None) -> None:
     """Write every shard not already finished, each through a fresh writer. `side` (engine/
     emr.py's MaskWriter) stores the method's side outputs, per shard, before it is marked done."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and plan.method.chunkable:
+        # cache-sized tiles are too small to split across cores: the split costs more than it
+        # saves (several times more on a busy machine), and the reader and writer threads use
+        # the other cores
+        torch.set_num_threads(1)
+    try:
+        _stream(plan, output, device=device, chunk_bytes=chunk_bytes, progress=progress, side=side)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_bytes: int,
+            progress=None, side=None) -> None:
     pending = [s for s in plan.shards if not output.is_done(s.filename, s.size)]
     if progress:
         progress.advance(sum(s.data_bytes for s in plan.shards if s not in pending),
