@@ -37,7 +37,7 @@ def test_committed_tasks_are_balanced_disjoint_splits(name):
     texts = {split: [row["text"] for row in task.examples(split)] for split in ("train", "validation", "test")}
     for split, rows in texts.items():
         assert len(rows) == len(set(rows)), f"{split} repeats a text"
-        counts = Counter(task.examples(split)[i]["label"] for i in range(len(rows)))
+        counts = Counter(row["label"] for row in task.examples(split))
         assert set(counts) == set(task.labels) and len(set(counts.values())) == 1, counts
     assert not set(texts["train"]) & set(texts["test"])
     assert not set(texts["train"]) & set(texts["validation"])

@@ -168,7 +168,7 @@ def prepare_expert(task_file: Path, base: Path, cache_root: Path, settings: Sett
 def train(encoder, tokenizer, task: Task, head: dict[str, torch.Tensor], settings: Settings) -> None:
     """Full fine-tuning with AdamW under the frozen head: cross-entropy of (pooled W^T + b),
     linear warm-up then linear decay, gradients clipped at norm 1. Seeded; leaves the caller's
-    random state and determinism setting as they were."""
+    random state, determinism setting and thread count as they were."""
     rows = task.examples("train")[:settings.train_examples]
     labels = torch.tensor(task.label_ids("train")[:len(rows)])
     tokens = tokenizer([row[task.text_field] for row in rows], truncation=True, max_length=settings.max_length)
@@ -178,8 +178,11 @@ def train(encoder, tokenizer, task: Task, head: dict[str, torch.Tensor], setting
     warmup = max(1, int(settings.steps * settings.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, (settings.steps - step) / (settings.steps - warmup + 1)))
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    # One thread: the weights then do not depend on the machine's core count (which the cache key
+    # does not record), and on shared cores it ran ~3x less CPU time than two spinning threads.
+    torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
@@ -197,6 +200,7 @@ def train(encoder, tokenizer, task: Task, head: dict[str, torch.Tensor], setting
                 optimizer.zero_grad(set_to_none=True)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
         encoder.eval()
 
 
