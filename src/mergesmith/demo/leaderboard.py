@@ -55,6 +55,9 @@ NOT_A_MERGE_OF_EXPERTS = {
 # Methods whose merge is one shared model plus a per-task part: each task is scored with its own
 # rebuilt model (`mergesmith emr apply`).
 PER_TASK_MODELS = {"emr"}
+# Validation examples per task used to pick each method's parameters (the test split is scored
+# whole): enough to rank grid points, and it halves the demo's tuning time.
+TUNING_EXAMPLES = 100
 # Parameters a recipe sets per model; the demo weights every expert equally.
 PER_MODEL_DEFAULTS = {"weight": 1.0}
 
@@ -119,8 +122,10 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
     """Tune every applicable method on validation, score the chosen points and the references
     on test, and write report.md, leaderboard.json and the plots into `out`."""
     loaded: list[Task] = [load_task(tasks[name]) for name in experts]
-    scorer = Scorer(loaded, cache, experts={t: str(p) for t, p in experts.items()}, base=str(base),
-                    in_memory=True, seed=seed, n_bootstrap=n_bootstrap)
+    references = dict(experts={t: str(p) for t, p in experts.items()}, base=str(base),
+                      in_memory=True, seed=seed, n_bootstrap=n_bootstrap)
+    scorer = Scorer(loaded, cache, **references)
+    tuner = Scorer(loaded, cache, max_examples=TUNING_EXAMPLES, **references)
     expert_paths = list(experts.values())
     entries, skipped = [], {}
     for spec in all_methods():
@@ -132,7 +137,7 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
             continue
         say(f"[{spec.name}] tuning on validation")
         try:
-            entries.append(_tune(spec, method_recipe(spec, base, expert_paths), scorer))
+            entries.append(_tune(spec, method_recipe(spec, base, expert_paths), tuner))
         except MergesmithError as exc:  # reported in the table's notes; the other methods go on
             skipped[spec.name] = f"failed: {exc}"
             say(f"[{spec.name}] failed: {exc}")
@@ -207,17 +212,30 @@ def _timed_merge(recipe: Recipe, cache: Path, seed: int) -> tuple[float, float]:
                    str(work / "merged"), "--quiet", "--seed", str(seed)]
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(child.pid, 0)
+        peak_kb = 0
+        while child.poll() is None:  # VmHWM is the child's own high-water mark, never the parent's
+            peak_kb = max(peak_kb, _status_kb(child.pid, "VmHWM"))
+            time.sleep(0.02)
         seconds = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+        if child.returncode != 0:
             raise MergesmithError(f"timing the {recipe.merge_method} merge failed: "
                                   f"{child.stderr.read().decode(errors='replace').strip()[-300:]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    peak_mb = usage.ru_maxrss / 1024  # Linux reports kilobytes
+    peak_mb = peak_kb / 1024
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
     return seconds, peak_mb
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass  # the process has just exited
+    return 0
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -275,9 +293,10 @@ def _markdown(board: Leaderboard) -> str:
         "averaged over the tasks; 95% paired-bootstrap intervals (the same resampled test examples "
         "for every model). `vs task_arithmetic`: difference of average normalized score with its "
         "paired interval; `*` marks a difference whose interval excludes 0 (beyond noise). "
-        "Parameters were chosen on the validation split only. `merge s` and `peak MB`: one "
+        f"Parameters were chosen on the validation split only (its first {TUNING_EXAMPLES} "
+        "examples per task). `merge s` and `peak MB`: one "
         "`mergesmith merge` of the chosen recipe to disk, run as its own process: wall time "
-        "(including ~2 s of start-up) and peak resident memory.",
+        "(including ~2 s of start-up) and peak resident memory (VmHWM).",
     ]
     if board.skipped:
         notes += ["", "Not run: " + "; ".join(f"`{m}` ({why})" for m, why in board.skipped.items()) + "."]
