@@ -42,3 +42,19 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in process: (exit code, stdout, stderr)."""
+    import sys
+
+    import pytest
+
+    from mergesmith import cli
+
+    monkeypatch.setattr(sys, "argv", ["mergesmith", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return info.value.code or 0, captured.out, captured.err

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, run_cli
 from safetensors.torch import save_file
 
 from mergesmith.errors import MergesmithError, TaskError
@@ -332,17 +331,6 @@ def test_report_outputs_and_plots(tmp_path):
                  plot_sweep([(0.1, 0.5, 0.4, 0.6), (0.2, 0.7, 0.6, 0.8)], tmp_path / "s.png",
                             xlabel="lambda")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from mergesmith import cli
-
-    monkeypatch.setattr(sys, "argv", ["mergesmith", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return info.value.code or 0, captured.out, captured.err
 
 
 def test_cli_evaluate(tmp_path, monkeypatch, capsys, llama):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 
 import pytest
 import torch
-from conftest import build_model, write_recipe
+from conftest import build_model, run_cli, write_recipe
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer
 
@@ -190,17 +189,6 @@ def test_greedy_soup_skips_the_ingredient_that_hurts(world):
     assert (result.folder / "config.json").is_file()
     uniform = soup(models, [world["task"]], root / "soup", greedy=False)
     assert uniform.kept == [m for m, _ in uniform.ingredients] and uniform.score < result.score
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from mergesmith import cli
-
-    monkeypatch.setattr(sys, "argv", ["mergesmith", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return info.value.code or 0, captured.out, captured.err
 
 
 def test_cli_sweep_and_soup(world, tmp_path, monkeypatch, capsys):
