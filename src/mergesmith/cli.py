@@ -44,7 +44,7 @@ def merge(
     seed: Optional[int] = typer.Option(None, help="Seed for randomized methods (default: recipe's, else 0)."),
     resume: bool = typer.Option(False, help="Continue an interrupted merge into OUTPUT."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
-    chunk_size: str = typer.Option("16MiB", help="Rows merged at once, in fp32 bytes per input."),
+    chunk_size: str = typer.Option("8MiB", help="Rows merged at once, in fp32 bytes per input."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Merge the models of RECIPE into OUTPUT."""
@@ -64,7 +64,7 @@ def merge(
 def check(
     recipe: Path = typer.Argument(..., help="Recipe YAML to validate."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
-    chunk_size: str = typer.Option("16MiB", help="As for merge; sets the memory estimate."),
+    chunk_size: str = typer.Option("8MiB", help="As for merge; sets the memory estimate."),
 ) -> None:
     """Validate RECIPE against the models' headers and show the plan; writes nothing."""
     from mergesmith.engine.api import parse_size, plan

@@ -24,7 +24,7 @@ from mergesmith.methods.lines import scale_task_vector
 
 # Small enough that the prefetched and in-flight units of a 70B model weigh what a 100M
 # model's do (peak memory flat in model size); large enough that reads stay sequential.
-DEFAULT_CHUNK_BYTES = 16 * 1024**2
+DEFAULT_CHUNK_BYTES = 8 * 1024**2
 RESUME_HINT = "the merge can continue with --resume once the cause is fixed"
 CPU_TILE = 1 << 18  # elements: inputs, result and scratch of one tile stay within L2/L3 cache
 
