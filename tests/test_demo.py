@@ -16,13 +16,8 @@ from mergesmith.methods import get_method
 
 METHODS = ["linear", "task_arithmetic", "ties", "emr"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a busy 2-core machine are faster on one thread
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

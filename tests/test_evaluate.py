@@ -29,14 +29,8 @@ from mergesmith.evaluate import (
     summarize,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls on a shared 2-core machine: a second thread only adds synchronisation cost
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_task(folder: Path, spec: str, splits: dict[str, list[dict]]) -> Path:

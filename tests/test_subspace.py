@@ -339,15 +339,6 @@ def test_registered_whole_tensor_methods(name):
     assert spec.needs_base and not spec.elementwise and not spec.chunkable
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny SVDs: on a shared, oversubscribed CPU, OpenMP's thread hand-offs cost
-    50× the SVD itself (66 ms against 1.4 ms for 64×32), so run them on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("name,params", [
     ("tsv_m", {"lambda": 0.8}),

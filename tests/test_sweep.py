@@ -17,14 +17,8 @@ from mergesmith.evaluate.run import mean_pool, quiet_transformers
 from mergesmith.search import greedy_selection, parse_grid, soup, sweep, with_parameters
 from mergesmith.recipe import load_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls on a shared 2-core machine: a second thread only adds synchronisation cost
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
