@@ -110,6 +110,15 @@ class MethodSpec:
     # **params)` returns per-expert bool masks of the chunk's entries and float64 sums, which
     # the engine stores beside the merge and adds up over the model (engine/emr.py).
     side: Callable[..., tuple[list[torch.Tensor], torch.Tensor]] | None = None
+    # Per-expert statistics gathered from data (calibrate/), one kind per name: "gram" (input Gram
+    # matrix of a linear layer's weight), "fisher" (diagonal Fisher, shaped like the tensor),
+    # "second_moment" (an optimizer's second moment, shaped like the tensor), "mask" (a learned
+    # mask, shaped like the tensor). Each reaches `fn` as a keyword of the same name: a list
+    # aligned with `experts`, or None for a tensor that has no such statistic.
+    statistics: tuple[str, ...] = ()
+    # Whole-model methods that learn from data before anything is written (AdaMerging, ...):
+    # `learn(problem, **params)` (methods/adaptive.py) returns what the per-tensor merge needs.
+    learn: Callable[..., Any] | None = None
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:
@@ -118,6 +127,10 @@ class MethodSpec:
     @property
     def uses_base(self) -> bool:
         return self.needs_base or self.optional_base
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.statistics) or self.learn is not None
 
     @property
     def chunkable(self) -> bool:
