@@ -2,9 +2,10 @@
 
 from mergesmith.recipe.loader import load_recipe
 from mergesmith.recipe.parameters import ParameterSetting, lookup, resolve_setting
-from mergesmith.recipe.schema import InputModel, Recipe, Slice, SliceSource
+from mergesmith.recipe.schema import Calibration, InputModel, Recipe, Slice, SliceSource
 
 __all__ = [
+    "Calibration",
     "InputModel",
     "ParameterSetting",
     "Recipe",

@@ -54,11 +54,49 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Calibration(_Strict):
+    """`calibration:` the data a data-aware method learns from (recipe level), or, on a model
+    entry, what differs for that model (its own task's data, its head). Unset fields inherit."""
+
+    data: Optional[StrictStr] = None  # a .txt (one example per line), .jsonl, .csv or .parquet file
+    dataset: Optional[StrictStr] = None  # a `datasets` dataset: "name" or "name:config"
+    split: StrictStr = "train"
+    text_field: StrictStr = "text"
+    label_field: Optional[StrictStr] = None  # labels, where the objective uses them (Fisher)
+    labels: Optional[list[StrictStr]] = None  # label names in head order, for text labels
+    head: Optional[StrictStr] = None  # frozen classification head (safetensors: weight, bias)
+    samples: StrictInt = Field(default=128, ge=1)
+    max_length: Optional[StrictInt] = Field(default=None, ge=2)
+    batch_size: StrictInt = Field(default=8, ge=1)
+    seed: StrictInt = 0
+    cache: Optional[StrictStr] = None  # statistics folder; default ~/.cache/mergesmith/statistics
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Calibration":
+        if self.data and self.dataset:
+            raise PydanticCustomError(
+                "recipe", "give either 'data' or 'dataset', not both", {"field": "dataset"})
+        return self
+
+    def merged(self, override: Optional["Calibration"]) -> "Calibration":
+        """This section with a model entry's fields laid over it (only the fields it sets)."""
+        if override is None:
+            return self
+        data = self.model_dump()
+        data.update(override.model_dump(exclude_unset=True))
+        if "data" in override.model_fields_set:
+            data["dataset"] = None
+        if "dataset" in override.model_fields_set:
+            data["data"] = None
+        return Calibration(**data)
+
+
 class InputModel(_Strict):
     """An entry of `models:`."""
 
     model: StrictStr
     parameters: Parameters = None
+    calibration: Optional[Calibration] = None
 
 
 class SliceSource(_Strict):
@@ -118,6 +156,7 @@ class Recipe(_Strict):
     seed: Optional[StrictInt] = None
     name: Optional[StrictStr] = None
     lines: Optional[LayerScaling] = None
+    calibration: Optional[Calibration] = None
 
     _source: str = PrivateAttr(default=NO_FILE)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
