@@ -29,7 +29,7 @@ from conftest import build_model, read_tensors, write_recipe
 from test_parity import compare, llama, merge_both, ulp_at  # noqa: F401  (llama: fixture)
 
 import mergesmith
-from mergesmith.errors import PlanError
+from mergesmith.methods import get_method
 from mergesmith.methods import (arcee_fusion, model_stock, nearswap, nuslerp, ram, ramplus_tl,
                                 sce)
 
@@ -466,12 +466,21 @@ def test_tensors_larger_than_a_cpu_tile_use_whole_tensor_sums(tmp_path):
     close(out, expected, rtol=0, atol=2e-7)
 
 
-@pytest.mark.parametrize("method, params, field", [
-    ("model_stock", {"filter_wise": True}, "filter_wise"),
-    ("nuslerp", {"nuslerp_flatten": False}, "nuslerp_flatten")])
-def test_per_row_modes_are_refused_before_merging(llama, method, params, field):  # noqa: F811
+@pytest.mark.parametrize("method, params, arg", [
+    ("model_stock", {"filter_wise": True}, {"filter_wise": True}),
+    ("nuslerp", {"nuslerp_flatten": False}, {"flatten": False}),
+    ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+     {"flatten": False, "row_wise": True})])
+def test_per_row_modes_merge_whole_tensors(tmp_path, llama, method, params, arg):  # noqa: F811
+    """Per-row ratios are no sums over row blocks: the engine merges such tensors whole, so a
+    tiny chunk size changes nothing and every tensor equals the function on whole tensors."""
     experts = ["e1", "e2"]
-    weights = [0.5, 0.5] if method == "nuslerp" else None
-    r = recipe(method, llama, experts, weights=weights, **params)
-    with pytest.raises(PlanError, match=field):
-        mergesmith.plan(r)
+    weights = [0.3, 0.7] if method == "nuslerp" else None
+    path = write_recipe(tmp_path / "r.yaml", recipe(method, llama, experts, weights=weights, **params))
+    out = read_tensors(mergesmith.merge(path, tmp_path / "out", chunk_size="1KiB"))
+    loaded = [read_tensors(llama[key]) for key in ("base", *experts)]
+    fn = get_method(method).fn
+    extra = {"weights": weights} if weights else {}
+    for name, got in out.items():
+        expected = fn(loaded[0][name].float(), [t[name].float() for t in loaded[1:]], **arg, **extra)
+        assert torch.equal(got, expected.to(got.dtype)), name

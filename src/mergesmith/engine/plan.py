@@ -7,6 +7,7 @@ vocabulary sizes. Each error names the recipe line, the model and the tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class TensorJob:
     vocab_axis: bool = False
     # LiNeS: θ0 + s·(merged − θ0). inputs[0] is then θ0, given to the method only if has_base.
     lines_scale: float | None = None
+    # Statistic kinds read for this tensor (the method's, when every expert's store has them):
+    # the last len(statistics) × experts inputs, kind by kind, each in expert order.
+    statistics: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,7 +90,7 @@ class Plan:
         worst = 0
         for job in self.jobs:
             elements = math.prod(job.out.shape)
-            if self.method.chunkable and not job.vocab_axis:
+            if self.method.streams(job.params) and not job.vocab_axis:
                 elements = min(elements, max(chunk_bytes // 4, math.prod(job.out.shape[1:]) or 1))
             stored = sum(ck.tensors[name].dtype.itemsize for ck, name in job.inputs) * elements
             compute = (len(job.inputs) + 2) * 4 * elements  # fp32 inputs, result, scratch
@@ -95,12 +99,19 @@ class Plan:
 
 
 def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
-               shard_bytes: int = 5 * 1000**3) -> Plan:
+               shard_bytes: int = 5 * 1000**3,
+               statistics: dict[str, str | Path] | None = None) -> Plan:
+    """`statistics` maps a model reference of the recipe to its statistics store (calibrate/),
+    for methods that read statistics."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     try:
         method = get_method(recipe.merge_method)
     except MergesmithError as exc:
         raise RecipeError(f"{recipe.where('merge_method')}: {exc.message}", hint=exc.hint) from None
+    if method.learn is not None:
+        raise PlanError(f"{recipe.where('merge_method')}: {method.name} learns its merge from data "
+                        "before anything is merged; the engine alone cannot run it",
+                        hint="run it with `mergesmith merge` or mergesmith.merge, with a calibration: section")
     if recipe.tokenizer:
         raise PlanError(f"{recipe.where('tokenizer')}: the tokenizer: section is not supported yet",
                         hint="use tokenizer_source: base | union | <model>")
@@ -108,6 +119,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
         raise PlanError(f"{recipe.where('chat_template')}: named chat templates are not supported "
                         "yet; give the Jinja template itself")
     opened = _open_models(recipe)
+    stores = _open_statistics(recipe, method, opened, statistics or {})
     slices = _normalize(recipe, opened, method)
     resolver = ParamResolver(recipe, method)
     warnings = resolver.check_names()
@@ -125,8 +137,9 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     def add(out_slice: OutSlice, names: list[tuple[str, str | None]], t: float, layer: int | None):
         """names: (output name, name in the slice's reference model, per source offset)."""
         for out_name, src_layer_offset in names:
-            jobs.append(_job(out_slice, out_name, src_layer_offset, t, layer, total_layers,
-                             resolver, method, seed, out_dtype, vocab, recipe.lines))
+            job = _job(out_slice, out_name, src_layer_offset, t, layer, total_layers,
+                       resolver, method, seed, out_dtype, vocab, recipe.lines)
+            jobs.append(_with_statistics(job, method, stores) if stores else job)
 
     ref_names = sorted(ref.ckpt.tensors)
     outside = [n for n in ref_names if L.layer_of(n) is None]
@@ -162,6 +175,51 @@ def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
             by_folder[folder] = Checkpoint(folder, label=ref)
         opened[ref] = by_folder[folder]
     return opened
+
+
+def _open_statistics(recipe: Recipe, method: MethodSpec, opened: dict[str, Checkpoint],
+                     statistics: dict[str, str | Path]) -> dict[int, Checkpoint]:
+    """Each model's statistics store, by id of the model's Checkpoint."""
+    if not method.statistics:
+        if statistics:
+            raise PlanError(f"{recipe.where('merge_method')}: {method.name} reads no statistics, "
+                            "but statistics were given")
+        return {}
+    stores: dict[int, Checkpoint] = {}
+    for ref, path in statistics.items():
+        if ref not in opened:
+            raise PlanError(f"statistics given for {ref!r}, which the recipe does not name")
+        stores[id(opened[ref])] = Checkpoint(Path(path), label=f"statistics of {ref}")
+    experts = [ref for ref in opened if ref != recipe.base_model and ref != recipe.tokenizer_source]
+    missing = [ref for ref in experts if id(opened[ref]) not in stores]
+    if missing:
+        raise PlanError(f"{recipe.where('merge_method')}: {method.name} needs "
+                        f"{' and '.join(method.statistics)} statistics of every model; "
+                        f"{missing[0]} has none",
+                        hint="run it with `mergesmith merge` or mergesmith.merge, with a calibration: section")
+    return stores
+
+
+def _with_statistics(job: TensorJob, method: MethodSpec, stores: dict[int, Checkpoint]) -> TensorJob:
+    """The job with its experts' statistics appended to its inputs, or unchanged (the method then
+    gets None and falls back) when some expert has none for this tensor."""
+    if job.copy or job.vocab_axis:
+        return job
+    experts = job.inputs[1:] if (job.has_base or job.lines_scale is not None) else job.inputs
+    extra = []
+    for kind in method.statistics:
+        for ck, name in experts:
+            store = stores.get(id(ck))
+            key = f"{name}::{kind}"
+            if store is None or key not in store.tensors:
+                return job
+            shape = store.tensors[key].shape
+            if kind != "gram" and tuple(shape) != tuple(ck.tensors[name].shape):
+                raise PlanError(f"{store.label}: {key!r} has shape {list(shape)}, the tensor "
+                                f"{list(ck.tensors[name].shape)}",
+                                hint="the statistics were gathered from another model; collect them again")
+            extra.append((store, key))
+    return dataclasses.replace(job, inputs=job.inputs + extra, statistics=method.statistics)
 
 
 def _normalize(recipe: Recipe, opened: dict[str, Checkpoint], method: MethodSpec) -> list[OutSlice]:

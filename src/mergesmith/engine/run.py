@@ -47,7 +47,7 @@ class Unit:
 def units(plan: Plan, job: TensorJob, chunk_bytes: int) -> list[Unit]:
     shape = job.out.shape
     row_elems = math.prod(shape[1:]) if shape else 1
-    whole = (job.copy or job.vocab_axis or not plan.method.chunkable or not shape
+    whole = (job.copy or job.vocab_axis or not plan.method.streams(job.params) or not shape
              or 4 * math.prod(shape) <= chunk_bytes)
     if whole:
         return [Unit(job, None, "merge")]
@@ -106,7 +106,7 @@ def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torc
     job = unit.job
     if job.copy:
         return tensors[0]
-    tile = _tile(plan, tensors[0], device)
+    tile = _tile(plan, job, tensors[0], device)
     if tile is None:
         return _merge_tile(plan, job, unit.phase, tensors, device, stats)
     flat = [t.view(-1) for t in tensors]
@@ -124,11 +124,11 @@ def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torc
     return out.view(tensors[0].shape)
 
 
-def _tile(plan: Plan, tensor: torch.Tensor, device: torch.device) -> int | None:
+def _tile(plan: Plan, job: TensorJob, tensor: torch.Tensor, device: torch.device) -> int | None:
     """Element-wise work on the CPU goes in cache-sized tiles: the cast, the method's few
     operations and the cast back then stream through cache once instead of through memory
     several times. GPUs want the whole block in one launch."""
-    if device.type != "cpu" or not plan.method.chunkable or tensor.numel() <= CPU_TILE:
+    if device.type != "cpu" or not plan.method.streams(job.params) or tensor.numel() <= CPU_TILE:
         return None
     return CPU_TILE
 
@@ -138,7 +138,7 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
     # converted in place, so each stored-dtype input is freed as soon as its fp32 copy exists
     for i, tensor in enumerate(tensors):
         tensors[i] = _prepare(tensor, plan.load_dtype, device)
-    xs = tensors
+    xs, statistics = _split_statistics(plan, job, tensors)
     origin = xs[0] if job.lines_scale is not None else None  # θ0 of LiNeS
     if origin is not None and not job.has_base:
         xs = xs[1:]
@@ -147,6 +147,7 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
     if phase == "reduce":
         return method.reduce(base, experts, **job.params)
     extra = {"stats": stats} if stats is not None else {}
+    extra.update(statistics)
     try:
         result = method.fn(base, experts, ctx=job.ctx, **job.params, **extra)
     except ValueError as exc:
@@ -163,6 +164,20 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
         cause = f"input from {', '.join(culprits)} has NaN/Inf" if culprits else "the method produced NaN/Inf"
         raise MethodError(f"tensor {job.out.name!r}: {cause}")
     return result.to(job.out.dtype).cpu()
+
+
+def _split_statistics(plan: Plan, job: TensorJob, tensors: list[torch.Tensor]):
+    """(model inputs, {kind: per-expert statistics, or None where this tensor has none})."""
+    if not plan.method.statistics:
+        return tensors, {}
+    if not job.statistics:
+        return tensors, {kind: None for kind in plan.method.statistics}
+    origin = 1 if (job.has_base or job.lines_scale is not None) else 0
+    experts = (len(tensors) - origin) // (1 + len(job.statistics))
+    count = origin + experts
+    found = {kind: tensors[count + k * experts: count + (k + 1) * experts]
+             for k, kind in enumerate(job.statistics)}
+    return tensors[:count], found
 
 
 def _prepare(tensor: torch.Tensor, load_dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:

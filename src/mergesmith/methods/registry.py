@@ -103,6 +103,9 @@ class MethodSpec:
     # dot product): `reduce(base_chunk, expert_chunks, **params)` returns float64 partial sums,
     # which the engine adds over chunks and passes to `fn` as `stats=`.
     reduce: Callable[..., torch.Tensor] | None = None
+    # Parameters under which a chunkable method needs the whole tensor at once (model_stock's
+    # filter_wise: its per-row ratios are not sums over row blocks): f(resolved params) -> bool.
+    whole_tensor_when: Callable[[dict[str, Any]], bool] | None = None
     # Plan-time check of one tensor's resolved parameters (raise ValueError): lets the engine
     # reject a bad recipe before it computes anything.
     validate: Callable[[dict[str, Any]], None] | None = None
@@ -135,6 +138,10 @@ class MethodSpec:
     @property
     def chunkable(self) -> bool:
         return self.elementwise or self.reduce is not None
+
+    def streams(self, params: dict[str, Any]) -> bool:
+        """Whether one tensor's merge, with these parameters, may go in row blocks or tiles."""
+        return self.chunkable and not (self.whole_tensor_when and self.whole_tensor_when(params))
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -90,14 +90,6 @@ def _slerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float, dim: int) -> torc
     return (a_v * ca + b_v * cb).movedim(-1, dim)
 
 
-def _flattened_only(params: dict) -> None:
-    if not params.get("flatten", True):
-        raise ValueError(
-            "nuslerp_flatten: false (one SLERP per row or column) is not available in recipes "
-            "yet: the engine streams nuslerp over the whole tensor; call "
-            "mergesmith.methods.nuslerp directly, or leave nuslerp_flatten out")
-
-
 @register(
     "nuslerp",
     summary="SLERP of two models by their weights (t = w2/(w1+w2)); of their task vectors "
@@ -115,7 +107,7 @@ def _flattened_only(params: dict) -> None:
               doc="with nuslerp_flatten false: one SLERP per column instead of per row"),
     ),
     reduce=nuslerp_sums,
-    validate=_flattened_only,
+    whole_tensor_when=lambda params: not params.get("flatten", True),
 )
 def nuslerp(
     base: torch.Tensor | None,

@@ -51,14 +51,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
 
 
-def _whole_tensor_only(params: dict) -> None:
-    if params.get("filter_wise"):
-        raise ValueError(
-            "filter_wise: true (one ratio per row) is not available in recipes yet: the engine "
-            "streams model_stock as one ratio per tensor; call mergesmith.methods.model_stock "
-            "directly, or leave filter_wise out")
-
-
 @register(
     "model_stock",
     summary="Average of the experts pulled toward the base by their mean pairwise cosine.",
@@ -74,7 +66,7 @@ def _whole_tensor_only(params: dict) -> None:
                   "mergekit and the paper's formula extrapolate past it"),
     ),
     reduce=stock_gram,
-    validate=_whole_tensor_only,
+    whole_tensor_when=lambda params: params.get("filter_wise", False),
 )
 def model_stock(
     base: torch.Tensor,
