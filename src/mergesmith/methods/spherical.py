@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergesmith.methods.blocks import task_vectors, unit, weighted_sum
+from mergesmith.methods.blocks import gram64, task_vectors, unit, weighted_sum
 from mergesmith.methods.registry import Param, TensorContext, register
 
 DOT_THRESHOLD = 0.9995
@@ -15,8 +15,8 @@ EPS = 1e-8
 
 def slerp_sums(base: torch.Tensor, experts: list[torch.Tensor], **_) -> torch.Tensor:
     """Σa², Σb², Σab in float64: all SLERP needs to know about the whole tensor."""
-    a, b = base.double().flatten(), experts[0].double().flatten()
-    return torch.stack([a @ a, b @ b, a @ b])
+    gram = gram64([base, experts[0]])
+    return torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
 
 
 def slerp_coefficients(sums: torch.Tensor, t: float,

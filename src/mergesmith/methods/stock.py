@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from mergesmith.methods.blocks import task_vectors, weighted_sum
+from mergesmith.methods.blocks import gram64, task_vectors, weighted_sum
 from mergesmith.methods.registry import Param, TensorContext, register
 
 SINGULAR = 1e-6  # |1 + (k − 1)·cos θ| below this: no finite ratio; keep the base (as mergekit)
@@ -24,8 +24,7 @@ SINGULAR = 1e-6  # |1 + (k − 1)·cos θ| below this: no finite ratio; keep the
 
 def stock_gram(base: torch.Tensor, experts: list[torch.Tensor], **_) -> torch.Tensor:
     """G[i, j] = τi·τj in float64 over all entries: the whole-tensor part of Model Stock."""
-    tvs = torch.stack(experts).sub_(base).flatten(1).double()  # the τi, in one buffer
-    return tvs @ tvs.T
+    return gram64(list(torch.stack(experts).sub_(base)))  # the τi, in one buffer
 
 
 def stock_ratio(gram: list[list[float]], clamp_t: bool = False) -> float:
