@@ -27,7 +27,8 @@ from mergesmith.evaluate.run import _mean_pool as mean_pool
 from mergesmith.evaluate.run import quiet_transformers
 from mergesmith.evaluate.tasks import Task, load_task
 
-RECIPE_VERSION = 1  # bump when the training code changes what it produces
+SECOND_MOMENTS_FILE = "optimizer_second_moments.safetensors"
+RECIPE_VERSION = 2  # bump when the training code changes what it produces
 
 
 @dataclass(frozen=True)
@@ -146,29 +147,33 @@ def prepare_expert(task_file: Path, base: Path, cache_root: Path, settings: Sett
     target = cache_root / "demo" / "experts" / f"{task.name}-{key}"
     if (target / "config.json").is_file():
         return target
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     log(f"{task.name}: fine-tuning the expert ({settings.steps} steps; cached afterwards)")
     encoder, tokenizer = load_encoder(base)
     head = load_file(task.head)
     started, cpu_started = time.perf_counter(), time.process_time()
-    train(encoder, tokenizer, task, head, settings)
+    second_moments = train(encoder, tokenizer, task, head, settings)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     score = accuracy(*_split_features(encoder, tokenizer, task, "validation", settings), head)
     log(f"{task.name}: expert trained in {seconds:.0f} s, validation accuracy {score:.3f}")
     with building(target) as folder, quiet_transformers():
         encoder.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        # what curvature-aware merges (ota) read: AdamW's second moments, named like the weights
+        save_file(second_moments, folder / SECOND_MOMENTS_FILE)
         (folder / "expert.json").write_text(json.dumps(
             {"task": task.name, "base": str(base), "settings": asdict(settings), "train_seconds": seconds,
              "train_cpu_seconds": cpu_seconds, "validation_accuracy": score}, indent=2))
     return target
 
 
-def train(encoder, tokenizer, task: Task, head: dict[str, torch.Tensor], settings: Settings) -> None:
+def train(encoder, tokenizer, task: Task, head: dict[str, torch.Tensor],
+          settings: Settings) -> dict[str, torch.Tensor]:
     """Full fine-tuning with AdamW under the frozen head: cross-entropy of (pooled W^T + b),
     linear warm-up then linear decay, gradients clipped at norm 1. Seeded; leaves the caller's
-    random state, determinism setting and thread count as they were."""
+    random state, determinism setting and thread count as they were. Returns AdamW's second
+    moments (exp_avg_sq) by parameter name."""
     rows = task.examples("train")[:settings.train_examples]
     labels = torch.tensor(task.label_ids("train")[:len(rows)])
     tokens = tokenizer([row[task.text_field] for row in rows], truncation=True, max_length=settings.max_length)
@@ -202,6 +207,8 @@ def train(encoder, tokenizer, task: Task, head: dict[str, torch.Tensor], setting
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
         encoder.eval()
+    return {name: optimizer.state[param]["exp_avg_sq"].contiguous()
+            for name, param in encoder.named_parameters() if param in optimizer.state}
 
 
 def _batches(count: int, size: int, steps: int, generator: torch.Generator) -> list[list[int]]:

@@ -34,21 +34,25 @@ def parse_size(text: str | int) -> int:
 
 
 def plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
-         shard_size: str | int = "5GB") -> Plan:
-    """Validate a recipe against its models' headers and return the merge plan (reads no weights)."""
-    return build_plan(recipe, seed=seed, shard_bytes=parse_size(shard_size))
+         shard_size: str | int = "5GB", statistics: dict[str, str | Path] | None = None) -> Plan:
+    """Validate a recipe against its models' headers and return the merge plan (reads no weights).
+
+    `statistics` maps model references to statistics stores (calibrate/) for methods that read them."""
+    return build_plan(recipe, seed=seed, shard_bytes=parse_size(shard_size), statistics=statistics)
 
 
 def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: str | int = "5GB",
           device: str = "cpu", seed: int | None = None, resume: bool = False,
           overwrite: bool = False, chunk_size: str | int = DEFAULT_CHUNK_BYTES,
-          progress: bool = False) -> Path:
+          progress: bool = False, statistics: dict[str, str | Path] | None = None,
+          notes: dict[str, str] | None = None) -> Path:
     """Merge as the recipe says and write a Hugging Face model folder at `out`; return its path.
 
     The folder appears only when complete. After an interruption, the same call with
     `resume=True` finishes the job and gives the same bytes as an uninterrupted run.
+    `notes` are text files written into the folder beside the weights (what a learned merge learned).
     """
-    the_plan = plan(recipe, seed=seed, shard_size=shard_size)
+    the_plan = plan(recipe, seed=seed, shard_size=shard_size, statistics=statistics)
     compute = _device(device)
     chunk_bytes = parse_size(chunk_size)
     output = OutputFolder(Path(out), fingerprint(the_plan, chunk_bytes, compute),
@@ -64,6 +68,8 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
             bar.stop()
     try:
         write_metadata(the_plan, output.partial)
+        for name, text in (notes or {}).items():
+            (output.partial / name).write_text(text)
         if side is not None:
             write_index(the_plan, output.partial)
         return output.finalize()
@@ -86,7 +92,8 @@ def fingerprint(the_plan: Plan, chunk_bytes: int, device: torch.device) -> str:
     """What must match for a resumed merge to give the same bytes: recipe, options, inputs."""
     inputs = sorted({
         (str(f), f.stat().st_size, f.stat().st_mtime_ns)
-        for ck in the_plan.models.values() for f in weight_files(ck.path)
+        for ck in [*the_plan.models.values(), *the_plan.statistics.values()]
+        for f in weight_files(ck.path)
     })
     blob = json.dumps([__version__, the_plan.recipe.fingerprint(), the_plan.seed, chunk_bytes,
                        device.type, [s.filename for s in the_plan.shards], inputs])

@@ -80,6 +80,7 @@ class Plan:
     seed: int
     models: dict[str, Checkpoint]  # recipe reference -> opened folder
     warnings: list[str] = field(default_factory=list)
+    statistics: dict[str, Checkpoint] = field(default_factory=dict)  # reference -> its store
 
     @property
     def total_bytes(self) -> int:
@@ -163,7 +164,8 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     return Plan(recipe=recipe, method=method, jobs=jobs,
                 shards=layout_shards([job.out for job in jobs], shard_bytes),
                 config=config, config_source=ref.ckpt, load_dtype=load_dtype, vocab=vocab,
-                seed=seed, models=opened, warnings=warnings)
+                seed=seed, models=opened, warnings=warnings,
+                statistics={ref: stores[id(ck)] for ref, ck in opened.items() if id(ck) in stores})
 
 
 def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
@@ -180,8 +182,8 @@ def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
 def _open_statistics(recipe: Recipe, method: MethodSpec, opened: dict[str, Checkpoint],
                      statistics: dict[str, str | Path]) -> dict[int, Checkpoint]:
     """Each model's statistics store, by id of the model's Checkpoint."""
-    if not method.statistics:
-        if statistics:
+    if not method.statistics or (method.optional_statistics and not statistics):
+        if statistics and not method.statistics:
             raise PlanError(f"{recipe.where('merge_method')}: {method.name} reads no statistics, "
                             "but statistics were given")
         return {}

@@ -119,6 +119,9 @@ class MethodSpec:
     # mask, shaped like the tensor). Each reaches `fn` as a keyword of the same name: a list
     # aligned with `experts`, or None for a tensor that has no such statistic.
     statistics: tuple[str, ...] = ()
+    # Whether the method also runs without statistics, by a data-free rule of its own (stitch
+    # localizes by magnitude); otherwise a merge without them is refused, never a silent fallback.
+    optional_statistics: bool = False
     # Whole-model methods that learn from data before anything is written (AdaMerging, ...):
     # `learn(problem, **params)` (methods/adaptive.py) returns what the per-tensor merge needs.
     learn: Callable[..., Any] | None = None
