@@ -10,7 +10,7 @@ __all__ = ["MergesmithError", "__version__", "merge", "plan"]
 def __getattr__(name):
     # The engine imports torch; keep `import mergesmith` cheap for the CLI's --help.
     if name in ("merge", "plan"):
-        from mergesmith.engine import api
+        from mergesmith.calibrate import pipeline
 
-        return getattr(api, name)
+        return getattr(pipeline, name)
     raise AttributeError(name)

@@ -47,8 +47,8 @@ def merge(
     chunk_size: str = typer.Option("8MiB", help="Rows merged at once, in fp32 bytes per input."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Merge the models of RECIPE into OUTPUT."""
-    from mergesmith.engine.api import merge as run_merge, plan
+    """Merge the models of RECIPE into OUTPUT (collecting data statistics first if the method needs them)."""
+    from mergesmith.calibrate.pipeline import merge as run_merge, plan
 
     the_plan = plan(recipe, seed=seed, shard_size=shard_size)
     for warning in the_plan.warnings:
@@ -67,11 +67,16 @@ def check(
     chunk_size: str = typer.Option("8MiB", help="As for merge; sets the memory estimate."),
 ) -> None:
     """Validate RECIPE against the models' headers and show the plan; writes nothing."""
-    from mergesmith.engine.api import parse_size, plan
+    from mergesmith.calibrate.pipeline import plan
+    from mergesmith.engine.api import parse_size
+    from mergesmith.methods import get_method
+    from mergesmith.recipe import load_recipe
 
-    the_plan = plan(recipe, shard_size=shard_size)
+    loaded = load_recipe(recipe)
+    the_plan = plan(loaded, shard_size=shard_size)
+    method = get_method(loaded.merge_method)
     table = Table(show_header=False, box=None)
-    table.add_row("method", f"{the_plan.method.name} — {the_plan.method.summary}")
+    table.add_row("method", f"{method.name} — {method.summary}{_data_needs(method)}")
     for ref, ck in the_plan.models.items():
         table.add_row("model", f"{ref}  ({len(ck.tensors)} tensors)")
     table.add_row("output tensors", str(len(the_plan.jobs)))
@@ -98,13 +103,23 @@ def methods() -> None:
                   else f"{spec.min_models}+" if spec.max_models is None
                   else f"{spec.min_models}-{spec.max_models}")
         needs = ("base + " if spec.needs_base else "\\[base] + " if spec.optional_base else "") + \
-            f"{models} model(s)"
+            f"{models} model(s)" + _data_needs(spec)
         params = "\n".join(
             f"{p.name}{' (per model)' if p.per_model else ''}"
             f"{'' if p.required else f' = {p.default}'}" for p in spec.params
         )
         table.add_row(spec.name, needs, params or "-", f"{spec.summary}\n[dim]{spec.paper}[/]")
     out.print(table)
+
+
+def _data_needs(spec) -> str:
+    if spec.learn is not None:
+        return "\nneeds data (learns on it)"
+    if spec.statistics == ("second_moment",):
+        return "\nneeds optimizer state"
+    if spec.statistics:
+        return f"\n{'data optional' if spec.optional_statistics else 'needs data'} ({', '.join(spec.statistics)})"
+    return ""
 
 
 TASKS_HELP = "A task.yaml (or its folder); repeat for more tasks."

@@ -1,0 +1,235 @@
+"""Merges that need data: gather what the method needs, then stream the merge with the engine.
+
+Three routes, by what the method declares (methods/registry.py):
+- statistics (fisher, regmean, ota): each expert's statistics are collected from its calibration
+  data (or read from its optimizer state) into cached stores, which the engine reads per tensor;
+- regmean_plusplus: the same, but block l's Grams come from the partly merged model;
+- learn (adamerging, ...): the method learns coefficients or masks on the models in memory; the
+  result is written as an ordinary recipe (task arithmetic with per-tensor weights, or stitch with
+  mask stores) that the engine merges, and that the output folder keeps beside the card.
+A method that needs no data goes straight to the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith.engine import api as engine
+from mergesmith.engine import layers as L
+from mergesmith.errors import MergesmithError, RecipeError
+from mergesmith.io import Checkpoint, resolve_model
+from mergesmith.methods import MethodSpec, get_method
+from mergesmith.recipe import Calibration, Recipe, load_recipe
+
+LEARNED_FILE = "learned.json"  # beside a learned merge's weights: what it learned, and how
+
+
+def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, device: str = "cpu",
+          progress: bool = False, **options: Any) -> Path:
+    """`mergesmith.merge`: any recipe, with or without data; options as the engine's `merge`."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    method = _method(recipe)
+    if not method.needs_data:
+        return engine.merge(recipe, out, device=device, progress=progress, **options)
+    if method.learn is not None:
+        resolved, stores, notes = learn(recipe, method, device=device, progress=progress)
+        return engine.merge(resolved, out, device=device, progress=progress, statistics=stores,
+                            notes=notes, **options)
+    stores = gather_statistics(recipe, method, device=device, progress=progress)
+    return engine.merge(recipe, out, device=device, progress=progress, statistics=stores, **options)
+
+
+def plan(recipe: Recipe | str | Path | dict, **options: Any):
+    """The engine's plan. For a data-aware method it checks the calibration settings and plans
+    the same tensors and shards as an average, reading no data."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    method = _method(recipe)
+    if not method.needs_data:
+        return engine.plan(recipe, **options)
+    for ref in _experts(recipe):
+        calibration_for(recipe, ref, method)
+    data = recipe.model_dump(exclude_none=True)
+    data.update(merge_method="linear", models=[{"model": m.model, "parameters": {"weight": 1.0}}
+                                               for m in recipe.models])
+    data.pop("calibration", None)
+    data.pop("parameters", None)
+    return engine.plan(data, **options)
+
+
+def _method(recipe: Recipe) -> MethodSpec:
+    try:
+        return get_method(recipe.merge_method)
+    except MergesmithError as exc:
+        raise RecipeError(f"{recipe.where('merge_method')}: {exc.message}", hint=exc.hint) from None
+
+
+def root_of(recipe: Recipe) -> Path:
+    """Where relative paths of the calibration section start: the recipe file's folder."""
+    source = Path(recipe.source)
+    return source.parent if source.is_file() else Path.cwd()
+
+
+def _experts(recipe: Recipe) -> list[str]:
+    if not recipe.models:
+        raise RecipeError(f"{recipe.where('slices')}: data-aware methods take a models: list, "
+                          "not slices")
+    return [m.model for m in recipe.models if m.model != recipe.base_model]
+
+
+def calibration_for(recipe: Recipe, ref: str, method: MethodSpec) -> Calibration:
+    """The recipe's calibration section with the model entry's own laid over it."""
+    entry = next(m for m in recipe.models if m.model == ref)
+    index = recipe.models.index(entry)
+    if recipe.calibration is None and entry.calibration is None:
+        raise RecipeError(f"{recipe.where('models', index)}: {method.name} learns from data, and "
+                          f"{ref} has none", hint="add a calibration: section (data: <file>) to the "
+                          "recipe or to this model")
+    base = recipe.calibration or Calibration()
+    cal = base.merged(entry.calibration)
+    if cal.data is None and cal.dataset is None:
+        raise RecipeError(f"{recipe.where('models', index, 'calibration')}: no data for {ref}",
+                          hint="set calibration.data (a file) or calibration.dataset")
+    return cal
+
+
+def gather_statistics(recipe: Recipe, method: MethodSpec, *, device: str = "cpu",
+                      progress: bool = False) -> dict[str, Path]:
+    """Model reference -> statistics store, collected (or found in the cache) for each expert."""
+    from mergesmith.calibrate.store import ensure_statistics, second_moment_store
+
+    root = root_of(recipe)
+    stores: dict[str, Path] = {}
+    if method.name == "regmean_plusplus":
+        return _sequential_statistics(recipe, method, device=device, progress=progress)
+    for ref in _experts(recipe):
+        folder = resolve_model(ref)
+        if method.statistics == ("second_moment",):
+            stores[ref] = second_moment_store(folder, cache=_cache(recipe))
+            continue
+        cal = calibration_for(recipe, ref, method)
+        stores[ref] = ensure_statistics(folder, cal, root, method.statistics, device=device,
+                                        progress=progress)
+    return stores
+
+
+def _cache(recipe: Recipe) -> Path | None:
+    if recipe.calibration is not None and recipe.calibration.cache:
+        return root_of(recipe) / recipe.calibration.cache
+    return None
+
+
+def _sequential_statistics(recipe: Recipe, method: MethodSpec, *, device: str,
+                           progress: bool) -> dict[str, Path]:
+    """RegMean++: block by block, each expert's Grams from the inputs the merged blocks give."""
+    from mergesmith.calibrate.sequential import sequential_statistics
+
+    root = root_of(recipe)
+    refs = _experts(recipe)
+    if recipe.base_model is None:
+        raise RecipeError(f"{recipe.where('merge_method')}: {method.name} runs the partly merged "
+                          "model, built on the base", hint="add base_model")
+    cals = [calibration_for(recipe, ref, method) for ref in refs]
+    return sequential_statistics(recipe, resolve_model(recipe.base_model),
+                                 {ref: resolve_model(ref) for ref in refs}, cals, root,
+                                 device=device, progress=progress)
+
+
+# --- learned merges ------------------------------------------------------------------------
+
+
+def learn(recipe: Recipe, method: MethodSpec, *, device: str = "cpu", progress: bool = False
+          ) -> tuple[Recipe, dict[str, Path], dict[str, str]]:
+    """(the recipe the engine runs, its statistics stores, notes for the output folder)."""
+    from mergesmith.calibrate.problem import build_problem
+
+    if recipe.base_model is None:
+        raise RecipeError(f"{recipe.where('merge_method')}: {method.name} learns task-vector "
+                          "coefficients, which need a base", hint="add base_model")
+    refs = _experts(recipe)
+    cals = [calibration_for(recipe, ref, method) for ref in refs]
+    params = _learn_params(recipe, method)
+    problem = build_problem(resolve_model(recipe.base_model), [resolve_model(r) for r in refs],
+                            cals, root_of(recipe), device=device)
+    learned = method.learn(problem, **params)
+    stores: dict[str, Path] = {}
+    if learned.masks is not None:
+        stores = _mask_stores(recipe, refs, learned.masks)
+    resolved = _resolved_recipe(recipe, refs, learned, method)
+    notes = {LEARNED_FILE: json.dumps({
+        "method": method.name, "parameters": params, "losses": learned.losses,
+        "weights": learned.weights, "recipe": recipe.to_yaml(),
+    }, indent=1, default=float)}
+    return resolved, stores, notes
+
+
+def _learn_params(recipe: Recipe, method: MethodSpec) -> dict[str, Any]:
+    """The method's global parameters as the recipe sets them (defaults otherwise)."""
+    given = dict(recipe.parameters or {})
+    values = {}
+    for param in method.params:
+        if param.per_model:
+            continue
+        if param.name in given:
+            try:
+                values[param.argname] = param.check(given.pop(param.name))
+            except ValueError as exc:
+                raise RecipeError(f"{recipe.where('parameters', param.name)}: {exc}") from None
+        elif not param.required:
+            values[param.argname] = param.default
+        else:
+            raise RecipeError(f"{recipe.where('parameters')}: {method.name} needs {param.name!r}")
+    if given:
+        name = next(iter(given))
+        raise RecipeError(f"{recipe.where('parameters', name)}: {method.name} has no parameter "
+                          f"{name!r}", hint=f"its parameters: {', '.join(p.name for p in method.params)}")
+    return values
+
+
+def _resolved_recipe(recipe: Recipe, refs: list[str], learned, method: MethodSpec) -> Recipe:
+    """What was learned, as a recipe any engine runs: per-tensor weights become filter lists
+    (longest name first, since a filter matches every name containing it)."""
+    data = recipe.model_dump(exclude_none=True)
+    data.pop("calibration", None)
+    models: list[dict[str, Any]] = [{"model": recipe.base_model}]
+    for i, ref in enumerate(refs):
+        weight: Any = 1.0
+        if learned.weights is not None:
+            names = sorted(learned.weights, key=lambda n: (-len(n), n))
+            weight = [{"filter": n, "value": float(learned.weights[n][i])} for n in names]
+            weight.append({"value": 0.0})  # tensors the method did not learn keep the base
+        models.append({"model": ref, "parameters": {"weight": weight}})
+    data["models"] = models
+    if learned.masks is not None:
+        data["merge_method"] = "stitch"
+        data["parameters"] = {"overlap": "sum" if learned.weights is not None else "average"}
+    else:
+        data["merge_method"] = "task_arithmetic"
+        data.pop("parameters", None)
+    return Recipe(**data)
+
+
+def _mask_stores(recipe: Recipe, refs: list[str], masks: dict[str, list[torch.Tensor]]
+                 ) -> dict[str, Path]:
+    """Each expert's learned masks as a statistics store ("<tensor>::mask")."""
+    from mergesmith.calibrate.store import default_cache, write_store
+
+    digest = hashlib.sha256(recipe.fingerprint().encode())
+    for name in sorted(masks):
+        for mask in masks[name]:
+            digest.update(name.encode() + mask.to(torch.uint8).numpy().tobytes())
+    folder = (_cache(recipe) or default_cache()) / "learned" / digest.hexdigest()[:16]
+    stores = {}
+    for i, ref in enumerate(refs):
+        path = folder / f"expert-{i}"
+        if not (path / "config.json").is_file():
+            write_store(path, {f"{n}::mask": m[i].to(torch.uint8).contiguous()
+                               for n, m in masks.items()},
+                        {"model": ref, "kinds": ["mask"], "learned_by": recipe.merge_method})
+        stores[ref] = path
+    return stores
