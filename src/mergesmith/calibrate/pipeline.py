@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +32,45 @@ from mergesmith.recipe import Calibration, Recipe, load_recipe
 LEARNED_FILE = "learned.json"  # beside a learned merge's weights: what it learned, and how
 
 
+@dataclass
+class Prepared:
+    """What the engine runs for a recipe: the recipe itself, or what a learned method wrote."""
+
+    recipe: Recipe
+    statistics: dict[str, Path] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0  # spent on data: collecting statistics (0 when cached) or learning
+
+
+def prepare(recipe: Recipe | str | Path | dict, *, device: str = "cpu",
+            progress: bool = False) -> Prepared:
+    """Gather what the recipe's method needs from data (cached), as input for the engine."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    method = _method(recipe)
+    started = time.perf_counter()
+    if not method.needs_data:
+        return Prepared(recipe)
+    if method.learn is not None:
+        prepared = learn(recipe, method, device=device, progress=progress)
+    else:
+        prepared = Prepared(recipe, gather_statistics(recipe, method, device=device,
+                                                      progress=progress))
+    prepared.seconds = prepared.seconds or time.perf_counter() - started
+    return prepared
+
+
 def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, device: str = "cpu",
           progress: bool = False, **options: Any) -> Path:
     """`mergesmith.merge`: any recipe, with or without data; options as the engine's `merge`."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    method = _method(recipe)
-    if not method.needs_data:
-        return engine.merge(recipe, out, device=device, progress=progress, **options)
-    if method.learn is not None:
-        resolved, stores, notes = learn(recipe, method, device=device, progress=progress)
-        return engine.merge(resolved, out, device=device, progress=progress, statistics=stores,
-                            notes=notes, **options)
-    stores = gather_statistics(recipe, method, device=device, progress=progress)
-    return engine.merge(recipe, out, device=device, progress=progress, statistics=stores, **options)
+    prepared = prepare(recipe, device=device, progress=progress)
+    return engine.merge(prepared.recipe, out, device=device, progress=progress,
+                        statistics=prepared.statistics or None, notes=prepared.notes, **options)
+
+
+def merge_plan(recipe: Recipe | str | Path | dict, *, device: str = "cpu", **options: Any):
+    """The engine's plan with the data-aware parts in place (for in-memory merges)."""
+    prepared = prepare(recipe, device=device)
+    return engine.plan(prepared.recipe, statistics=prepared.statistics or None, **options)
 
 
 def plan(recipe: Recipe | str | Path | dict, **options: Any):
@@ -143,10 +171,12 @@ def _sequential_statistics(recipe: Recipe, method: MethodSpec, *, device: str,
 # --- learned merges ------------------------------------------------------------------------
 
 
-def learn(recipe: Recipe, method: MethodSpec, *, device: str = "cpu", progress: bool = False
-          ) -> tuple[Recipe, dict[str, Path], dict[str, str]]:
-    """(the recipe the engine runs, its statistics stores, notes for the output folder)."""
+def learn(recipe: Recipe, method: MethodSpec, *, device: str = "cpu",
+          progress: bool = False) -> Prepared:
+    """Learn on the models in memory; the result is a recipe (plus mask stores) kept in the
+    cache under everything it depends on, so scoring it again does not learn again."""
     from mergesmith.calibrate.problem import build_problem
+    from mergesmith.calibrate.store import default_cache
 
     if recipe.base_model is None:
         raise RecipeError(f"{recipe.where('merge_method')}: {method.name} learns task-vector "
@@ -154,18 +184,42 @@ def learn(recipe: Recipe, method: MethodSpec, *, device: str = "cpu", progress: 
     refs = _experts(recipe)
     cals = [calibration_for(recipe, ref, method) for ref in refs]
     params = _learn_params(recipe, method)
-    problem = build_problem(resolve_model(recipe.base_model), [resolve_model(r) for r in refs],
-                            cals, root_of(recipe), device=device)
+    root = root_of(recipe)
+    folders = [resolve_model(r) for r in [recipe.base_model, *refs]]
+    folder = (_cache(recipe) or default_cache()) / "learned" / _learned_key(recipe, folders, cals, root)
+    if (folder / "recipe.yaml").is_file():
+        stores = {ref: folder / f"expert-{i}" for i, ref in enumerate(refs)
+                  if (folder / f"expert-{i}" / "config.json").is_file()}
+        record = json.loads((folder / LEARNED_FILE).read_text())
+        return Prepared(load_recipe(folder / "recipe.yaml"), stores,
+                        {LEARNED_FILE: (folder / LEARNED_FILE).read_text()}, record["seconds"])
+    started = time.perf_counter()
+    problem = build_problem(folders[0], folders[1:], cals, root, device=device)
     learned = method.learn(problem, **params)
-    stores: dict[str, Path] = {}
-    if learned.masks is not None:
-        stores = _mask_stores(recipe, refs, learned.masks)
-    resolved = _resolved_recipe(recipe, refs, learned, method)
-    notes = {LEARNED_FILE: json.dumps({
-        "method": method.name, "parameters": params, "losses": learned.losses,
-        "weights": learned.weights, "recipe": recipe.to_yaml(),
-    }, indent=1, default=float)}
-    return resolved, stores, notes
+    seconds = time.perf_counter() - started
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+    partial.mkdir(parents=True)
+    stores = _mask_stores(partial, refs, learned.masks) if learned.masks is not None else {}
+    resolved = _resolved_recipe(recipe, refs, learned)
+    note = json.dumps({"method": method.name, "parameters": params, "seconds": seconds,
+                       "losses": learned.losses, "weights": learned.weights,
+                       "recipe": recipe.to_yaml()}, indent=1, default=float)
+    (partial / "recipe.yaml").write_text(resolved.to_yaml())
+    (partial / LEARNED_FILE).write_text(note)
+    partial.rename(folder)
+    stores = {ref: folder / path.name for ref, path in stores.items()}
+    return Prepared(load_recipe(folder / "recipe.yaml"), stores, {LEARNED_FILE: note}, seconds)
+
+
+def _learned_key(recipe: Recipe, folders: list[Path], cals: list[Calibration], root: Path) -> str:
+    from mergesmith.calibrate.data import fingerprint as data_fingerprint
+    from mergesmith.io.checkpoint import weight_files
+
+    stamp = [[(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(folder)]
+             for folder in folders]
+    blob = json.dumps([recipe.fingerprint(), stamp, [data_fingerprint(c, root) for c in cals]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _learn_params(recipe: Recipe, method: MethodSpec) -> dict[str, Any]:
@@ -191,7 +245,7 @@ def _learn_params(recipe: Recipe, method: MethodSpec) -> dict[str, Any]:
     return values
 
 
-def _resolved_recipe(recipe: Recipe, refs: list[str], learned, method: MethodSpec) -> Recipe:
+def _resolved_recipe(recipe: Recipe, refs: list[str], learned) -> Recipe:
     """What was learned, as a recipe any engine runs: per-tensor weights become filter lists
     (longest name first, since a filter matches every name containing it)."""
     data = recipe.model_dump(exclude_none=True)
@@ -214,22 +268,14 @@ def _resolved_recipe(recipe: Recipe, refs: list[str], learned, method: MethodSpe
     return Recipe(**data)
 
 
-def _mask_stores(recipe: Recipe, refs: list[str], masks: dict[str, list[torch.Tensor]]
+def _mask_stores(folder: Path, refs: list[str], masks: dict[str, list[torch.Tensor]]
                  ) -> dict[str, Path]:
-    """Each expert's learned masks as a statistics store ("<tensor>::mask")."""
-    from mergesmith.calibrate.store import default_cache, write_store
+    """Each expert's learned masks as a statistics store ("<tensor>::mask") inside `folder`."""
+    from mergesmith.calibrate.store import write_store
 
-    digest = hashlib.sha256(recipe.fingerprint().encode())
-    for name in sorted(masks):
-        for mask in masks[name]:
-            digest.update(name.encode() + mask.to(torch.uint8).numpy().tobytes())
-    folder = (_cache(recipe) or default_cache()) / "learned" / digest.hexdigest()[:16]
     stores = {}
     for i, ref in enumerate(refs):
-        path = folder / f"expert-{i}"
-        if not (path / "config.json").is_file():
-            write_store(path, {f"{n}::mask": m[i].to(torch.uint8).contiguous()
-                               for n, m in masks.items()},
-                        {"model": ref, "kinds": ["mask"], "learned_by": recipe.merge_method})
-        stores[ref] = path
+        stores[ref] = folder / f"expert-{i}"
+        write_store(stores[ref], {f"{n}::mask": m[i].to(torch.uint8).contiguous()
+                                  for n, m in masks.items()}, {"model": ref, "kinds": ["mask"]})
     return stores

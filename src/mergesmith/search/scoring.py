@@ -75,7 +75,7 @@ class Scorer:
 
     def merge_folder(self, recipe: Recipe) -> Path:
         """The candidate's merged folder, merged now unless a previous run left it."""
-        from mergesmith.engine.api import merge
+        from mergesmith.calibrate.pipeline import merge
 
         folder = self.dir / "merges" / self.key(recipe)
         if not (folder / "config.json").is_file():
@@ -120,10 +120,10 @@ class Scorer:
     def _materialize(self, recipe: Recipe, key: str):
         if not self.in_memory:
             return self.merge_folder(recipe)
-        from mergesmith.engine.api import plan
+        from mergesmith.calibrate.pipeline import merge_plan
         from mergesmith.engine.memory import load_merged, merge_tensors
 
-        the_plan = plan(recipe, seed=self.seed)
+        the_plan = merge_plan(recipe, seed=self.seed, device=self.device)
         module, tokenizer = self._skeleton(the_plan)
         load_merged(module, merge_tensors(the_plan, device=self.device))
         self.merged += 1
