@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import Report, Task, load_task, plot_normalized, plot_sweep, summarize
-from mergesmith.methods import MethodSpec, all_methods
+from mergesmith.calibrate.pipeline import prepare
+from mergesmith.methods import MethodSpec, all_methods, get_method
 from mergesmith.recipe import Recipe, load_recipe
 from mergesmith.search.scoring import Scorer, recipe_key
 from mergesmith.search.sweep import with_parameters
@@ -58,6 +59,9 @@ PER_TASK_MODELS = {"emr"}
 # Validation examples per task used to pick each method's parameters (the test split is scored
 # whole): enough to rank grid points, and it halves the demo's tuning time.
 TUNING_EXAMPLES = 100
+# What data-aware methods see of each task's train split: as many examples as the tuning uses
+# of validation, at the length the experts were trained with.
+CALIBRATION = {"samples": TUNING_EXAMPLES, "max_length": 64, "batch_size": 16, "seed": 0}
 # Parameters a recipe sets per model; the demo weights every expert equally.
 PER_MODEL_DEFAULTS = {"weight": 1.0}
 
@@ -73,6 +77,7 @@ class Entry:
     points: list[tuple[dict[str, Any], float, float | None, float | None]] = field(default_factory=list)
     merge_seconds: float | None = None
     merge_peak_mb: float | None = None
+    data_seconds: float | None = None  # collecting statistics or learning, for data-aware methods
 
 
 @dataclass
@@ -88,8 +93,6 @@ def skip_reason(spec: MethodSpec, experts: int) -> str | None:
     """Why a method cannot merge `experts` experts of one base, or None if it can."""
     if spec.name in NOT_A_MERGE_OF_EXPERTS:
         return NOT_A_MERGE_OF_EXPERTS[spec.name]
-    if getattr(spec, "needs_data", False):
-        return "needs calibration data"
     if spec.max_models is not None and experts > spec.max_models:
         return f"merges at most {spec.max_models} model(s) besides the base"
     if experts < spec.min_models:
@@ -102,7 +105,11 @@ def skip_reason(spec: MethodSpec, experts: int) -> str | None:
     return None
 
 
-def method_recipe(spec: MethodSpec, base: Path, experts: list[Path]) -> Recipe:
+def method_recipe(spec: MethodSpec, base: Path, experts: list[Path],
+                  tasks: list[Task] | None = None, cache: Path | None = None) -> Recipe:
+    """The recipe merging the experts with the method's defaults; a method that needs data
+    calibrates each expert on its own task's train split (never validation or test), read
+    through that task's frozen head."""
     per_model = {name: value for name, value in PER_MODEL_DEFAULTS.items()
                  if (p := spec.param(name)) is not None and p.per_model}
     data: dict[str, Any] = {
@@ -111,9 +118,18 @@ def method_recipe(spec: MethodSpec, base: Path, experts: list[Path]) -> Recipe:
                    for e in experts],
         "dtype": "float32",
     }
-    if spec.uses_base:
+    if spec.uses_base or spec.learn is not None:
         data["base_model"] = str(base)
-    return load_recipe(data)
+    if spec.needs_data and spec.statistics != ("second_moment",):
+        if tasks is None:
+            raise MergesmithError(f"{spec.name} needs each expert's task for its calibration data")
+        data["calibration"] = dict(CALIBRATION, cache=str(cache / "statistics") if cache else None)
+        for model, task in zip(data["models"], tasks):
+            model["calibration"] = {
+                "data": str(task.data["train"]), "text_field": task.text_field,
+                "label_field": task.label_field, "labels": list(task.labels),
+                **({"head": str(task.head)} if task.head else {})}
+    return load_recipe({k: v for k, v in data.items() if v is not None})
 
 
 def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path], out: Path, *,
@@ -137,7 +153,8 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
             continue
         say(f"[{spec.name}] tuning on validation")
         try:
-            entries.append(_tune(spec, method_recipe(spec, base, expert_paths), tuner))
+            recipe = method_recipe(spec, base, expert_paths, loaded, cache)
+            entries.append(_tune(spec, recipe, tuner))
         except MergesmithError as exc:  # reported in the table's notes; the other methods go on
             skipped[spec.name] = f"failed: {exc}"
             say(f"[{spec.name}] failed: {exc}")
@@ -160,6 +177,8 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
     for entry in entries:
         say(f"[{entry.method}] timing one streaming merge")
         entry.merge_seconds, entry.merge_peak_mb = _timed_merge(entry.recipe, cache, seed)
+        if get_method(entry.method).needs_data:
+            entry.data_seconds = prepare(entry.recipe).seconds  # cached: the time recorded then
     board = Leaderboard(entries, skipped, test, names)
     _write(board, out)
     return board
@@ -244,7 +263,7 @@ def leaderboard_rows(board: Leaderboard, reference: str = "task_arithmetic") -> 
     """Methods ranked by test average normalized score, then the references."""
     test = board.test
     header = ["rank", "model", "chosen on validation", "avg normalized [95% CI]",
-              *[f"{t}" for t in test.tasks], f"vs {reference}", "merge s", "peak MB"]
+              *[f"{t}" for t in test.tasks], f"vs {reference}", "data s", "merge s", "peak MB"]
     by_method = {e.method: e for e in board.entries}
     ranked = sorted(by_method, key=lambda m: -(test.averages[m].normalized or -math.inf))
     rows = []
@@ -264,6 +283,7 @@ def leaderboard_rows(board: Leaderboard, reference: str = "task_arithmetic") -> 
             *[f"{test.cell(label, t).normalized:.3f}" if test.cell(label, t).normalized is not None
               else "-" for t in test.tasks],
             versus,
+            f"{entry.data_seconds:.1f}" if entry and entry.data_seconds is not None else "",
             f"{entry.merge_seconds:.2f}" if entry and entry.merge_seconds is not None else "",
             f"{entry.merge_peak_mb:.0f}" if entry and entry.merge_peak_mb is not None else "",
         ])
@@ -296,7 +316,9 @@ def _markdown(board: Leaderboard) -> str:
         f"Parameters were chosen on the validation split only (its first {TUNING_EXAMPLES} "
         "examples per task). `merge s` and `peak MB`: one "
         "`mergesmith merge` of the chosen recipe to disk, run as its own process: wall time "
-        "(including ~2 s of start-up) and peak resident memory (VmHWM).",
+        "(including ~2 s of start-up) and peak resident memory (VmHWM). `data s`: for the "
+        "methods that use data, the time spent collecting their statistics or learning their "
+        "coefficients (calibration on each task's train split only), before that merge.",
     ]
     if board.skipped:
         notes += ["", "Not run: " + "; ".join(f"`{m}` ({why})" for m, why in board.skipped.items()) + "."]
@@ -321,6 +343,7 @@ def _write(board: Leaderboard, out: Path) -> None:
     board.files["json"].write_text(json.dumps({
         "entries": [{"method": e.method, "values": e.values, "validation": e.validation,
                      "points": e.points, "merge_seconds": e.merge_seconds,
+                     "data_seconds": e.data_seconds,
                      "merge_peak_mb": e.merge_peak_mb} for e in board.entries],
         "skipped": board.skipped,
         "test": board.test.to_dict(),
