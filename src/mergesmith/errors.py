@@ -44,3 +44,8 @@ class OutputError(MergesmithError):
 
 class TaskError(MergesmithError):
     """An evaluation task definition or its data is malformed: bad field, missing file or column."""
+
+
+class CalibrationError(MergesmithError):
+    """Calibration data or settings are unusable: missing or empty file, bad field or label, text
+    longer than the model's context, a head that does not fit the model."""

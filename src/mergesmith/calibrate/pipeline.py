@@ -82,11 +82,13 @@ def plan(recipe: Recipe | str | Path | dict, **options: Any):
         return engine.plan(recipe, **options)
     for ref in _experts(recipe):
         calibration_for(recipe, ref, method)
+    refs = list(dict.fromkeys([*([recipe.base_model] if recipe.base_model else []),
+                               *(m.model for m in recipe.models)]))
     data = recipe.model_dump(exclude_none=True)
-    data.update(merge_method="linear", models=[{"model": m.model, "parameters": {"weight": 1.0}}
-                                               for m in recipe.models])
-    data.pop("calibration", None)
-    data.pop("parameters", None)
+    data.update(merge_method="linear", models=[{"model": ref, "parameters": {"weight": 1.0}}
+                                               for ref in refs])
+    for key in ("calibration", "parameters", "base_model", "lines"):
+        data.pop(key, None)
     return engine.plan(data, **options)
 
 
@@ -129,16 +131,16 @@ def calibration_for(recipe: Recipe, ref: str, method: MethodSpec) -> Calibration
 def gather_statistics(recipe: Recipe, method: MethodSpec, *, device: str = "cpu",
                       progress: bool = False) -> dict[str, Path]:
     """Model reference -> statistics store, collected (or found in the cache) for each expert."""
-    from mergesmith.calibrate.store import ensure_statistics, second_moment_store
+    from mergesmith.calibrate.store import ensure_statistics
 
-    root = root_of(recipe)
-    stores: dict[str, Path] = {}
     if method.name == "regmean_plusplus":
         return _sequential_statistics(recipe, method, device=device, progress=progress)
+    root = root_of(recipe)
+    stores: dict[str, Path] = {}
     for ref in _experts(recipe):
         folder = resolve_model(ref)
         if method.statistics == ("second_moment",):
-            stores[ref] = second_moment_store(folder, cache=_cache(recipe))
+            stores[ref] = second_moment_store(folder, _cache(recipe, root))
             continue
         cal = calibration_for(recipe, ref, method)
         stores[ref] = ensure_statistics(folder, cal, root, method.statistics, device=device,
@@ -146,10 +148,23 @@ def gather_statistics(recipe: Recipe, method: MethodSpec, *, device: str = "cpu"
     return stores
 
 
-def _cache(recipe: Recipe) -> Path | None:
-    if recipe.calibration is not None and recipe.calibration.cache:
-        return root_of(recipe) / recipe.calibration.cache
-    return None
+def second_moment_store(folder: Path, cache: Path) -> Path:
+    """The optimizer's second moments saved with the model, as a store ("<tensor>::second_moment")."""
+    from mergesmith.calibrate.moments import read_second_moments
+    from mergesmith.calibrate.store import is_store, model_fingerprint, write_store
+
+    path = cache / f"{Path(folder).resolve().name}-moments-{model_fingerprint(folder)[:20]}"
+    if not is_store(path):
+        moments = read_second_moments(folder)
+        write_store(path, {f"{name}::second_moment": m.float().contiguous() for name, m in moments.items()},
+                    {"model": str(folder), "kinds": ["second_moment"], "source": "optimizer state"})
+    return path
+
+
+def _cache(recipe: Recipe, root: Path) -> Path:
+    from mergesmith.calibrate.store import default_cache
+
+    return default_cache(recipe.calibration or Calibration(), root)
 
 
 def _sequential_statistics(recipe: Recipe, method: MethodSpec, *, device: str,
@@ -176,7 +191,6 @@ def learn(recipe: Recipe, method: MethodSpec, *, device: str = "cpu",
     """Learn on the models in memory; the result is a recipe (plus mask stores) kept in the
     cache under everything it depends on, so scoring it again does not learn again."""
     from mergesmith.calibrate.problem import build_problem
-    from mergesmith.calibrate.store import default_cache
 
     if recipe.base_model is None:
         raise RecipeError(f"{recipe.where('merge_method')}: {method.name} learns task-vector "
@@ -186,7 +200,7 @@ def learn(recipe: Recipe, method: MethodSpec, *, device: str = "cpu",
     params = _learn_params(recipe, method)
     root = root_of(recipe)
     folders = [resolve_model(r) for r in [recipe.base_model, *refs]]
-    folder = (_cache(recipe) or default_cache()) / "learned" / _learned_key(recipe, folders, cals, root)
+    folder = _cache(recipe, root) / "learned" / _learned_key(recipe, folders, cals, root)
     if (folder / "recipe.yaml").is_file():
         stores = {ref: folder / f"expert-{i}" for i, ref in enumerate(refs)
                   if (folder / f"expert-{i}" / "config.json").is_file()}

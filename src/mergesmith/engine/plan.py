@@ -93,9 +93,14 @@ class Plan:
             elements = math.prod(job.out.shape)
             if self.method.streams(job.params) and not job.vocab_axis:
                 elements = min(elements, max(chunk_bytes // 4, math.prod(job.out.shape[1:]) or 1))
-            stored = sum(ck.tensors[name].dtype.itemsize for ck, name in job.inputs) * elements
-            compute = (len(job.inputs) + 2) * 4 * elements  # fp32 inputs, result, scratch
-            worst = max(worst, 2 * stored + compute + job.out.dtype.itemsize * elements)
+            inputs = [ck.tensors[name] for ck, name in job.inputs]
+            # statistics shaped like the tensor are chunked with it; others (Gram matrices) are
+            # read whole and solved in float64
+            shaped = [i for i in inputs if i.shape == job.out.shape or not job.statistics]
+            whole = sum(i.nbytes + 3 * 8 * math.prod(i.shape) for i in inputs if i not in shaped)
+            stored = sum(i.dtype.itemsize for i in shaped) * elements
+            compute = (len(shaped) + 2) * 4 * elements  # fp32 inputs, result, scratch
+            worst = max(worst, 2 * stored + compute + whole + job.out.dtype.itemsize * elements)
         return worst
 
 
@@ -212,8 +217,13 @@ def _with_statistics(job: TensorJob, method: MethodSpec, stores: dict[int, Check
     for kind in method.statistics:
         for ck, name in experts:
             store = stores.get(id(ck))
+            if store is None:
+                raise PlanError(f"{ck.label}: {method.name} merges it with {kind} statistics, "
+                                "and it has none",
+                                hint="give it calibration data too (a base model the method does "
+                                     "not use as its base is merged as one more model)")
             key = f"{name}::{kind}"
-            if store is None or key not in store.tensors:
+            if key not in store.tensors:
                 return job
             shape = store.tensors[key].shape
             if kind != "gram" and tuple(shape) != tuple(ck.tensors[name].shape):

@@ -136,9 +136,13 @@ def _tile(plan: Plan, job: TensorJob, tensor: torch.Tensor, device: torch.device
 def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tensor],
                 device: torch.device, stats: torch.Tensor | None) -> torch.Tensor:
     # converted in place, so each stored-dtype input is freed as soon as its fp32 copy exists
-    for i, tensor in enumerate(tensors):
-        tensors[i] = _prepare(tensor, plan.load_dtype, device)
     xs, statistics = _split_statistics(plan, job, tensors)
+    # converted in place, so each stored-dtype input is freed as soon as its fp32 copy exists
+    for i, tensor in enumerate(xs):
+        xs[i] = _prepare(tensor, plan.load_dtype, device)
+    for values in statistics.values():  # never through the recipe's dtype: fp16 zeroes 1e-12
+        for i, tensor in enumerate(values or []):
+            values[i] = tensor.to(device, non_blocking=True).float()
     origin = xs[0] if job.lines_scale is not None else None  # θ0 of LiNeS
     if origin is not None and not job.has_base:
         xs = xs[1:]

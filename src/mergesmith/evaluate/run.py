@@ -8,13 +8,13 @@ results come back in the split's order.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from mergesmith.calibrate.forward import mean_pool, quiet_transformers, read_head  # noqa: F401 (re-exported)
 from mergesmith.errors import MergesmithError, TaskError
 from mergesmith.evaluate.metrics import TaskResult, macro_f1, perplexity
 from mergesmith.evaluate.tasks import Task, load_task
@@ -100,23 +100,6 @@ def load_model(model: ModelLike, task: Task, device: str = "cpu"):
     return module.to(device), _tokenizer(folder)
 
 
-@contextmanager
-def quiet_transformers():
-    """No load report or progress bar: an encoder loaded from a masked-LM folder is expected to
-    leave the LM head unused, and the report would bury the scores."""
-    from transformers.utils import logging
-
-    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bar:
-            logging.enable_progress_bar()
-
-
 def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
@@ -189,36 +172,12 @@ def _graded(task: Task, split: str, predictions: torch.Tensor) -> TaskResult:
                       predictions=predictions, labels=labels)
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the last hidden states over real (unpadded) tokens."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
 _mean_pool = mean_pool  # the demo's first import name; use mean_pool
 
 
 def _head(task: Task, module) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(task.head)
-    except (SafetensorError, OSError) as exc:
-        raise TaskError(f"{task.head}: not a readable safetensors file ({exc})") from None
-    for name in ("weight", "bias"):
-        if name not in tensors:
-            raise TaskError(f"{task.head}: no tensor {name!r}",
-                            hint="a head holds weight [num_labels, hidden] and bias [num_labels]")
-    weight, bias = tensors["weight"].float(), tensors["bias"].float()
-    hidden = getattr(module.config, "hidden_size", None)
-    if weight.ndim != 2 or weight.shape[0] != len(task.labels) or bias.shape != (len(task.labels),):
-        raise TaskError(f"{task.head}: weight {list(weight.shape)} and bias {list(bias.shape)} do not "
-                        f"match {len(task.labels)} labels",
-                        hint="expected weight [num_labels, hidden] and bias [num_labels]")
-    if hidden is not None and weight.shape[1] != hidden:
-        raise TaskError(f"{task.head}: weight has {weight.shape[1]} columns, "
-                        f"the model's hidden size is {hidden}")
+    weight, bias = read_head(task.head, getattr(module.config, "hidden_size", None), len(task.labels),
+                             error=TaskError)
     device = _device(module)
     return weight.to(device), bias.to(device)
 

@@ -1,0 +1,245 @@
+"""Data-aware merges end to end: recipe with a calibration: section -> statistics or learning ->
+the engine's streamed merge. The maths of each method is tested on tensors in test_curvature.py
+and test_adaptive.py; here, that the pieces meet: the right statistics reach the right tensors,
+stores are reused bit for bit, learned coefficients land in the written model, and bad
+calibration input stops the merge with a clear error before anything looks complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, read_tensors, run_cli, write_recipe
+
+import mergesmith
+from mergesmith.calibrate.store import read_statistics
+from mergesmith.errors import MergesmithError
+from mergesmith.methods import fisher, regmean
+
+WORDS = [f"w{i}" for i in range(2, 60)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data-aware")
+    base = build_model(root / "base", "llama", seed=0, layers=2)
+    experts = [build_model(root / f"e{i}", "llama", seed=i, base=base, layers=2) for i in (1, 2)]
+    data = []
+    for i in (1, 2):
+        gen = torch.Generator().manual_seed(i)
+        lines = [" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (int(n),), generator=gen))
+                 for n in torch.randint(3, 12, (12,), generator=gen)]
+        path = root / f"task{i}.txt"
+        path.write_text("\n".join(lines) + "\n")
+        data.append(path)
+    return {"root": root, "base": base, "experts": experts, "data": data}
+
+
+def data_recipe(models, tmp_path, method, **parameters):
+    recipe = {
+        "merge_method": method,
+        "base_model": str(models["base"]),
+        "models": [{"model": str(e), "calibration": {"data": str(d)}}
+                   for e, d in zip(models["experts"], models["data"])],
+        "calibration": {"samples": 8, "max_length": 16, "batch_size": 4,
+                        "cache": str(tmp_path / "cache")},
+        "dtype": "float32",
+    }
+    if parameters:
+        recipe["parameters"] = parameters
+    return write_recipe(tmp_path / f"{method}.yaml", recipe)
+
+
+def stores_of(tmp_path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "cache").iterdir() if (p / "config.json").is_file())
+
+
+def test_fisher_merge_uses_each_experts_own_statistics(models, tmp_path):
+    out = read_tensors(mergesmith.merge(data_recipe(models, tmp_path, "fisher"), tmp_path / "out"))
+    stores = {json.loads((p / "config.json").read_text())["model"]: read_statistics(p)
+              for p in stores_of(tmp_path)}
+    assert len(stores) == 2
+    experts = [read_tensors(e) for e in models["experts"]]
+    stats = [stores[next(k for k in stores if Path(k).name == e.name)] for e in models["experts"]]
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        f = [s[f"{name}::fisher"] for s in stats]
+        expected = fisher(None, [x[name] for x in experts], fisher=f, weights=[1.0, 1.0])
+        assert torch.equal(out[name], expected), name
+        # and not plain averaging: the statistics made a difference
+        assert not torch.allclose(out[name], (experts[0][name] + experts[1][name]) / 2)
+
+
+def test_fisher_row_chunks_change_nothing(models, tmp_path):
+    recipe = data_recipe(models, tmp_path, "fisher")
+    whole = read_tensors(mergesmith.merge(recipe, tmp_path / "whole"))
+    chunked = read_tensors(mergesmith.merge(recipe, tmp_path / "chunked", chunk_size="1KiB"))
+    assert whole.keys() == chunked.keys()
+    assert all(torch.equal(whole[n], chunked[n]) for n in whole)
+
+
+def test_regmean_solves_linear_layers_and_averages_the_rest(models, tmp_path):
+    out = read_tensors(mergesmith.merge(data_recipe(models, tmp_path, "regmean", alpha=1.0),
+                                        tmp_path / "out"))
+    experts = [read_tensors(e) for e in models["experts"]]
+    stores = [read_statistics(p) for p in stores_of(tmp_path)]
+    names = [json.loads((p / "config.json").read_text())["model"] for p in stores_of(tmp_path)]
+    grams = [stores[[Path(n).name for n in names].index(e.name)] for e in models["experts"]]
+    name = "model.layers.1.self_attn.q_proj.weight"
+    g = [s[f"{name}::gram"].double() for s in grams]
+    w = [x[name].double() for x in experts]
+    expected = torch.linalg.solve(g[0] + g[1], g[0] @ w[0].T + g[1] @ w[1].T).T
+    torch.testing.assert_close(out[name].double(), expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(regmean(None, [x[name] for x in experts], gram=[s[f"{name}::gram"] for s in grams],
+                               weights=[1.0, 1.0], alpha=1.0, fallback="linear"), out[name])
+    norm = "model.layers.1.input_layernorm.weight"  # no Gram: the named fallback (an average)
+    torch.testing.assert_close(out[norm], (experts[0][norm] + experts[1][norm]) / 2)
+
+
+def test_statistics_are_reused_and_give_identical_bytes(models, tmp_path):
+    recipe = data_recipe(models, tmp_path, "regmean")
+    first = mergesmith.merge(recipe, tmp_path / "a")
+    stamps = {p: (p / "model.safetensors").stat().st_mtime_ns for p in stores_of(tmp_path)}
+    second = mergesmith.merge(recipe, tmp_path / "b")
+    assert {p: (p / "model.safetensors").stat().st_mtime_ns for p in stores_of(tmp_path)} == stamps
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    for store in stores_of(tmp_path):  # collected afresh: the same statistics, the same merge
+        import shutil
+        shutil.rmtree(store)
+    third = mergesmith.merge(recipe, tmp_path / "c")
+    assert (first / "model.safetensors").read_bytes() == (third / "model.safetensors").read_bytes()
+
+
+def test_ota_reads_the_experts_optimizer_state(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from mergesmith.methods import ota
+
+    root = tmp_path / "models"
+    base = build_model(root / "base", "llama", seed=0, layers=1)
+    experts = [build_model(root / f"e{i}", "llama", seed=i, base=base, layers=1) for i in (1, 2)]
+    loaded = [read_tensors(f) for f in (base, *experts)]  # before the moments join the folders
+    moments = []
+    for i, folder in enumerate(experts):
+        tensors = loaded[1 + i]
+        gen = torch.Generator().manual_seed(10 + i)
+        moments.append({n: torch.rand(t.shape, generator=gen) for n, t in tensors.items()})
+        save_file(moments[-1], folder / "optimizer_second_moments.safetensors")
+    path = write_recipe(tmp_path / "ota.yaml", {
+        "merge_method": "ota", "base_model": str(base), "dtype": "float32",
+        "models": [{"model": str(e)} for e in experts],
+        "calibration": {"cache": str(tmp_path / "cache")}})
+    out = read_tensors(mergesmith.merge(path, tmp_path / "out"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    expected = ota(loaded[0][name], [x[name] for x in loaded[1:]], weights=[1.0, 1.0],
+                   second_moment=[m[name] for m in moments])
+    assert torch.equal(out[name], expected)
+
+
+def test_missing_optimizer_state_is_a_clear_error(models, tmp_path):
+    path = write_recipe(tmp_path / "ota.yaml", {
+        "merge_method": "ota", "base_model": str(models["base"]),
+        "models": [{"model": str(e)} for e in models["experts"]],
+        "calibration": {"cache": str(tmp_path / "cache")}})
+    with pytest.raises(MergesmithError, match="second moment|optimizer"):
+        mergesmith.merge(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no_section", "learns from data"),
+    ("empty_file", "empty"),
+    ("too_long", "max_length"),
+    ("missing_file", "not found|no such|missing|does not exist"),
+])
+def test_bad_calibration_input_stops_before_anything_is_written(models, tmp_path, problem, message):
+    recipe = {
+        "merge_method": "regmean", "base_model": str(models["base"]),
+        "models": [{"model": str(e)} for e in models["experts"]],
+        "calibration": {"data": str(models["data"][0]), "cache": str(tmp_path / "cache")},
+    }
+    if problem == "no_section":
+        del recipe["calibration"]
+    elif problem == "empty_file":
+        (tmp_path / "empty.txt").write_text("")
+        recipe["calibration"]["data"] = str(tmp_path / "empty.txt")
+    elif problem == "too_long":
+        recipe["calibration"]["max_length"] = 1000  # the tiny models hold 64 positions
+    else:
+        recipe["calibration"]["data"] = str(tmp_path / "nowhere.jsonl")
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    with pytest.raises(MergesmithError, match=message):
+        mergesmith.merge(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_alone_refuses_statistics_methods_without_statistics(models, tmp_path):
+    from mergesmith.engine.api import plan
+
+    with pytest.raises(MergesmithError, match="statistics"):
+        plan(data_recipe(models, tmp_path, "fisher"))
+
+
+def test_cli_merges_with_data_and_lists_what_methods_need(models, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(data_recipe(models, tmp_path, "fisher")),
+                           str(tmp_path / "out"), "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    code, out, _ = run_cli(monkeypatch, capsys, "methods")
+    assert code == 0
+    assert "needs data" in out and "adamerging" in out and "regmean" in out
+    code, out, err = run_cli(monkeypatch, capsys, "check", str(data_recipe(models, tmp_path, "fisher")))
+    assert code == 0, err
+    assert "fisher" in out
+
+
+# --- learned merges: a BERT encoder under frozen task heads, as in the demo -------------------
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("heads")
+    base = build_model(root / "base", "bert", seed=0, layers=2)
+    experts = [build_model(root / f"e{i}", "bert", seed=i, base=base, layers=2, delta=0.05)
+               for i in (1, 2)]
+    tasks = []
+    for i in (1, 2):
+        gen = torch.Generator().manual_seed(20 + i)
+        head = {"weight": torch.randn(3, 32, generator=gen), "bias": torch.zeros(3)}
+        save_file(head, root / f"head{i}.safetensors")
+        rows = [{"text": " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (6,), generator=gen)),
+                 "label": int(torch.randint(0, 3, (1,), generator=gen))} for _ in range(16)]
+        (root / f"train{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tasks.append({"data": str(root / f"train{i}.jsonl"), "head": str(root / f"head{i}.safetensors")})
+    return {"base": base, "experts": experts, "tasks": tasks}
+
+
+def learned_recipe(heads, tmp_path, method, **parameters):
+    return write_recipe(tmp_path / f"{method}.yaml", {
+        "merge_method": method, "base_model": str(heads["base"]), "dtype": "float32",
+        "models": [{"model": str(e), "calibration": t} for e, t in zip(heads["experts"], heads["tasks"])],
+        "calibration": {"samples": 16, "max_length": 16, "batch_size": 8,
+                        "cache": str(tmp_path / "cache")},
+        "parameters": parameters})
+
+
+def test_adamerging_writes_its_learned_coefficients(heads, tmp_path):
+    recipe = learned_recipe(heads, tmp_path, "adamerging", granularity="layer", steps=5, lr=0.05)
+    folder = mergesmith.merge(recipe, tmp_path / "out")
+    learned = json.loads((folder / "learned.json").read_text())
+    assert learned["losses"][-1] < learned["losses"][0]
+    weights = learned["weights"]
+    assert all(0.0 <= w <= 1.0 for ws in weights.values() for w in ws)
+    out = read_tensors(folder)
+    base = read_tensors(heads["base"])
+    experts = [read_tensors(e) for e in heads["experts"]]
+    for name in ("encoder.layer.1.attention.self.query.weight", "embeddings.word_embeddings.weight"):
+        key = next(k for k in weights if k.endswith(name))
+        expected = base[key] + sum(w * (x[key] - base[key]) for w, x in zip(weights[key], experts))
+        torch.testing.assert_close(out[key], expected, rtol=0, atol=1e-6)
+    # learned once: a second merge of the same recipe reuses it, with the same bytes
+    again = mergesmith.merge(recipe, tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
