@@ -213,7 +213,8 @@ def heads(tmp_path_factory):
         rows = [{"text": " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (6,), generator=gen)),
                  "label": int(torch.randint(0, 3, (1,), generator=gen))} for _ in range(16)]
         (root / f"train{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tasks.append({"data": str(root / f"train{i}.jsonl"), "head": str(root / f"head{i}.safetensors")})
+        tasks.append({"data": str(root / f"train{i}.jsonl"), "head": str(root / f"head{i}.safetensors"),
+                      "label_field": "label"})
     return {"base": base, "experts": experts, "tasks": tasks}
 
 
@@ -243,3 +244,26 @@ def test_adamerging_writes_its_learned_coefficients(heads, tmp_path):
     # learned once: a second merge of the same recipe reuses it, with the same bytes
     again = mergesmith.merge(recipe, tmp_path / "again")
     assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method, parameters", [
+    ("expert_merging", {"steps": 3}),
+    ("concrete_ta", {"steps": 3, "lr": 0.05}),
+    ("localize_stitch", {"steps": 3, "density": 0.2}),
+])
+def test_other_learned_merges_run_from_a_recipe(heads, tmp_path, method, parameters):
+    """What each learned (coefficients, masks, or both) reaches the written model as the
+    learned recipe says: θ0 + Σ share_i·m_i·τ_i entry by entry."""
+    folder = mergesmith.merge(learned_recipe(heads, tmp_path, method, **parameters), tmp_path / "out")
+    learned = json.loads((folder / "learned.json").read_text())
+    assert len(learned["losses"]) in (parameters["steps"], 2 * parameters["steps"])  # (per expert)
+    out, base = read_tensors(folder), read_tensors(heads["base"])
+    experts = [read_tensors(e) for e in heads["experts"]]
+    changed = [n for n in out if not torch.equal(out[n], base[n])]
+    assert changed, "the merge kept the base everywhere"
+    if method != "expert_merging":  # masks: every change is some expert's entry (or a share of it)
+        name = next(n for n in changed if n.endswith("query.weight"))
+        moved = out[name] != base[name]
+        deltas = [(x[name] - base[name]) for x in experts]
+        assert bool((moved <= ((deltas[0] != 0) | (deltas[1] != 0))).all())
+        assert float(moved.float().mean()) < 0.9  # sparse: most entries keep the base
