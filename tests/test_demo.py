@@ -74,3 +74,19 @@ def test_cli_demo_fast(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "linear" in done.stdout and "avg normalized" in done.stdout
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_data_aware_methods_calibrate_on_the_train_split_only(setup, tmp_path):
+    """Statistics and learning read each expert's own task's train split, never validation or
+    test; the methods then rank on the same test resamples as the rest."""
+    methods = ["task_arithmetic", "regmean", "ota", "adamerging"]
+    board = run_leaderboard(setup.base, setup.experts, setup.tasks, tmp_path / "out",
+                            cache=tmp_path / "cache", seed=0, methods=methods, say=lambda m: None,
+                            n_bootstrap=200)
+    assert [e.method for e in board.entries] == methods, board.skipped
+    for entry in board.entries:
+        if entry.method in ("regmean", "adamerging"):
+            used = [m.calibration.data for m in entry.recipe.models]
+            assert used == [str(load_task(setup.tasks[t]).data["train"]) for t in setup.experts]
+            assert entry.data_seconds is not None and entry.data_seconds > 0
+        assert board.test.averages[entry.method].normalized is not None

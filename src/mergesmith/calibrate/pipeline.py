@@ -80,7 +80,7 @@ def plan(recipe: Recipe | str | Path | dict, **options: Any):
     method = _method(recipe)
     if not method.needs_data:
         return engine.plan(recipe, **options)
-    for ref in _experts(recipe):
+    for ref in _experts(recipe) if needs_calibration(method) else ():
         calibration_for(recipe, ref, method)
     refs = list(dict.fromkeys([*([recipe.base_model] if recipe.base_model else []),
                                *(m.model for m in recipe.models)]))
@@ -128,6 +128,14 @@ def calibration_for(recipe: Recipe, ref: str, method: MethodSpec) -> Calibration
     return cal
 
 
+def needs_calibration(method: MethodSpec) -> bool:
+    """Whether the method reads calibration data (not only files beside the models)."""
+    if method.learn is not None:
+        return True
+    return bool(method.statistics) and not method.optional_statistics and \
+        method.statistics != ("second_moment",)
+
+
 def gather_statistics(recipe: Recipe, method: MethodSpec, *, device: str = "cpu",
                       progress: bool = False) -> dict[str, Path]:
     """Model reference -> statistics store, collected (or found in the cache) for each expert."""
@@ -135,6 +143,8 @@ def gather_statistics(recipe: Recipe, method: MethodSpec, *, device: str = "cpu"
 
     if method.name == "regmean_plusplus":
         return _sequential_statistics(recipe, method, device=device, progress=progress)
+    if method.optional_statistics:  # stitch without learned masks: its data-free rule
+        return {}
     root = root_of(recipe)
     stores: dict[str, Path] = {}
     for ref in _experts(recipe):

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import Report, Task, load_task, plot_normalized, plot_sweep, summarize
-from mergesmith.calibrate.pipeline import prepare
+from mergesmith.calibrate.pipeline import needs_calibration, prepare
 from mergesmith.methods import MethodSpec, all_methods, get_method
 from mergesmith.recipe import Recipe, load_recipe
 from mergesmith.search.scoring import Scorer, recipe_key
@@ -47,6 +47,18 @@ GRIDS: dict[str, dict[str, list]] = {
     "iso_c": {"lambda": [0.5, 1.0, 1.5]},
     "iso_cts": {"lambda": [0.5, 1.0, 1.5]},
     "pcb": {"lambda": [0.5, 1.0]},
+    # data-aware: statistics are collected once per expert, so their grids cost only merges
+    "fisher": {"normalize": [False, True]},
+    "regmean": {"alpha": [0.5, 0.9]},
+    "regmean_plusplus": {"alpha": [0.9]},
+    "ota": {"density": [0.1, 0.5]},
+    "stitch": {"density": [0.05, 0.2]},
+    # learned: each point learns anew, so one point each, with few steps (the papers run
+    # hundreds; the demo's models and data are small)
+    "adamerging": {"granularity": ["task", "layer"], "steps": [40], "lr": [0.01]},
+    "expert_merging": {"steps": [40]},
+    "concrete_ta": {"steps": [30], "lr": [0.05]},
+    "localize_stitch": {"steps": [30], "density": [0.05]},
 }
 # Methods that never apply to "merge these experts into one model".
 NOT_A_MERGE_OF_EXPERTS = {
@@ -120,7 +132,7 @@ def method_recipe(spec: MethodSpec, base: Path, experts: list[Path],
     }
     if spec.uses_base or spec.learn is not None:
         data["base_model"] = str(base)
-    if spec.needs_data and spec.statistics != ("second_moment",):
+    if needs_calibration(spec):
         if tasks is None:
             raise MergesmithError(f"{spec.name} needs each expert's task for its calibration data")
         data["calibration"] = dict(CALIBRATION, cache=str(cache / "statistics") if cache else None)
