@@ -218,7 +218,10 @@ def test_a_sequence_classifier_uses_its_own_head_and_pooled_inputs(data, tmp_pat
     assert stats["classifier.bias::fisher"].shape == (2,) and stats["classifier.bias::fisher"].sum() > 0
 
 
-def test_a_local_dataset_folder_loads_through_datasets(tmp_path):
+def test_a_local_dataset_folder_loads_through_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # not the user's
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     examples = load_examples(Calibration(dataset=str(tmp_path / "set"), samples=3, seed=1), tmp_path)

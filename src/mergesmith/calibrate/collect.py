@@ -48,10 +48,9 @@ def collect(folder: str | Path, examples: list[Example], cal: Calibration, root:
 
 
 def collect_groups(model: CalibrationModel, examples: list[Example], *, kinds,
-                   max_stats_bytes: int = 1 << 30, progress: bool = False,
-                   layers: list["Linear"] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """The statistics, one finished group at a time. `layers` restricts the forward kinds to
-    those linears (default: every linear read from the checkpoint)."""
+                   max_stats_bytes: int = 1 << 30, progress: bool = False
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """The statistics, one finished group at a time."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
         raise CalibrationError(f"unknown statistics kind {', '.join(unknown) or '(none)'}",
@@ -60,16 +59,16 @@ def collect_groups(model: CalibrationModel, examples: list[Example], *, kinds,
     with progress_bar(progress) as bar:
         if forward_kinds:
             batches = model.batches(examples)
-            found = layers if layers is not None else linear_layers(model)
+            found = linear_layers(model)
             if not found:
                 raise CalibrationError(f"{model.folder}: no linear layers to gather "
                                        f"{' and '.join(forward_kinds)} statistics from")
-            order, repeated = execution_order(model, batches[0], found)
+            order, stop_early = execution_order(model, batches[0], found)
             groups = group_by_bytes(order, lambda layer: layer.stats_bytes(forward_kinds), max_stats_bytes)
             for number, group in enumerate(groups, 1):
                 bar.start(f"{'+'.join(forward_kinds)} {number}/{len(groups)}", len(examples))
                 yield forward_statistics(model, batches, group, forward_kinds,
-                                         stop_early=not repeated, on_batch=bar.advance)
+                                         stop_early=stop_early, on_batch=bar.advance)
         if "fisher" in kinds:
             params = model.parameters()
             tensors = [name for name, p in params.items() if p.is_floating_point()]
@@ -116,10 +115,10 @@ def _in_features(module: torch.nn.Module) -> int | None:
 
 
 def execution_order(model: CalibrationModel, batch: Batch, layers: list[Linear]) -> tuple[list[Linear], bool]:
-    """The layers in the order one forward calls them (unreached ones dropped), and whether
-    any is called twice (shared weights: a pass may then not stop early)."""
+    """The layers in the order a forward of one example calls them, and whether a pass may stop
+    after the last one: not when a layer is called twice (shared weights) or not at all on that
+    example (a routed expert), since those may still see inputs later. Unreached layers go last."""
     calls: list[str] = []
-    by_name = {layer.name: layer for layer in layers}
     probe = Batch({k: v[:1] for k, v in batch.inputs.items()}, None, batch.examples[:1])
     handles = [layer.module.register_forward_pre_hook(lambda m, args, name=layer.name: calls.append(name))
                for layer in layers]
@@ -130,7 +129,9 @@ def execution_order(model: CalibrationModel, batch: Batch, layers: list[Linear])
         for handle in handles:
             handle.remove()
     first = list(dict.fromkeys(calls))
-    return [by_name[name] for name in first], len(first) < len(calls)
+    rank = {name: i for i, name in enumerate(first)}
+    order = sorted(layers, key=lambda layer: rank.get(layer.name, len(rank)))
+    return order, len(first) == len(calls) == len(layers)
 
 
 def group_by_bytes(items: list, size, limit: int) -> list[list]:
@@ -149,7 +150,7 @@ def group_by_bytes(items: list, size, limit: int) -> list[list]:
 
 # ---- forward statistics: gram, act_sq --------------------------------------------------------
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by the last layer of a group: the rest of the forward is not needed."""
 
 
@@ -201,7 +202,7 @@ class InputHooks:
         self.layers, self.kinds, self.stop_after = layers, list(kinds), stop_after
         self.sums = {layer.name: _Inputs(self.kinds) for layer in layers}
         self.mask: torch.Tensor | None = None
-        self._last: tuple[torch.Tensor, dict, int] | None = None
+        self._last: tuple[torch.Tensor, int, dict, int] | None = None
         self._handles = []
 
     def __enter__(self) -> "InputHooks":
@@ -216,12 +217,13 @@ class InputHooks:
     def _hook(self, layer: Linear):
         def hook(module, args):
             x = args[0]
-            if self._last is None or self._last[0] is not x:
+            # the same tensor, not changed in place since: the sums are those just computed
+            if self._last is None or self._last[0] is not x or self._last[1] != x._version:
                 rows = real_rows(x.detach(), self.mask)
-                self._last = (x, input_statistics(rows, self.kinds), rows.shape[0])
-            self.sums[layer.name].add(self._last[1], self._last[2])
+                self._last = (x, x._version, input_statistics(rows, self.kinds), rows.shape[0])
+            self.sums[layer.name].add(self._last[2], self._last[3])
             if layer is self.stop_after:
-                raise _Stop
+                raise StopForward
         return hook
 
     def run(self, model: CalibrationModel, batch: Batch) -> None:
@@ -229,7 +231,7 @@ class InputHooks:
         try:
             with torch.no_grad():
                 model.logits(batch)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             self._last = None

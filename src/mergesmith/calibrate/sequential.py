@@ -29,9 +29,8 @@ from typing import Callable
 import torch
 
 from mergesmith import __version__
-
-from mergesmith.calibrate.collect import (Linear, _Stop, execution_order, forward_statistics, linear_layers,
-                                          progress_bar)
+from mergesmith.calibrate.collect import (Linear, StopForward, execution_order, forward_statistics,
+                                          linear_layers, progress_bar)
 from mergesmith.calibrate.data import Example
 from mergesmith.calibrate.forward import Batch, CalibrationModel
 from mergesmith.errors import CalibrationError
@@ -140,7 +139,7 @@ def _before_blocks(model: CalibrationModel, batch: Batch, blocks_name: str) -> l
         return hook
 
     def stop(module, args):
-        raise _Stop
+        raise StopForward
 
     handles = [m.register_forward_pre_hook(record(n)) for n, m in model.module.named_modules()
                if _block_of(n, blocks_name) is None and n != blocks_name]
@@ -148,7 +147,7 @@ def _before_blocks(model: CalibrationModel, batch: Batch, blocks_name: str) -> l
     try:
         with torch.no_grad():
             model.logits(batch)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for handle in handles:
@@ -158,10 +157,10 @@ def _before_blocks(model: CalibrationModel, batch: Batch, blocks_name: str) -> l
 
 def _grams(model: CalibrationModel, batches: list[Batch], layers: list[Linear],
            bar) -> dict[str, torch.Tensor]:
-    order, repeated = execution_order(model, batches[0], layers)
-    if not order:
+    if not layers:
         return {}
-    return forward_statistics(model, batches, order, ["gram"], stop_early=not repeated,
+    order, stop_early = execution_order(model, batches[0], layers)
+    return forward_statistics(model, batches, order, ["gram"], stop_early=stop_early,
                               on_batch=bar.advance)
 
 
@@ -238,8 +237,12 @@ class BlockMerger:
             tensors = [ck.read(name) for ck, name in job.inputs]
             experts = job.inputs[1:] if (job.has_base or job.lines_scale is not None) else job.inputs
             keys = [f"{name}::gram" for _, name in experts]
+            if len(keys) != len(grams):
+                raise ValueError(f"{job.out.name}: the plan merges {len(keys)} experts, "
+                                 f"Grams came for {len(grams)}")
             if not job.copy and all(k in g for k, g in zip(keys, grams)):
                 tensors += [g[k] for k, g in zip(keys, grams)]
                 job = dataclasses.replace(job, statistics=("gram",))
-            merged[job.out.name] = merge_unit(self.plan, Unit(job, None, "merge"), tensors, self.device, None)
+            whole = Unit(job, None, "merge")
+            merged[job.out.name] = merge_unit(self.plan, whole, tensors, self.device, None)
         return merged
