@@ -267,3 +267,14 @@ def test_other_learned_merges_run_from_a_recipe(heads, tmp_path, method, paramet
         deltas = [(x[name] - base[name]) for x in experts]
         assert bool((moved <= ((deltas[0] != 0) | (deltas[1] != 0))).all())
         assert float(moved.float().mean()) < 0.9  # sparse: most entries keep the base
+
+
+def test_regmean_plusplus_matches_regmean_on_the_first_block_only(models, tmp_path):
+    """Block 0 sees the same inputs in both (nothing below it is merged); block 1's Grams come
+    from the merged block 0 in RegMean++, so its weights differ."""
+    plain = read_tensors(mergesmith.merge(data_recipe(models, tmp_path, "regmean"), tmp_path / "a"))
+    plus = read_tensors(mergesmith.merge(data_recipe(models, tmp_path, "regmean_plusplus"),
+                                         tmp_path / "b"))
+    first, second = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(plus[first], plain[first], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(plus[second], plain[second], rtol=1e-4, atol=1e-6)

@@ -51,12 +51,13 @@ def prepare(recipe: Recipe | str | Path | dict, *, device: str = "cpu",
     if not method.needs_data:
         return Prepared(recipe)
     if method.learn is not None:
-        prepared = learn(recipe, method, device=device, progress=progress)
-    else:
-        prepared = Prepared(recipe, gather_statistics(recipe, method, device=device,
-                                                      progress=progress))
-    prepared.seconds = prepared.seconds or time.perf_counter() - started
-    return prepared
+        return learn(recipe, method, device=device, progress=progress)
+    stores = gather_statistics(recipe, method, device=device, progress=progress)
+    # a cached store's seconds are those of its collection, which this merge did not repeat
+    recorded = [json.loads((p / "config.json").read_text()).get("seconds") for p in stores.values()]
+    seconds = (sum(recorded) if recorded and None not in recorded
+               else time.perf_counter() - started)
+    return Prepared(recipe, stores, seconds=seconds)
 
 
 def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, device: str = "cpu",

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -71,6 +72,7 @@ def ensure_statistics(folder: str | Path, cal: Calibration, root: Path, kinds, *
     path = store_path(cache, folder, cal, root, kinds, dtype)
     if is_store(path):
         return path
+    started = time.perf_counter()
     examples = load_examples(cal, root)
     model = CalibrationModel.load(folder, cal, root, device, dtype)
     tokens = sum(len(ids) for ids in model.encode(examples))
@@ -78,7 +80,8 @@ def ensure_statistics(folder: str | Path, cal: Calibration, root: Path, kinds, *
         for group in collect_groups(model, examples, kinds=kinds, max_stats_bytes=max_stats_bytes,
                                     progress=progress):
             writer.add(group)
-        writer.finish(_info(folder, cal, root, kinds, dtype, len(examples), tokens))
+        info = _info(folder, cal, root, kinds, dtype, len(examples), tokens)
+        writer.finish(dict(info, seconds=time.perf_counter() - started))  # reported, not keyed
     return path
 
 
