@@ -278,3 +278,11 @@ def test_regmean_plusplus_matches_regmean_on_the_first_block_only(models, tmp_pa
     first, second = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
     torch.testing.assert_close(plus[first], plain[first], rtol=1e-5, atol=1e-7)
     assert not torch.allclose(plus[second], plain[second], rtol=1e-4, atol=1e-6)
+
+
+def test_every_method_is_in_the_readme_table():
+    from mergesmith.methods import all_methods
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [s.name for s in all_methods() if f"| `{s.name}` |" not in readme]
+    assert not missing
