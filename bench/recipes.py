@@ -99,6 +99,17 @@ def sce(models):
     }
 
 
+def _subspace(method):
+    def build(models):
+        return {
+            "merge_method": method,
+            "base_model": str(models["base"]),
+            "models": _experts(models),
+            "dtype": "bfloat16",
+        }
+    return build
+
+
 METHODS = {
     "linear": linear,
     "task_arithmetic": task_arithmetic,
@@ -110,6 +121,9 @@ METHODS = {
     "model_stock": model_stock,
     "nuslerp": nuslerp,
     "sce": sce,
+    "tsv_m": _subspace("tsv_m"),
+    "iso_c": _subspace("iso_c"),
+    "iso_cts": _subspace("iso_cts"),
 }
 
 
