@@ -8,7 +8,6 @@ names the file and, for a bad row, its line.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import random
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mergesmith.errors import CalibrationError
+from mergesmith.io.rows import read_rows
 from mergesmith.recipe import Calibration
 
 EXTENSIONS = (".txt", ".jsonl", ".csv", ".parquet")
@@ -134,7 +134,7 @@ def _file_rows(path: Path, cal: Calibration) -> list[tuple[str, dict]]:
     if suffix == ".txt" and cal.label_field is not None:
         raise CalibrationError(f"{path}: a .txt file has no fields, so no {cal.label_field!r}",
                                hint="labelled data goes in .jsonl, .csv or .parquet")
-    reader = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+    reader = {".txt": _txt_rows, ".jsonl": _table_rows, ".csv": _table_rows, ".parquet": _parquet_rows}
     return list(reader[suffix](path, cal.text_field))
 
 
@@ -145,26 +145,9 @@ def _txt_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
                 yield f"{path}:{number}", {text_field: line.rstrip("\r\n")}
 
 
-def _jsonl_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise CalibrationError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{number}", row
-
-
-def _csv_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            # line_num counts physical lines, so a quoted multi-line cell keeps the numbers right
-            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+def _table_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
+    """JSONL or CSV, as evaluation tasks read them."""
+    return ((f"{path}:{number}", row) for number, row in read_rows(path, CalibrationError))
 
 
 def _parquet_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:

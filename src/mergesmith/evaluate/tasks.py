@@ -6,7 +6,6 @@ definition, 'tasks/sst/test.jsonl:17: label: ...' for a row.
 
 from __future__ import annotations
 
-import csv
 import difflib
 import hashlib
 import json
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from mergesmith.errors import TaskError
+from mergesmith.io.rows import read_rows
 
 KINDS = ("classification", "multiple_choice", "perplexity")
 METRICS = {
@@ -207,28 +207,7 @@ def _data_files(data: Any, path: Path, where) -> dict[str, Path]:
 
 
 def _read_rows(file: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs; CSV line numbers count the header as line 1."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskError(f"{file}: cannot read: {exc}") from None
-    rows = []
-    if file.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        for row in reader:
-            rows.append((reader.line_num, dict(row)))
-        return rows
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TaskError(f"{file}:{number}: invalid JSON: {exc.msg}") from None
-        if not isinstance(row, dict):
-            raise TaskError(f"{file}:{number}: expected a JSON object per line")
-        rows.append((number, row))
-    return rows
+    return read_rows(file, TaskError)
 
 
 def _check_rows(task: Task, split: str, file: Path,
