@@ -19,7 +19,8 @@ from conftest import model_class, read_tensors
 
 import mergesmith
 from mergesmith.methods import TensorContext, get_method, iso_c, iso_cts, pcb, tsv_m, widen
-from mergesmith.methods.subspace import subspace_sizes
+from mergesmith.methods.subspace import (gram, orthogonalize_beside, polar, subspace_sizes,
+                                         top_singular_triplets)
 
 
 @pytest.fixture(autouse=True)
@@ -255,6 +256,115 @@ def test_iso_cts_never_asks_for_more_directions_than_the_rank():
     base = torch.randn(2, 5)
     experts = experts_around(base, 3)
     assert torch.isfinite(iso_cts(base, experts, common_space_fraction=0.0)).all()
+
+
+# ---------------------------------------------------------------- the Gram route against full SVDs
+# subspace.py takes singular values and vectors from an eigh of the smaller Gram matrix in
+# float64, never from an SVD. These compare it with torch.linalg.svd in float64 on wide, tall
+# and square matrices, and the methods with the authors' code run in float64: within 1e-6 of
+# the largest entry (measured: 4e-8, the fp32 output's own rounding; the former fp32-SVD route
+# was 1e-5 to 1e-4 off).
+
+SHAPES = [(30, 70), (70, 30), (32, 32)]
+
+
+def low_rank_plus_noise(shape, count, seed, rank=6, noise=0.05):
+    """Task vectors like fine-tunes': a few strong directions over a full-rank floor."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n = shape
+    return [torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen) / rank
+            + noise * torch.randn(shape, generator=gen) for _ in range(count)]
+
+
+def close_to(got, expected, tol=1e-6):
+    """|got − expected| ≤ tol·max|expected|, entry by entry, in float64."""
+    expected = expected.double()
+    err = float((got.double() - expected).abs().max() / expected.abs().max())
+    assert err <= tol, f"{err:.2e} of the largest entry"
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(1, 5), (7, 3)])
+def test_gram_is_the_product(shape):
+    """Blocks above the diagonal mirrored below (rows not a multiple of the block count too)."""
+    a = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(gram(a), a @ a.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triplets_and_polar_factor_match_a_full_svd(shape):
+    x = sum(low_rank_plus_noise(shape, 1, seed=21))
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    got_u, got_s, got_vh = top_singular_triplets(x, 10)
+    torch.testing.assert_close(got_s, s[:10], rtol=1e-10, atol=0)
+    # the vectors up to sign: compare the rank-10 truncation they rebuild (Eckart-Young)
+    close_to((got_u * got_s) @ got_vh, (u[:, :10] * s[:10]) @ vh[:10], tol=1e-10)
+    direction, sigma = polar(x)
+    close_to(direction, u @ vh, tol=1e-10)
+    torch.testing.assert_close(sigma, s, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_polar_factor_of_a_rank_deficient_matrix_spans_its_range_only(shape):
+    """Rank 3: U Vᵀ over the 3 directions, not completed by arbitrary ones (the noise floor)."""
+    x = torch.randn(shape[0], 3) @ torch.randn(3, shape[1])
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    direction, sigma = polar(x)
+    assert len(sigma) == 3
+    close_to(direction, u[:, :3] @ vh[:3], tol=1e-10)
+
+
+@pytest.mark.parametrize("k,t,n", [(20, 5, 50), (4, 9, 30), (0, 3, 8), (15, 15, 40)])
+def test_orthogonalize_beside_is_the_polar_factor_of_the_stack(k, t, n):
+    """[E; B] with B's rows orthonormal: the low-rank update equals the whole polar factor."""
+    basis = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))[0].T
+    extra = torch.randn(t, n, dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(torch.cat([extra, basis]), full_matrices=False)
+    torch.testing.assert_close(orthogonalize_beside(extra, basis), u @ vh, rtol=0, atol=1e-12)
+
+
+def iso_c_reference(taus):
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    return s.mean() * u @ vh
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_methods_match_the_authors_code_in_float64(method, shape):
+    """Zero base, so the output is the merged task vector; references in float64 throughout.
+    Iso-CTS goes through the complement basis when wide and projects τi when tall."""
+    taus = low_rank_plus_noise(shape, 3, seed=22)
+    zero = torch.zeros(shape)
+    taus64 = [tau.double() for tau in taus]
+    expected = {"tsv_m": lambda: tsv_reference(taus64),
+                "iso_c": lambda: iso_c_reference(taus64),
+                "iso_cts": lambda: iso_cts_reference(taus64, 0.8)}[method]()
+    got = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts}[method](zero, taus)
+    assert got.dtype == torch.float32
+    close_to(got, expected)
+
+
+def test_tsv_m_of_identical_experts_is_their_best_low_rank_approximation():
+    """T copies of τ: U = [U_k … U_k], whose polar factor on its range is [U_k … U_k]/√T, so
+    U⊥ Σ V⊥ᵀ = U_k Σ_k V_kᵀ, the best rank-k approximation (k = r/T). An SVD-based polar
+    factor completes it with arbitrary directions instead."""
+    (tau,) = low_rank_plus_noise((12, 20), 1, seed=23)
+    u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
+    expected = (u[:, :4] * s[:4]) @ vh[:4]
+    close_to(tsv_m(torch.zeros(12, 20), [tau, tau.clone(), tau.clone()]), expected)
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16)])
+def test_iso_cts_of_experts_inside_the_common_subspace_is_iso_c(shape):
+    """LoRA-like experts (rank 2 each) whose sum spans all of them: nothing of any τi lies off
+    the common subspace but rounding noise, so no task-specific direction is added (their
+    directions would be arbitrary) and Iso-CTS is Iso-C."""
+    gen = torch.Generator().manual_seed(24)
+    taus = [torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, shape[1], generator=gen)
+            for _ in range(3)]
+    zero = torch.zeros(shape)
+    merged = iso_cts(zero, taus)
+    torch.testing.assert_close(merged, iso_c(zero, taus), rtol=1e-5, atol=1e-6)
+    assert int((singular_values(merged) > 1e-4).sum()) == 6
 
 
 # ---------------------------------------------------------------- PCB

