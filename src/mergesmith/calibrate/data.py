@@ -150,8 +150,19 @@ def _table_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
     return ((f"{path}:{number}", row) for number, row in read_rows(path, CalibrationError))
 
 
+def _optional(module: str, what: str):
+    """An import of the `data` extra, or an error that says how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CalibrationError(f"calibration from {what} needs the {module.split('.')[0]} package",
+                               hint="pip install 'mergesmith[data]'") from None
+
+
 def _parquet_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
-    import pyarrow.parquet as pq
+    pq = _optional("pyarrow.parquet", f"{path} (parquet)")
 
     try:
         table = pq.read_table(path)
@@ -162,7 +173,7 @@ def _parquet_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
 
 
 def _dataset(cal: Calibration):
-    import datasets
+    datasets = _optional("datasets", f"the dataset {cal.dataset!r}")
 
     name, _, config = cal.dataset.partition(":")
     try:
