@@ -194,6 +194,15 @@ def input_statistics(rows: torch.Tensor, kinds) -> dict[str, torch.Tensor]:
     return out
 
 
+def forward_until_stopped(model: CalibrationModel, batch: Batch) -> None:
+    """A forward pass without gradients that a hook may end early by raising StopForward."""
+    try:
+        with torch.no_grad():
+            model.logits(batch)
+    except StopForward:
+        pass
+
+
 class InputHooks:
     """Forward pre-hooks that add each layer's real-token inputs to its sums. Layers that share
     one input tensor (q, k and v; gate and up) compute its sums once."""
@@ -229,10 +238,7 @@ class InputHooks:
     def run(self, model: CalibrationModel, batch: Batch) -> None:
         self.mask = batch.inputs["attention_mask"].bool()
         try:
-            with torch.no_grad():
-                model.logits(batch)
-        except StopForward:
-            pass
+            forward_until_stopped(model, batch)
         finally:
             self._last = None
 

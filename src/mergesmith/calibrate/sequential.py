@@ -30,7 +30,7 @@ import torch
 
 from mergesmith import __version__
 from mergesmith.calibrate.collect import (Linear, StopForward, execution_order, forward_statistics,
-                                          linear_layers, progress_bar)
+                                          forward_until_stopped, linear_layers, progress_bar)
 from mergesmith.calibrate.data import Example
 from mergesmith.calibrate.forward import Batch, CalibrationModel
 from mergesmith.errors import CalibrationError
@@ -145,10 +145,7 @@ def _before_blocks(model: CalibrationModel, batch: Batch, blocks_name: str) -> l
                if _block_of(n, blocks_name) is None and n != blocks_name]
     handles.append(first_block.register_forward_pre_hook(stop))
     try:
-        with torch.no_grad():
-            model.logits(batch)
-    except StopForward:
-        pass
+        forward_until_stopped(model, batch)
     finally:
         for handle in handles:
             handle.remove()
