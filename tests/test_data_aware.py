@@ -269,6 +269,31 @@ def test_other_learned_merges_run_from_a_recipe(heads, tmp_path, method, paramet
         assert float(moved.float().mean()) < 0.9  # sparse: most entries keep the base
 
 
+def test_learned_merges_see_each_blocks_hidden_states_at_the_real_tokens(models, tmp_path):
+    """Expert Merging aligns hidden states: the problem's forward gives, besides the logits,
+    each block's output at the unpadded positions, as the module computes it."""
+    import transformers as tf
+
+    from mergesmith.calibrate.pipeline import calibration_for, root_of
+    from mergesmith.calibrate.problem import build_problem
+    from mergesmith.methods import get_method
+    from mergesmith.recipe import load_recipe
+
+    recipe = load_recipe(data_recipe(models, tmp_path, "expert_merging"))
+    cals = [calibration_for(recipe, str(e), get_method("expert_merging")) for e in models["experts"]]
+    problem = build_problem(models["base"], models["experts"], cals, root_of(recipe))
+    # a batch with padding, which must be left out
+    batch = next(b.inputs for b in problem.batches[0] if int((b.inputs.inputs["attention_mask"] == 0).sum()))
+    logits, hidden = problem.forward(problem.base, 0, batch)
+    mask = batch.inputs["attention_mask"]
+    assert len(hidden) == 2  # two blocks
+    module = tf.AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        states = module(**batch.inputs, output_hidden_states=True).hidden_states
+    for got, want in zip(hidden, states[1:]):
+        torch.testing.assert_close(got, want[mask.bool()], rtol=1e-5, atol=1e-6)
+
+
 def test_regmean_plusplus_matches_regmean_on_the_first_block_only(models, tmp_path):
     """Block 0 sees the same inputs in both (nothing below it is merged); block 1's Grams come
     from the merged block 0 in RegMean++, so its weights differ."""

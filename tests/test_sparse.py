@@ -14,6 +14,9 @@ Definitions (METHODS.md and the papers), τi = θi − θ0:
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -47,10 +50,21 @@ def experts_from(base: torch.Tensor, taus: list[torch.Tensor]) -> list[torch.Ten
 
 
 def expert_draws(ctx: TensorContext, count: int, shape) -> list[torch.Tensor]:
-    """The uniform draws of each expert, as the module docstring promises them: one generator
-    per expert, seeded by successive randint(0, 2^62) from ctx.generator, drawn row-major."""
-    seeds = torch.randint(0, 2**62, (count,), generator=ctx.generator("cpu")).tolist()
-    return [torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    """The uniform draws of each expert, as registry.RandomStream promises them: entry j of
+    expert i from block j // 2^16 of a generator seeded by sha256("seed\0name\0i\0block"),
+    drawn row-major (written out here independently of the class)."""
+    import hashlib
+
+    n = math.prod(shape)
+    draws = []
+    for i in range(count):
+        blocks = []
+        for b in range((n + (1 << 16) - 1) // (1 << 16)):
+            digest = hashlib.sha256(f"{ctx.seed}\0{ctx.name}\0{i}\0{b}".encode()).digest()
+            seed = int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+            blocks.append(torch.rand(1 << 16, generator=torch.Generator().manual_seed(seed)))
+        draws.append(torch.cat(blocks)[:n].view(shape))
+    return draws
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,11 +206,26 @@ def test_breadcrumbs_outliers_give_way_to_density():
 
 def test_drop_random_by_hand():
     tau = torch.arange(1.0, 13.0)
-    draws = torch.rand(12, generator=torch.Generator().manual_seed(3))
-    got = drop_random(tau, 0.5, torch.Generator().manual_seed(3))
+    (draws,) = expert_draws(CTX, 1, (12,))
+    got = drop_random(tau, 0.5, CTX.stream(0))
     assert torch.equal(got, torch.where(draws < 0.5, tau / 0.5, 0.0))
-    got = drop_random(tau, 0.5, torch.Generator().manual_seed(3), rescale=False)
+    got = drop_random(tau, 0.5, CTX.stream(0), rescale=False)
     assert torch.equal(got, torch.where(draws < 0.5, tau, 0.0))
+
+
+def test_random_streams_give_each_entry_the_same_draw_in_any_chunking():
+    """A chunk starting at entry j (ctx.offset = j) draws what the whole tensor draws there,
+    across block boundaries of the stream; streams of other experts or tensors differ."""
+    n = 3 * (1 << 16) + 123
+    whole = CTX.stream(1).rand((n,))
+    for start, stop in [(0, 10), (65530, 65600), (70000, 196700), (n - 5, n)]:
+        piece = replace(CTX, offset=start).stream(1).rand((stop - start,))
+        assert torch.equal(piece, whole[start:stop])
+    stream = CTX.stream(1)
+    parts = [stream.rand((7,)), stream.rand((65536,)), stream.rand((3, 5))]
+    assert torch.equal(torch.cat([p.reshape(-1) for p in parts]), whole[:65558])
+    assert not torch.equal(CTX.stream(2).rand((100,)), whole[:100])
+    assert not torch.equal(TensorContext("other", seed=7).stream(1).rand((100,)), whole[:100])
 
 
 def test_dare_linear_and_ties_by_hand():

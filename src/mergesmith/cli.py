@@ -115,6 +115,8 @@ def methods() -> None:
 def _data_needs(spec) -> str:
     if spec.learn is not None:
         return "\nneeds data (learns on it)"
+    if spec.router:
+        return "\nneeds data (trains a router)"
     if spec.statistics == ("second_moment",):
         return "\nneeds optimizer state"
     if spec.statistics:
@@ -248,6 +250,55 @@ def emr_apply(
     path = apply_emr(merged, task, output, base=base, resume=resume, overwrite=overwrite)
     if not quiet:
         err.print(f"wrote {path}", highlight=False)
+
+
+twin_app = typer.Typer(no_args_is_help=True,
+                       help="Twin-Merging: route inputs, or write the model for fixed routing.")
+app.add_typer(twin_app, name="twin")
+
+
+@twin_app.command("apply")
+def twin_apply(
+    merged: Path = typer.Argument(..., help="Folder written by a merge with merge_method: twin."),
+    output: Path = typer.Argument(..., help="Folder to write; appears only when complete."),
+    task: Optional[str] = typer.Option(None, help="Route everything to this expert (its name "
+                                       "in the recipe, or its index)."),
+    weights: Optional[str] = typer.Option(None, help="Fixed routing weights, one per expert, "
+                                          "comma-separated."),
+    resume: bool = typer.Option(False, help="Continue an interrupted apply into OUTPUT."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
+) -> None:
+    """Write θ* + Σ w_t v_t, for one task (--task) or fixed weights (--weights), to OUTPUT."""
+    from mergesmith.engine.twin import apply_twin
+
+    mix = None
+    if weights is not None:
+        try:
+            mix = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise MergesmithError(f"--weights: not numbers: {weights!r}",
+                                  hint="write them like 0.7,0.2,0.1") from None
+    path = apply_twin(merged, output, task=task, weights=mix, resume=resume, overwrite=overwrite)
+    if not quiet:
+        err.print(f"wrote {path}", highlight=False)
+
+
+@twin_app.command("route")
+def twin_route(
+    merged: Path = typer.Argument(..., help="Folder written by a merge with merge_method: twin."),
+    texts: list[str] = typer.Argument(..., help="Inputs to route."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+) -> None:
+    """Print each text's routing weights over the experts."""
+    from mergesmith.calibrate.router import route_texts
+    from mergesmith.engine.twin import read_index
+
+    tasks = read_index(merged)["tasks"]
+    weights = route_texts(merged, texts, device=device)
+    for text, row in zip(texts, weights.tolist()):
+        mix = "  ".join(f"{task}={w:.3f}" for task, w in zip(tasks, row))
+        print(f"{mix}  {text[:60]!r}")
 
 
 @app.command()

@@ -27,7 +27,7 @@ from mergesmith.errors import CalibrationError, MergesmithError
 from mergesmith.io.checkpoint import Checkpoint
 from mergesmith.recipe import Calibration
 
-OBJECTIVES = ("head", "sequence", "causal")
+OBJECTIVES = ("head", "sequence", "causal", "features")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
@@ -122,19 +122,20 @@ class CalibrationModel:
         self.folder, self.module, self.tokenizer = Path(folder), module, tokenizer
         self.objective, self.head, self.cal = objective, head, cal
         self.context = context_length(module.config)
-        self._checkpoint_names = _checkpoint_names(module, Checkpoint(folder))
+        self._checkpoint_names = checkpoint_names(module, Checkpoint(folder))
         self._module_names = {ck: name for name, ck in self._checkpoint_names.items() if ck is not None}
         self._check_settings()
 
     @classmethod
     def load(cls, folder: str | Path, cal: Calibration, root: Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> "CalibrationModel":
+             dtype: torch.dtype = torch.float32, objective: str | None = None) -> "CalibrationModel":
+        """`objective` "features": the bare encoder or decoder stack, for hidden states only."""
         import transformers as tf
 
         folder = Path(folder)
-        objective = objective_of(folder, cal)
+        objective = objective or objective_of(folder, cal)
         auto = {"head": tf.AutoModel, "sequence": tf.AutoModelForSequenceClassification,
-                "causal": tf.AutoModelForCausalLM}[objective]
+                "causal": tf.AutoModelForCausalLM, "features": tf.AutoModel}[objective]
         try:
             with quiet_transformers():
                 module = auto.from_pretrained(folder, dtype=dtype)
@@ -202,7 +203,8 @@ class CalibrationModel:
                 raise CalibrationError(f"{example.where}: the text is {len(tokens)} tokens long, "
                                        f"{self.folder} takes at most {self.context}",
                                        hint=f"set max_length (<= {self.context}) to cut longer texts")
-            if self.objective != "causal" and example.label is not None and example.label >= self.num_classes:
+            if self.objective in ("head", "sequence") and example.label is not None \
+                    and example.label >= self.num_classes:
                 raise CalibrationError(f"{example.where}: label {example.label} is out of range: "
                                        f"the model has {self.num_classes} classes")
         return ids
@@ -223,7 +225,7 @@ class CalibrationModel:
     def _targets(self, ids: torch.Tensor, mask: torch.Tensor, examples: list[Example]) -> torch.Tensor | None:
         if self.objective == "causal":
             return ids[:, 1:][mask[:, 1:].bool()].to(self.device)
-        if any(e.label is None for e in examples):
+        if self.objective == "features" or any(e.label is None for e in examples):
             return None
         return torch.tensor([e.label for e in examples], device=self.device)
 
@@ -232,8 +234,19 @@ class CalibrationModel:
     def logits(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """fp32 logits [n, C]: one row per example, or per real position with a next token (LMs).
         `params` (checkpoint names) replace the module's own tensors for this call."""
+        return self._logits(batch, self._call(batch.inputs, params))
+
+    def logits_and_hidden(self, batch: Batch, params: dict[str, torch.Tensor] | None = None
+                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`logits`, and each block's output hidden states at the real positions ([n, d] per
+        block): what Expert Merging aligns besides the outputs. They are activations the
+        backward pass keeps anyway, so returning them costs no memory."""
+        out = self._call(batch.inputs, params, output_hidden_states=True)
+        real = batch.inputs["attention_mask"].bool()
+        return self._logits(batch, out), [h[real].float() for h in out.hidden_states[1:]]
+
+    def _logits(self, batch: Batch, out) -> torch.Tensor:
         mask = batch.inputs["attention_mask"]
-        out = self._call(batch.inputs, params)
         if self.objective == "head":
             weight, bias = self.head
             return mean_pool(out.last_hidden_state.float(), mask) @ weight.T + bias
@@ -248,11 +261,12 @@ class CalibrationModel:
         targets = batch.targets if batch.targets is not None else logits.detach().argmax(-1)
         return -F.cross_entropy(logits, targets, reduction="sum")
 
-    def _call(self, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None):
+    def _call(self, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None,
+              **options):
         if params is None:
-            return self.module(**inputs)
+            return self.module(**inputs, **options)
         renamed = {self.module_name(name): tensor for name, tensor in params.items()}
-        return torch.func.functional_call(self.module, renamed, args=(), kwargs=inputs)
+        return torch.func.functional_call(self.module, renamed, args=(), kwargs={**inputs, **options})
 
     def _check_settings(self) -> None:
         cal = self.cal
@@ -260,12 +274,13 @@ class CalibrationModel:
             raise CalibrationError(f"calibration: max_length: {cal.max_length} is beyond {self.folder}'s "
                                    f"context of {self.context} tokens",
                                    hint=f"use max_length <= {self.context}")
-        if self.objective != "causal" and cal.labels is not None and len(cal.labels) != self.num_classes:
+        if self.objective in ("head", "sequence") and cal.labels is not None \
+                and len(cal.labels) != self.num_classes:
             raise CalibrationError(f"calibration: labels: {len(cal.labels)} names, but {self.folder} has "
                                    f"{self.num_classes} classes")
 
 
-def _checkpoint_names(module: torch.nn.Module, checkpoint: Checkpoint) -> dict[str, str | None]:
+def checkpoint_names(module: torch.nn.Module, checkpoint: Checkpoint) -> dict[str, str | None]:
     """Module parameter name -> checkpoint tensor name, trying the name as is, with the base
     model's prefix added, and with it removed; shapes must agree. A parameter shared by several
     names (tied embeddings) is read from one tensor: its other names map to None."""

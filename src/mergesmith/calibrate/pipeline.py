@@ -6,7 +6,9 @@ Three routes, by what the method declares (methods/registry.py):
 - regmean_plusplus: the same, but block l's Grams come from the partly merged model;
 - learn (adamerging, ...): the method learns coefficients or masks on the models in memory; the
   result is written as an ordinary recipe (task arithmetic with per-tensor weights, or stitch with
-  mask stores) that the engine merges, and that the output folder keeps beside the card.
+  mask stores) that the engine merges, and that the output folder keeps beside the card;
+- router (twin): the engine merges without data; then, before the folder is put in place, a
+  router is trained on the merged model with the experts' calibration data (calibrate/router.py).
 A method that needs no data goes straight to the engine.
 """
 
@@ -52,6 +54,10 @@ def prepare(recipe: Recipe | str | Path | dict, *, device: str = "cpu",
         return Prepared(recipe)
     if method.learn is not None:
         return learn(recipe, method, device=device, progress=progress)
+    if method.router:
+        for ref in _experts(recipe):
+            calibration_for(recipe, ref, method)  # checked before the merge, used after it
+        return Prepared(recipe)
     stores = gather_statistics(recipe, method, device=device, progress=progress)
     # a cached store's seconds are those of its collection, which this merge did not repeat
     recorded = [json.loads((p / "config.json").read_text()).get("seconds") for p in stores.values()]
@@ -64,8 +70,26 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, device: str = 
           progress: bool = False, **options: Any) -> Path:
     """`mergesmith.merge`: any recipe, with or without data; options as the engine's `merge`."""
     prepared = prepare(recipe, device=device, progress=progress)
+    finish = None
+    if get_method(prepared.recipe.merge_method).router:
+        def finish(folder: Path) -> None:
+            train_router_for(prepared.recipe, folder, device=device, seed=options.get("seed"))
     return engine.merge(prepared.recipe, out, device=device, progress=progress,
-                        statistics=prepared.statistics or None, notes=prepared.notes, **options)
+                        statistics=prepared.statistics or None, notes=prepared.notes,
+                        finish=finish, **options)
+
+
+def train_router_for(recipe: Recipe, folder: Path, *, device: str = "cpu",
+                     seed: int | None = None) -> dict:
+    """Twin-Merging: the router of the merge in `folder`, from each expert's calibration data."""
+    from mergesmith.calibrate.router import train_router
+
+    method = _method(recipe)
+    cals = [calibration_for(recipe, ref, method) for ref in _experts(recipe)]
+    params = _learn_params(recipe, method)
+    return train_router(folder, cals, root_of(recipe), steps=params["router_steps"],
+                        lr=params["router_lr"], seed=seed if seed is not None else (recipe.seed or 0),
+                        device=device)
 
 
 def merge_plan(recipe: Recipe | str | Path | dict, *, device: str = "cpu", **options: Any):
@@ -131,7 +155,7 @@ def calibration_for(recipe: Recipe, ref: str, method: MethodSpec) -> Calibration
 
 def needs_calibration(method: MethodSpec) -> bool:
     """Whether the method reads calibration data (not only files beside the models)."""
-    if method.learn is not None:
+    if method.learn is not None or method.router:
         return True
     return bool(method.statistics) and not method.optional_statistics and \
         method.statistics != ("second_moment",)

@@ -45,8 +45,8 @@ def build_problem(base_folder: Path, expert_folders: list[Path], cals: list[Cali
     batches = [[Batch(batch, batch.targets) for batch in model.batches(load_examples(cal, root))]
                for model, cal in zip(models, cals)]
 
-    def forward(params: dict[str, torch.Tensor], task: int, inputs) -> torch.Tensor:
-        return models[task].logits(inputs, params)
+    def forward(params: dict[str, torch.Tensor], task: int, inputs):
+        return models[task].logits_and_hidden(inputs, params)
 
     return MergeProblem(base=base, task_vectors=task_vectors,
                         layer_of={n: L.layer_of(n) for n in names}, forward=forward,

@@ -57,6 +57,8 @@ GRIDS: dict[str, dict[str, list]] = {
     # hundreds; the demo's models and data are small)
     "adamerging": {"granularity": ["layer"], "steps": [20], "lr": [0.02]},
     "expert_merging": {"steps": [20]},
+    # routed: each point merges, trains its router and scores every input on its own weights
+    "twin": {"lambda": [0.5], "rank_ratio": [0.1, 0.3]},
 }
 # Methods that never apply to "merge these experts into one model".
 NOT_A_MERGE_OF_EXPERTS = {
@@ -191,7 +193,11 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
     for entry in entries:
         say(f"[{entry.method}] timing one streaming merge")
         entry.merge_seconds, entry.merge_peak_mb = _timed_merge(entry.recipe, cache, seed)
-        if get_method(entry.method).needs_data:
+        spec = get_method(entry.method)
+        if spec.router:  # the router's training, recorded in the merge it was trained for
+            index = scorer.merge_folder(entry.recipe) / "twin" / "twin.json"
+            entry.data_seconds = json.loads(index.read_text())["router"]["seconds"]
+        elif spec.needs_data:
             entry.data_seconds = prepare(entry.recipe).seconds  # cached: the time recorded then
     board = Leaderboard(entries, skipped, test, names)
     _write(board, out)

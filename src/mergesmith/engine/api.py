@@ -6,11 +6,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mergesmith import __version__
-from mergesmith.engine.emr import MaskWriter, write_index
+from mergesmith.engine import emr, twin
 from mergesmith.engine.finalize import write_metadata
 from mergesmith.engine.plan import Plan, build_plan
 from mergesmith.engine.run import DEFAULT_CHUNK_BYTES, RESUME_HINT, stream
@@ -18,6 +19,9 @@ from mergesmith.errors import MergesmithError, OutputError
 from mergesmith.io import OutputFolder
 from mergesmith.io.checkpoint import weight_files
 from mergesmith.recipe import Recipe
+
+# Where each method with side outputs stores them, and writes their index at the end.
+SIDE_STORES = {"emr": (emr.MaskWriter, emr.write_index), "twin": (twin.PartWriter, twin.write_index)}
 
 UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3,
          "GB": 1000**3, "T": 1000**4, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
@@ -45,12 +49,15 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
           device: str = "cpu", seed: int | None = None, resume: bool = False,
           overwrite: bool = False, chunk_size: str | int = DEFAULT_CHUNK_BYTES,
           progress: bool = False, statistics: dict[str, str | Path] | None = None,
-          notes: dict[str, str] | None = None) -> Path:
+          notes: dict[str, str] | None = None,
+          finish: Callable[[Path], None] | None = None) -> Path:
     """Merge as the recipe says and write a Hugging Face model folder at `out`; return its path.
 
     The folder appears only when complete. After an interruption, the same call with
     `resume=True` finishes the job and gives the same bytes as an uninterrupted run.
     `notes` are text files written into the folder beside the weights (what a learned merge learned).
+    `finish(folder)` runs on the complete folder before it is put in place (Twin-Merging trains
+    its router on the merged model there).
     """
     the_plan = plan(recipe, seed=seed, shard_size=shard_size, statistics=statistics)
     compute = _device(device)
@@ -58,7 +65,8 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
     output = OutputFolder(Path(out), fingerprint(the_plan, chunk_bytes, compute),
                           resume=resume, overwrite=overwrite)
     bar = ProgressBar(the_plan) if progress else None
-    side = MaskWriter(the_plan, output) if the_plan.method.side else None
+    store, write_index = SIDE_STORES.get(the_plan.method.name, (None, None))
+    side = store(the_plan, output) if store is not None else None
     try:
         if bar:
             bar.start()
@@ -72,6 +80,8 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
             (output.partial / name).write_text(text)
         if side is not None:
             write_index(the_plan, output.partial)
+        if finish is not None:
+            finish(output.partial)
         return output.finalize()
     except OSError as exc:
         raise OutputError(f"writing {exc.filename or output.partial} failed: {exc.strerror or exc}",

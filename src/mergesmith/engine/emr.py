@@ -23,21 +23,20 @@ a normal folder with the merge's shard layout, written atomically like a merge.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mergesmith.engine import side
 from mergesmith.engine.plan import DTYPES, Plan, TensorJob
 from mergesmith.engine.run import RESUME_HINT
-from mergesmith.errors import CheckpointError, MergesmithError, OutputError
+from mergesmith.errors import CheckpointError, OutputError
 from mergesmith.io import Checkpoint, OutputFolder, OutTensor, Shard, ShardWriter
-from mergesmith.io.checkpoint import TensorInfo, read_safetensors_header, weight_files
+from mergesmith.engine.side import read_tensor, task_index
+from mergesmith.io.checkpoint import read_safetensors_header, weight_files
 from mergesmith.io.output import write_json
 from mergesmith.methods.emr import EMR_PAPER, rescalers, task_model
 
@@ -102,7 +101,8 @@ class MaskWriter:
         self.writer = ShardWriter(self.final.with_name(self.final.name + ".tmp"), layout)
         self.name, self.bits, self.sums = None, None, None
 
-    def add(self, job: TensorJob, masks: list[torch.Tensor], sums: torch.Tensor) -> None:
+    def add(self, job: TensorJob, outputs: tuple[list[torch.Tensor], torch.Tensor]) -> None:
+        masks, sums = outputs
         if job.out.name != self.name:
             self.name = job.out.name
             self.bits = PackedRows(len(masks), math.prod(job.out.shape))
@@ -141,7 +141,7 @@ def write_index(plan: Plan, folder: Path) -> Path:
         path = folder / SIDE_FOLDER / masks_filename(shard)
         for name, info in read_safetensors_header(path).items():
             if name.startswith("sums."):
-                totals += _read(info)
+                totals += read_tensor(info)
     base = merged[0].inputs[0][0]
     jobs = {job.out.name: job for job in plan.jobs}
     index = {
@@ -165,43 +165,12 @@ def write_index(plan: Plan, folder: Path) -> Path:
     return path
 
 
-def _read(info: TensorInfo) -> torch.Tensor:
-    """One tensor of a safetensors file without a model folder around it (the masks files)."""
-    out = torch.empty(info.shape, dtype=info.dtype)
-    with open(info.file, "rb") as f:
-        f.seek(info.offset)
-        if out.numel() and f.readinto(out.view(-1).view(torch.uint8).numpy()) != info.nbytes:
-            raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}")
-    return out
-
-
 # ------------------------------------------------------------------------------------------
 # apply: rebuild one task's model
 
 
 def read_index(merged: Path) -> dict:
-    path = merged / SIDE_FOLDER / INDEX
-    if not path.is_file():
-        raise MergesmithError(f"{merged} has no {SIDE_FOLDER}/{INDEX}: not a merge made with "
-                              "merge_method: emr", hint="merge with merge_method: emr first")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
-    if index.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {index.get('format')!r}, expected {FORMAT}")
-    return index
-
-
-def task_index(tasks: list[str], task: str | int) -> int:
-    """A task by its name in the recipe, or by its position (0-based)."""
-    if isinstance(task, str) and task in tasks:
-        return tasks.index(task)
-    if str(task).isdigit() and int(task) < len(tasks):
-        return int(task)
-    listed = ", ".join(f"{i}: {name}" for i, name in enumerate(tasks))
-    raise MergesmithError(f"unknown task {task!r}; this merge has {listed}",
-                          hint="give the task's model as the recipe names it, or its index")
+    return side.read_index(merged, SIDE_FOLDER, INDEX, FORMAT, "emr")
 
 
 def apply_emr(merged: str | Path, task: str | int, out: str | Path, *, base: str | Path | None = None,
@@ -214,32 +183,27 @@ def apply_emr(merged: str | Path, task: str | int, out: str | Path, *, base: str
     unified = Checkpoint(merged)
     origin = _open_base(Path(base or index["base_path"]), base is None)
     load_dtype = DTYPES.get(index.get("load_dtype") or "")
-    inputs = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-              for folder in (merged, origin.path) for f in weight_files(folder)]
-    fingerprint = hashlib.sha256(json.dumps([index, i, inputs]).encode()).hexdigest()
-    output = OutputFolder(Path(out), fingerprint, resume=resume, overwrite=overwrite)
-    headers: dict[Path, dict[str, TensorInfo]] = {}
-    for shard in _layout(unified):
-        if output.is_done(shard.filename, shard.size):
-            continue
-        writer = ShardWriter(output.path(shard.filename), shard)
-        try:
-            for tensor in shard.tensors:
-                if tensor.name not in index["masks"]:
-                    writer.write(unified.read(tensor.name))
-                    continue
-                mask_row = _mask_row(merged / index["masks"][tensor.name], tensor.name, i, headers)
-                base_name = index["base_tensors"].get(tensor.name, tensor.name)
-                for piece in _task_rows(unified, origin, tensor, base_name, mask_row,
-                                        index["rescalers"][i], load_dtype, chunk_bytes):
-                    writer.write(piece)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        output.mark_done(shard.filename, shard.size)
-    _copy_metadata(merged, output.partial, index["tasks"][i], index["rescalers"][i])
-    return output.finalize()
+    files: dict[Path, side.SideFile] = {}
+
+    def pieces(tensor: OutTensor):
+        if tensor.name not in index["masks"]:
+            return [unified.read(tensor.name)]
+        path = merged / index["masks"][tensor.name]
+        if path not in files:
+            files[path] = side.SideFile(path, f"the EMR masks of {tensor.name!r}")
+        if f"masks.{tensor.name}" not in files[path].tensors:
+            raise CheckpointError(f"{path}: has no masks for {tensor.name!r}")
+        mask_row = files[path].read(f"masks.{tensor.name}")[i].numpy()
+        base_name = index["base_tensors"].get(tensor.name, tensor.name)
+        return _task_rows(unified, origin, tensor, base_name, mask_row, index["rescalers"][i],
+                          load_dtype, chunk_bytes)
+
+    base_files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(origin.path)]
+    note = (f"\n## EMR task model\n\nThis folder holds task `{index['tasks'][i]}` rebuilt from the "
+            f"EMR merge in `{merged}` (`mergesmith emr apply`): θ0 + λ·M ⊙ τ_uni with "
+            f"λ = {index['rescalers'][i]:.6g}.\n")
+    return side.rebuild(merged, Path(out), [index, i, base_files], pieces, note,
+                        resume=resume, overwrite=overwrite)
 
 
 def _open_base(path: Path, from_index: bool) -> Checkpoint:
@@ -249,28 +213,6 @@ def _open_base(path: Path, from_index: bool) -> Checkpoint:
         where = "recorded in emr/emr.json" if from_index else "given"
         raise CheckpointError(f"cannot open the base model {where}: {exc.message}",
                               hint="pass --base with the base model's folder") from None
-
-
-def _layout(ckpt: Checkpoint) -> list[Shard]:
-    """The merged folder's own shards: same files, same tensors, same order."""
-    shards: dict[Path, list] = {}
-    for info in ckpt.tensors.values():
-        shards.setdefault(info.file, []).append(info)
-    return [Shard(file.name, [OutTensor(i.name, i.dtype, i.shape)
-                              for i in sorted(infos, key=lambda i: i.offset)])
-            for file, infos in sorted(shards.items())]
-
-
-def _mask_row(path: Path, name: str, task: int, headers: dict) -> np.ndarray:
-    """M_task of tensor `name`, packed."""
-    if path not in headers:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing; it holds the EMR masks of {name!r}")
-        headers[path] = read_safetensors_header(path)
-    info = headers[path].get(f"masks.{name}")
-    if info is None:
-        raise CheckpointError(f"{path}: has no masks for {name!r}")
-    return _read(info)[task].numpy()
 
 
 def unpack_bits(packed: np.ndarray, start: int, stop: int) -> torch.Tensor:
@@ -301,15 +243,3 @@ def _task_rows(unified: Checkpoint, origin: Checkpoint, tensor: OutTensor, base_
         first = start * row_elems
         mask = unpack_bits(mask_row, first, first + merged.numel()).view(merged.shape)
         yield task_model(theta0.float(), merged, mask, rescaler).to(tensor.dtype)
-
-
-def _copy_metadata(merged: Path, folder: Path, task: str, rescaler: float) -> None:
-    for item in merged.iterdir():
-        if item.is_file() and item.suffix != ".safetensors":
-            shutil.copyfile(item, folder / item.name)
-    card = folder / "README.md"
-    if card.is_file():
-        with open(card, "a") as f:
-            f.write(f"\n## EMR task model\n\nThis folder holds task `{task}` rebuilt from the "
-                    f"EMR merge in `{merged}` (`mergesmith emr apply`): θ0 + λ·M ⊙ τ_uni with "
-                    f"λ = {rescaler:.6g}.\n")

@@ -291,14 +291,17 @@ def _normalize(recipe: Recipe, opened: dict[str, Checkpoint], method: MethodSpec
 
 def _check_side_outputs(recipe: Recipe, method: MethodSpec, slices: list[OutSlice],
                         vocab: VocabPlan | None) -> None:
-    """Side outputs (EMR's masks) are rebuilt later against the base's own tensors, so the
-    output rows must be the base's rows, from one base model."""
+    """Side outputs (EMR's masks, Twin-Merging's parts) are applied later to the merge's own
+    tensors, so the output rows must be the base's rows, from one base model."""
     if vocab is not None:
         raise PlanError(f"{recipe.where('tokenizer_source')}: {method.name} does not support a "
                         "merged vocabulary yet", hint="leave tokenizer_source out")
     if len({id(s.base.ckpt) for s in slices}) > 1:
         raise PlanError(f"{recipe.where('slices')}: {method.name} needs one base model for all "
                         "slices", hint="give base_model once, at the top of the recipe")
+    if recipe.lines is not None and method.router:
+        raise PlanError(f"{recipe.where('lines')}: {method.name}'s exclusive parts are taken from "
+                        "the shared model before LiNeS would scale it", hint="leave lines out")
 
 
 def _input_name(source: Source, template: str, offset: int | None) -> str:

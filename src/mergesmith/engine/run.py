@@ -12,7 +12,7 @@ import queue
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -106,9 +106,11 @@ def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torc
     job = unit.job
     if job.copy:
         return tensors[0]
+    # where the unit starts in the whole tensor, row-major: random methods draw by entry index
+    start = unit.rows[0] * math.prod(job.out.shape[1:]) if unit.rows else 0
     tile = _tile(plan, job, tensors[0], device)
     if tile is None:
-        return _merge_tile(plan, job, unit.phase, tensors, device, stats)
+        return _merge_tile(plan, job, unit.phase, tensors, device, stats, start)
     flat = [t.view(-1) for t in tensors]
     size = flat[0].numel()
     if unit.phase == "reduce" or (stats is None and plan.method.reduce is not None):
@@ -120,7 +122,8 @@ def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torc
         stats = sums
     out = torch.empty(size, dtype=job.out.dtype)
     for a in range(0, size, tile):
-        out[a:a + tile] = _merge_tile(plan, job, "merge", [f[a:a + tile] for f in flat], device, stats)
+        out[a:a + tile] = _merge_tile(plan, job, "merge", [f[a:a + tile] for f in flat], device,
+                                      stats, start + a)
     return out.view(tensors[0].shape)
 
 
@@ -134,12 +137,12 @@ def _tile(plan: Plan, job: TensorJob, tensor: torch.Tensor, device: torch.device
 
 
 def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tensor],
-                device: torch.device, stats: torch.Tensor | None) -> torch.Tensor:
-    # converted in place, so each stored-dtype input is freed as soon as its fp32 copy exists
+                device: torch.device, stats: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
     xs, statistics = _split_statistics(plan, job, tensors)
     # converted in place, so each stored-dtype input is freed as soon as its fp32 copy exists
+    upcast = not plan.method.stored_dtype_inputs
     for i, tensor in enumerate(xs):
-        xs[i] = _prepare(tensor, plan.load_dtype, device)
+        xs[i] = _prepare(tensor, plan.load_dtype, device, upcast)
     for values in statistics.values():  # never through the recipe's dtype: fp16 zeroes 1e-12
         for i, tensor in enumerate(values or []):
             values[i] = tensor.to(device, non_blocking=True).float()
@@ -153,7 +156,8 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
     extra = {"stats": stats} if stats is not None else {}
     extra.update(statistics)
     try:
-        result = method.fn(base, experts, ctx=job.ctx, **job.params, **extra)
+        ctx = replace(job.ctx, offset=offset) if offset else job.ctx
+        result = method.fn(base, experts, ctx=ctx, **job.params, **extra)
     except ValueError as exc:
         raise MethodError(f"{method.name} failed on tensor {job.out.name!r}: {exc}") from None
     if tuple(result.shape) != tuple(tensors[0].shape):
@@ -184,12 +188,16 @@ def _split_statistics(plan: Plan, job: TensorJob, tensors: list[torch.Tensor]):
     return tensors[:count], found
 
 
-def _prepare(tensor: torch.Tensor, load_dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    """As mergekit: cast to the recipe's `dtype` on load, then compute in fp32."""
+def _prepare(tensor: torch.Tensor, load_dtype: torch.dtype | None, device: torch.device,
+             upcast: bool = True) -> torch.Tensor:
+    """As mergekit: cast to the recipe's `dtype` on load, then compute in fp32 (or leave that
+    to a method that casts block by block)."""
     tensor = tensor.to(device, non_blocking=True)
     if load_dtype is not None:
         tensor = tensor.to(load_dtype)
-    return tensor.float()
+    if not upcast and not tensor.is_floating_point():
+        upcast = True  # integer inputs of a float merge
+    return tensor.float() if upcast else tensor
 
 
 class WriteBehind:
@@ -218,8 +226,8 @@ class WriteBehind:
 
 def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_bytes: int,
            progress=None, side=None) -> None:
-    """Write every shard not already finished, each through a fresh writer. `side` (engine/
-    emr.py's MaskWriter) stores the method's side outputs, per shard, before it is marked done."""
+    """Write every shard not already finished, each through a fresh writer. `side` (engine/api.py:
+    SIDE_STORES) stores the method's side outputs, per shard, before it is marked done."""
     threads = torch.get_num_threads()
     if device.type == "cpu" and plan.method.chunkable:
         # cache-sized tiles are too small to split across cores: the split costs more than it
@@ -260,7 +268,7 @@ def _stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byt
                             stats = result if stats is None else stats + result
                             continue
                         if side is not None and not job.copy:
-                            side.add(job, *side_outputs(plan, job, tensors, device))
+                            side.add(job, side_outputs(plan, job, tensors, device))
                         behind.submit(_write, writer, result)
                         if progress:
                             progress.advance(unit.out_bytes, 0, job.out.name)
@@ -283,8 +291,8 @@ def _stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byt
 
 
 def side_outputs(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: torch.device):
-    """The method's outputs besides the merge (EMR's masks and sums) for one unit's inputs;
-    such methods take a base, which is inputs[0]."""
+    """The method's outputs besides the merge (EMR's masks and sums, Twin-Merging's parts) for
+    one unit's inputs; such methods take a base, which is inputs[0]."""
     xs = [_prepare(t, plan.load_dtype, device) for t in tensors]
     return plan.method.side(xs[0], xs[1:], **job.params)
 

@@ -97,7 +97,18 @@ def load_model(model: ModelLike, task: Task, device: str = "cpu"):
     except (OSError, ValueError) as exc:
         raise MergesmithError(f"{folder}: cannot load as {cls.__name__}: "
                               f"{str(exc).splitlines()[0]}") from None
-    return module.to(device), _tokenizer(folder)
+    module = module.to(device)
+    if is_routed(folder):  # a Twin-Merging model: every input runs on its own routed weights
+        from mergesmith.calibrate.router import routed_module
+
+        module = routed_module(folder, module)
+    return module, _tokenizer(folder)
+
+
+def is_routed(folder: Path) -> bool:
+    """Whether the folder is a twin merge with a router."""
+    index = folder / "twin" / "twin.json"
+    return index.is_file() and json.loads(index.read_text()).get("router") is not None
 
 
 def _tokenizer(folder: Path):

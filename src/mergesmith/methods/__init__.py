@@ -23,6 +23,7 @@ from mergesmith.methods.competition import pcb, widen
 from mergesmith.methods.sparse import breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, ties  # noqa: E501
 from mergesmith.methods.consensus import consensus_ta, consensus_ties, magmax
 from mergesmith.methods.emr import emr
+from mergesmith.methods.twin import twin
 from mergesmith.methods.curvature import ffg, fisher, ota, regmean, stitch
 from mergesmith.methods import adaptive, adaptive_masks  # noqa: F401,E402  (learned merges)
 

@@ -308,25 +308,30 @@ def expert_outputs(problem: MergeProblem) -> list[list[tuple[Tensor, list[Tensor
 
 def learn_expert_merging(problem: MergeProblem, *, granularity: str = "layer",
                          init: float = 0.1, temperature: float = 1.0, hidden_weight: float = 0.1,
-                         regularization: float = 0.1, steps: int = 100, lr: float = 1e-2,
-                         seed: int = 0) -> Learned:
+                         hidden_layers: str = "middle", regularization: float = 0.1,
+                         steps: int = 100, lr: float = 1e-2, seed: int = 0) -> Learned:
     """λ = σ(w) ∈ (0, 1) (the authors' sigmoid) minimising, over each task k's unlabeled batches,
     T²·KL(p_k ‖ p_merged) + hidden_weight·MSE(h_merged, h_k) + regularization·Σ|λ − init| / rows:
-    the merged model's outputs pulled toward expert k's on expert k's inputs."""
+    the merged model's outputs pulled toward expert k's on expert k's inputs. The hidden states
+    aligned are the middle block's output (the paper's example subset S), or every block's."""
     check_problem(problem, "expert_merging")
     if not 0 < init < 1:
         raise MethodError(f"expert_merging: init must lie strictly between 0 and 1, got {init}")
     rows, count = coefficient_rows(problem, granularity)
     raw = torch.full((count, len(problem.task_vectors)), math.log(init / (1 - init)),
                      dtype=torch.float64, device=device_of(problem), requires_grad=True)
-    targets = expert_outputs(problem)
+    def chosen(hidden: list[Tensor]) -> list[Tensor]:
+        return hidden[len(hidden) // 2:len(hidden) // 2 + 1] if hidden_layers == "middle" else hidden
+
+    targets = [[(logits, chosen(hidden)) for logits, hidden in task]
+               for task in expert_outputs(problem)]
     schedule = batch_schedule(problem.batches, steps, seed)
 
     def align(task: int, index: int, out: Any) -> Tensor:
         logits, hidden = split_outputs(out)
         teacher_logits, teacher_hidden = targets[task][index]
         return (alignment(logits, teacher_logits, temperature)
-                + hidden_weight * hidden_alignment(hidden, teacher_hidden))
+                + hidden_weight * hidden_alignment(chosen(hidden), teacher_hidden))
 
     def objective(step: int) -> float:
         lambdas = torch.sigmoid(raw)
@@ -384,7 +389,9 @@ register(
               doc="λ at the start, in (0, 1) (the authors' 0.1)"),
         Param("temperature", default=1.0, minimum=1e-6, doc="softmax temperature T of alignment"),
         Param("hidden_weight", default=0.1, minimum=0.0,
-              doc="weight of hidden-state alignment, where the forward exposes hidden states"),
+              doc="weight of the MSE between hidden states (real tokens)"),
+        Param("hidden_layers", str, default="middle", choices=("middle", "all"),
+              doc="the blocks whose output hidden states are aligned"),
         Param("regularization", default=0.1, minimum=0.0,
               doc="weight of the mean |λ − init| penalty"),
         Param("steps", int, default=100, minimum=0, doc="optimizer steps"),

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mergesmith.methods.registry import RandomStream
+
 
 def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
     """τi = θi − θ0."""
@@ -110,17 +112,17 @@ def keep_topk(x: torch.Tensor, density: float) -> torch.Tensor:
     return keep_magnitude_band(x, threshold)
 
 
-def drop_random(x: torch.Tensor, density: float, generator: torch.Generator,
+def drop_random(x: torch.Tensor, density: float, stream: RandomStream,
                 rescale: bool = True) -> torch.Tensor:
     """DARE: keep each entry with probability d (Bernoulli), scale the kept ones by 1/d.
 
-    One uniform draw per entry, in row-major order, from `generator` (none when d ≥ 1 or d ≤ 0).
+    One uniform draw per entry, in row-major order, from `stream` (none when d ≥ 1 or d ≤ 0).
     """
     if density >= 1:
         return x.clone()
     if density <= 0:
         return torch.zeros_like(x)
-    draws = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    draws = stream.rand(x.shape).to(x.dtype)
     kept = draws.lt_(density).mul_(x)  # 1.0 / 0.0 floats: a bool mask costs ~10x more on the CPU
     return kept.div_(density) if rescale else kept
 

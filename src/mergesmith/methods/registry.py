@@ -68,6 +68,13 @@ class Param:
         return value
 
 
+def seeded_generator(key: str, device: torch.device | str = "cpu") -> torch.Generator:
+    digest = hashlib.sha256(key.encode()).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    return gen
+
+
 @dataclass(frozen=True)
 class TensorContext:
     """What a method may know about the tensor it merges, besides its values."""
@@ -76,13 +83,59 @@ class TensorContext:
     layer: int | None = None
     num_layers: int | None = None
     seed: int = 0
+    # Row-major index, in the whole tensor, of the first entry the method is given: non-zero
+    # when the engine streams the tensor in chunks.
+    offset: int = 0
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, tensor name): randomness independent of processing order."""
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}".encode()).digest()
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
-        return gen
+        return seeded_generator(f"{self.seed}\0{self.name}", device)
+
+    def stream(self, index: int, device: torch.device | str = "cpu") -> "RandomStream":
+        """Uniform draws for this tensor's entries from `self.offset` on, stream `index` (one
+        per expert): entry j's draw depends on (seed, name, index, j) only, so a chunk of the
+        tensor sees the same draws as the whole."""
+        return RandomStream(f"{self.seed}\0{self.name}\0{index}", self.offset, device)
+
+
+# Entries per independently seeded block of a random stream.
+RANDOM_BLOCK = 1 << 16
+
+
+class RandomStream:
+    """Counter-based uniform draws: block b of a stream (entries [b·B, (b+1)·B)) comes from a
+    generator seeded by (key, b), so any range of entries can be drawn without the ones before
+    it. `rand(shape)` takes the next entries in row-major order."""
+
+    def __init__(self, key: str, start: int = 0, device: torch.device | str = "cpu"):
+        self.key, self.start, self.device = key, start, torch.device(device)
+        self.position = start
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def rewind(self) -> None:
+        self.position = self.start
+
+    def _block(self, b: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != b:
+            gen = seeded_generator(f"{self.key}\0{b}", self.device)
+            self._cached = (b, torch.rand(RANDOM_BLOCK, generator=gen, device=self.device))
+        return self._cached[1]
+
+    def rand(self, shape) -> torch.Tensor:
+        """fp32 draws in [0, 1) for the next prod(shape) entries."""
+        count = 1
+        for size in shape:
+            count *= size
+        out = torch.empty(count, device=self.device)
+        first, stop = self.position, self.position + count
+        at = first
+        while at < stop:
+            b, skip = divmod(at, RANDOM_BLOCK)
+            take = min(RANDOM_BLOCK - skip, stop - at)
+            out[at - first:at - first + take] = self._block(b)[skip:skip + take]
+            at += take
+        self.position = stop
+        return out.view(tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -106,13 +159,20 @@ class MethodSpec:
     # Parameters under which a chunkable method needs the whole tensor at once (model_stock's
     # filter_wise: its per-row ratios are not sums over row blocks): f(resolved params) -> bool.
     whole_tensor_when: Callable[[dict[str, Any]], bool] | None = None
+    # The method reads its inputs block by block and casts each block to fp32 itself (the
+    # sparse family): the engine hands it the stored 16-bit tensors (after the recipe's `dtype`
+    # cast), so a whole-tensor merge holds no fp32 copy of its inputs.
+    stored_dtype_inputs: bool = False
     # Plan-time check of one tensor's resolved parameters (raise ValueError): lets the engine
     # reject a bad recipe before it computes anything.
     validate: Callable[[dict[str, Any]], None] | None = None
-    # Outputs besides the merged model (EMR's per-task masks): `side(base, expert_chunks,
-    # **params)` returns per-expert bool masks of the chunk's entries and float64 sums, which
-    # the engine stores beside the merge and adds up over the model (engine/emr.py).
-    side: Callable[..., tuple[list[torch.Tensor], torch.Tensor]] | None = None
+    # Outputs besides the merged model, which the engine stores beside it (engine/side.py):
+    # `side(base, expert_chunks, **params)` returns EMR's per-expert masks and sums
+    # (engine/emr.py), Twin-Merging's compressed exclusive parts (engine/twin.py).
+    side: Callable[..., Any] | None = None
+    # Twin-Merging: after the merge, a router is trained on the experts' calibration data to
+    # mix the side outputs per input (calibrate/router.py).
+    router: bool = False
     # Per-expert statistics gathered from data (calibrate/), one kind per name: "gram" (input Gram
     # matrix of a linear layer's weight), "fisher" (diagonal Fisher, shaped like the tensor),
     # "second_moment" (an optimizer's second moment, shaped like the tensor), "mask" (a learned
@@ -136,7 +196,7 @@ class MethodSpec:
 
     @property
     def needs_data(self) -> bool:
-        return bool(self.statistics) or self.learn is not None
+        return bool(self.statistics) or self.learn is not None or self.router
 
     @property
     def chunkable(self) -> bool:

@@ -31,8 +31,14 @@ mergekit, on purpose:
 How it runs: the cuts of TIES and breadcrumbs need one selection per τi over the whole tensor;
 then the tensor is merged in small blocks of rows, so that every temporary is block-sized and
 stays in cache, and the method holds at most one full-size scratch tensor besides its result.
-Random draws come from one generator per expert, seeded from `ctx.generator`, drawn in
-row-major order, so a mask depends on (seed, tensor name, expert) only, not on the block size.
+Inputs may come in their stored 16-bit dtype (`stored_dtype_inputs`): each block is cast to
+fp32 as it is read, which gives the same values as casting the whole tensor first, and the
+engine keeps no fp32 copy of the inputs (half the memory of a whole-tensor merge).
+Random draws come from one counter-based stream per expert (`ctx.stream(i)`): entry j of
+expert i's task vector gets the j-th draw of the stream of (seed, tensor name, i), whatever the
+blocks or chunks the tensor is merged in. So DARE, whose entries are independent, streams
+through the engine in chunks like task arithmetic (except with mergekit's `l1` rescale, a sum
+over the whole tensor); DELLA ranks within rows and takes the whole tensor.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from mergesmith.methods.blocks import (
     topk_count,
     weighted_sum,
 )
-from mergesmith.methods.registry import Param, TensorContext, register
+from mergesmith.methods.registry import Param, RandomStream, TensorContext, register
 
 Sparsify = Callable[[torch.Tensor], torch.Tensor]  # rows of τi, in order -> their kept part
 
@@ -96,18 +102,18 @@ def magnitude_cuts(base: torch.Tensor, experts: list[torch.Tensor], densities: l
             cuts.append(lambda tau: tau)
             continue
         if scratch is None:
-            scratch = torch.empty_like(base_rows)
+            scratch = torch.empty(base_rows.shape, dtype=torch.float32, device=base.device)
         expert_rows = as_rows(expert)
         for rows in row_blocks(base_rows):  # |τi| in blocks too: see BLOCK_ELEMENTS
-            torch.sub(expert_rows[rows], base_rows[rows], out=scratch[rows]).abs_()
+            torch.sub(expert_rows[rows].float(), base_rows[rows].float(), out=scratch[rows]).abs_()
         low, *high = kth_largest(scratch, [skip + keep] + ([skip + 1] if skip else []))
         cuts.append(keep_band(low, high[0] if high else math.inf, density if unbiased else 1.0))
     return cuts
 
 
-def random_drop(density: float, generator: torch.Generator, unbiased: bool) -> Sparsify:
+def random_drop(density: float, stream: RandomStream, unbiased: bool) -> Sparsify:
     """DARE: keep each entry with probability d (Bernoulli), then ÷ d when `unbiased`."""
-    return lambda tau: drop_random(tau, density, generator, rescale=unbiased)
+    return lambda tau: drop_random(tau, density, stream, rescale=unbiased)
 
 
 def della_keep_probability(n: int, density: float, epsilon: float,
@@ -132,7 +138,7 @@ def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
     return keys & ((1 << shift) - 1)
 
 
-def rank_drop(cols: int, density: float, epsilon: float, generator: torch.Generator,
+def rank_drop(cols: int, density: float, epsilon: float, stream: RandomStream,
               unbiased: bool, device: torch.device) -> Sparsify:
     """DELLA's MagPrune: in each row keep the r-th smallest |τ| with probability p(r), then
     ÷ p(r) when `unbiased`. The draws go down the row in rank order (iid, so the same law)."""
@@ -143,7 +149,7 @@ def rank_drop(cols: int, density: float, epsilon: float, generator: torch.Genera
     keep_probability = della_keep_probability(cols, density, epsilon, device)
 
     def sparsify(tau: torch.Tensor) -> torch.Tensor:
-        draws = torch.rand(tau.shape, generator=generator, dtype=tau.dtype, device=tau.device)
+        draws = stream.rand(tau.shape).to(tau.dtype)
         probability = keep_probability.to(tau.dtype)
         keep = draws.lt_(probability)  # 1.0 / 0.0, by rank
         if unbiased:
@@ -181,32 +187,31 @@ def combine(taus: list[torch.Tensor], weights: list[float], consensus: bool,
 
 
 def l1_scales(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[Sparsify],
-              generators: list[torch.Generator]) -> list[float]:
+              streams: list[RandomStream]) -> list[float]:
     """mergekit's rescale: ||τi||₁ / ||sparsify(τi)||₁ (1 where either is below 1e-7). A first
-    pass over the blocks; the generators are rewound so the merge draws the same masks."""
-    states = [g.get_state() for g in generators]
+    pass over the blocks; the streams are rewound so the merge draws the same masks."""
     before, after = [0.0] * len(experts), [0.0] * len(experts)
     for rows in row_blocks(base):
         for i, (expert, sparsify) in enumerate(zip(experts, sparsifiers)):
-            tau = expert[rows] - base[rows]
+            tau = expert[rows].float() - base[rows].float()
             before[i] += float(tau.abs().sum(dtype=torch.float64))
             after[i] += float(sparsify(tau).abs().sum(dtype=torch.float64))
-    for generator, state in zip(generators, states):
-        generator.set_state(state)
+    for stream in streams:
+        stream.rewind()
     return [b / a if b >= L1_EPS and a >= L1_EPS else 1.0 for b, a in zip(before, after)]
 
 
 def merge_sparse(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[Sparsify], *,
                  weights: list[float], consensus: bool, normalize: bool, lambda_: float,
-                 l1: bool = False, generators: list[torch.Generator] = ()) -> torch.Tensor:
+                 l1: bool = False, streams: list[RandomStream] = ()) -> torch.Tensor:
     """θ0 + λ · combine(sparsify(τi)), block of rows by block of rows."""
     base_rows, expert_rows = as_rows(base), [as_rows(e) for e in experts]
-    scales = (l1_scales(base_rows, expert_rows, sparsifiers, list(generators)) if l1
+    scales = (l1_scales(base_rows, expert_rows, sparsifiers, list(streams)) if l1
               else [1.0] * len(experts))
-    out = torch.empty_like(base_rows)
+    out = torch.empty(base_rows.shape, dtype=torch.float32, device=base.device)
     for rows in row_blocks(base_rows):
-        theta0 = base_rows[rows]
-        taus = [sparsify(expert[rows] - theta0)
+        theta0 = base_rows[rows].float()
+        taus = [sparsify(expert[rows].float() - theta0)
                 for expert, sparsify in zip(expert_rows, sparsifiers)]
         taus = [tau.mul_(scale) if scale != 1 else tau for tau, scale in zip(taus, scales)]
         merged = combine(taus, weights, consensus, normalize)
@@ -216,17 +221,12 @@ def merge_sparse(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: l
     return out.view(base.shape)
 
 
-def expert_generators(ctx: TensorContext | None, device: torch.device,
-                      count: int) -> list[torch.Generator]:
-    """One generator per expert, seeded from ctx.generator (seed, tensor name)."""
+def expert_streams(ctx: TensorContext | None, device: torch.device,
+                   count: int) -> list[RandomStream]:
+    """One random stream per expert, from (seed, tensor name, expert) and the chunk's offset."""
     if ctx is None:
         raise ValueError("a random method needs ctx, the tensor's context with its seed")
-    parent = ctx.generator(device)
-    seeds = torch.randint(0, 2**62, (count,), generator=parent, device=device).tolist()
-    generators = [torch.Generator(device=device) for _ in seeds]
-    for generator, seed in zip(generators, seeds):
-        generator.manual_seed(seed)
-    return generators
+    return [ctx.stream(i, device) for i in range(count)]
 
 
 def rescale_mode(rescale: bool | str, true_means: str) -> str:
@@ -283,7 +283,7 @@ def family_params(*, normalize: bool, rescale: bool, extra: tuple[Param, ...] = 
 
 @register("ties", summary="Trim each task vector to its top-d magnitudes, elect a sign per "
           "entry, average the agreeing entries.", paper=TIES_PAPER, needs_base=True,
-          params=family_params(normalize=True, rescale=False))
+          stored_dtype_inputs=True, params=family_params(normalize=True, rescale=False))
 def ties(base, experts, *, weights, densities, lambda_=1.0, normalize=True, rescale=False,
          int8_mask=False, ctx=None):
     """θ = θ0 + λ · disjoint_mean(trim(τi), s), s = sign(Σ wi trim(τi))."""
@@ -293,18 +293,25 @@ def ties(base, experts, *, weights, densities, lambda_=1.0, normalize=True, resc
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1")
 
 
+# DARE's entries are independent given their draws, so it streams in chunks; mergekit's l1
+# rescale needs sums over the whole tensor first.
+DARE_STREAMING = dict(
+    elementwise=True,
+    whole_tensor_when=lambda params: rescale_mode(params["rescale"], "1/density") == "l1")
+
+
 def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx, consensus):
     mode = rescale_mode(rescale, true_means="1/density")
-    generators = expert_generators(ctx, base.device, len(experts))
-    drops = [random_drop(d, g, mode == "1/density") for d, g in zip(densities, generators)]
+    streams = expert_streams(ctx, base.device, len(experts))
+    drops = [random_drop(d, g, mode == "1/density") for d, g in zip(densities, streams)]
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
-                        normalize=normalize, lambda_=lambda_, l1=mode == "l1",
-                        generators=generators)
+                        normalize=normalize, lambda_=lambda_, l1=mode == "l1", streams=streams)
 
 
 @register("dare_ties", summary="Drop each task-vector entry with probability 1 − d, rescale the "
           "kept ones by 1/d, then TIES' sign election and disjoint merge.", paper=DARE_PAPER,
-          needs_base=True, params=family_params(normalize=False, rescale=True))
+          needs_base=True, stored_dtype_inputs=True, **DARE_STREAMING,
+          params=family_params(normalize=False, rescale=True))
 def dare_ties(base, experts, *, weights, densities, lambda_=1.0, normalize=False, rescale=True,
               int8_mask=False, ctx=None):
     """θ = θ0 + λ · disjoint_mean(drop(τi)/d, s)."""
@@ -314,7 +321,8 @@ def dare_ties(base, experts, *, weights, densities, lambda_=1.0, normalize=False
 
 @register("dare_linear", summary="Drop each task-vector entry with probability 1 − d, rescale "
           "the kept ones by 1/d, add the weighted sum to the base.", paper=DARE_PAPER,
-          needs_base=True, params=family_params(normalize=False, rescale=True))
+          needs_base=True, stored_dtype_inputs=True, **DARE_STREAMING,
+          params=family_params(normalize=False, rescale=True))
 def dare_linear(base, experts, *, weights, densities, lambda_=1.0, normalize=False, rescale=True,
                 int8_mask=False, ctx=None):
     """θ = θ0 + λ · Σ wi drop(τi)/d."""
@@ -332,7 +340,8 @@ def breadcrumbs_merge(base, experts, *, weights, densities, gammas, lambda_, nor
 
 @register("breadcrumbs", summary="Drop each task vector's top-γ outliers and its smallest "
           "entries, keeping a d fraction; add the weighted sum.", paper=BREADCRUMBS_PAPER,
-          needs_base=True, params=family_params(normalize=False, rescale=False, extra=(GAMMA,)))
+          needs_base=True, stored_dtype_inputs=True,
+          params=family_params(normalize=False, rescale=False, extra=(GAMMA,)))
 def breadcrumbs(base, experts, *, weights, densities, gammas=None, lambda_=1.0, normalize=False,
                 rescale=False, int8_mask=False, ctx=None):
     """θ = θ0 + λ · Σ wi band(τi)."""
@@ -343,7 +352,7 @@ def breadcrumbs(base, experts, *, weights, densities, gammas=None, lambda_=1.0, 
 
 @register("breadcrumbs_ties", summary="Breadcrumbs' outlier-and-small-entry masks, then TIES' "
           "sign election and disjoint merge.", paper=BREADCRUMBS_PAPER, needs_base=True,
-          params=family_params(normalize=False, rescale=False, extra=(GAMMA,)))
+          stored_dtype_inputs=True, params=family_params(normalize=False, rescale=False, extra=(GAMMA,)))
 def breadcrumbs_ties(base, experts, *, weights, densities, gammas=None, lambda_=1.0,
                      normalize=False, rescale=False, int8_mask=False, ctx=None):
     """θ = θ0 + λ · disjoint_mean(band(τi), s)."""
@@ -356,18 +365,18 @@ def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normali
                 consensus):
     check_della({"densities": densities, "epsilons": epsilons})
     mode = rescale_mode(rescale, true_means="1/density")
-    generators = expert_generators(ctx, base.device, len(experts))
+    streams = expert_streams(ctx, base.device, len(experts))
     cols = as_rows(base).shape[1]
     drops = [rank_drop(cols, d, eps, g, mode == "1/density", base.device)
-             for d, eps, g in zip(densities, epsilons, generators)]
+             for d, eps, g in zip(densities, epsilons, streams)]
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
-                        normalize=normalize, lambda_=lambda_, l1=mode == "l1",
-                        generators=generators)
+                        normalize=normalize, lambda_=lambda_, l1=mode == "l1", streams=streams)
 
 
 @register("della", summary="Drop task-vector entries at random, less often the larger they "
           "rank in their row; rescale; TIES' sign election and disjoint mean.", paper=DELLA_PAPER,
-          needs_base=True, params=family_params(normalize=True, rescale=True, extra=(EPSILON,)),
+          needs_base=True, stored_dtype_inputs=True,
+          params=family_params(normalize=True, rescale=True, extra=(EPSILON,)),
           validate=check_della)
 def della(base, experts, *, weights, densities, epsilons=None, lambda_=1.0, normalize=True,
           rescale=True, int8_mask=False, ctx=None):
@@ -378,7 +387,7 @@ def della(base, experts, *, weights, densities, epsilons=None, lambda_=1.0, norm
 
 
 @register("della_linear", summary="DELLA's magnitude-ranked random drops, rescaled; add the "
-          "weighted sum.", paper=DELLA_PAPER, needs_base=True,
+          "weighted sum.", paper=DELLA_PAPER, needs_base=True, stored_dtype_inputs=True,
           params=family_params(normalize=False, rescale=True, extra=(EPSILON,)),
           validate=check_della)
 def della_linear(base, experts, *, weights, densities, epsilons=None, lambda_=1.0,

@@ -118,8 +118,10 @@ class Scorer:
         return {t.name: results[t.name] for t in self.tasks}
 
     def _materialize(self, recipe: Recipe, key: str):
-        if not self.in_memory:
-            return self.merge_folder(recipe)
+        from mergesmith.methods import get_method
+
+        if not self.in_memory or get_method(recipe.merge_method).router:
+            return self.merge_folder(recipe)  # a router is trained on the written model
         from mergesmith.calibrate.pipeline import merge_plan
         from mergesmith.engine.memory import load_merged, merge_tensors
 
