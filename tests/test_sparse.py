@@ -508,3 +508,43 @@ def test_seeded_merge_is_the_same_bytes_whatever_the_chunk_size(tmp_path, llama)
     other = read_tensors(mergesmith.merge(recipe, tmp_path / "c", seed=4))
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert any(not torch.equal(one[k], other[k]) for k in one)
+
+
+def test_dare_streams_in_chunks_and_tiles_with_the_whole_tensors_draws(tmp_path, llama, monkeypatch):
+    """DARE goes through the engine in row chunks and cache tiles (tiny ones here), each drawing
+    from its entries' place in the stream: the same bytes as whole tensors. mergekit's l1
+    rescale sums over the whole tensor, so it does not stream."""
+    from mergesmith.engine import run
+
+    spec = get_method("dare_ties")
+    assert spec.streams({"rescale": True}) and not spec.streams({"rescale": "l1"})
+    recipe = write_recipe(tmp_path / "r.yaml", sparse_recipe(llama, "dare_linear", density=0.5))
+    whole = read_tensors(mergesmith.merge(recipe, tmp_path / "whole", seed=3, chunk_size="1GB"))
+    monkeypatch.setattr(run, "CPU_TILE", 96)
+    tiled = read_tensors(mergesmith.merge(recipe, tmp_path / "tiled", seed=3, chunk_size="2KiB"))
+    assert all(torch.equal(whole[k], tiled[k]) for k in whole)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_threads_share_the_blocks_without_changing_a_bit(method):
+    """A large tensor's row blocks go to several threads: the same bytes as one thread, and the
+    random draws still come from each entry's place in the stream."""
+    gen = torch.Generator().manual_seed(5)
+    rows = 2 * sparse.MIN_BLOCKS_PER_THREAD * (sparse.BLOCK_ELEMENTS // 256)
+    base = torch.randn(rows, 256, generator=gen)
+    experts = [base + 0.01 * torch.randn(rows, 256, generator=gen) for _ in range(3)]
+    spec = get_method(method)
+    kwargs = dict(weights=[1.0, 0.5, 2.0], densities=[0.3] * 3, ctx=CTX)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = spec.fn(base, experts, **kwargs)
+        torch.set_num_threads(2)
+        two = spec.fn(base, experts, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    # bf16 inputs, cast block by block, give what fp32 copies of them give
+    low = [x.bfloat16() for x in (base, *experts)]
+    assert torch.equal(spec.fn(low[0], low[1:], **kwargs),
+                       spec.fn(low[0].float(), [x.float() for x in low[1:]], **kwargs))

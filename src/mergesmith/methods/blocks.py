@@ -113,16 +113,17 @@ def keep_topk(x: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def drop_random(x: torch.Tensor, density: float, stream: RandomStream,
-                rescale: bool = True) -> torch.Tensor:
+                rescale: bool = True, at: int | None = None) -> torch.Tensor:
     """DARE: keep each entry with probability d (Bernoulli), scale the kept ones by 1/d.
 
-    One uniform draw per entry, in row-major order, from `stream` (none when d ≥ 1 or d ≤ 0).
+    One uniform draw per entry, in row-major order, from `stream`: its next ones, or those from
+    entry `at` on (none when d ≥ 1 or d ≤ 0).
     """
     if density >= 1:
         return x.clone()
     if density <= 0:
         return torch.zeros_like(x)
-    draws = stream.rand(x.shape).to(x.dtype)
+    draws = (stream.rand(x.shape) if at is None else stream.rand_at(at, x.shape)).to(x.dtype)
     kept = draws.lt_(density).mul_(x)  # 1.0 / 0.0 floats: a bool mask costs ~10x more on the CPU
     return kept.div_(density) if rescale else kept
 

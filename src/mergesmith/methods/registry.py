@@ -8,6 +8,8 @@ with `experts`. The engine reads the spec to validate a recipe before it compute
 from __future__ import annotations
 
 import hashlib
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -105,36 +107,39 @@ RANDOM_BLOCK = 1 << 16
 class RandomStream:
     """Counter-based uniform draws: block b of a stream (entries [b·B, (b+1)·B)) comes from a
     generator seeded by (key, b), so any range of entries can be drawn without the ones before
-    it. `rand(shape)` takes the next entries in row-major order."""
+    it, by any thread. `rand(shape)` takes the next entries in row-major order; `rand_at(i,
+    shape)` those from entry i on (counted, like `rand`'s, from the stream's start)."""
 
     def __init__(self, key: str, start: int = 0, device: torch.device | str = "cpu"):
         self.key, self.start, self.device = key, start, torch.device(device)
-        self.position = start
-        self._cached: tuple[int, torch.Tensor] | None = None
-
-    def rewind(self) -> None:
-        self.position = self.start
+        self.position = 0
+        self._local = threading.local()  # each thread's last block: threads draw in parallel
 
     def _block(self, b: int) -> torch.Tensor:
-        if self._cached is None or self._cached[0] != b:
+        cached = getattr(self._local, "block", None)
+        if cached is None or cached[0] != b:
             gen = seeded_generator(f"{self.key}\0{b}", self.device)
-            self._cached = (b, torch.rand(RANDOM_BLOCK, generator=gen, device=self.device))
-        return self._cached[1]
+            cached = (b, torch.rand(RANDOM_BLOCK, generator=gen, device=self.device))
+            self._local.block = cached
+        return cached[1]
 
     def rand(self, shape) -> torch.Tensor:
         """fp32 draws in [0, 1) for the next prod(shape) entries."""
-        count = 1
-        for size in shape:
-            count *= size
+        out = self.rand_at(self.position, shape)
+        self.position += out.numel()
+        return out
+
+    def rand_at(self, index: int, shape) -> torch.Tensor:
+        """fp32 draws in [0, 1) for prod(shape) entries from entry `index` on."""
+        count = math.prod(shape)
         out = torch.empty(count, device=self.device)
-        first, stop = self.position, self.position + count
-        at = first
+        first = self.start + index
+        at, stop = first, first + count
         while at < stop:
             b, skip = divmod(at, RANDOM_BLOCK)
             take = min(RANDOM_BLOCK - skip, stop - at)
             out[at - first:at - first + take] = self._block(b)[skip:skip + take]
             at += take
-        self.position = stop
         return out.view(tuple(shape))
 
 
