@@ -182,10 +182,16 @@ def test_engine_alone_refuses_statistics_methods_without_statistics(models, tmp_
 
 
 def test_cli_merges_with_data_and_lists_what_methods_need(models, tmp_path, monkeypatch, capsys):
-    code, _, err = run_cli(monkeypatch, capsys, "merge", str(data_recipe(models, tmp_path, "fisher")),
-                           str(tmp_path / "out"), "--quiet")
+    recipe = data_recipe(models, tmp_path, "fisher")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(recipe), str(tmp_path / "out"), "--quiet")
     assert code == 0, err
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    # the recipe's method with its statistics, not the plain average `check` plans with
+    cli, api = read_tensors(tmp_path / "out"), read_tensors(mergesmith.merge(recipe, tmp_path / "api"))
+    assert all(torch.equal(cli[n], api[n]) for n in api)
+    average = read_tensors(models["experts"][0])
+    name = "model.layers.0.mlp.up_proj.weight"
+    other = read_tensors(models["experts"][1])
+    assert not torch.allclose(cli[name], (average[name] + other[name]) / 2)
     code, out, _ = run_cli(monkeypatch, capsys, "methods")
     assert code == 0
     assert "needs data" in out and "adamerging" in out and "regmean" in out

@@ -260,7 +260,11 @@ def test_apply_and_route_errors_are_clear(twin_models, twin_merge, tmp_path):
         route_texts(engine_only, ["w3 w4"])
 
 
-def test_cli_twin_apply_and_route(twin_merge, tmp_path, monkeypatch, capsys):
+def test_cli_twin_merge_apply_and_route(twin_models, twin_merge, tmp_path, monkeypatch, capsys):
+    recipe = twin_recipe(twin_models, tmp_path, router_steps=5)
+    code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, tmp_path / "cli", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "cli" / "twin" / "twin.json").read_text())["router"]["steps"] == 5
     out, _ = twin_merge
     code, _, err = run_cli(monkeypatch, capsys, "twin", "apply", out, tmp_path / "t0", "--task", "0")
     assert code == 0 and (tmp_path / "t0" / "config.json").is_file()

@@ -50,10 +50,11 @@ def merge(
     """Merge the models of RECIPE into OUTPUT (collecting data statistics first if the method needs them)."""
     from mergesmith.calibrate.pipeline import merge as run_merge, plan
 
-    the_plan = plan(recipe, seed=seed, shard_size=shard_size)
+    the_plan = plan(recipe, seed=seed, shard_size=shard_size)  # every error before any work
     for warning in the_plan.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    path = run_merge(the_plan.recipe, output, shard_size=shard_size, device=device, seed=seed,
+    # the recipe itself: for a data-aware method the plan above stands in a plain average
+    path = run_merge(recipe, output, shard_size=shard_size, device=device, seed=seed,
                      resume=resume, overwrite=overwrite, chunk_size=chunk_size,
                      progress=not quiet)
     if not quiet:
