@@ -317,3 +317,21 @@ def test_every_method_is_in_the_readme_table():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [s.name for s in all_methods() if f"| `{s.name}` |" not in readme]
     assert not missing
+
+
+def test_a_recipe_written_out_keeps_what_each_model_entry_inherits(models, tmp_path):
+    """A model entry's calibration holds only what it sets: written out and read back (model
+    cards, the demo's timed runs), it must not turn the defaults it left unset into overrides."""
+    from mergesmith.calibrate.pipeline import calibration_for
+    from mergesmith.methods import get_method
+    from mergesmith.recipe import load_recipe
+
+    recipe = load_recipe(data_recipe(models, tmp_path, "fisher"))
+    assert recipe.calibration.samples == 8
+    again = load_recipe(recipe.model_dump(exclude_none=True))
+    written = tmp_path / "again.yaml"
+    written.write_text(recipe.to_yaml())
+    for copy in (again, load_recipe(written)):
+        cal = calibration_for(copy, str(models["experts"][0]), get_method("fisher"))
+        assert (cal.samples, cal.max_length, cal.batch_size) == (8, 16, 4)
+        assert cal.data == str(models["data"][0])

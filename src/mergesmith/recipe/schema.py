@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import yaml
 from pydantic import (
+    model_serializer,
     BaseModel,
     ConfigDict,
     Field,
@@ -70,6 +71,12 @@ class Calibration(_Strict):
     batch_size: StrictInt = Field(default=8, ge=1)
     seed: StrictInt = 0
     cache: Optional[StrictStr] = None  # statistics folder; default ~/.cache/mergesmith/statistics
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_set(self, handler):
+        """A section written out (recipe cards, copies of a recipe) holds only the fields it
+        set: a model entry's defaults must not become values that override the recipe's."""
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
     @model_validator(mode="after")
     def _one_source(self) -> "Calibration":
