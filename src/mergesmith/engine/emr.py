@@ -24,7 +24,6 @@ a normal folder with the merge's shard layout, written atomically like a merge.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,9 @@ import torch
 
 from mergesmith.engine import side
 from mergesmith.engine.plan import DTYPES, Plan, TensorJob
-from mergesmith.engine.run import RESUME_HINT
-from mergesmith.errors import CheckpointError, OutputError
-from mergesmith.io import Checkpoint, OutputFolder, OutTensor, Shard, ShardWriter
 from mergesmith.engine.side import read_tensor, task_index
+from mergesmith.errors import CheckpointError
+from mergesmith.io import Checkpoint, OutTensor, Shard
 from mergesmith.io.checkpoint import read_safetensors_header, weight_files
 from mergesmith.io.output import write_json
 from mergesmith.methods.emr import EMR_PAPER, rescalers, task_model
@@ -79,16 +77,12 @@ class PackedRows:
         return self.done == self.bits
 
 
-class MaskWriter:
+class MaskWriter(side.SideWriter):
     """Receives each merged unit's masks and sums and writes one masks file per output shard."""
 
-    def __init__(self, plan: Plan, output: OutputFolder):
-        self.plan, self.output = plan, output
-        self.jobs = {job.out.name: job for job in plan.jobs}
-        (output.partial / SIDE_FOLDER).mkdir(exist_ok=True)
-        self.writer: ShardWriter | None = None
+    folder = SIDE_FOLDER
 
-    def open(self, shard: Shard) -> None:
+    def layout(self, shard: Shard) -> Shard:
         layout = Shard(masks_filename(shard))
         for out in shard.tensors:
             job = self.jobs[out.name]
@@ -97,8 +91,10 @@ class MaskWriter:
                 layout.tensors += [OutTensor(f"masks.{out.name}", torch.uint8,
                                              (tasks, packed_bytes(math.prod(out.shape)))),
                                    OutTensor(f"sums.{out.name}", torch.float64, (2, tasks))]
-        self.final = self.output.path(f"{SIDE_FOLDER}/{layout.filename}")
-        self.writer = ShardWriter(self.final.with_name(self.final.name + ".tmp"), layout)
+        return layout
+
+    def open(self, shard: Shard) -> None:
+        super().open(shard)
         self.name, self.bits, self.sums = None, None, None
 
     def add(self, job: TensorJob, outputs: tuple[list[torch.Tensor], torch.Tensor]) -> None:
@@ -110,26 +106,7 @@ class MaskWriter:
         self.bits.add(np.stack([m.reshape(-1).cpu().numpy() for m in masks]))
         self.sums += sums
         if self.bits.complete:
-            try:
-                self.writer.write(torch.from_numpy(self.bits.packed))
-                self.writer.write(self.sums)
-            except OSError as exc:
-                raise self._failed(exc) from None
-
-    def close(self) -> None:
-        try:
-            self.writer.close()
-            os.replace(self.writer.path, self.final)
-        except OSError as exc:
-            raise self._failed(exc) from None
-
-    def _failed(self, exc: OSError) -> OutputError:
-        return OutputError(f"writing {self.writer.path} failed: {exc.strerror or exc}",
-                           hint=RESUME_HINT)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
+            self.write(torch.from_numpy(self.bits.packed), self.sums)
 
 
 def write_index(plan: Plan, folder: Path) -> Path:

@@ -1,19 +1,66 @@
 """What methods with side outputs share: their files beside the merge are lone safetensors
-files, their rebuilt models keep the merge's shard layout, and their tasks are the experts."""
+files, one per output shard, written with it; their rebuilt models keep the merge's shard
+layout; and their tasks are the experts."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from mergesmith.errors import CheckpointError, MergesmithError
+from mergesmith.engine.run import RESUME_HINT
+from mergesmith.errors import CheckpointError, MergesmithError, OutputError
 from mergesmith.io import Checkpoint, OutputFolder, OutTensor, Shard, ShardWriter
 from mergesmith.io.checkpoint import TensorInfo, read_safetensors_header, weight_files
+
+
+class SideWriter:
+    """One side file per output shard in `<partial>/<folder>/`, written to a .tmp and renamed
+    into place when closed, before the engine marks the shard done: a resumed merge keeps both
+    or redoes both. Subclasses give `folder`, `layout(shard)` and `add(job, outputs)`."""
+
+    folder: str
+
+    def __init__(self, plan, output: OutputFolder):
+        self.plan, self.output = plan, output
+        self.jobs = {job.out.name: job for job in plan.jobs}
+        (output.partial / self.folder).mkdir(exist_ok=True)
+        self.writer: ShardWriter | None = None
+
+    def layout(self, shard: Shard) -> Shard:
+        raise NotImplementedError
+
+    def open(self, shard: Shard) -> None:
+        layout = self.layout(shard)
+        self.final = self.output.path(f"{self.folder}/{layout.filename}")
+        self.writer = ShardWriter(self.final.with_name(self.final.name + ".tmp"), layout)
+
+    def write(self, *tensors: torch.Tensor) -> None:
+        try:
+            for tensor in tensors:
+                self.writer.write(tensor)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+            os.replace(self.writer.path, self.final)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> OutputError:
+        return OutputError(f"writing {self.writer.path} failed: {exc.strerror or exc}",
+                           hint=RESUME_HINT)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

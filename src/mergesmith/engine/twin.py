@@ -20,16 +20,14 @@ all; a shard's parts file is renamed into place before the shard is marked done.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from mergesmith.engine import side
 from mergesmith.engine.plan import Plan, TensorJob
-from mergesmith.engine.run import RESUME_HINT
-from mergesmith.errors import CheckpointError, MergesmithError, OutputError
-from mergesmith.io import Checkpoint, OutputFolder, OutTensor, Shard, ShardWriter
+from mergesmith.errors import CheckpointError, MergesmithError
+from mergesmith.io import Checkpoint, OutTensor, Shard
 from mergesmith.io.output import write_json
 from mergesmith.methods.twin import TWIN_PAPER, compressed_rank, expand, routed
 
@@ -53,46 +51,23 @@ def part_tensors(name: str, shape: tuple[int, ...], tasks: int, rank_ratio: floa
             OutTensor(f"B.{name}", dtype, (tasks, r, cols))]
 
 
-class PartWriter:
+class PartWriter(side.SideWriter):
     """Receives each merged tensor's parts and writes one parts file per output shard."""
 
-    def __init__(self, plan: Plan, output: OutputFolder):
-        self.plan, self.output = plan, output
-        self.jobs = {job.out.name: job for job in plan.jobs}
-        (output.partial / SIDE_FOLDER).mkdir(exist_ok=True)
-        self.writer: ShardWriter | None = None
+    folder = SIDE_FOLDER
 
-    def open(self, shard: Shard) -> None:
+    def layout(self, shard: Shard) -> Shard:
         layout = Shard(parts_filename(shard))
         for out in shard.tensors:
             job = self.jobs[out.name]
             if not job.copy:
                 layout.tensors += part_tensors(out.name, tuple(out.shape), len(job.inputs) - 1,
                                                job.params["rank_ratio"], out.dtype)
-        self.final = self.output.path(f"{SIDE_FOLDER}/{layout.filename}")
-        self.writer = ShardWriter(self.final.with_name(self.final.name + ".tmp"), layout)
+        return layout
 
     def add(self, job: TensorJob, parts: list[tuple[torch.Tensor, ...]]) -> None:
-        try:
-            for factor in range(len(parts[0])):
-                self.writer.write(torch.stack([p[factor] for p in parts]).to(job.out.dtype))
-        except OSError as exc:
-            raise self._failed(exc) from None
-
-    def close(self) -> None:
-        try:
-            self.writer.close()
-            os.replace(self.writer.path, self.final)
-        except OSError as exc:
-            raise self._failed(exc) from None
-
-    def _failed(self, exc: OSError) -> OutputError:
-        return OutputError(f"writing {self.writer.path} failed: {exc.strerror or exc}",
-                           hint=RESUME_HINT)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
+        self.write(*(torch.stack([p[factor] for p in parts]).to(job.out.dtype)
+                     for factor in range(len(parts[0]))))
 
 
 def write_index(plan: Plan, folder: Path) -> Path:
