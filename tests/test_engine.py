@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -278,3 +282,41 @@ parameters:
     base, e1 = read_tensors(models["base"]), read_tensors(models["e1"])
     name = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(out[name], base[name] + 0.5 * (e1[name] - base[name]))
+
+
+# --------------------------------------------------------------------------------------------
+# the allocator: freed buffers are kept for the next tensor
+
+MALLINFO_PROBE = """
+import ctypes, sys
+from mergesmith.engine.allocator import keep_freed_memory
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+kept = keep_freed_memory()
+before = libc.mallinfo2()
+buffer = bytearray(64 << 20)  # above glibc's largest adaptive threshold (32 MiB)
+during = libc.mallinfo2()
+del buffer
+after = libc.mallinfo2()
+print(kept, during.hblkhd - before.hblkhd >= 64 << 20, after.arena - before.arena >= 64 << 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("setting, expected", [(None, "True False True"),
+                                               ("0", "False True False")])
+def test_keep_freed_memory_serves_large_buffers_from_a_heap_it_keeps(setting, expected):
+    """With it, a 64 MiB buffer comes from the heap (not its own mapping) and the heap keeps
+    it after the free; MERGESMITH_KEEP_FREED_MEMORY=0 leaves glibc's defaults (mapped, unmapped
+    on free). Run in a fresh process: the setting is process-wide."""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+    env = {k: v for k, v in os.environ.items() if k != "MERGESMITH_KEEP_FREED_MEMORY"}
+    if setting is not None:
+        env["MERGESMITH_KEEP_FREED_MEMORY"] = setting
+    run = subprocess.run([sys.executable, "-c", MALLINFO_PROBE], env=env, capture_output=True,
+                         text=True, check=True)
+    assert run.stdout.split() == expected.split()

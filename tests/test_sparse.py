@@ -51,19 +51,27 @@ def experts_from(base: torch.Tensor, taus: list[torch.Tensor]) -> list[torch.Ten
 
 def expert_draws(ctx: TensorContext, count: int, shape) -> list[torch.Tensor]:
     """The uniform draws of each expert, as registry.RandomStream promises them: entry j of
-    expert i from block j // 2^16 of a generator seeded by sha256("seed\0name\0i\0block"),
-    drawn row-major (written out here independently of the class)."""
+    expert i is word j mod 2^16 of block j // 2^16, the 32-bit words (low half first) of numpy's
+    SFC64 from state (x, y, z, 1), x, y, z from blake2b(block, key=sha256("seed\0name\0i"));
+    its top 24 bits times 2^-24 (written out here independently of the class)."""
     import hashlib
+
+    import numpy as np
 
     n = math.prod(shape)
     draws = []
     for i in range(count):
-        blocks = []
+        key = hashlib.sha256(f"{ctx.seed}\0{ctx.name}\0{i}".encode()).digest()
+        words = []
         for b in range((n + (1 << 16) - 1) // (1 << 16)):
-            digest = hashlib.sha256(f"{ctx.seed}\0{ctx.name}\0{i}\0{b}".encode()).digest()
-            seed = int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-            blocks.append(torch.rand(1 << 16, generator=torch.Generator().manual_seed(seed)))
-        draws.append(torch.cat(blocks)[:n].view(shape))
+            digest = hashlib.blake2b(b.to_bytes(8, "little"), key=key, digest_size=24).digest()
+            state = [int.from_bytes(digest[k:k + 8], "little") for k in (0, 8, 16)] + [1]
+            bits = np.random.SFC64()
+            bits.state = {"bit_generator": "SFC64", "has_uint32": 0, "uinteger": 0,
+                          "state": {"state": np.array(state, dtype=np.uint64)}}
+            words.append(bits.random_raw(1 << 15).astype("<u8").view("<u4"))
+        words = np.concatenate(words)[:n]
+        draws.append(torch.from_numpy((words // 256).astype(np.float32) / (1 << 24)).view(shape))
     return draws
 
 
@@ -211,6 +219,19 @@ def test_drop_random_by_hand():
     assert torch.equal(got, torch.where(draws < 0.5, tau / 0.5, 0.0))
     got = drop_random(tau, 0.5, CTX.stream(0), rescale=False)
     assert torch.equal(got, torch.where(draws < 0.5, tau, 0.0))
+
+
+def test_keep_at_keeps_exactly_the_entries_whose_draw_is_below_the_probability():
+    """keep_at compares the raw words; it must agree with rand_at < p (p as fp32) everywhere,
+    including probabilities that round to 0 or 1 in fp32 and one draw's width from either end."""
+    n = 2 * (1 << 16) + 77
+    stream = CTX.stream(3)
+    draws = stream.rand_at(1000, (n,))
+    for p in (0.0, 2.0 ** -24, 1e-8, 0.1, 0.5, 0.9, 1 - 2.0 ** -24, 1 - 2.0 ** -26, 1.0):
+        kept = stream.keep_at(1000, (n,), p)
+        assert kept.dtype == torch.float32
+        assert torch.equal(kept, (draws < p).float()), p
+    assert 0.45 < float(stream.keep_at(0, (n,), 0.5).mean()) < 0.55
 
 
 def test_random_streams_give_each_entry_the_same_draw_in_any_chunking():

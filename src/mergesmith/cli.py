@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergesmith import __version__
+from mergesmith.engine.allocator import keep_freed_memory
 from mergesmith.errors import MergesmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -339,6 +340,7 @@ def _bytes(n: int) -> str:
 
 
 def main() -> None:
+    keep_freed_memory()  # every command allocates and frees large tensors over and over
     argv = sys.argv[1:]
     if "--debug" in argv:  # accepted anywhere on the line, not only before the command
         argv = ["--debug"] + [a for a in argv if a != "--debug"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mergesmith.engine.allocator import keep_freed_memory
 from mergesmith.engine.api import _device, plan
 from mergesmith.engine.plan import Plan
 from mergesmith.engine.run import Unit, merge_unit
@@ -29,6 +30,7 @@ def merge_tensors(recipe: Plan | Recipe | str | Path | dict, *, seed: int | None
     if the_plan.method.side is not None:
         raise MergesmithError(f"{the_plan.method.name} writes outputs beside the merged weights, "
                               "which an in-memory merge would drop", hint="merge it to a folder")
+    keep_freed_memory()
     compute = _device(device)
     merged = {}
     for job in the_plan.jobs:

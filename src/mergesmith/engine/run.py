@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from mergesmith.engine.allocator import keep_freed_memory
 from mergesmith.engine.plan import Plan, TensorJob
 from mergesmith.errors import MethodError, OutputError
 from mergesmith.io import OutputFolder, ShardWriter
@@ -228,6 +229,7 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
            progress=None, side=None) -> None:
     """Write every shard not already finished, each through a fresh writer. `side` (engine/api.py:
     SIDE_STORES) stores the method's side outputs, per shard, before it is marked done."""
+    keep_freed_memory()
     threads = torch.get_num_threads()
     if device.type == "cpu" and plan.method.chunkable:
         # cache-sized tiles are too small to split across cores: the split costs more than it

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from mergesmith.errors import MethodError
@@ -100,28 +101,59 @@ class TensorContext:
         return RandomStream(f"{self.seed}\0{self.name}\0{index}", self.offset, device)
 
 
-# Entries per independently seeded block of a random stream.
+# Entries per block of a random stream: the unit a thread or chunk draws (and caches) at once.
 RANDOM_BLOCK = 1 << 16
+SFC64_COUNTER = (1).to_bytes(8, "little")
+_generators = threading.local()
 
 
 class RandomStream:
-    """Counter-based uniform draws: block b of a stream (entries [b·B, (b+1)·B)) comes from a
-    generator seeded by (key, b), so any range of entries can be drawn without the ones before
-    it, by any thread. `rand(shape)` takes the next entries in row-major order; `rand_at(i,
-    shape)` those from entry i on (counted, like `rand`'s, from the stream's start)."""
+    """Counter-based uniform draws. Block b of the stream (entries [b·B, (b+1)·B)) is the raw
+    output of numpy's SFC64 started from the state (x, y, z, 1), x, y, z the three little-endian
+    words of blake2b(b as 8 little-endian bytes, key = sha256(key), 24-byte digest), as 32-bit
+    words (each 64-bit output low half first); entry j's draw is its word's top 24 bits times
+    2^-24, the usual exact float32 uniform in [0, 1). So any range of entries can be drawn
+    without the ones before it, by any thread; a bit generator's raw output is stable across
+    numpy versions, and a state from a cryptographic hash needs no warm-up. Drawn on the CPU
+    whatever the device: a merge draws the same on any device. 5x faster than torch's CPU
+    generator, which was most of DARE's time. `rand(shape)` takes the next entries in row-major
+    order; `rand_at(i, shape)` those from entry i on (counted, like `rand`'s, from the stream's
+    start)."""
 
     def __init__(self, key: str, start: int = 0, device: torch.device | str = "cpu"):
-        self.key, self.start, self.device = key, start, torch.device(device)
+        self.key = hashlib.sha256(key.encode()).digest()
+        self.start, self.device = start, torch.device(device)
         self.position = 0
         self._local = threading.local()  # each thread's last block: threads draw in parallel
 
-    def _block(self, b: int) -> torch.Tensor:
-        cached = getattr(self._local, "block", None)
-        if cached is None or cached[0] != b:
-            gen = seeded_generator(f"{self.key}\0{b}", self.device)
-            cached = (b, torch.rand(RANDOM_BLOCK, generator=gen, device=self.device))
-            self._local.block = cached
-        return cached[1]
+    def _words(self, b: int) -> np.ndarray:
+        """Block b's 32-bit words."""
+        bits = getattr(_generators, "sfc64", None)
+        if bits is None:  # one per thread, restarted per block: a new one costs 5x a restart
+            bits = _generators.sfc64 = np.random.SFC64(0)
+        start = hashlib.blake2b(b.to_bytes(8, "little"), key=self.key, digest_size=24).digest()
+        bits.state = {"bit_generator": "SFC64", "has_uint32": 0, "uinteger": 0,
+                      "state": {"state": np.frombuffer(start + SFC64_COUNTER, dtype="<u8")}}
+        return bits.random_raw(RANDOM_BLOCK // 2).view(np.uint32)
+
+    def _fill(self, index: int, out: np.ndarray, convert) -> np.ndarray:
+        """convert(words, out part) over the words of entries index, index + 1, …, block by block;
+        a partly used block's words are kept per thread for the next call that wants the rest."""
+        first = self.start + index
+        at, stop = first, first + out.size
+        while at < stop:
+            b, skip = divmod(at, RANDOM_BLOCK)
+            take = min(RANDOM_BLOCK - skip, stop - at)
+            if take == RANDOM_BLOCK:
+                words = self._words(b)
+            else:
+                cached = getattr(self._local, "block", None)
+                if cached is None or cached[0] != b:
+                    cached = self._local.block = (b, self._words(b))
+                words = cached[1][skip:skip + take]
+            convert(words, out[at - first:at - first + take])
+            at += take
+        return out
 
     def rand(self, shape) -> torch.Tensor:
         """fp32 draws in [0, 1) for the next prod(shape) entries."""
@@ -131,16 +163,27 @@ class RandomStream:
 
     def rand_at(self, index: int, shape) -> torch.Tensor:
         """fp32 draws in [0, 1) for prod(shape) entries from entry `index` on."""
+        def uniform(words, out):
+            np.multiply(np.right_shift(words, 8), np.float32(2.0 ** -24), out=out, dtype=np.float32)
+
+        out = self._fill(index, np.empty(math.prod(shape), dtype=np.float32), uniform)
+        return torch.from_numpy(out).view(tuple(shape)).to(self.device)
+
+    def keep_at(self, index: int, shape, probability: float) -> torch.Tensor:
+        """1.0 where `rand_at(index, shape) < probability` (as fp32), else 0.0: the same entries,
+        found on the words themselves (u = k·2^-24 < p ⇔ k < ⌈p·2^24⌉), a third of the work."""
+        limit = math.ceil(float(np.float32(probability)) * (1 << 24))
         count = math.prod(shape)
-        out = torch.empty(count, device=self.device)
-        first = self.start + index
-        at, stop = first, first + count
-        while at < stop:
-            b, skip = divmod(at, RANDOM_BLOCK)
-            take = min(RANDOM_BLOCK - skip, stop - at)
-            out[at - first:at - first + take] = self._block(b)[skip:skip + take]
-            at += take
-        return out.view(tuple(shape))
+        if limit <= 0 or limit >= 1 << 24:
+            out = np.full(count, 0.0 if limit <= 0 else 1.0, dtype=np.float32)
+        else:
+            threshold = np.uint32(limit << 8)  # k < limit ⇔ word < limit·2^8
+
+            def below(words, out):
+                np.less(words, threshold, out=out)
+
+            out = self._fill(index, np.empty(count, dtype=np.float32), below)
+        return torch.from_numpy(out).view(tuple(shape)).to(self.device)
 
 
 @dataclass(frozen=True)
