@@ -199,6 +199,50 @@ def test_each_input_runs_on_its_own_routed_weights(twin_merge):
         assert hidden.shape[:2] == batch["input_ids"].shape
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma"])
+def test_routed_inference_keeps_matrices_low_rank_on_any_layer_kind(arch, twin_models, tmp_path):
+    """GPT-2 (Conv1D layers, tied embeddings) and Gemma (tied embeddings): every matrix read by
+    a Linear, Embedding or Conv1D layer is applied through its low-rank parts (no dense routed
+    copy is held), and each input still gets the logits of the model `apply` writes for it."""
+    import transformers as tf
+
+    base = build_model(tmp_path / "base", arch, seed=0, layers=2)
+    experts = [build_model(tmp_path / f"e{i}", arch, seed=i, base=base, layers=2, delta=0.05)
+               for i in (1, 2)]
+    m = {"base": base, "experts": experts, "data": twin_models["data"]}
+    out = mergesmith.merge(twin_recipe(m, tmp_path), tmp_path / "merged")
+    tokenizer = tf.AutoTokenizer.from_pretrained(out)
+    module = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    twin = TwinModel(out, module)
+    plain = (torch.nn.Linear, torch.nn.Embedding, tf.pytorch_utils.Conv1D)
+    readers: dict[int, set[type]] = {}
+    for layer in module.modules():
+        if isinstance(layer._parameters.get("weight"), torch.Tensor):
+            readers.setdefault(id(layer.weight), set()).add(type(layer))
+    matrices = {name for name, p in module.named_parameters()
+                if p.dim() == 2 and readers.get(id(p), set()) <= set(plain)}
+    assert len(matrices) >= 10 and set(twin.low_rank) == matrices
+    others = set(twin.deltas) - {"model.embed_tokens.weight"}  # Gemma's scales its output
+    assert all(twin.deltas[name].dim() == 2 for name in others)  # [T, n]: vectors only
+    model = RoutedModule(twin)
+    texts = ["w3 w7 w11 w20 w5 w9", "w31 w40 w45 w50"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    weights = twin.route(dict(batch))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for row, text in enumerate(texts):
+            folder = apply_twin(out, tmp_path / f"row{row}", weights=weights[row].tolist())
+            alone = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            ids = tokenizer([text], return_tensors="pt")
+            expected = alone(**ids).logits[0]
+            n = expected.shape[0]
+            torch.testing.assert_close(logits[row, :n], expected, atol=1e-4, rtol=1e-4)
+        # outside a routed forward the module is the shared model
+        shared = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        ids = tokenizer([texts[0]], return_tensors="pt")
+        torch.testing.assert_close(module(**ids).logits, shared(**ids).logits)
+
+
 def test_evaluation_runs_every_input_on_its_own_routed_weights(twin_merge, tmp_path):
     """Scoring a twin folder routes each input: its loss is that of the model for its weights."""
     import torch.nn.functional as F

@@ -8,7 +8,8 @@ entropy by full-batch Adam. Its weights go to twin/router.safetensors and its se
 training record into twin/twin.json.
 
 Inference: `TwinModel` routes each input, w = softmax(router(feature)), and runs it on
-θ* + Σ_t w_t v_t. `routed_module` wraps a loaded transformers module so that evaluation scores
+θ* + Σ_t w_t v_t, the low-rank parts of matrices applied to each layer's input (never a dense
+routed matrix). `routed_module` wraps a loaded transformers module so that evaluation scores
 it like any model, one input at a time (each input has its own weights).
 """
 
@@ -27,6 +28,7 @@ from mergesmith.engine.twin import INDEX, SIDE_FOLDER, Parts, read_index
 from mergesmith.errors import CalibrationError, MergesmithError
 from mergesmith.io import Checkpoint
 from mergesmith.io.output import write_json
+from mergesmith.methods.twin import expand
 from mergesmith.recipe import Calibration
 
 ROUTER_FILE = "router.safetensors"
@@ -134,11 +136,54 @@ def load_router(folder: Path, index: dict) -> Router:
     return router.eval()
 
 
+class LowRankDelta:
+    """Σ_t w_t A_t B_t applied to a layer's input instead of added to its weight: the routed
+    weight W* + Σ_t w_t A_t B_t is never built. For a Linear (y = x Wᵀ) the extra output is
+    ((x B_catᵀ) ⊙ w_rep) A_catᵀ, with A_cat = [A_1 … A_T] and B_cat = [B_1; …; B_T]; for an
+    Embedding, rows of A_cat ⊙ w_rep times B_cat; for GPT-2's Conv1D (y = x W, W [in, out]),
+    ((x A_cat) ⊙ w_rep) B_cat. 2·T·r·(m + n) numbers instead of T·m·n."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        tasks, rows, rank = a.shape
+        self.tasks, self.rank = tasks, rank
+        self.a = a.permute(1, 0, 2).reshape(rows, tasks * rank)  # [m, T·r]
+        self.b = b.reshape(tasks * rank, -1)  # [T·r, n]
+
+    def scale(self, weights: torch.Tensor) -> torch.Tensor:
+        """w_t repeated over each task's r columns."""
+        return weights.to(self.a.dtype).repeat_interleave(self.rank)
+
+    def linear(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return ((x.to(self.b.dtype) @ self.b.T) * self.scale(weights)) @ self.a.T
+
+    def embedding(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return (F.embedding(ids, self.a) * self.scale(weights)) @ self.b
+
+    def conv1d(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return ((x.to(self.a.dtype) @ self.a) * self.scale(weights)) @ self.b
+
+
+def low_rank_use(module: nn.Module) -> str | None:
+    """How a module uses its `weight`, where LowRankDelta can follow it; None elsewhere,
+    including subclasses with a forward of their own (Gemma's embedding scales its output)."""
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return "linear"
+    if forward is nn.Embedding.forward and module.max_norm is None:
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+        return "conv1d"
+    return None
+
+
 class TwinModel:
     """A twin merge loaded for inference: the shared model's module, each expert's exclusive
-    part as a dense fp32 tensor per merged parameter, and the router.
+    part, and the router. An input with routing weights w runs on θ* + Σ_t w_t v_t: the
+    low-rank parts of Linear, Embedding and Conv1D weights through forward hooks on those
+    layers (LowRankDelta), every other part (vectors: biases, norms) as a dense routed tensor.
 
-    Memory: the module plus T dense parts of the merged tensors (T times the model in fp32)."""
+    Memory: the module plus the parts as stored, in fp32 (low rank: the rank ratio's share of
+    each matrix per expert), where dense parts would take T times the model."""
 
     def __init__(self, folder: str | Path, module: nn.Module):
         self.folder = Path(folder)
@@ -152,23 +197,52 @@ class TwinModel:
         by_checkpoint = {ck: name for name, ck in names.items() if ck is not None}
         parts = Parts(self.folder, self.index)
         self.shared: dict[str, torch.Tensor] = {}
-        self.deltas: dict[str, torch.Tensor] = {}  # module name -> [T, *shape]
+        self.deltas: dict[str, torch.Tensor] = {}  # dense parts: module name -> [T, *shape]
+        self.low_rank: dict[str, LowRankDelta] = {}  # parameter name -> its low-rank parts
+        self.current: torch.Tensor | None = None  # routing weights [T] of the input running now
+        owners: dict[int, list[tuple[str, nn.Module]]] = {}
+        for owner_name, owner in module.named_modules():  # a tied weight has several owners
+            weight = owner._parameters.get("weight")
+            if weight is not None:
+                owners.setdefault(id(weight), []).append((owner_name, owner))
         for ck_name in parts.names():
             name = by_checkpoint.get(ck_name)
             if name is None:
                 continue  # a tensor this module class does not load (an unused head)
             param = module.get_parameter(name)
-            self.shared[name] = param.detach().float()
-            self.deltas[name] = torch.stack(parts.deltas(ck_name, param.shape)).to(device)
+            part = parts.of(ck_name)
+            users = owners.get(id(param), [])
+            uses = [low_rank_use(owner) for _, owner in users]
+            if len(part[0]) == 2 and users and None not in uses:  # every layer that reads it
+                delta = LowRankDelta(torch.stack([p[0] for p in part]).to(device),
+                                     torch.stack([p[1] for p in part]).to(device))
+                self.low_rank[name] = delta
+                for (_, owner), use in zip(users, uses):
+                    owner.register_forward_hook(self._hook(delta, use))
+            else:
+                self.shared[name] = param.detach().float()
+                self.deltas[name] = torch.stack([expand(p, param.shape) for p in part]).to(device)
+
+    def _hook(self, delta: LowRankDelta, use: str):
+        def add_routed_part(layer: nn.Module, args: tuple, output: torch.Tensor):
+            if self.current is None:
+                return output  # the shared model alone (routing features)
+            extra = getattr(delta, use)(args[0], self.current)
+            return output + extra.to(output.dtype)
+
+        return add_routed_part
 
     def route(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Routing weights [B, T] of a batch (input_ids, attention_mask)."""
+        self.current = None
         with torch.no_grad():
             return F.softmax(self.router(features(self.module.base_model, inputs)), dim=-1)
 
     def parameters_for(self, weights: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
-        """θ* + Σ_t w_t v_t for one input's weights [T], by module parameter name (names under
-        `prefix`, with it removed, for a submodule)."""
+        """θ* + Σ_t w_t v_t of the dense parts for one input's weights [T], by module parameter
+        name (names under `prefix`, with it removed, for a submodule); the low-rank parts
+        follow `self.current`, which this sets to `weights`."""
+        self.current = weights
         out = {}
         for name, shared in self.shared.items():
             if name.startswith(prefix):
@@ -201,11 +275,17 @@ class RoutedModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
         weights = self.twin.route({"input_ids": input_ids, "attention_mask": attention_mask})
         outputs = []
-        for row in range(input_ids.shape[0]):
-            params = self.twin.parameters_for(weights[row], self.prefix)
-            inputs = {"input_ids": input_ids[row:row + 1], "attention_mask": attention_mask[row:row + 1],
-                      **{k: v[row:row + 1] if torch.is_tensor(v) else v for k, v in kwargs.items()}}
-            outputs.append(torch.func.functional_call(self.target, params, args=(), kwargs=inputs))
+        try:
+            for row in range(input_ids.shape[0]):
+                params = self.twin.parameters_for(weights[row], self.prefix)
+                inputs = {"input_ids": input_ids[row:row + 1],
+                          "attention_mask": attention_mask[row:row + 1],
+                          **{k: v[row:row + 1] if torch.is_tensor(v) else v
+                             for k, v in kwargs.items()}}
+                outputs.append(torch.func.functional_call(self.target, params, args=(),
+                                                          kwargs=inputs))
+        finally:
+            self.twin.current = None
         first = outputs[0]
         return type(first)(**{key: torch.cat([o[key] for o in outputs])
                               for key, value in first.items() if torch.is_tensor(value)})
