@@ -57,6 +57,10 @@ GRIDS: dict[str, dict[str, list]] = {
     # hundreds; the demo's models and data are small)
     "adamerging": {"granularity": ["layer"], "steps": [20], "lr": [0.02]},
     "expert_merging": {"steps": [20]},
+    # the mask learners: one logit per weight, ~2 s per step here; a larger learning rate lets
+    # 20 steps move the logits past their start (Localize's ±3 around the top-|τ| mask)
+    "concrete_ta": {"steps": [20], "lr": [0.05]},
+    "localize_stitch": {"steps": [20], "density": [0.05], "lr": [0.5]},
     # routed: each point merges, trains its router and scores every input on its own weights
     "twin": {"lambda": [0.5], "rank_ratio": [0.1, 0.3]},
 }
@@ -64,10 +68,6 @@ GRIDS: dict[str, dict[str, list]] = {
 NOT_A_MERGE_OF_EXPERTS = {
     "passthrough": "copies layers from one model (frankenmerges)",
     "layer_swap": "needs a per-layer choice of model",
-    # not merges that cannot run here, but too slow for the demo's budget on 2 CPU cores: they
-    # learn one logit per weight (run them with `mergesmith merge`; tests/test_data_aware.py)
-    "concrete_ta": "learns a mask logit per weight: minutes per step on CPU at this size",
-    "localize_stitch": "learns a mask logit per weight per task: minutes per step on CPU at this size",
 }
 # Methods whose merge is one shared model plus a per-task part: each task is scored with its own
 # rebuilt model (`mergesmith emr apply`).
