@@ -82,16 +82,14 @@ class MaskWriter(side.SideWriter):
 
     folder = SIDE_FOLDER
 
-    def layout(self, shard: Shard) -> Shard:
-        layout = Shard(masks_filename(shard))
-        for out in shard.tensors:
-            job = self.jobs[out.name]
-            if not job.copy:
-                tasks = len(job.inputs) - 1
-                layout.tensors += [OutTensor(f"masks.{out.name}", torch.uint8,
-                                             (tasks, packed_bytes(math.prod(out.shape)))),
-                                   OutTensor(f"sums.{out.name}", torch.float64, (2, tasks))]
-        return layout
+    def filename(self, shard: Shard) -> str:
+        return masks_filename(shard)
+
+    def tensors(self, out: OutTensor, job: TensorJob) -> list[OutTensor]:
+        tasks = len(job.inputs) - 1
+        return [OutTensor(f"masks.{out.name}", torch.uint8,
+                          (tasks, packed_bytes(math.prod(out.shape)))),
+                OutTensor(f"sums.{out.name}", torch.float64, (2, tasks))]
 
     def open(self, shard: Shard) -> None:
         super().open(shard)

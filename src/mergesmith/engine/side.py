@@ -22,7 +22,8 @@ from mergesmith.io.checkpoint import TensorInfo, read_safetensors_header, weight
 class SideWriter:
     """One side file per output shard in `<partial>/<folder>/`, written to a .tmp and renamed
     into place when closed, before the engine marks the shard done: a resumed merge keeps both
-    or redoes both. Subclasses give `folder`, `layout(shard)` and `add(job, outputs)`."""
+    or redoes both. Subclasses give `folder`, `filename(shard)`, `tensors(out, job)` (the side
+    tensors of one merged tensor) and `add(job, outputs)`."""
 
     folder: str
 
@@ -32,8 +33,20 @@ class SideWriter:
         (output.partial / self.folder).mkdir(exist_ok=True)
         self.writer: ShardWriter | None = None
 
-    def layout(self, shard: Shard) -> Shard:
+    def filename(self, shard: Shard) -> str:
         raise NotImplementedError
+
+    def tensors(self, out, job) -> list:
+        raise NotImplementedError
+
+    def layout(self, shard: Shard) -> Shard:
+        """The side file of a shard: the side tensors of each tensor it merges (not copies)."""
+        layout = Shard(self.filename(shard))
+        for out in shard.tensors:
+            job = self.jobs[out.name]
+            if not job.copy:
+                layout.tensors += self.tensors(out, job)
+        return layout
 
     def open(self, shard: Shard) -> None:
         layout = self.layout(shard)

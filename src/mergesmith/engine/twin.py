@@ -56,14 +56,12 @@ class PartWriter(side.SideWriter):
 
     folder = SIDE_FOLDER
 
-    def layout(self, shard: Shard) -> Shard:
-        layout = Shard(parts_filename(shard))
-        for out in shard.tensors:
-            job = self.jobs[out.name]
-            if not job.copy:
-                layout.tensors += part_tensors(out.name, tuple(out.shape), len(job.inputs) - 1,
-                                               job.params["rank_ratio"], out.dtype)
-        return layout
+    def filename(self, shard: Shard) -> str:
+        return parts_filename(shard)
+
+    def tensors(self, out: OutTensor, job: TensorJob) -> list[OutTensor]:
+        return part_tensors(out.name, tuple(out.shape), len(job.inputs) - 1,
+                            job.params["rank_ratio"], out.dtype)
 
     def add(self, job: TensorJob, parts: list[tuple[torch.Tensor, ...]]) -> None:
         self.write(*(torch.stack([p[factor] for p in parts]).to(job.out.dtype)
