@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,6 +235,20 @@ def test_keep_at_keeps_exactly_the_entries_whose_draw_is_below_the_probability()
     assert 0.45 < float(stream.keep_at(0, (n,), 0.5).mean()) < 0.55
 
 
+def test_keep_at_takes_a_probability_and_a_value_per_column():
+    """With one probability and one value per column (DELLA's by rank), entry (r, c) is
+    value[c] where its draw is below p[c], else 0, for the same draws as a scalar p."""
+    rows, cols = 300, 7
+    stream = CTX.stream(2)
+    draws = stream.rand_at(55, (rows, cols))
+    p = np.array([0.0, 2.0 ** -24, 0.1, 0.5, 0.9, 1 - 2.0 ** -24, 1.0], dtype=np.float32)
+    value = np.array([3.0, -1.0, 0.5, 2.0, 7.0, 1.0, 0.25], dtype=np.float32)
+    kept = stream.keep_at(55, (rows, cols), p, value)
+    expected = torch.where(draws < torch.from_numpy(p), torch.from_numpy(value), 0.0)
+    assert kept.dtype == torch.float32 and torch.equal(kept, expected)
+    assert torch.equal(stream.keep_at(55, (rows, cols), 0.5, 4.0), (draws < 0.5).float() * 4)
+
+
 def test_random_streams_give_each_entry_the_same_draw_in_any_chunking():
     """A chunk starting at entry j (ctx.offset = j) draws what the whole tensor draws there,
     across block boundaries of the stream; streams of other experts or tensors differ."""
@@ -377,6 +392,20 @@ def test_della_keep_probability_rises_with_rank():
     ratio = (scaled[out != 0] / tau[out != 0]).double()
     expected = 1 / p.float().double()[magnitude[out != 0].long() - 1]
     torch.testing.assert_close(ratio, expected, rtol=1e-6, atol=0)  # so E[τ̂] = τ
+
+
+def test_della_at_density_equal_to_epsilon_never_keeps_the_smallest_and_makes_no_nan():
+    """d = ε is allowed: the smallest |τ| of each row has p = 0, is never kept, and its 1/p
+    rescale must not turn the dropped 0 into 0·∞ = NaN."""
+    torch.manual_seed(2)
+    tau = torch.randn(500, 6)
+    for rescale in (True, False):
+        got = della_linear(torch.zeros(500, 6), [tau], weights=[1.0], densities=[0.2],
+                           epsilons=[0.2], rescale=rescale, ctx=CTX)
+        assert torch.isfinite(got).all()
+        smallest = tau.abs().argmin(dim=1)
+        assert (got[torch.arange(500), smallest] == 0).all()
+        assert (got != 0).float().mean() > 0.1  # the other ranks are kept, some of them
 
 
 def test_della_rejects_probabilities_outside_zero_one(tmp_path, llama):
@@ -551,7 +580,7 @@ def test_threads_share_the_blocks_without_changing_a_bit(method):
     """A large tensor's row blocks go to several threads: the same bytes as one thread, and the
     random draws still come from each entry's place in the stream."""
     gen = torch.Generator().manual_seed(5)
-    rows = 2 * sparse.MIN_BLOCKS_PER_THREAD * (sparse.BLOCK_ELEMENTS // 256)
+    rows = 2 * sparse.MIN_BLOCKS_PER_THREAD * (sparse.RANKED_BLOCK_ELEMENTS // 256)
     base = torch.randn(rows, 256, generator=gen)
     experts = [base + 0.01 * torch.randn(rows, 256, generator=gen) for _ in range(3)]
     spec = get_method(method)

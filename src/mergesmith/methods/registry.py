@@ -169,21 +169,45 @@ class RandomStream:
         out = self._fill(index, np.empty(math.prod(shape), dtype=np.float32), uniform)
         return torch.from_numpy(out).view(tuple(shape)).to(self.device)
 
-    def keep_at(self, index: int, shape, probability: float) -> torch.Tensor:
-        """1.0 where `rand_at(index, shape) < probability` (as fp32), else 0.0: the same entries,
-        found on the words themselves (u = k·2^-24 < p ⇔ k < ⌈p·2^24⌉), a third of the work."""
-        limit = math.ceil(float(np.float32(probability)) * (1 << 24))
+    def ticks_at(self, index: int, shape) -> np.ndarray:
+        """The draws of `rand_at(index, shape)` as the integers k of u = k·2^-24 (uint32, on
+        the CPU)."""
+        def top_bits(words, out):
+            np.right_shift(words, 8, out=out)
+
+        out = self._fill(index, np.empty(math.prod(shape), dtype=np.uint32), top_bits)
+        return out.reshape(tuple(shape))
+
+    def keep_at(self, index: int, shape, probability, value=1.0) -> torch.Tensor:
+        """`value` where `rand_at(index, shape) < probability` (as fp32), else 0.0 (fp32). A
+        scalar probability and value, or arrays of them along the last dimension (one per
+        column). Found on the draws' integers (u = k·2^-24 < p ⇔ k < ⌈p·2^24⌉): a scalar
+        probability costs a third of drawing the floats and comparing them."""
         count = math.prod(shape)
-        if limit <= 0 or limit >= 1 << 24:
-            out = np.full(count, 0.0 if limit <= 0 else 1.0, dtype=np.float32)
+        if np.ndim(probability) or np.ndim(value):
+            kept = self.ticks_at(index, shape) < tick_limits(probability)
+            out = np.multiply(kept, np.asarray(value, dtype=np.float32), dtype=np.float32)
         else:
-            threshold = np.uint32(limit << 8)  # k < limit ⇔ word < limit·2^8
+            limit = int(tick_limits(probability))
+            if limit <= 0 or limit >= 1 << 24:
+                out = np.full(count, value if limit > 0 else 0.0, dtype=np.float32)
+            else:
+                threshold = np.uint32(limit << 8)  # k < limit ⇔ word < limit·2^8
 
-            def below(words, out):
-                np.less(words, threshold, out=out)
+                def below(words, out):
+                    np.less(words, threshold, out=out)
 
-            out = self._fill(index, np.empty(count, dtype=np.float32), below)
+                out = self._fill(index, np.empty(count, dtype=np.float32), below)
+                if value != 1:
+                    out *= np.float32(value)
         return torch.from_numpy(out).view(tuple(shape)).to(self.device)
+
+
+def tick_limits(probability) -> np.ndarray:
+    """⌈p·2^24⌉ in [0, 2^24] for p as fp32: a draw u = k·2^-24 is below p exactly when k is
+    below this (never for p ≤ 0, always for p ≥ 1)."""
+    scaled = np.ceil(np.asarray(probability, dtype=np.float32).astype(np.float64) * (1 << 24))
+    return np.clip(scaled, 0, 1 << 24).astype(np.uint32)
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,12 @@ over the whole tensor); DELLA ranks within rows and takes the whole tensor.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
 
+import numpy as np
 import torch
 
 from mergesmith.methods.blocks import (
@@ -68,6 +71,10 @@ Sparsify = Callable[[torch.Tensor, int], torch.Tensor]
 # the intra-op threads, and on 2 busy cores each split waits milliseconds for a core: 5-8x
 # slower (measured); single-threaded and in cache, a block is as fast as a 4x larger one.
 BLOCK_ELEMENTS = 1 << 15
+# DELLA's blocks: its per-row sort makes a block compute-bound, and it runs on several threads
+# (`in_parallel`, each op single-threaded), where each operation hands the GIL over: fewer,
+# larger blocks pay. Per 8 MiB of rows with 3 experts on 2 cores: 180 ms at 2^15, 94 at 2^17.
+RANKED_BLOCK_ELEMENTS = 1 << 17
 L1_EPS = 1e-7  # mergekit's: no L1 rescale of a τi whose norm before or after is below this
 RESCALE_CHOICES = (True, False, "1/density", "l1", "none")
 
@@ -118,45 +125,51 @@ def random_drop(density: float, stream: RandomStream, unbiased: bool) -> Sparsif
     return lambda tau, at: drop_random(tau, density, stream, rescale=unbiased, at=at)
 
 
-def della_keep_probability(n: int, density: float, epsilon: float,
-                           device: torch.device) -> torch.Tensor:
-    """p(r) = d − ε + 2ε·(r − 1)/(n − 1) for the r-th smallest |τ| of a row of n (d when n = 1)."""
-    spread = torch.arange(n, dtype=torch.float64) / (n - 1) if n > 1 else torch.full((1,), 0.5)
-    return (density - epsilon + 2 * epsilon * spread).to(torch.float32).to(device)
+def della_keep_probability(n: int, density: float, epsilon: float) -> np.ndarray:
+    """p(r) = d − ε + 2ε·(r − 1)/(n − 1) for the r-th smallest |τ| of a row of n (d when n = 1),
+    in fp32."""
+    spread = np.arange(n, dtype=np.float64) / (n - 1) if n > 1 else np.full(1, 0.5)
+    return (density - epsilon + 2 * epsilon * spread).astype(np.float32)
 
 
 def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
     """Per row, its columns by |x| ascending, ties by column (a stable argsort), as a sort of
-    int64 keys (|x|'s bit pattern, which orders like its value, then the column): a values-only
-    sort, 4x faster than torch's argsort on the CPU, where numpy's vectorized sort does it."""
+    64-bit keys (|x|'s bit pattern, which orders like its value, above the column): a
+    values-only sort, on the CPU numpy's vectorized one, 4x faster than torch's argsort."""
     cols = rows.shape[1]
-    shift = max(1, (cols - 1).bit_length())
+    if rows.device.type == "cpu":
+        # x's 32 bits shifted up by 33 leave the sign bit out of the 64: |x| above the column
+        keys = np.left_shift(rows.float().contiguous().numpy().view(np.uint32), np.uint64(33),
+                             dtype=np.uint64)
+        keys |= np.arange(cols, dtype=np.uint64)
+        keys.sort(axis=1)
+        keys &= np.uint64((1 << 33) - 1)
+        return torch.from_numpy(keys.view(np.int64))
+    shift = max(1, (cols - 1).bit_length())  # torch has no uint64 arithmetic: |x| then column
     keys = rows.abs().float().view(torch.int32).to(torch.int64) << shift
     keys |= torch.arange(cols, device=rows.device)
-    if keys.device.type == "cpu":
-        keys.numpy().sort(axis=1)
-    else:
-        keys = keys.sort(dim=1).values
-    return keys & ((1 << shift) - 1)
+    return keys.sort(dim=1).values & ((1 << shift) - 1)
 
 
 def rank_drop(cols: int, density: float, epsilon: float, stream: RandomStream,
-              unbiased: bool, device: torch.device) -> Sparsify:
+              unbiased: bool) -> Sparsify:
     """DELLA's MagPrune: in each row keep the r-th smallest |τ| with probability p(r), then
     ÷ p(r) when `unbiased`. The draws go down the row in rank order (iid, so the same law)."""
     if density >= 1:
         return lambda tau, at: tau
     if density <= 0:
         return lambda tau, at: torch.zeros_like(tau)
-    keep_probability = della_keep_probability(cols, density, epsilon, device)
+    keep_probability = della_keep_probability(cols, density, epsilon)
+    if unbiased:  # ×(1/p), as fp32; 0 where p ≤ 0, where nothing is kept (not 0·∞ = NaN)
+        positive = keep_probability > 0
+        scale = np.divide(np.float32(1), keep_probability, where=positive,
+                          out=np.zeros_like(keep_probability))
+    else:
+        scale = np.float32(1)
 
     def sparsify(tau: torch.Tensor, at: int) -> torch.Tensor:
-        draws = stream.rand_at(at, tau.shape).to(tau.dtype)
-        probability = keep_probability.to(tau.dtype)
-        keep = draws.lt_(probability)  # 1.0 / 0.0, by rank
-        if unbiased:
-            keep.div_(probability)
-        return tau.mul_(torch.empty_like(tau).scatter_(1, magnitude_order(tau), keep))
+        kept = stream.keep_at(at, tau.shape, keep_probability, scale)  # by rank
+        return tau.mul_(torch.empty_like(tau).scatter_(1, magnitude_order(tau), kept))
 
     return sparsify
 
@@ -170,11 +183,12 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
 
 
-def row_blocks(rows: torch.Tensor) -> list[slice]:
-    """Blocks of at most BLOCK_ELEMENTS entries (or one row) on the CPU; one block on other
-    devices, which want the whole tensor in one launch."""
+def row_blocks(rows: torch.Tensor, elements: int | None = None) -> list[slice]:
+    """Blocks of at most `elements` (BLOCK_ELEMENTS) entries, or one row, on the CPU; one block
+    on other devices, which want the whole tensor in one launch."""
     count, cols = rows.shape
-    step = count if rows.device.type != "cpu" else max(1, BLOCK_ELEMENTS // max(cols, 1))
+    elements = elements or BLOCK_ELEMENTS
+    step = count if rows.device.type != "cpu" else max(1, elements // max(cols, 1))
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
@@ -204,11 +218,12 @@ def l1_scales(base: torch.Tensor, experts: list[torch.Tensor],
 
 def merge_sparse(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[Sparsify], *,
                  weights: list[float], consensus: bool, normalize: bool, lambda_: float,
-                 l1: bool = False, threads: bool = False) -> torch.Tensor:
+                 l1: bool = False, threads: bool = False,
+                 block_elements: int | None = None) -> torch.Tensor:
     """θ0 + λ · combine(sparsify(τi)), block of rows by block of rows; with `threads`, the
     blocks shared out among threads (each block's result depends on that block alone), which
-    pays where sparsifying is compute-bound (DELLA's per-row sort: 1.7x on 2 cores) and not
-    where it is memory-bound (TIES, breadcrumbs: no faster, measured)."""
+    pays where sparsifying is compute-bound (DELLA's per-row sort) and not where it is
+    memory-bound (TIES, breadcrumbs: no faster, measured)."""
     base_rows, expert_rows = as_rows(base), [as_rows(e) for e in experts]
     scales = (l1_scales(base_rows, expert_rows, sparsifiers) if l1 else [1.0] * len(experts))
     out = torch.empty(base_rows.shape, dtype=torch.float32, device=base.device)
@@ -225,28 +240,43 @@ def merge_sparse(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: l
                 merged.mul_(lambda_)
             torch.add(theta0, merged, out=out[rows])
 
-    blocks = row_blocks(base_rows)
+    blocks = row_blocks(base_rows, block_elements)
     in_parallel(merge_blocks, blocks) if threads else merge_blocks(blocks)
     return out.view(base.shape)
 
 
-# Blocks per thread below which one thread does all: a thread's start costs more than a few
-# blocks' work.
-MIN_BLOCKS_PER_THREAD = 64
+# Blocks per thread below which one thread does all: handing a block to a thread costs less
+# than a tenth of a block's work, but a thread with one block may wait for the other's.
+MIN_BLOCKS_PER_THREAD = 2
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # with its number of threads
+_pool_lock = threading.Lock()
 
 
 def in_parallel(work: Callable[[list[slice]], None], blocks: list[slice]) -> None:
-    """work(blocks) with the blocks split into contiguous runs, one per intra-op thread (the
-    engine allows one when it streams small tiles itself). Torch and numpy release the GIL in
-    the block operations, and each block stays single-threaded and in cache."""
+    """work(blocks) with the blocks split into contiguous runs, one per intra-op thread allowed
+    (the engine allows one when it streams small tiles itself), on threads kept for the
+    process. Each operation runs single-threaded meanwhile, on its block in cache; torch and
+    numpy release the GIL in them."""
+    global _pool
     threads = min(torch.get_num_threads(), len(blocks) // MIN_BLOCKS_PER_THREAD)
-    if threads <= 1:
-        work(blocks)
-        return
-    step = -(-len(blocks) // threads)
-    with ThreadPoolExecutor(threads, thread_name_prefix="mergesmith-blocks") as pool:
-        for future in [pool.submit(work, blocks[i:i + step]) for i in range(0, len(blocks), step)]:
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads <= 1:
+            work(blocks)
+            return
+        with _pool_lock:
+            if _pool is None or _pool[1] < threads:
+                size = max(threads, os.cpu_count() or 1)
+                _pool = ThreadPoolExecutor(size, thread_name_prefix="mergesmith-blocks"), size
+            pool = _pool[0]
+        step = -(-len(blocks) // threads)
+        futures = [pool.submit(work, blocks[i:i + step]) for i in range(0, len(blocks), step)]
+        wait(futures)  # all done before an error surfaces: none still writes into the result
+        for future in futures:
             future.result()
+    finally:
+        torch.set_num_threads(intra_op)
 
 
 def expert_streams(ctx: TensorContext | None, device: torch.device,
@@ -395,10 +425,11 @@ def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normali
     mode = rescale_mode(rescale, true_means="1/density")
     streams = expert_streams(ctx, base.device, len(experts))
     cols = as_rows(base).shape[1]
-    drops = [rank_drop(cols, d, eps, g, mode == "1/density", base.device)
+    drops = [rank_drop(cols, d, eps, g, mode == "1/density")
              for d, eps, g in zip(densities, epsilons, streams)]
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
-                        normalize=normalize, lambda_=lambda_, l1=mode == "l1", threads=True)
+                        normalize=normalize, lambda_=lambda_, l1=mode == "l1", threads=True,
+                        block_elements=RANKED_BLOCK_ELEMENTS)
 
 
 @register("della", summary="Drop task-vector entries at random, less often the larger they "
