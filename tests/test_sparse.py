@@ -576,6 +576,37 @@ def test_dare_streams_in_chunks_and_tiles_with_the_whole_tensors_draws(tmp_path,
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_streams_in_chunks_of_whole_rows_with_the_whole_tensors_draws(
+        tmp_path, llama, monkeypatch, method):
+    """DELLA ranks within rows, so the engine gives it blocks of whole rows (never tiles, which
+    cut rows; never a split vector, which is one row), each drawing from its entries' place in
+    the stream: the same bytes as whole tensors, at a chunk's memory."""
+    from mergesmith.engine import run
+
+    spec = get_method(method)
+    assert spec.streams({"rescale": True}) and not spec.streams({"rescale": "l1"})
+    assert not spec.tiles({"rescale": True})
+    recipe = write_recipe(tmp_path / "r.yaml", sparse_recipe(llama, method, density=0.5))
+    whole = read_tensors(mergesmith.merge(recipe, tmp_path / "whole", seed=3, chunk_size="1GB"))
+    seen = []
+    merge_unit = run.merge_unit
+
+    def spy(plan, unit, tensors, device, stats):
+        seen.append((unit.job.out.shape, unit.rows, [t.shape for t in tensors]))
+        return merge_unit(plan, unit, tensors, device, stats)
+
+    monkeypatch.setattr(run, "merge_unit", spy)
+    monkeypatch.setattr(run, "CPU_TILE", 96)
+    chunked = read_tensors(mergesmith.merge(recipe, tmp_path / "chunked", seed=3,
+                                            chunk_size="2KiB"))
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+    blocks = [(shape, rows, shapes) for shape, rows, shapes in seen if rows is not None]
+    assert blocks and all(len(shape) == 2 for shape, _, _ in blocks)
+    assert all(s[1:] == shape[1:] for shape, _, shapes in blocks for s in shapes)
+    assert all(rows is None for shape, rows, _ in seen if len(shape) < 2)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_threads_share_the_blocks_without_changing_a_bit(method):
     """A large tensor's row blocks go to several threads: the same bytes as one thread, and the
     random draws still come from each entry's place in the stream."""

@@ -86,12 +86,18 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(job.out.nbytes for job in self.jobs)
 
+    def streams(self, job: TensorJob) -> bool:
+        """Whether the job's tensor may be merged in blocks of rows: never a vocabulary-aligned
+        one, nor a vector for a row-local method (it is one row)."""
+        return (self.method.streams(job.params) and not job.vocab_axis
+                and not (self.method.row_local and len(job.out.shape) < 2))
+
     def peak_memory(self, chunk_bytes: int) -> int:
         """Bytes the run holds at its peak: one unit being merged plus one being prefetched."""
         worst = 0
         for job in self.jobs:
             elements = math.prod(job.out.shape)
-            if self.method.streams(job.params) and not job.vocab_axis:
+            if self.streams(job):
                 elements = min(elements, max(chunk_bytes // 4, math.prod(job.out.shape[1:]) or 1))
             inputs = [ck.tensors[name] for ck, name in job.inputs]
             # statistics shaped like the tensor are chunked with it; others (Gram matrices) are

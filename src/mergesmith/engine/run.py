@@ -48,8 +48,7 @@ class Unit:
 def units(plan: Plan, job: TensorJob, chunk_bytes: int) -> list[Unit]:
     shape = job.out.shape
     row_elems = math.prod(shape[1:]) if shape else 1
-    whole = (job.copy or job.vocab_axis or not plan.method.streams(job.params) or not shape
-             or 4 * math.prod(shape) <= chunk_bytes)
+    whole = job.copy or not plan.streams(job) or not shape or 4 * math.prod(shape) <= chunk_bytes
     if whole:
         return [Unit(job, None, "merge")]
     step = max(1, chunk_bytes // (4 * row_elems))
@@ -132,7 +131,7 @@ def _tile(plan: Plan, job: TensorJob, tensor: torch.Tensor, device: torch.device
     """Element-wise work on the CPU goes in cache-sized tiles: the cast, the method's few
     operations and the cast back then stream through cache once instead of through memory
     several times. GPUs want the whole block in one launch."""
-    if device.type != "cpu" or not plan.method.streams(job.params) or tensor.numel() <= CPU_TILE:
+    if device.type != "cpu" or not plan.method.tiles(job.params) or tensor.numel() <= CPU_TILE:
         return None
     return CPU_TILE
 

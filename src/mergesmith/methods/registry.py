@@ -222,8 +222,14 @@ class MethodSpec:
     max_models: int | None = None
     # The base is used when given (e.g. as the origin of multislerp) but is not required.
     optional_base: bool = False
-    # f(rows of inputs) == rows of f(inputs): the engine may stream such a method in row chunks.
+    # f(part of inputs) == that part of f(inputs) for any part (given ctx.offset, the part's
+    # first entry, for random draws): the engine may stream such a method in row chunks and
+    # split those into flat tiles.
     elementwise: bool = False
+    # The same for parts made of whole rows (the first dimension against the rest) only: each
+    # row is merged from that row alone (DELLA's per-row ranks). The engine streams it in row
+    # chunks, never in tiles, and leaves it the intra-op threads to share its rows out.
+    row_local: bool = False
     # For methods that are elementwise once a few whole-tensor sums are known (SLERP's norms and
     # dot product): `reduce(base_chunk, expert_chunks, **params)` returns float64 partial sums,
     # which the engine adds over chunks and passes to `fn` as `stats=`.
@@ -275,8 +281,13 @@ class MethodSpec:
         return self.elementwise or self.reduce is not None
 
     def streams(self, params: dict[str, Any]) -> bool:
-        """Whether one tensor's merge, with these parameters, may go in row blocks or tiles."""
-        return self.chunkable and not (self.whole_tensor_when and self.whole_tensor_when(params))
+        """Whether one tensor's merge, with these parameters, may go in row blocks."""
+        return ((self.chunkable or self.row_local)
+                and not (self.whole_tensor_when and self.whole_tensor_when(params)))
+
+    def tiles(self, params: dict[str, Any]) -> bool:
+        """Whether a row block may be split further into flat tiles, which cut rows."""
+        return self.chunkable and self.streams(params)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

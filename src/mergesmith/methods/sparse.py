@@ -38,7 +38,7 @@ Random draws come from one counter-based stream per expert (`ctx.stream(i)`): en
 expert i's task vector gets the j-th draw of the stream of (seed, tensor name, i), whatever the
 blocks or chunks the tensor is merged in. So DARE, whose entries are independent, streams
 through the engine in chunks like task arithmetic (except with mergekit's `l1` rescale, a sum
-over the whole tensor); DELLA ranks within rows and takes the whole tensor.
+over the whole tensor), and DELLA, which ranks within rows, in chunks of whole rows.
 """
 
 from __future__ import annotations
@@ -351,11 +351,15 @@ def ties(base, experts, *, weights, densities, lambda_=1.0, normalize=True, resc
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1")
 
 
-# DARE's entries are independent given their draws, so it streams in chunks; mergekit's l1
-# rescale needs sums over the whole tensor first.
-DARE_STREAMING = dict(
-    elementwise=True,
-    whole_tensor_when=lambda params: rescale_mode(params["rescale"], "1/density") == "l1")
+def l1_rescale(params: dict) -> bool:
+    """mergekit's l1 rescale needs sums over the whole tensor before anything is kept."""
+    return rescale_mode(params["rescale"], "1/density") == "l1"
+
+
+# DARE's entries are independent given their draws, so it streams in chunks and tiles; DELLA's
+# rows are, given theirs, so it streams in chunks of rows.
+DARE_STREAMING = dict(elementwise=True, whole_tensor_when=l1_rescale)
+DELLA_STREAMING = dict(row_local=True, whole_tensor_when=l1_rescale)
 
 
 def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx, consensus):
@@ -436,7 +440,7 @@ def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normali
           "rank in their row; rescale; TIES' sign election and disjoint mean.", paper=DELLA_PAPER,
           needs_base=True, stored_dtype_inputs=True,
           params=family_params(normalize=True, rescale=True, extra=(EPSILON,)),
-          validate=check_della)
+          validate=check_della, **DELLA_STREAMING)
 def della(base, experts, *, weights, densities, epsilons=None, lambda_=1.0, normalize=True,
           rescale=True, int8_mask=False, ctx=None):
     """θ = θ0 + λ · disjoint_mean(magprune(τi), s)."""
@@ -448,7 +452,7 @@ def della(base, experts, *, weights, densities, epsilons=None, lambda_=1.0, norm
 @register("della_linear", summary="DELLA's magnitude-ranked random drops, rescaled; add the "
           "weighted sum.", paper=DELLA_PAPER, needs_base=True, stored_dtype_inputs=True,
           params=family_params(normalize=False, rescale=True, extra=(EPSILON,)),
-          validate=check_della)
+          validate=check_della, **DELLA_STREAMING)
 def della_linear(base, experts, *, weights, densities, epsilons=None, lambda_=1.0,
                  normalize=False, rescale=True, int8_mask=False, ctx=None):
     """θ = θ0 + λ · Σ wi magprune(τi)."""
