@@ -251,7 +251,11 @@ def output_problem(out: Path, expected_bytes: int) -> str | None:
 def run_merge(tool: str, case: Case, out_root: Path, idle_wait: float) -> dict:
     """Warm the cache, run one merge in a subprocess, check and delete its output."""
     out = out_root / f"{case.size}-{case.method}-{tool}"
-    shutil.rmtree(out, ignore_errors=True)
+    # mergesmith builds `.<name>.partial` beside the target: an interrupted earlier run's would
+    # make this one refuse to start (it offers --resume)
+    partial = out.with_name(f".{out.name}.partial")
+    for folder in (out, partial):
+        shutil.rmtree(folder, ignore_errors=True)
     read_files(case.inputs)  # same page-cache state for every run
     waited = wait_for_idle(idle_wait) if idle_wait > 0 else 0.0
     cmd = tool_command(tool, case.recipe, out)
@@ -263,7 +267,8 @@ def run_merge(tool: str, case: Case, out_root: Path, idle_wait: float) -> dict:
     except OSError as e:
         row = {"cmd": cmd, "ok": False, "error": str(e), "stderr_tail": ""}
     finally:
-        shutil.rmtree(out, ignore_errors=True)
+        for folder in (out, partial):
+            shutil.rmtree(folder, ignore_errors=True)
         os.sync()
     row.update(tool=tool, size=case.size, method=case.method, idle_wait_s=waited,
                noisy=is_noisy(row))
