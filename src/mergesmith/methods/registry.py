@@ -163,11 +163,8 @@ class RandomStream:
 
     def rand_at(self, index: int, shape) -> torch.Tensor:
         """fp32 draws in [0, 1) for prod(shape) entries from entry `index` on."""
-        def uniform(words, out):
-            np.multiply(np.right_shift(words, 8), np.float32(2.0 ** -24), out=out, dtype=np.float32)
-
-        out = self._fill(index, np.empty(math.prod(shape), dtype=np.float32), uniform)
-        return torch.from_numpy(out).view(tuple(shape)).to(self.device)
+        out = np.multiply(self.ticks_at(index, shape), np.float32(2.0 ** -24), dtype=np.float32)
+        return torch.from_numpy(out).to(self.device)
 
     def ticks_at(self, index: int, shape) -> np.ndarray:
         """The draws of `rand_at(index, shape)` as the integers k of u = k·2^-24 (uint32, on
