@@ -210,13 +210,14 @@ def test_iso_c_flattens_the_spectrum_and_keeps_the_subspace():
 
 def test_iso_c_with_one_expert_keeps_its_direction():
     """One expert: σ̄ U Vᵀ has τ's singular vectors. If τ's spectrum is already flat (τ = c·Q,
-    Q with orthonormal columns) or τ has rank one, Iso-C with λ = 1 returns τ itself; a
-    rank-one τ gains no directions from the zero singular values (the noise-floor rule)."""
+    Q with orthonormal columns), Iso-C with λ = 1 returns τ itself; a rank-one τ gains no
+    directions from the zero singular values (the noise-floor rule), but they count in the
+    mean (σ̄ = σ1/4 on 6×4, as the authors' code): τ/4."""
     base = torch.randn(6, 4)
     q, _ = torch.linalg.qr(torch.randn(6, 4))
     torch.testing.assert_close(iso_c(base, [base + 0.3 * q]), base + 0.3 * q, rtol=1e-5, atol=1e-6)
     rank_one = torch.outer(torch.randn(6), torch.randn(4))
-    torch.testing.assert_close(iso_c(base, [base + rank_one]), base + rank_one,
+    torch.testing.assert_close(iso_c(base, [base + rank_one]), base + rank_one / 4,
                                rtol=1e-5, atol=1e-5)
     tau = torch.randn(6, 4)
     u, _, vh = torch.linalg.svd(tau, full_matrices=False)

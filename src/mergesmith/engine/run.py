@@ -143,6 +143,8 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
     upcast = not plan.method.stored_dtype_inputs
     for i, tensor in enumerate(xs):
         xs[i] = _prepare(tensor, plan.load_dtype, device, upcast)
+        if stats is None:  # else a first pass (reduce) has checked these same inputs
+            _check_input(job, i, tensor, xs[i], plan.load_dtype)
     for values in statistics.values():  # never through the recipe's dtype: fp16 zeroes 1e-12
         for i, tensor in enumerate(values or []):
             values[i] = tensor.to(device, non_blocking=True).float()
@@ -165,13 +167,45 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
                           f"expected {list(tensors[0].shape)}")
     if origin is not None:
         result = scale_task_vector(origin, result, job.lines_scale)
-    # a sum is finite exactly when no value is NaN/Inf, barring overflow, which the full check
-    # then rules out; it costs far less than checking every value
-    if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
-        culprits = [ck.label for (ck, _), x in zip(job.inputs, xs) if not torch.isfinite(x).all()]
-        cause = f"input from {', '.join(culprits)} has NaN/Inf" if culprits else "the method produced NaN/Inf"
-        raise MethodError(f"tensor {job.out.name!r}: {cause}")
-    return result.to(job.out.dtype).cpu()
+    out = result.to(job.out.dtype)
+    if not _finite(out):  # checked after the cast: float16 turns values beyond 65504 into inf
+        if torch.isfinite(result).all():
+            big = float(result.abs().max())
+            raise MethodError(f"tensor {job.out.name!r}: merged values reach {big:.6g}, beyond "
+                              f"{_dtype_name(job.out.dtype)}'s range (max "
+                              f"{torch.finfo(job.out.dtype).max:.6g})",
+                              hint="set `out_dtype: bfloat16`, which has float32's range")
+        raise MethodError(f"{method.name} produced NaN/Inf in tensor {job.out.name!r} from "
+                          "finite inputs", hint="look for extreme weights or scales in the recipe")
+    return out.cpu()
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf in `tensor`. Its sum is finite exactly when no value is NaN/Inf, barring an
+    overflow of the sum itself, which the full check then rules out: the sum costs a cast's
+    time, a full check 30 times more. float16 sums in float32, where a tile's cannot overflow."""
+    total = tensor.sum(dtype=torch.float32 if tensor.dtype == torch.float16 else None)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_input(job: TensorJob, index: int, stored: torch.Tensor, prepared: torch.Tensor,
+                 load_dtype: torch.dtype | None) -> None:
+    """Refuse NaN/Inf in input `index` before any method sees it: methods would otherwise fail
+    without a name (eigh) or turn it into finite values (a mask, a clamp) silently."""
+    if not prepared.is_floating_point() or _finite(prepared):
+        return
+    ck, name = job.inputs[index]
+    if load_dtype is not None and stored.is_floating_point() and bool(torch.isfinite(stored).all()):
+        raise MethodError(f"tensor {name!r} of model {ck.label} overflows the recipe's dtype "
+                          f"{_dtype_name(load_dtype)} (max {torch.finfo(load_dtype).max:.6g})",
+                          hint="set `dtype: bfloat16` or `dtype: float32` in the recipe")
+    raise MethodError(f"tensor {name!r} of model {ck.label} has NaN or Inf values",
+                      hint="the checkpoint is damaged or diverged in training: repair it or merge "
+                           "without it")
 
 
 def _split_statistics(plan: Plan, job: TensorJob, tensors: list[torch.Tensor]):

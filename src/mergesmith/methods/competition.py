@@ -77,9 +77,15 @@ def pcb(
       drop             β_i raised to its value at sorted position ⌊d·(1 − r)⌋, then Norm: the
                        top fraction r keeps weight (linear in β), the rest gets 0;
       merge            θ = θ0 + λ·Σi wi β̂i τ̃i / Σi β̂i, τ̃i = τi with |τi| clipped to its
-                       1e-4 quantiles."""
-    taus = torch.stack(task_vectors(base, experts)).flatten(1)
+                       1e-4 quantiles.
+    A one-entry tensor (a 0-dim scalar such as CLIP's logit_scale) has no ranking within its
+    task (Norm of one value is 0/0): every task keeps it with β̂i = 1, θ = θ0 + λ·mean(wi τi)."""
+    taus = torch.stack(task_vectors(base, experts)).reshape(len(experts), -1)
     tasks, d = taus.shape
+    if d == 1:
+        if weights is not None:
+            taus = taus * torch.tensor(weights, dtype=taus.dtype, device=taus.device)[:, None]
+        return taus.mean(dim=0).view_as(base).mul_(lambda_).add_(base)
     magnitudes = clip_outliers(taus.abs())
     intra = torch.exp(tasks * min_max(magnitudes) ** 2)
     inter = torch.tanh(taus * taus.sum(dim=0))
@@ -149,12 +155,13 @@ def widen(
     ctx: TensorContext | None = None,
 ) -> torch.Tensor:
     """θ = θ0 + Σi τi ⊙ scores_i, scores per column of a matrix (`widen_scores`; token
-    embeddings per row, as the code transposes them). Vectors (norms, biases) are scored per
-    entry on the raw shift |τi| without ranking, as the code does."""
+    embeddings per row, as the code transposes them). Tensors that are not matrices (norms,
+    biases, 0-dim scalars) are scored per entry on the raw shift |τi| without ranking, as the
+    code does vectors."""
     t, s = above_average_value_ratio, score_calibration_value
     taus = task_vectors(base, experts)
     if base.ndim != 2:
-        shifts = torch.stack(taus).flatten(1).abs()
+        shifts = torch.stack(taus).reshape(len(taus), -1).abs()  # a 0-dim tensor: one entry
         scores = calibrated_scores(shifts, t, s).view(len(taus), *base.shape)
     else:
         by_row = ctx is not None and TOKEN_EMBEDDING.search(ctx.name) is not None

@@ -154,8 +154,13 @@ def multislerp(
     eps: float = 1e-8,
     ctx: TensorContext | None = None,
 ) -> torch.Tensor:
-    """Project unit vectors onto the tangent space at their weighted mean, average, map back."""
-    points = torch.stack([x if base is None else x - base for x in experts]).flatten(1)
+    """Project unit vectors onto the tangent space at their weighted mean, average, map back.
+    Where the weighted mean of the directions is zero, two models are interpolated linearly (as
+    mergekit does); more are refused. A scalar's "sphere" is {−1, 1}: same-signed scalars give
+    their weighted mean."""
+    # reshape, not flatten(1): a 0-dim tensor (CLIP's logit_scale) stacks to one dimension only
+    points = torch.stack([x if base is None else x - base for x in experts])
+    points = points.reshape(len(experts), -1)
     w = torch.tensor(weights, dtype=points.dtype, device=points.device)
     if normalize_weights:
         w = w / w.sum()
@@ -165,6 +170,9 @@ def multislerp(
         return experts[0].clone() if base is None else base.clone()
     mean = (units * w[:, None]).sum(0)
     if torch.linalg.vector_norm(mean) < eps:
+        if len(experts) == 2:
+            result = (points * w[:, None]).sum(0).view(experts[0].shape)
+            return result if base is None else result + base
         raise ValueError("the weighted mean of the models' directions is zero (antipodal inputs)")
     mean = mean / torch.linalg.vector_norm(mean)
     tangent = ((units - (units @ mean)[:, None] * mean) * w[:, None]).sum(0)

@@ -22,6 +22,15 @@ Singular values at the fp32 noise floor (σ ≤ σ1·max(m, n)·eps32) are left 
 vectors are arbitrary, and keeping them would add random directions to a low-rank update (a
 LoRA fine-tune, an untouched matrix). On full-rank task vectors this changes nothing.
 Results are computed in float64 and rounded to the inputs' dtype once, at the end.
+
+Iso-C's and Iso-CTS's flat spectrum is the mean of all r = min(m, n) singular values, zeros
+included, as in the authors' code (src/utils/iso.py of danielm1405/iso-merging: the mean of
+the r values of a reduced SVD, `full_matrices=False`). On a rank-deficient sum (LoRA experts,
+few low-rank tasks on a wide matrix) that is Σσ/r, not the mean of the non-zero ones, so λ
+means the same on every tensor. That code also spreads σ̄ over the r − rank directions of the
+SVD's null space; any orthonormal pairing of the two null spaces is an equally valid SVD, so
+those directions depend on the LAPACK build and the rounding, not on the models: they are left
+out, and on the span of Σ τi the merge equals that code's output projected onto it.
 """
 
 from __future__ import annotations
@@ -205,7 +214,7 @@ def tsv_m(
 @register(
     "iso_c",
     summary="Sum the task vectors, then flatten the sum's spectrum: every singular value "
-            "becomes their mean.",
+            "becomes the mean of all min(m, n) of them.",
     paper="Marczak et al. 2025, No task left behind: isotropic model merging with common and "
           "task-specific subspaces, arXiv:2502.04959",
     needs_base=True,
@@ -219,14 +228,21 @@ def iso_c(
     lambda_: float = 1.0,
     ctx: TensorContext | None = None,
 ) -> torch.Tensor:
-    """Σ wi τi = U Σ Vᵀ; θ = θ0 + λ·σ̄ U Vᵀ with σ̄ = mean of the singular values (Iso-C)."""
+    """Σ wi τi = U Σ Vᵀ; θ = θ0 + λ·σ̄ U Vᵀ with σ̄ = Σσ / min(m, n), the mean of all
+    min(m, n) singular values, zeros included (Iso-C); U Vᵀ over the non-zero ones."""
     taus = weighted_task_vectors(base, experts, weights)
     if base.ndim != 2:
         return mean_task_vector(base, taus, lambda_)
     direction, sigma = polar(task_sum(taus))
     if sigma.numel() == 0:
         return base.clone()
-    return direction.mul_(lambda_ * sigma.mean()).to(base.dtype).add_(base)
+    return direction.mul_(lambda_ * flat_value(sigma, base.shape)).to(base.dtype).add_(base)
+
+
+def flat_value(sigma: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """σ̄ of the flat spectrum: the kept singular values' sum over min(m, n), as the mean of a
+    reduced SVD's min(m, n) values in the authors' code (the dropped ones are zeros there)."""
+    return sigma.sum() / min(shape)
 
 
 def common_subspace(total: torch.Tensor, k: int) -> tuple[
@@ -288,7 +304,8 @@ def iso_cts(
     """Common subspace: top-k triplets of Σ τi. Task-specific: top-s triplets of each
     τi − U_k U_kᵀ τi (τi projected off the common subspace). Concatenate all, orthogonalize the
     left and right vectors (polar factors U⊥, V⊥), and flatten the spectrum:
-    θ = θ0 + λ·σ̄ U⊥ V⊥ᵀ, σ̄ the mean of all kept singular values (Iso-CTS)."""
+    θ = θ0 + λ·σ̄ U⊥ V⊥ᵀ, σ̄ the sum of the kept singular values over the k + T·s = min(m, n)
+    slots, zeros included (Iso-CTS)."""
     taus = weighted_task_vectors(base, experts, weights)
     if base.ndim != 2:
         return mean_task_vector(base, taus, lambda_)
@@ -306,4 +323,4 @@ def iso_cts(
         # [U_task, U_k] is [polar(U_task), U_k]; the right ones are a few rows beside V_kᵀ.
         u = torch.cat([orthogonalize(torch.cat([p[0] for p in parts], dim=1)), u_common], dim=1)
         vh = orthogonalize_beside(torch.cat([p[2] for p in parts]), vh_common)
-    return (u @ vh).mul_(lambda_ * sigma.mean()).to(base.dtype).add_(base)
+    return (u @ vh).mul_(lambda_ * flat_value(sigma, base.shape)).to(base.dtype).add_(base)
