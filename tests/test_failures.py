@@ -358,6 +358,12 @@ def test_mismatched_shapes(zoo, tmp_path):
         mergesmith.merge(recipe, out)
     message = str(info.value)
     assert str(m["base"]) in message and str(odd) in message
+    assert "intermediate_size 64 against 48" in message, message
+    # with allow_crimes the config difference is a warning, and the shapes still cannot merge
+    with pytest.raises(PlanError) as info:
+        mergesmith.merge(recipe, out, allow_crimes=True)
+    message = str(info.value)
+    assert str(m["base"]) in message and str(odd) in message
     assert re.search(r"model\.layers\.\d+\.mlp\.(down|up|gate)_proj\.weight", message), message
     assert "64" in message and "48" in message
     assert_nothing_left(out)
@@ -647,14 +653,14 @@ def test_resume_after_recipe_change_is_refused(zoo, tmp_path, monkeypatch):
     assert_nothing_left(out, partial_allowed=True)
 
 
-def test_resume_with_nothing_to_resume(zoo, tmp_path):
+def test_resume_with_nothing_to_resume_starts_the_merge(zoo, tmp_path):
+    """A blind retry with --resume works whether or not the first run got to write anything."""
     m = zoo("llama")
     recipe = write_text(tmp_path / "r.yaml", linear_yaml(m["base"], m["e1"]))
     out = tmp_path / "out"
-    with pytest.raises(OutputError) as info:
-        mergesmith.merge(recipe, out, resume=True)
-    assert "nothing to resume" in str(info.value)
-    assert_nothing_left(out)
+    assert mergesmith.merge(recipe, out, resume=True) == out.absolute()
+    mergesmith.merge(recipe, tmp_path / "plain")
+    assert_same_files(out, tmp_path / "plain")
 
 
 def test_existing_target_needs_overwrite(zoo, tmp_path):

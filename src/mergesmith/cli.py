@@ -36,30 +36,167 @@ def _main(
     _state["debug"] = debug
 
 
+COMPAT_HELP = ("mergekit: reproduce mergekit 0.1.5's arithmetic (its compute dtype, sign ties, "
+               "rescale, selections); none: the papers' definitions (default: the recipe's compat:).")
+
+
+MK = "mergekit-yaml's options"  # the help panel of the flags kept for mergekit's scripts
+
+# mergekit-yaml's flags that have nothing to do here: accepted, so its scripts run unchanged,
+# with a note. Flag -> why it does not apply.
+NOT_APPLICABLE = {
+    "--lazy-unpickle": "mergesmith reads safetensors by byte range, and .bin files with "
+                       "weights_only=True, always",
+    "--low-cpu-memory": "mergesmith streams tensors in row chunks; --chunk-size sets the memory",
+    "--read-to-gpu": "inputs are read on the CPU and moved to --device chunk by chunk",
+    "--multi-gpu": "mergesmith computes on one device (--device)",
+    "--async-write": "mergesmith always writes behind the merge, on its own thread",
+    "--write-threads": "mergesmith writes with one thread behind the merge",
+    "--clone-tensors": "each output tensor is written once; nothing to clone",
+    "--no-safe-serialization": "mergesmith writes safetensors only",
+    "--unsafe-truncate-embeddings": "embeddings are never truncated: vocabularies that differ "
+                                    "are merged by token (tokenizer_source) or refused",
+    "--lora-merge-cache": "LoRA adapters (model: base+adapter) are not supported yet",
+    "--lora-merge-dtype": "LoRA adapters (model: base+adapter) are not supported yet",
+    "--gpu-rich": "taken as --cuda; the rest of it does not apply here",
+}
+
+
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit's format is accepted)."),
     output: Path = typer.Argument(..., help="Folder to write; appears only when complete."),
-    shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 250MB."),
-    device: str = typer.Option("cpu", help="Where to compute: cpu, cuda, cuda:1."),
-    seed: Optional[int] = typer.Option(None, help="Seed for randomized methods (default: recipe's, else 0)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted merge into OUTPUT."),
+    shard_size: Optional[str] = typer.Option(None, help="Largest output shard in bytes, e.g. "
+                                             "5GB, 250MB  [default: 5GB]"),
+    device: Optional[str] = typer.Option(None, help="Where to compute: cpu, cuda, cuda:1  "
+                                         "[default: cpu]"),
+    seed: Optional[int] = typer.Option(None, "--seed", "--random-seed",
+                                       help="Seed for randomized methods (default: recipe's, else 0)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted merge into OUTPUT (starts "
+                                "it if there is nothing to continue)."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     chunk_size: str = typer.Option("8MiB", help="Rows merged at once, in fp32 bytes per input."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet/--no-quiet", "-q", help="No progress bar."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="Show the plan before merging and the time it took."),
+    compat: Optional[str] = typer.Option(None, help=COMPAT_HELP),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes",
+                                      help="Merge models whose architectures or configs differ."),
+    num_threads: Optional[int] = typer.Option(None, "--num-threads", "-j", min=1,
+                                              help="CPU threads for torch's operations."),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer",
+                                        help="Copy the tokenizer of the config's source model."),
+    write_model_card: bool = typer.Option(True, "--write-model-card/--no-write-model-card",
+                                          help="Write README.md and mergekit_config.yml."),
+    out_shard_size: Optional[str] = typer.Option(
+        None, metavar="SIZE", rich_help_panel=MK,
+        help="mergekit's shard size: 5B, 500M, 100K. mergekit's help says parameters, but it "
+        "compares tensor bytes with it; so does this, so the shards split where mergekit's do."),
+    cuda: bool = typer.Option(False, "--cuda/--no-cuda", rich_help_panel=MK,
+                              help="Same as --device cuda."),
+    transformers_cache: Optional[str] = typer.Option(None, rich_help_panel=MK,
+                                                     help="Hub cache folder (HF_HUB_CACHE)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code",
+                                           rich_help_panel=MK, help="Refused: no model code runs."),
+    unsafe_truncate_embeddings: bool = typer.Option(
+        False, "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", rich_help_panel=MK,
+        help="Not applied (a note)."),
+    lora_merge_cache: Optional[str] = typer.Option(None, rich_help_panel=MK, help="Not applied (a note)."),
+    lora_merge_dtype: Optional[str] = typer.Option(None, rich_help_panel=MK, help="Not applied (a note)."),
+    low_cpu_memory: bool = typer.Option(False, "--low-cpu-memory/--no-low-cpu-memory",
+                                        rich_help_panel=MK, help="Not applied (a note)."),
+    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle/--no-lazy-unpickle",
+                                       rich_help_panel=MK, help="Not applied (a note)."),
+    read_to_gpu: bool = typer.Option(False, "--read-to-gpu/--no-read-to-gpu", rich_help_panel=MK,
+                                     help="Not applied (a note)."),
+    multi_gpu: bool = typer.Option(False, "--multi-gpu/--no-multi-gpu", rich_help_panel=MK,
+                                   help="Not applied (a note)."),
+    gpu_rich: bool = typer.Option(False, "--gpu-rich", rich_help_panel=MK, help="Same as --cuda."),
+    async_write: bool = typer.Option(False, "--async-write/--no-async-write", rich_help_panel=MK,
+                                     help="Not applied (a note)."),
+    write_threads: Optional[int] = typer.Option(None, rich_help_panel=MK, help="Not applied (a note)."),
+    clone_tensors: bool = typer.Option(False, "--clone-tensors/--no-clone-tensors",
+                                       rich_help_panel=MK, help="Not applied (a note)."),
+    safe_serialization: bool = typer.Option(True, "--safe-serialization/--no-safe-serialization",
+                                            rich_help_panel=MK, help="Always safetensors."),
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (collecting data statistics first if the method needs them)."""
+    import time
+
+    import torch
+
     from mergesmith.calibrate.pipeline import merge as run_merge, plan
 
-    the_plan = plan(recipe, seed=seed, shard_size=shard_size)  # every error before any work
+    if trust_remote_code:
+        raise MergesmithError(
+            "--trust-remote-code: mergesmith never runs code from a model repository",
+            hint="none is needed: it reads config.json and the weights as data, so models with "
+                 "custom code merge without it; drop the flag")
+    given = {"--unsafe-truncate-embeddings": unsafe_truncate_embeddings,
+             "--lora-merge-cache": lora_merge_cache is not None,
+             "--lora-merge-dtype": lora_merge_dtype is not None, "--low-cpu-memory": low_cpu_memory,
+             "--lazy-unpickle": lazy_unpickle, "--read-to-gpu": read_to_gpu,
+             "--multi-gpu": multi_gpu, "--gpu-rich": gpu_rich, "--async-write": async_write,
+             "--write-threads": write_threads is not None, "--clone-tensors": clone_tensors,
+             "--no-safe-serialization": not safe_serialization}
+    for flag in (f for f, used in given.items() if used):
+        err.print(f"note: {flag} does not apply: {NOT_APPLICABLE[flag]}", highlight=False)
+    if device is None:
+        device = "cuda" if cuda or gpu_rich else "cpu"
+    if shard_size is not None and out_shard_size is not None:
+        raise MergesmithError("give --shard-size (bytes) or --out-shard-size (mergekit's), not both")
+    shard = shard_size if shard_size is not None else "5GB"
+    if out_shard_size is not None:
+        shard = _mergekit_shard_size(out_shard_size)
+    if transformers_cache is not None:
+        _use_hub_cache(transformers_cache)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    started = time.perf_counter()
+    the_plan = plan(recipe, seed=seed, shard_size=shard, compat=compat,
+                    allow_crimes=allow_crimes)  # every error before any work
     for warning in the_plan.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if verbose:
+        err.print(f"{the_plan.method.name}: {len(the_plan.models)} model(s), "
+                  f"{len(the_plan.jobs)} tensors, {_bytes(the_plan.total_bytes)} in "
+                  f"{len(the_plan.shards)} shard(s), seed {the_plan.seed}, on {device}, "
+                  f"{torch.get_num_threads()} thread(s)", highlight=False)
+        for ref, ck in the_plan.models.items():
+            err.print(f"  {ref}: {ck.path}", highlight=False)
     # the recipe itself: for a data-aware method the plan above stands in a plain average
-    path = run_merge(recipe, output, shard_size=shard_size, device=device, seed=seed,
+    path = run_merge(recipe, output, shard_size=shard, device=device, seed=seed,
                      resume=resume, overwrite=overwrite, chunk_size=chunk_size,
-                     progress=not quiet)
-    if not quiet:
-        err.print(f"wrote {path}", highlight=False)
+                     progress=not quiet, compat=compat, allow_crimes=allow_crimes,
+                     copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+    if not quiet or verbose:
+        took = f" in {time.perf_counter() - started:.1f} s" if verbose else ""
+        err.print(f"wrote {path}{took}", highlight=False)
+
+
+def _mergekit_shard_size(text: str) -> int:
+    """mergekit's parse_kmb: a count with an optional k, m or b (thousand, million, billion);
+    0 for one shard, as in mergekit."""
+    scale = {"k": 1000, "m": 1000**2, "b": 1000**3}.get(text.strip()[-1:].lower(), 1)
+    number = text.strip()[:-1] if scale != 1 else text.strip()
+    try:
+        value = float(number)
+    except ValueError:
+        raise MergesmithError(f"--out-shard-size {text!r}: not a count",
+                              hint="write it like 5B, 500M or 100K, as for mergekit") from None
+    if value < 0:
+        raise MergesmithError(f"--out-shard-size {text!r}: negative")
+    return int(value * scale) or 2**62
+
+
+def _use_hub_cache(folder: str) -> None:
+    """Where hub models are looked up, as HF_HUB_CACHE says (also once huggingface_hub is in)."""
+    import os
+
+    os.environ["HF_HUB_CACHE"] = folder
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_CACHE = folder
 
 
 @app.command()
@@ -67,6 +204,7 @@ def check(
     recipe: Path = typer.Argument(..., help="Recipe YAML to validate."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
     chunk_size: str = typer.Option("8MiB", help="As for merge; sets the memory estimate."),
+    compat: Optional[str] = typer.Option(None, help=COMPAT_HELP),
 ) -> None:
     """Validate RECIPE against the models' headers and show the plan; writes nothing."""
     from mergesmith.calibrate.pipeline import plan
@@ -75,7 +213,7 @@ def check(
     from mergesmith.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    the_plan = plan(loaded, shard_size=shard_size)
+    the_plan = plan(loaded, shard_size=shard_size, compat=compat)
     method = get_method(loaded.merge_method)
     table = Table(show_header=False, box=None)
     table.add_row("method", f"{method.name} — {method.summary}{_data_needs(method)}")
@@ -339,13 +477,35 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the merge unwinds as for Ctrl-C (a
+    BaseException, so that no `except Exception` on the way swallows it)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _interrupted(argv: list[str], code: int) -> None:
+    command = [a for a in argv if not a.startswith("-")][:2]
+    resumable = command[:1] == ["merge"] or command[1:] == ["apply"]
+    err.print("interrupted" + ("; rerun the same command with --resume to continue"
+                               if resumable else ""), highlight=False)
+    sys.exit(code)
+
+
 def main() -> None:
+    import signal
+
     keep_freed_memory()  # every command allocates and frees large tensors over and over
     argv = sys.argv[1:]
     if "--debug" in argv:  # accepted anywhere on the line, not only before the command
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(args=argv, prog_name="mergesmith", standalone_mode=False)
+        code = app(args=argv, prog_name="mergesmith", standalone_mode=False)
+    except _Terminated:
+        _interrupted(argv, 128 + signal.SIGTERM)
     except MergesmithError as exc:
         if _state["debug"]:
             raise
@@ -355,8 +515,7 @@ def main() -> None:
             print(f"hint: {exc.hint}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("interrupted; rerun the same command with --resume to continue", highlight=False)
-        sys.exit(130)
+        _interrupted(argv, 130)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
     except Exception as exc:  # click's usage errors come through here with standalone_mode off
@@ -368,6 +527,10 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
         raise
+    # typer turns Ctrl-C into a returned 130 when it does not exit itself
+    if code == 130:
+        _interrupted(argv, 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

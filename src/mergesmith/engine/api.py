@@ -38,11 +38,15 @@ def parse_size(text: str | int) -> int:
 
 
 def plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
-         shard_size: str | int = "5GB", statistics: dict[str, str | Path] | None = None) -> Plan:
+         shard_size: str | int = "5GB", statistics: dict[str, str | Path] | None = None,
+         compat: str | None = None, allow_crimes: bool = False) -> Plan:
     """Validate a recipe against its models' headers and return the merge plan (reads no weights).
 
-    `statistics` maps model references to statistics stores (calibrate/) for methods that read them."""
-    return build_plan(recipe, seed=seed, shard_bytes=parse_size(shard_size), statistics=statistics)
+    `statistics` maps model references to statistics stores (calibrate/) for methods that read them.
+    `compat="mergekit"` overrides the recipe's `compat:`: mergekit 0.1.5's arithmetic.
+    `allow_crimes` merges models of different architectures or configs (a warning, not an error)."""
+    return build_plan(recipe, seed=seed, shard_bytes=parse_size(shard_size), statistics=statistics,
+                      compat=compat, allow_crimes=allow_crimes)
 
 
 def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: str | int = "5GB",
@@ -50,7 +54,9 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
           overwrite: bool = False, chunk_size: str | int = DEFAULT_CHUNK_BYTES,
           progress: bool = False, statistics: dict[str, str | Path] | None = None,
           notes: dict[str, str] | None = None,
-          finish: Callable[[Path], None] | None = None) -> Path:
+          finish: Callable[[Path], None] | None = None, compat: str | None = None,
+          allow_crimes: bool = False, copy_tokenizer: bool = True,
+          write_model_card: bool = True) -> Path:
     """Merge as the recipe says and write a Hugging Face model folder at `out`; return its path.
 
     The folder appears only when complete. After an interruption, the same call with
@@ -58,12 +64,26 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
     `notes` are text files written into the folder beside the weights (what a learned merge learned).
     `finish(folder)` runs on the complete folder before it is put in place (Twin-Merging trains
     its router on the merged model there).
+    `copy_tokenizer=False` leaves out the tokenizer files copied from an input (a tokenizer the
+    merge built is always written); `write_model_card=False` leaves out README.md and
+    mergekit_config.yml, as mergekit's flags of the same names do.
     """
-    the_plan = plan(recipe, seed=seed, shard_size=shard_size, statistics=statistics)
+    the_plan = plan(recipe, seed=seed, shard_size=shard_size, statistics=statistics,
+                    compat=compat, allow_crimes=allow_crimes)
     compute = _device(device)
     chunk_bytes = parse_size(chunk_size)
     output = OutputFolder(Path(out), fingerprint(the_plan, chunk_bytes, compute),
-                          resume=resume, overwrite=overwrite)
+                          resume=resume, overwrite=overwrite, inputs=_inputs(the_plan))
+    try:
+        return _write(the_plan, output, compute, chunk_bytes, progress, notes, finish,
+                      copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+    finally:
+        output.release()  # on success finalize has let go already
+
+
+def _write(the_plan: Plan, output: OutputFolder, compute: torch.device, chunk_bytes: int,
+           progress: bool, notes: dict[str, str] | None, finish: Callable[[Path], None] | None,
+           **metadata: bool) -> Path:
     bar = ProgressBar(the_plan) if progress else None
     store, write_index = SIDE_STORES.get(the_plan.method.name, (None, None))
     side = store(the_plan, output) if store is not None else None
@@ -75,7 +95,7 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
         if bar:
             bar.stop()
     try:
-        write_metadata(the_plan, output.partial)
+        write_metadata(the_plan, output.partial, **metadata)
         for name, text in (notes or {}).items():
             (output.partial / name).write_text(text)
         if side is not None:
@@ -84,8 +104,25 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
             finish(output.partial)
         return output.finalize()
     except OSError as exc:
-        raise OutputError(f"writing {exc.filename or output.partial} failed: {exc.strerror or exc}",
+        # a failed copy names its source first (shutil sets filename = src, filename2 = dst):
+        # a full disk is the destination's
+        where = exc.filename2 or exc.filename or output.partial
+        raise OutputError(f"writing {where} failed: {exc.strerror or exc}",
                           hint=RESUME_HINT) from None
+
+
+def _inputs(the_plan: Plan) -> list[Path]:
+    """What the merge reads, which its output must keep clear of: the models' folders, the
+    statistics stores, the recipe file and its calibration data files."""
+    recipe = the_plan.recipe
+    paths = [ck.path for ck in [*the_plan.models.values(), *the_plan.statistics.values()]]
+    source = Path(recipe.source)
+    root = source.parent if source.is_file() else Path.cwd()  # as calibrate/ resolves data paths
+    if source.is_file():
+        paths.append(source)
+    sections = [recipe.calibration, *(m.calibration for m in recipe.models or [])]
+    paths += [root / s.data for s in sections if s is not None and s.data]
+    return paths
 
 
 def _device(name: str) -> torch.device:

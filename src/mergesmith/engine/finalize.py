@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import yaml
+
 from mergesmith import __version__
 from mergesmith.engine.plan import Plan
 from mergesmith.engine.vocab import write_tokenizer
@@ -18,41 +20,67 @@ TOKENIZER_FILES = (
 )
 
 
-def write_metadata(plan: Plan, folder: Path) -> None:
+def write_metadata(plan: Plan, folder: Path, *, copy_tokenizer: bool = True,
+                   write_model_card: bool = True) -> None:
     if len(plan.shards) > 1:
         _json(folder / "model.safetensors.index.json", weight_index(plan.shards))
     _json(folder / "config.json", plan.config)
     source = plan.config_source.path
     if (source / "generation_config.json").is_file():
         shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
-    if plan.vocab is not None:
-        write_tokenizer(plan.vocab, folder)
-    else:
+    if plan.vocab is not None or (copy_tokenizer and plan.recipe.chat_template):
+        # as mergekit: a chat template means the tokenizer is re-saved with it, not copied
+        write_tokenizer(plan.vocab, plan.config_source, plan.chat_template, folder)
+    elif copy_tokenizer:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, folder / name)
-    if plan.recipe.chat_template:
-        (folder / "chat_template.jinja").write_text(plan.recipe.chat_template)
-    (folder / "README.md").write_text(model_card(plan))
+    if write_model_card:
+        (folder / "README.md").write_text(model_card(plan))
+        # as mergekit does: the recipe as written, to run again with either tool
+        (folder / CONFIG_FILE).write_text(recipe_text(plan.recipe))
+
+
+CONFIG_FILE = "mergekit_config.yml"
+
+
+def recipe_text(recipe) -> str:
+    """The recipe's YAML as the user wrote it (comments, anchors and all), else as dumped."""
+    return recipe._text if recipe._text is not None else recipe.to_yaml()
+
+
+def hub_ids(plan: Plan) -> dict[str, str]:
+    """reference -> hub repo id, for the inputs that came from the hub (not a local folder):
+    only those can be linked to, or listed as base_model, without pointing nowhere."""
+    ids = {}
+    for ref in plan.models:
+        if not Path(ref).expanduser().exists():
+            ids[ref] = ref.split("@", 1)[0]
+    return ids
 
 
 def model_card(plan: Plan) -> str:
     recipe, method = plan.recipe, plan.method
-    front = ["---", "library_name: transformers", "tags:", "- mergesmith", "- merge"]
-    if recipe.base_model:
-        front.append(f"base_model: {json.dumps(recipe.base_model)}")
-    front.append("---")
-    inputs = "\n".join(f"| `{ref}` | `{ck.path}` |" for ref, ck in plan.models.items())
-    return "\n".join(front) + f"""
+    hub = hub_ids(plan)
+    front = {"library_name": "transformers", "tags": ["merge", "mergesmith"]}
+    # every input the Hub can resolve; a local folder has no page for base_model to point to
+    bases = list(dict.fromkeys(hub[ref] for ref in plan.models if ref in hub))
+    if bases:
+        front["base_model"] = bases
+    inputs = "\n".join(
+        f"| {f'[{hub[ref]}](https://huggingface.co/{hub[ref]})' if ref in hub else f'`{ref}`'} "
+        f"| {'base' if ref == recipe.base_model else 'input'} |" for ref in plan.models
+    )
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + f"""---
 
 # {recipe.name or 'Merged model'}
 
-Merged with [mergesmith](https://github.com/mergesmith/mergesmith) {__version__} using
-**{method.name}**: {method.summary} ({method.paper}). Seed: {plan.seed}.
+Merged with mergesmith {__version__} using **{method.name}**: {method.summary}
+({method.paper}). Seed: {plan.seed}. The recipe is also in `{CONFIG_FILE}`.
 
 ## Inputs
 
-| model | folder |
+| model | role |
 |---|---|
 {inputs}
 

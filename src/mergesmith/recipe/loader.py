@@ -29,6 +29,13 @@ _EXPECTED = {
 
 _OWNERS = {"models": InputModel, "slices": Slice, "sources": SliceSource}
 
+# Bounds that keep a hostile or broken recipe from costing more than a second to refuse. The
+# largest published recipes are a few KB, a few hundred YAML nodes and under a hundred entries.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_NODES = 20_000  # YAML nodes, counting each alias as the nodes it stands for
+MAX_DEPTH = 64  # nested mappings and lists
+MAX_ENTRIES = 1_000  # models, slices, or sources of one slice
+
 
 def load_recipe(source: str | Path | dict) -> Recipe:
     """A Recipe from a YAML file path, a YAML string, or an already-parsed dict."""
@@ -41,10 +48,19 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         what = "is a directory, not a recipe file" if path.is_dir() else "recipe file not found"
         raise RecipeError(f"{path}: {what}", hint="give the path of a .yaml recipe")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)  # no more: a 10 GB file is refused as fast
+        if len(raw) > MAX_RECIPE_BYTES:
+            _too_big(str(path))
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe: {exc}") from None
     return _parse(text, str(path))
+
+
+def _too_big(where: str):
+    raise RecipeError(f"{where}: the recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB",
+                      hint="a recipe is a few KB; is this the right file?")
 
 
 def _is_file(text: str) -> bool:
@@ -54,11 +70,66 @@ def _is_file(text: str) -> bool:
         return False
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """Composes at most MAX_NODES nodes (an alias counts one here), at most MAX_DEPTH deep."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.nodes = 0
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.nodes += 1
+        self.depth += 1
+        try:
+            if self.nodes > MAX_NODES:
+                raise _TooLarge(f"more than {MAX_NODES} YAML nodes")
+            if self.depth > MAX_DEPTH:
+                raise _TooLarge(f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(node: yaml.Node, memo: dict, active: set) -> int:
+    """Nodes under `node` with every alias expanded, as the data and every walk over it see them
+    (9 levels of 9 aliases: 9^9 nodes from 90 written)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:  # a recursive alias: the walks stop there too
+        return 1
+    active.add(key)
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    size = 1
+    for child in children:
+        size += _expanded_size(child, memo, active)
+        if size > MAX_NODES:
+            break
+    active.discard(key)
+    memo[key] = size
+    return size
+
+
 def _parse(text: str, source: str) -> Recipe:
-    loader = yaml.SafeLoader(text)
+    where = source if source != NO_FILE else "recipe"
+    if len(text) > MAX_RECIPE_BYTES:  # characters: at most as many as bytes
+        _too_big(where)
+    loader = _BoundedLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}, set()) > MAX_NODES:
+            raise _TooLarge(f"aliases that expand to more than {MAX_NODES} YAML nodes")
         data = loader.construct_document(node) if node is not None else None
+    except _TooLarge as exc:
+        raise RecipeError(f"{where}: the recipe has {exc}",
+                          hint="a recipe is a few hundred nodes; write repeated parts out, or "
+                               "split the merge") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -68,7 +139,6 @@ def _parse(text: str, source: str) -> Recipe:
         raise RecipeError(f"{head}: invalid YAML: {' '.join(str(problem).split())}") from None
     finally:
         loader.dispose()
-    where = source if source != NO_FILE else "recipe"
     if node is None or data is None:
         raise RecipeError(
             f"{where}:1: the recipe is empty" if source != NO_FILE else "the recipe is empty",
@@ -76,7 +146,9 @@ def _parse(text: str, source: str) -> Recipe:
         )
     lines: dict[tuple, int] = {}
     _collect_lines(node, (), lines, set())
-    return _validate(data, source, lines)
+    recipe = _validate(data, source, lines)
+    recipe._text = text
+    return recipe
 
 
 def _collect_lines(node: yaml.Node, path: tuple, lines: dict, active: set) -> None:
@@ -104,6 +176,7 @@ def _validate(data: Any, source: str, lines: dict) -> Recipe:
             f"{where}: a recipe must be a mapping of fields, got {describe(data)}",
             hint="start with 'merge_method: ...' and 'models:' or 'slices:'",
         )
+    _check_counts(data, source, lines)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -111,6 +184,23 @@ def _validate(data: Any, source: str, lines: dict) -> Recipe:
     recipe._source = source
     recipe._lines = lines
     return recipe
+
+
+def _check_counts(data: dict, source: str, lines: dict) -> None:
+    """At most MAX_ENTRIES models, slices, and sources per slice (a dict recipe skips the
+    YAML bounds, so these are checked on the data)."""
+    lists = [(key,) for key in ("models", "slices")]
+    if isinstance(data.get("slices"), list):
+        lists += [("slices", i, "sources") for i, s in enumerate(data["slices"])
+                  if isinstance(s, dict)]
+    for path in lists:
+        value = data
+        for step in path:
+            value = value.get(step) if isinstance(value, dict) else value[step]
+        if isinstance(value, list) and len(value) > MAX_ENTRIES:
+            raise RecipeError(f"{locate(source, lines, path)}: {len(value)} entries, more than "
+                              f"{MAX_ENTRIES}", hint="merge in stages of at most "
+                              f"{MAX_ENTRIES} models")
 
 
 def _recipe_error(exc: ValidationError, data: dict, source: str, lines: dict) -> RecipeError:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
+
+from pathlib import Path
 
 import yaml
 from pydantic import (
@@ -18,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     StrictInt,
     StrictStr,
     field_validator,
@@ -49,6 +52,24 @@ def _dtype(value: Optional[str]) -> Optional[str]:
             "(or fp32, fp16, bf16, float, half)"
         )
     return _DTYPES[name]
+
+
+def _model_ref(value: str) -> str:
+    # An empty reference would resolve to the working directory, not to a model.
+    if not value.strip():
+        raise ValueError("empty model reference; give a model folder or a hub id like org/name")
+    return value
+
+
+def _no_adapter(value: Optional[str]) -> Optional[str]:
+    # mergekit reads "model+adapter" as a PEFT adapter applied to the model; a folder whose name
+    # holds a "+" is still a folder.
+    if value and "+" in value and not Path(value).expanduser().exists():
+        model, _, adapter = value.partition("+")
+        raise ValueError(f"{value!r} is mergekit's model+adapter form ({adapter!r} applied to "
+                         f"{model!r}), which mergesmith does not support yet; merge the adapter "
+                         "into its model first (peft's merge_and_unload) and give that folder")
+    return value
 
 
 class _Strict(BaseModel):
@@ -105,6 +126,9 @@ class InputModel(_Strict):
     parameters: Parameters = None
     calibration: Optional[Calibration] = None
 
+    _named = field_validator("model")(_model_ref)
+    _plain = field_validator("model")(_no_adapter)
+
 
 class SliceSource(_Strict):
     """An entry of a slice's `sources:`: layers [start, end) of one model."""
@@ -112,6 +136,9 @@ class SliceSource(_Strict):
     model: StrictStr
     layer_range: tuple[StrictInt, StrictInt]
     parameters: Parameters = None
+
+    _named = field_validator("model")(_model_ref)
+    _plain = field_validator("model")(_no_adapter)
 
     @field_validator("layer_range", mode="before")
     @classmethod
@@ -138,6 +165,59 @@ class Slice(_Strict):
     residual_weight: Optional[float] = None
     parameters: Parameters = None
 
+    _plain = field_validator("base_model")(_no_adapter)
+
+
+class ModelToken(_Strict):
+    """A token's rows taken from one model's rows for a token (`kind: model_token`)."""
+
+    kind: Literal["model_token"]
+    model: StrictStr
+    token_id: Optional[StrictInt] = Field(default=None, ge=0)
+    token: Optional[StrictStr] = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelToken":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroToken(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenSetting(_Strict):
+    """An entry of `tokenizer.tokens`: where the token's embedding and head rows come from (a
+    model of the recipe, another token's rows, or zeros) for the models that lack the token, or
+    for every model with `force: true`."""
+
+    source: Union[ModelToken, ZeroToken, StrictStr, None] = None
+    force: StrictBool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _by_kind(cls, value: Any) -> Any:
+        # one branch per form, so that an error names the form's own fields
+        if isinstance(value, dict):
+            kind = value.get("kind")
+            if kind == "zero":
+                return ZeroToken.model_validate(value)
+            if kind == "model_token":
+                return ModelToken.model_validate(value)
+            raise ValueError("expected a model, {kind: zero} or {kind: model_token, model: ..., "
+                             f"token: ...}}, got kind {describe(kind)}")
+        return value
+
+
+class TokenizerSection(_Strict):
+    """`tokenizer:` mergekit's tokenizer configuration: the output vocabulary (`source`: union,
+    base or a model), tokens added or re-sourced, and padding of the vocabulary."""
+
+    source: StrictStr = "union"
+    tokens: Optional[dict[str, TokenSetting]] = None
+    pad_to_multiple_of: Optional[StrictInt] = Field(default=None, ge=1)
+
 
 class LayerScaling(_Strict):
     """`lines:` LiNeS, applied after the method: θ = θ0 + (α + β·l/(L − 1))·(θ_merged − θ0) for
@@ -158,17 +238,22 @@ class Recipe(_Strict):
     dtype: Optional[StrictStr] = None
     out_dtype: Optional[StrictStr] = None
     tokenizer_source: Optional[StrictStr] = None
-    tokenizer: Optional[dict[str, Any]] = None
+    tokenizer: Optional[TokenizerSection] = None
     chat_template: Optional[StrictStr] = None
     seed: Optional[StrictInt] = None
     name: Optional[StrictStr] = None
     lines: Optional[LayerScaling] = None
     calibration: Optional[Calibration] = None
+    # "mergekit": reproduce mergekit 0.1.5's arithmetic (its compute dtype, sign ties, L1
+    # rescale, selections) for the methods both have; none (unset): the papers' definitions
+    compat: Optional[Literal["none", "mergekit"]] = None
 
     _source: str = PrivateAttr(default=NO_FILE)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+    _text: Optional[str] = PrivateAttr(default=None)  # the YAML as written, for mergekit_config.yml
 
     _normalise_dtype = field_validator("dtype", "out_dtype")(_dtype)
+    _plain = field_validator("base_model", "tokenizer_source")(_no_adapter)
 
     @model_validator(mode="before")
     @classmethod
@@ -231,8 +316,8 @@ class Recipe(_Strict):
         for piece in self.slices or ():
             refs += [src.model for src in piece.sources] + [piece.base_model]
         refs.append(self.tokenizer_source)
-        if self.tokenizer and isinstance(self.tokenizer.get("source"), str):
-            refs.append(self.tokenizer["source"])
+        if self.tokenizer:
+            refs.append(self.tokenizer.source)
         keywords = {"base", "union"}  # tokenizer sources that are not models
         return list(dict.fromkeys(r for r in refs if r and r not in keywords))
 
