@@ -19,7 +19,7 @@ from mergesmith.calibrate.moments import (
     write_second_moments,
 )
 from mergesmith.engine.api import merge
-from mergesmith.errors import CalibrationError, CheckpointError
+from mergesmith.errors import CalibrationError, CheckpointError, PlanError
 from mergesmith.io.checkpoint import Checkpoint
 from mergesmith.methods import TensorContext, get_method
 from mergesmith.methods.curvature import ffg, fisher, ota, regmean, stitch, top_fraction_mask
@@ -344,6 +344,12 @@ def test_regmean_recipe_merges_gpt2_conv1d_weights_and_falls_back_elsewhere(tmp_
         stores[str(models[label])] = write_store(tmp_path / f"stats-{label}", grams)
     recipe = write_recipe(tmp_path / "r.yaml", {
         "merge_method": "regmean", "dtype": "float32", "parameters": {"alpha": 1.0},
+        "models": [{"model": str(models["e1"])}, {"model": str(models["e2"])}]})
+    with pytest.raises(PlanError, match="have no gram statistics"):  # 10 linear weights lack one
+        merge(recipe, tmp_path / "out", statistics=stores)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "regmean", "dtype": "float32",
+        "parameters": {"alpha": 1.0, "fallback": "linear"},  # asked for: no silent fallback
         "models": [{"model": str(models["e1"])}, {"model": str(models["e2"])}]})
     merge(recipe, tmp_path / "out", statistics=stores)  # the engine, given statistics stores
     out = read_tensors(tmp_path / "out")

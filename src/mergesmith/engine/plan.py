@@ -23,10 +23,16 @@ from mergesmith.errors import MergesmithError, PlanError, RecipeError
 from mergesmith.io import Checkpoint, OutTensor, Shard, layout_shards, resolve_model
 from mergesmith.methods import MethodSpec, TensorContext, get_method
 from mergesmith.methods.lines import layer_scale
-from mergesmith.recipe import Recipe, load_recipe
+from mergesmith.recipe import Recipe, load_recipe, lookup
 from mergesmith.recipe.schema import LayerScaling
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Config fields that fix the shape of the computation: models that differ in one do not compute
+# the same function of their tensors, so averaging those tensors means nothing.
+SHAPE_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "ffn_dim",
+              "num_attention_heads", "n_head", "num_key_value_heads", "head_dim",
+              "tie_word_embeddings")
+CRIMES_HINT = "pass --allow-crimes (allow_crimes=True) if you mean to merge them anyway"
 
 
 @dataclass
@@ -112,9 +118,11 @@ class Plan:
 
 def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                shard_bytes: int = 5 * 1000**3,
-               statistics: dict[str, str | Path] | None = None) -> Plan:
+               statistics: dict[str, str | Path] | None = None,
+               allow_crimes: bool = False) -> Plan:
     """`statistics` maps a model reference of the recipe to its statistics store (calibrate/),
-    for methods that read statistics."""
+    for methods that read statistics. `allow_crimes` (mergekit's name) merges models whose
+    architectures or configs differ, with a warning; their tensor sets must still agree."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     try:
         method = get_method(recipe.merge_method)
@@ -136,6 +144,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     resolver = ParamResolver(recipe, method)
     warnings = resolver.check_names()
     ref = slices[0].base or slices[0].sources[0]
+    _check_compatible(recipe, slices, ref.ckpt, allow_crimes, warnings)
     vocab = plan_vocab(recipe, opened, ref.ckpt)
     if method.side is not None:
         _check_side_outputs(recipe, method, slices, vocab)
@@ -145,6 +154,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     total_layers = sum(s.sources[0].stop - s.sources[0].start for s in slices)
 
     jobs: list[TensorJob] = []
+    layer_swap_lists = any(p.argname == "layers" and p.type is str for p in method.params)
 
     def add(out_slice: OutSlice, names: list[tuple[str, str | None]], t: float, layer: int | None):
         """names: (output name, name in the slice's reference model, per source offset)."""
@@ -152,6 +162,8 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
             job = _job(out_slice, out_name, src_layer_offset, t, layer, total_layers,
                        resolver, method, seed, out_dtype, vocab, recipe.lines)
             jobs.append(_with_statistics(job, method, stores) if stores else job)
+            if "layers" in job.params and layer_swap_lists:
+                _check_layer_lists(recipe, out_slice, job, total_layers)
 
     ref_names = sorted(ref.ckpt.tensors)
     outside = [n for n in ref_names if L.layer_of(n) is None]
@@ -170,6 +182,9 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
 
     if not jobs:
         raise PlanError(f"{ref.ckpt.label}: no tensors to merge")
+    # RegMean++ plans its blocks with placeholder stores and hands each block its Grams itself
+    if stores and not any(store.config.get("placeholder") for store in stores.values()):
+        _check_statistics_coverage(recipe, method, slices, jobs)
     config = _output_config(ref.ckpt, slices, total_layers, out_dtype or jobs[0].out.dtype, vocab)
     _warn_unused(slices, jobs, warnings)
     return Plan(recipe=recipe, method=method, jobs=jobs,
@@ -186,8 +201,91 @@ def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
         folder = resolve_model(ref).resolve()
         if folder not in by_folder:
             by_folder[folder] = Checkpoint(folder, label=ref)
+            _check_config_matches_weights(by_folder[folder])
         opened[ref] = by_folder[folder]
     return opened
+
+
+def _check_config_matches_weights(ck: Checkpoint) -> None:
+    """The output config is a copy of one input's, so it must describe that input's tensors."""
+    key = L.layer_count_key(ck.config)
+    have = L.num_layers(list(ck.tensors))
+    said = ck.config.get(key) if key else None
+    if isinstance(said, int) and have and said != have:
+        raise PlanError(f"{ck.label}: config.json says {key}: {said}, but its weights have "
+                        f"{have} layers", hint="the config belongs to another model; fix or replace it")
+    vocab = ck.config.get("vocab_size")
+    embedding = next((n for n in sorted(ck.tensors) if L.INPUT_EMBEDDINGS.search(n)), None)
+    rows = ck.tensors[embedding].shape[0] if embedding and ck.tensors[embedding].shape else None
+    if isinstance(vocab, int) and rows is not None and rows != vocab:
+        raise PlanError(f"{ck.label}: config.json says vocab_size: {vocab}, but {embedding!r} has "
+                        f"{rows} rows", hint="the config belongs to another model; fix or replace it")
+
+
+def _ties(ck: Checkpoint) -> bool:
+    """Whether the model's output head is its input embedding (transformers' default: yes)."""
+    return ck.config.get("tie_word_embeddings", True) is not False
+
+
+def _check_compatible(recipe: Recipe, slices: list[OutSlice], ref: Checkpoint,
+                      allow_crimes: bool, warnings: list[str]) -> None:
+    """Refuse models that are not the same architecture: the first difference of architecture,
+    config or tensor names between `ref` and each other model merged. With allow_crimes a
+    difference of architecture or config is a warning; a tensor some models lack stays an error
+    (it would be dropped, or invented from other tensors)."""
+    merged = {id(s.ckpt): s.ckpt for sl in slices for s in [*sl.sources, sl.base, sl.lines_base]
+              if s is not None}
+    for ck in merged.values():
+        if ck is ref:
+            continue
+        found = _config_difference(ref, ck, layers=recipe.slices is None)
+        if found is not None:
+            what = f"{ref.label} and {ck.label} are different models: {found}"
+            if not allow_crimes:
+                raise PlanError(what, hint=CRIMES_HINT)
+            warnings.append(f"{what} (merged anyway: allow_crimes)")
+        only = _tensor_difference(ref, ck)
+        if only is not None:
+            name, has, lacks = only
+            untied = (" (its config says tie_word_embeddings: false, so its embedding is not its "
+                      "output head)" if L.tied_embedding(set(lacks.tensors), name) else "")
+            raise PlanError(f"{ref.label} and {ck.label} have different tensors: {has.label} has "
+                            f"{name!r}, {lacks.label} has no such tensor{untied}",
+                            hint="mergesmith never drops or invents a tensor, with allow_crimes "
+                                 "too; merge models of one architecture")
+
+
+def _config_difference(a: Checkpoint, b: Checkpoint, *, layers: bool) -> str | None:
+    for key in ("architectures", "model_type"):
+        if a.config.get(key) != b.config.get(key):
+            return f"{key} {a.config.get(key)!r} against {b.config.get(key)!r}"
+    keys = SHAPE_KEYS + (L.LAYER_COUNT_KEYS if layers else ())
+    for key in keys:
+        if key == "tie_word_embeddings":
+            mine, theirs = _ties(a), _ties(b)
+        elif key in a.config and key in b.config:
+            mine, theirs = a.config[key], b.config[key]
+        else:
+            continue
+        if mine != theirs:
+            return f"{key} {mine!r} against {theirs!r}"
+    return None
+
+
+def _tensor_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, Checkpoint, Checkpoint] | None:
+    """(name, the model that has it, the one that lacks it) for the first tensor name (layer
+    numbers aside) only one of them has. A tied model's head is its embedding, so it has one."""
+    def names(ck: Checkpoint, other: Checkpoint) -> set[str]:
+        found = {n if L.layer_of(n) is None else L.with_layer(n, 0) for n in ck.tensors}
+        if _ties(ck):
+            own = set(ck.tensors)
+            found |= {n for n in other.tensors if L.layer_of(n) is None and L.tied_embedding(own, n)}
+        return found
+
+    mine, theirs = names(a, b), names(b, a)
+    for name in sorted(mine ^ theirs):
+        return (name, a, b) if name in mine else (name, b, a)
+    return None
 
 
 def _open_statistics(recipe: Recipe, method: MethodSpec, opened: dict[str, Checkpoint],
@@ -247,6 +345,12 @@ def _normalize(recipe: Recipe, opened: dict[str, Checkpoint], method: MethodSpec
     if recipe.models is not None:
         sources = [Source(opened[m.model], 0, counts[id(opened[m.model])], m.parameters,
                           ("models", i)) for i, m in enumerate(recipe.models)]
+        for j, later in enumerate(sources):
+            first = next(s for s in sources if s.ckpt is later.ckpt)
+            if first is not later:
+                raise PlanError(f"{recipe.where('models', j)}: {later.ckpt.label} is listed twice "
+                                f"in models (models[{first.path[1]}] and models[{j}])",
+                                hint="list each model once; give it a larger weight instead")
         if base_ck is not None and all(s.ckpt is not base_ck for s in sources):
             sources.append(Source(base_ck, 0, counts[id(base_ck)], None, ("base_model",)))
         raw = [(sources, base_ck, None, ())]
@@ -315,8 +419,12 @@ def _input_name(source: Source, template: str, offset: int | None) -> str:
     if name in source.ckpt.tensors:
         return name
     tied = L.tied_embedding(set(source.ckpt.tensors), name)
-    if tied is not None:
+    if tied is not None and _ties(source.ckpt):
         return tied
+    if tied is not None:
+        raise PlanError(f"{source.ckpt.label}: has no tensor {name!r}, and its config says "
+                        "tie_word_embeddings: false, so its embedding is not its output head",
+                        hint="the checkpoint is incomplete; download its missing weight files")
     close = difflib.get_close_matches(name, list(source.ckpt.tensors), n=1)
     raise PlanError(f"{source.ckpt.label}: has no tensor {name!r}",
                     hint=f"closest is {close[0]!r}" if close else "the models differ in architecture")
@@ -349,6 +457,14 @@ def _job(out_slice: OutSlice, out_name: str, offset: int | None, t: float, layer
                      "to match rows by token")
         raise PlanError(f"shapes differ for {out_name!r}: {lead.ckpt.label} has "
                         f"{list(ref_info.shape)}, {ck.label} has {list(info.shape)} ({name!r})")
+    family = _dtype_family(ref_info.dtype)
+    for (ck, name), info in zip(inputs, infos):
+        if _dtype_family(info.dtype) != family:
+            raise PlanError(f"dtypes differ for {out_name!r}: {lead.ckpt.label} stores it as "
+                            f"{_dtype_name(ref_info.dtype)}, {ck.label} as "
+                            f"{_dtype_name(info.dtype)} ({name!r})",
+                            hint="merge checkpoints of the same precision family; dequantize "
+                                 "or convert the odd one first")
     copy = not ref_info.dtype.is_floating_point
     dtype = ref_info.dtype if copy else (out_dtype or ref_info.dtype)
     params = {} if copy else resolver.resolve(out_slice, experts, out_name, t)
@@ -357,6 +473,65 @@ def _job(out_slice: OutSlice, out_name: str, offset: int | None, t: float, layer
     return TensorJob(OutTensor(out_name, dtype, tuple(shape)), inputs, out_slice.base is not None,
                      params, TensorContext(out_name, layer, total_layers or None, seed),
                      copy=copy, vocab_axis=vocab_axis, lines_scale=scale)
+
+
+def _dtype_family(dtype: torch.dtype) -> str:
+    """Tensors of one family convert into each other exactly enough to merge: 16/32/64-bit
+    floats; an fp8 tensor is scaled by factors stored elsewhere, and integers are not weights."""
+    if dtype.is_floating_point:
+        return "fp8" if dtype.itemsize == 1 else "float"
+    return _dtype_name(dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_layer_lists(recipe: Recipe, out_slice: OutSlice, job: TensorJob, total: int) -> None:
+    """layer_swap's per-model layer lists must name layers the output has."""
+    from mergesmith.methods.selection import parse_layers
+
+    experts = [s for s in out_slice.sources if s is not out_slice.base]
+    for source, spec in zip(experts, job.params["layers"]):
+        try:
+            beyond = [n for n in parse_layers(spec or "") if n >= total]
+        except ValueError:
+            continue  # the method's own validation names a malformed list
+        if beyond:
+            raise PlanError(f"{recipe.where(*source.path, 'parameters', 'layers')}: layers "
+                            f"{spec!r} go past the output, which has {total} layers (0-{total - 1})")
+
+
+def _check_statistics_coverage(recipe: Recipe, method: MethodSpec, slices: list[OutSlice],
+                               jobs: list[TensorJob]) -> None:
+    """A tensor the statistics should cover but do not (their names do not match the
+    checkpoint's) would be merged by the data-free fallback: refused unless the recipe sets
+    `fallback` for it. Gram matrices cover linear weights (2-D, not embeddings); Fisher
+    statistics every floating tensor."""
+    kinds = set(method.statistics) & {"gram", "fisher"}
+    if not kinds or method.optional_statistics:
+        return
+    has_fallback = any(p.name == "fallback" for p in method.params)
+    levels = [slices[0].params, recipe.parameters] if len(slices) == 1 else [recipe.parameters]
+    missing = []
+    for job in jobs:
+        if job.statistics or job.copy or job.vocab_axis:
+            continue
+        name = job.out.name
+        if kinds == {"gram"} and (len(job.out.shape) != 2 or not name.endswith(".weight")
+                                  or L.VOCAB_NAMES.search(name) or L.is_before_layers(name)):
+            continue
+        if has_fallback and lookup("fallback", levels, name) is not None:
+            continue
+        missing.append(name)
+    if missing:
+        kind = " or ".join(sorted(kinds))
+        hint = (f"set parameters: {{fallback: linear}} (or task_arithmetic) to merge them without "
+                f"statistics" if has_fallback else
+                "collect the statistics again from this checkpoint")
+        raise PlanError(f"{recipe.where('merge_method')}: {method.name}: {len(missing)} tensor(s) "
+                        f"have no {kind} statistics, e.g. {', '.join(map(repr, missing[:3]))}; "
+                        "the statistics do not match the checkpoint's tensor names", hint=hint)
 
 
 def _output_config(ref: Checkpoint, slices: list[OutSlice], total_layers: int,

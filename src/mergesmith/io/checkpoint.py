@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         except (TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
         info = TensorInfo(name, dtype, shape, path, data_start + begin)
+        if begin < 0 or end < begin:
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid data offsets "
+                                  f"[{begin}, {end}]", hint="the file is corrupt")
         if end - begin != info.nbytes:
             raise CheckpointError(
                 f"{path}: tensor {name!r} declares shape {list(shape)} ({info.nbytes} bytes) "
@@ -95,7 +99,34 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 hint="the download or copy of this file is incomplete",
             )
         tensors[name] = info
+    _check_disjoint(path, tensors)
     return tensors
+
+
+def _check_disjoint(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Two tensors sharing bytes would each read the other's values (the safetensors library
+    refuses such a file too)."""
+    spans = sorted((info.offset, info.offset + info.nbytes, name) for name, info in tensors.items()
+                   if info.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the file",
+                                  hint="the file is corrupt")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object, as UTF-8 (what transformers reads)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start})",
+                              hint=f"the {what} is corrupt") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})", hint=f"the {what} is corrupt") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the {what} must be a JSON object, got a "
+                              f"{type(data).__name__}")
+    return data
 
 
 class Checkpoint:
@@ -114,10 +145,7 @@ class Checkpoint:
         config = self.path / "config.json"
         if not config.is_file():
             raise CheckpointError(f"{self.label}: no config.json in {self.path}")
-        try:
-            return json.loads(config.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config}: invalid JSON ({exc})") from None
+        return read_json_object(config, "model config")
 
     def _scan(self) -> None:
         for index_name, single in (
@@ -138,10 +166,14 @@ class Checkpoint:
         )
 
     def _index_files(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid weight index ({exc})") from None
+        weight_map = read_json_object(index, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid weight index ('weight_map' must map "
+                                  f"tensor names to files, got {type(weight_map).__name__})")
+        odd = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if odd is not None:
+            raise CheckpointError(f"{index}: not a valid weight index (tensor {odd!r} maps to "
+                                  f"{weight_map[odd]!r}, not a file name)")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (self.path / name).is_file():
@@ -163,8 +195,9 @@ class Checkpoint:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many types for a bad or unsafe pickle
             raise CheckpointError(
-                f"{file}: cannot be loaded safely ({type(exc).__name__}: {str(exc)[:200]})",
-                hint="only plain tensor checkpoints load; convert others to safetensors",
+                f"{file}: cannot be loaded safely ({type(exc).__name__}: {_first_reason(exc)})",
+                hint="only plain tensor checkpoints load (mergesmith never runs code from a "
+                     "pickle); convert the file to safetensors where you trust it",
             ) from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
@@ -193,6 +226,18 @@ class Checkpoint:
         if got != buffer.nbytes:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
         return out
+
+
+def _first_reason(exc: Exception) -> str:
+    """torch's weights_only refusal without its advice to load with weights_only=False, which
+    would run the pickle's code."""
+    text = str(exc)
+    reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    line = reason.group(1) if reason else next((l for l in text.splitlines() if l.strip()), "")
+    line = line.split(". ")[0]  # its next sentences say how to allow the object anyway
+    if "weights_only" in line:
+        line = "the pickle holds objects other than tensors"
+    return line.strip()[:200]
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -19,6 +19,7 @@ import torch
 from mergesmith.errors import MethodError
 
 REQUIRED = object()
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class Param:
         elif self.type in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"must be a number, got {value!r}")
+            # NaN passes every comparison below, and a value beyond float32 becomes ±inf (or a
+            # NaN from inf − inf) once a method computes with it in fp32
+            if not abs(value) <= FLOAT32_MAX:  # also an int too large for a float
+                raise ValueError(f"must be a finite number within float32 range, got {value!r:.40}")
             if self.type is int and float(value) != int(value):
                 raise ValueError(f"must be an integer, got {value!r}")
             value = self.type(value)
