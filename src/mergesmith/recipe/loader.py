@@ -39,8 +39,20 @@ MAX_ENTRIES = 1_000  # models, slices, or sources of one slice
 
 def load_recipe(source: str | Path | dict) -> Recipe:
     """A Recipe from a YAML file path, a YAML string, or an already-parsed dict."""
+    stages = load_stages(source)
+    if len(stages) > 1:
+        where = stages[0].source if stages[0].source != NO_FILE else "recipe"
+        raise RecipeError(f"{where}: holds {len(stages)} recipes (YAML documents), a multi-stage "
+                          "recipe, where one recipe was expected",
+                          hint="run it with `mergesmith merge RECIPE OUT` or mergesmith.merge")
+    return stages[0]
+
+
+def load_stages(source: str | Path | dict) -> list[Recipe]:
+    """Every recipe of a YAML file, path or string, in order: one for an ordinary recipe, one per
+    document for a multi-stage recipe (mergekit-multi's form, documents separated by ---)."""
     if isinstance(source, dict):
-        return _validate(source, NO_FILE, {})
+        return [_validate(source, NO_FILE, {})]
     if isinstance(source, str) and not _is_file(source) and ("\n" in source or ":" in source):
         return _parse(source, NO_FILE)
     path = Path(source)
@@ -116,16 +128,18 @@ def _expanded_size(node: yaml.Node, memo: dict, active: set) -> int:
     return size
 
 
-def _parse(text: str, source: str) -> Recipe:
+def _parse(text: str, source: str) -> list[Recipe]:
     where = source if source != NO_FILE else "recipe"
     if len(text) > MAX_RECIPE_BYTES:  # characters: at most as many as bytes
         _too_big(where)
     loader = _BoundedLoader(text)
+    documents = []
     try:
-        node = loader.get_single_node()
-        if node is not None and _expanded_size(node, {}, set()) > MAX_NODES:
-            raise _TooLarge(f"aliases that expand to more than {MAX_NODES} YAML nodes")
-        data = loader.construct_document(node) if node is not None else None
+        while loader.check_node():
+            node = loader.get_node()
+            if _expanded_size(node, {}, set()) > MAX_NODES:
+                raise _TooLarge(f"aliases that expand to more than {MAX_NODES} YAML nodes")
+            documents.append((node, loader.construct_document(node)))
     except _TooLarge as exc:
         raise RecipeError(f"{where}: the recipe has {exc}",
                           hint="a recipe is a few hundred nodes; write repeated parts out, or "
@@ -139,16 +153,21 @@ def _parse(text: str, source: str) -> Recipe:
         raise RecipeError(f"{head}: invalid YAML: {' '.join(str(problem).split())}") from None
     finally:
         loader.dispose()
-    if node is None or data is None:
+    documents = [(node, data) for node, data in documents if data is not None]  # a bare ---
+    if not documents:
         raise RecipeError(
             f"{where}:1: the recipe is empty" if source != NO_FILE else "the recipe is empty",
             hint="a recipe needs at least merge_method and models (or slices)",
         )
-    lines: dict[tuple, int] = {}
-    _collect_lines(node, (), lines, set())
-    recipe = _validate(data, source, lines)
-    recipe._text = text
-    return recipe
+    recipes = []
+    for node, data in documents:
+        lines: dict[tuple, int] = {}
+        _collect_lines(node, (), lines, set())
+        recipe = _validate(data, source, lines)
+        # a stage's text would name other stages, not the folders they become
+        recipe._text = text if len(documents) == 1 else None
+        recipes.append(recipe)
+    return recipes
 
 
 def _collect_lines(node: yaml.Node, path: tuple, lines: dict, active: set) -> None:
