@@ -307,3 +307,19 @@ def test_iso_cts_counts_every_slot_of_the_flat_spectrum():
     taus = [(3 * outer[0] + outer[2]).float(), (2 * outer[1]).float()]
     got = iso_cts(torch.zeros(8, 6), taus, common_space_fraction=0.5).double()
     torch.testing.assert_close(got, sum(outer), rtol=0, atol=1e-6)
+
+
+def test_nan_in_a_statistic_or_a_stored_dtype_input_is_refused():
+    """Statistics (a Fisher) are inputs too; the sparse family sees the stored bf16 tensors."""
+    fisher = next(s for s in all_methods() if s.name == "fisher")
+    plan, job = engine_job(fisher, (6, 4), 2)
+    tensors = engine_inputs(fisher, (6, 4), 2)
+    tensors[-1].view(-1)[0] = float("nan")  # the second expert's Fisher
+    with pytest.raises(MethodError, match="'w' of model expert1-fisher has NaN or Inf"):
+        merge_unit(plan, Unit(job, None, "merge"), tensors, CPU, None)
+    ties = next(s for s in all_methods() if s.name == "ties")
+    assert ties.stored_dtype_inputs
+    plan, job = engine_job(ties, (6, 4), 2)
+    tensors = [t.bfloat16() for t in engine_inputs(ties, (6, 4), 2, float("inf"))]
+    with pytest.raises(MethodError, match="'w' of model expert0 has NaN or Inf"):
+        merge_unit(plan, Unit(job, None, "merge"), tensors, CPU, None)

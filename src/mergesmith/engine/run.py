@@ -141,13 +141,18 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
     xs, statistics = _split_statistics(plan, job, tensors)
     # converted in place, so each stored-dtype input is freed as soon as its fp32 copy exists
     upcast = not plan.method.stored_dtype_inputs
+    check = stats is None  # else a first pass (reduce) has checked these same inputs
+    narrowed = {}  # input -> whether it was finite before the recipe's float16 cast
     for i, tensor in enumerate(xs):
+        if check and plan.load_dtype == torch.float16 and tensor.dtype != torch.float16:
+            narrowed[i] = _finite(tensor)
         xs[i] = _prepare(tensor, plan.load_dtype, device, upcast)
-        if stats is None:  # else a first pass (reduce) has checked these same inputs
-            _check_input(job, i, tensor, xs[i], plan.load_dtype)
     for values in statistics.values():  # never through the recipe's dtype: fp16 zeroes 1e-12
         for i, tensor in enumerate(values or []):
             values[i] = tensor.to(device, non_blocking=True).float()
+    if check:
+        _check_inputs(job, xs + [t for values in statistics.values() for t in values or []],
+                      narrowed)
     origin = xs[0] if job.lines_scale is not None else None  # θ0 of LiNeS
     if origin is not None and not job.has_base:
         xs = xs[1:]
@@ -192,20 +197,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_input(job: TensorJob, index: int, stored: torch.Tensor, prepared: torch.Tensor,
-                 load_dtype: torch.dtype | None) -> None:
-    """Refuse NaN/Inf in input `index` before any method sees it: methods would otherwise fail
-    without a name (eigh) or turn it into finite values (a mask, a clamp) silently."""
-    if not prepared.is_floating_point() or _finite(prepared):
+def _check_inputs(job: TensorJob, xs: list[torch.Tensor], narrowed: dict[int, bool]) -> None:
+    """Refuse NaN/Inf in any input before a method sees it: methods would otherwise fail
+    without a name (eigh) or turn it into finite values (a mask, a clamp) silently. One sum per
+    input and one test of their total (a single device sync); each input on its own only
+    when that total is not finite. `xs` are in `job.inputs` order (statistics last, whichever
+    kinds this tensor has); `narrowed[i]`: input i was finite before the recipe's float16 cast."""
+    sums = [x.sum(dtype=torch.float32 if x.dtype == torch.float16 else None)
+            for x in xs if x.is_floating_point()]
+    if not sums or bool(torch.isfinite(torch.stack(sums).sum())):
         return
-    ck, name = job.inputs[index]
-    if load_dtype is not None and stored.is_floating_point() and bool(torch.isfinite(stored).all()):
-        raise MethodError(f"tensor {name!r} of model {ck.label} overflows the recipe's dtype "
-                          f"{_dtype_name(load_dtype)} (max {torch.finfo(load_dtype).max:.6g})",
-                          hint="set `dtype: bfloat16` or `dtype: float32` in the recipe")
-    raise MethodError(f"tensor {name!r} of model {ck.label} has NaN or Inf values",
-                      hint="the checkpoint is damaged or diverged in training: repair it or merge "
-                           "without it")
+    for i, x in enumerate(xs):
+        if not x.is_floating_point() or _finite(x):
+            continue
+        ck, name = job.inputs[i]
+        if narrowed.get(i):
+            raise MethodError(f"tensor {name!r} of model {ck.label} overflows the recipe's dtype "
+                              f"float16 (max {torch.finfo(torch.float16).max:.6g})",
+                              hint="set `dtype: bfloat16` or `dtype: float32` in the recipe")
+        raise MethodError(f"tensor {name!r} of model {ck.label} has NaN or Inf values",
+                          hint="the checkpoint is damaged or diverged in training: repair it or "
+                               "merge without it")
 
 
 def _split_statistics(plan: Plan, job: TensorJob, tensors: list[torch.Tensor]):
