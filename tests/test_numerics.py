@@ -323,3 +323,23 @@ def test_nan_in_a_statistic_or_a_stored_dtype_input_is_refused():
     tensors = [t.bfloat16() for t in engine_inputs(ties, (6, 4), 2, float("inf"))]
     with pytest.raises(MethodError, match="'w' of model expert0 has NaN or Inf"):
         merge_unit(plan, Unit(job, None, "merge"), tensors, CPU, None)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "nearswap"])
+def test_cli_names_the_tensor_and_model_with_nan(zoo, tmp_path, monkeypatch, capsys, method):
+    """Before: a LinAlgError traceback from eigh (tsv_m), a finite merge with rc 0 (nearswap)."""
+    models = with_logit_scale(zoo("llama"), tmp_path, {"base": 1.0, "e1": 1.5, "e2": 0.75})
+    (file,) = sorted(Path(models["e1"]).glob("*.safetensors"))
+    tensors = load_file(file)
+    tensors["model.layers.0.mlp.down_proj.weight"].view(-1)[3] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    experts = ["e1"] if method == "nearswap" else ["e1", "e2"]
+    recipe = {"merge_method": method, "base_model": str(models["base"]),
+              "models": [{"model": str(models[k])} for k in experts],
+              "parameters": {"t": 0.5} if method == "nearswap" else {}}
+    rc, _, err = run_cli(monkeypatch, capsys, "merge", write_recipe(tmp_path / "r.yaml", recipe),
+                         tmp_path / "out")
+    assert rc != 0 and "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.startswith("error:"))
+    assert "'model.layers.0.mlp.down_proj.weight'" in line and str(models["e1"]) in line
+    assert "NaN or Inf" in line
