@@ -119,6 +119,9 @@ def merge(
                                        rich_help_panel=MK, help="Not applied (a note)."),
     safe_serialization: bool = typer.Option(True, "--safe-serialization/--no-safe-serialization",
                                             rich_help_panel=MK, help="Always safetensors."),
+    intermediate_dir: Optional[Path] = typer.Option(
+        None, "--intermediate-dir", "-I", help="Multi-stage recipes: where the named stages go "
+        "[default: OUTPUT-stages beside OUTPUT]."),
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (collecting data statistics first if the method needs them)."""
     import time
@@ -153,6 +156,18 @@ def merge(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     started = time.perf_counter()
+    from mergesmith.engine.stages import is_multi_stage, run_stages
+
+    if is_multi_stage(recipe):  # mergekit-multi's form: each stage is planned before it runs
+        path = run_stages(recipe, output, intermediate_dir=intermediate_dir, shard_size=shard,
+                          device=device, seed=seed, resume=resume, overwrite=overwrite,
+                          chunk_size=chunk_size, progress=not quiet, compat=compat,
+                          allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
+                          write_model_card=write_model_card,
+                          log=None if quiet else lambda line: err.print(line, highlight=False))
+        if not quiet or verbose:
+            err.print(f"wrote {path}", highlight=False)
+        return
     the_plan = plan(recipe, seed=seed, shard_size=shard, compat=compat,
                     allow_crimes=allow_crimes)  # every error before any work
     for warning in the_plan.warnings:

@@ -68,7 +68,13 @@ def prepare(recipe: Recipe | str | Path | dict, *, device: str = "cpu",
 
 def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, device: str = "cpu",
           progress: bool = False, **options: Any) -> Path:
-    """`mergesmith.merge`: any recipe, with or without data; options as the engine's `merge`."""
+    """`mergesmith.merge`: any recipe, with or without data; options as the engine's `merge`.
+    A multi-stage recipe (several YAML documents) runs stage by stage (engine/stages.py; option
+    `intermediate_dir`)."""
+    from mergesmith.engine.stages import is_multi_stage, run_stages
+
+    if is_multi_stage(recipe):
+        return run_stages(recipe, out, device=device, progress=progress, **options)
     prepared = prepare(recipe, device=device, progress=progress)
     finish = None
     if get_method(prepared.recipe.merge_method).router:

@@ -18,7 +18,7 @@ import torch
 
 from mergesmith.engine import layers as L
 from mergesmith.engine.params import ParamResolver
-from mergesmith.engine.vocab import VocabPlan, plan_vocab
+from mergesmith.engine.vocab import VocabPlan, chat_template_for, plan_vocab
 from mergesmith.errors import MergesmithError, PlanError, RecipeError
 from mergesmith.io import Checkpoint, OutTensor, Shard, layout_shards, resolve_model
 from mergesmith.methods import MethodSpec, TensorContext, get_method
@@ -87,6 +87,7 @@ class Plan:
     models: dict[str, Checkpoint]  # recipe reference -> opened folder
     warnings: list[str] = field(default_factory=list)
     statistics: dict[str, Checkpoint] = field(default_factory=dict)  # reference -> its store
+    chat_template: str | None = None  # the recipe's chat_template as Jinja text
 
     @property
     def total_bytes(self) -> int:
@@ -132,12 +133,6 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
         raise PlanError(f"{recipe.where('merge_method')}: {method.name} learns its merge from data "
                         "before anything is merged; the engine alone cannot run it",
                         hint="run it with `mergesmith merge` or mergesmith.merge, with a calibration: section")
-    if recipe.tokenizer:
-        raise PlanError(f"{recipe.where('tokenizer')}: the tokenizer: section is not supported yet",
-                        hint="use tokenizer_source: base | union | <model>")
-    if recipe.chat_template and "{" not in recipe.chat_template:
-        raise PlanError(f"{recipe.where('chat_template')}: named chat templates are not supported "
-                        "yet; give the Jinja template itself")
     opened = _open_models(recipe)
     stores = _open_statistics(recipe, method, opened, statistics or {})
     slices = _normalize(recipe, opened, method)
@@ -146,6 +141,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     ref = slices[0].base or slices[0].sources[0]
     _check_compatible(recipe, slices, ref.ckpt, allow_crimes, warnings)
     vocab = plan_vocab(recipe, opened, ref.ckpt)
+    chat_template = chat_template_for(recipe, opened)
     if method.side is not None:
         _check_side_outputs(recipe, method, slices, vocab)
     seed = seed if seed is not None else (recipe.seed or 0)
@@ -191,7 +187,8 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                 shards=layout_shards([job.out for job in jobs], shard_bytes),
                 config=config, config_source=ref.ckpt, load_dtype=load_dtype, vocab=vocab,
                 seed=seed, models=opened, warnings=warnings,
-                statistics={ref: stores[id(ck)] for ref, ck in opened.items() if id(ck) in stores})
+                statistics={ref: stores[id(ck)] for ref, ck in opened.items() if id(ck) in stores},
+                chat_template=chat_template)
 
 
 def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
@@ -301,7 +298,8 @@ def _open_statistics(recipe: Recipe, method: MethodSpec, opened: dict[str, Check
         if ref not in opened:
             raise PlanError(f"statistics given for {ref!r}, which the recipe does not name")
         stores[id(opened[ref])] = Checkpoint(Path(path), label=f"statistics of {ref}")
-    experts = [ref for ref in opened if ref != recipe.base_model and ref != recipe.tokenizer_source]
+    not_merged = (recipe.base_model, recipe.tokenizer_source, recipe.tokenizer and recipe.tokenizer.source)
+    experts = [ref for ref in opened if ref not in not_merged]
     missing = [ref for ref in experts if id(opened[ref]) not in stores]
     if missing:
         raise PlanError(f"{recipe.where('merge_method')}: {method.name} needs "
