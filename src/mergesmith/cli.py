@@ -220,6 +220,8 @@ def check(
     shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
     chunk_size: str = typer.Option("8MiB", help="As for merge; sets the memory estimate."),
     compat: Optional[str] = typer.Option(None, help=COMPAT_HELP),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes",
+                                      help="As for merge: differences become warnings."),
 ) -> None:
     """Validate RECIPE against the models' headers and show the plan; writes nothing."""
     from mergesmith.calibrate.pipeline import plan
@@ -228,7 +230,7 @@ def check(
     from mergesmith.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    the_plan = plan(loaded, shard_size=shard_size, compat=compat)
+    the_plan = plan(loaded, shard_size=shard_size, compat=compat, allow_crimes=allow_crimes)
     method = get_method(loaded.merge_method)
     table = Table(show_header=False, box=None)
     table.add_row("method", f"{method.name} — {method.summary}{_data_needs(method)}")
@@ -464,20 +466,23 @@ def demo(
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default $MERGESMITH_CACHE, "
                                          "else ~/.cache/mergesmith)."),
     method: Optional[list[str]] = typer.Option(None, help="Only these methods (repeatable)."),
+    every: bool = typer.Option(False, "--all", help="Every method (default: a representative ten)."),
 ) -> None:
-    """Fine-tune an expert per task from a real pretrained model, merge them with every method,
-    and print the leaderboard (no download: model and data ship with the package)."""
+    """Fine-tune an expert per task from a real pretrained model, merge them with ten
+    representative methods (--all: every method), and print the leaderboard (no download: model
+    and data ship with the package)."""
     import time
 
     from mergesmith.demo.assets import cache_dir
-    from mergesmith.demo.leaderboard import rich_table, run_leaderboard
+    from mergesmith.demo.leaderboard import demo_methods, rich_table, run_leaderboard
     from mergesmith.demo.run import prepare_demo
 
     start = time.perf_counter()
+    methods = demo_methods(method, every)
     setup = prepare_demo(fast=fast, seed=seed, cache=cache)
     root = cache_dir(cache) / ("leaderboard-fast" if fast else "leaderboard")
     board = run_leaderboard(setup.base, setup.experts, setup.tasks, out_dir, cache=root, seed=seed,
-                            methods=method, say=lambda m: err.print(m, highlight=False, markup=False))
+                            methods=methods, say=lambda m: err.print(m, highlight=False, markup=False))
     Console(width=max(out.width, 170)).print(rich_table(board))
     err.print(f"report: {board.files['markdown']}  plots: {board.files['plot']}"
               f"{'  ' + str(board.files['sweep']) if 'sweep' in board.files else ''}  "

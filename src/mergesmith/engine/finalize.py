@@ -76,7 +76,7 @@ def model_card(plan: Plan) -> str:
 # {recipe.name or 'Merged model'}
 
 Merged with mergesmith {__version__} using **{method.name}**: {method.summary}
-({method.paper}). Seed: {plan.seed}. The recipe is also in `{CONFIG_FILE}`.
+({method.paper}). Seed: {plan.seed}.{_compat_note(recipe)} The recipe is also in `{CONFIG_FILE}`.
 
 ## Inputs
 
@@ -87,9 +87,16 @@ Merged with mergesmith {__version__} using **{method.name}**: {method.summary}
 ## Recipe
 
 ```yaml
-{recipe.to_yaml().rstrip()}
+{recipe_text(recipe).rstrip()}
 ```
 """
+
+
+def _compat_note(recipe) -> str:
+    """The arithmetic the tensors follow, when not the papers' (`--compat` or `compat:`)."""
+    if recipe.compat != "mergekit":
+        return ""
+    return " Computed with compat: mergekit (mergekit 0.1.5's arithmetic)."
 
 
 def _json(path: Path, data) -> None:
