@@ -28,6 +28,7 @@ from mergesmith.recipe.schema import LayerScaling
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config fields that fix the shape of the computation: models that differ in one do not compute
+COMPAT = ("none", "mergekit")  # the recipe's `compat:` values, also `--compat`
 # the same function of their tensors, so averaging those tensors means nothing.
 SHAPE_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "ffn_dim",
               "num_attention_heads", "n_head", "num_key_value_heads", "head_dim",
@@ -120,12 +121,16 @@ class Plan:
 def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                shard_bytes: int = 5 * 1000**3,
                statistics: dict[str, str | Path] | None = None,
-               allow_crimes: bool = False) -> Plan:
+               allow_crimes: bool = False, compat: str | None = None) -> Plan:
     """`statistics` maps a model reference of the recipe to its statistics store (calibrate/),
     for methods that read statistics. `allow_crimes` (mergekit's name) merges models whose
     architectures or configs differ, with a warning; their tensor sets must still agree."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     try:
+    if compat is not None:
+        if compat not in COMPAT:
+            raise MergesmithError(f"unknown compat {compat!r}", hint="use none or mergekit")
+        recipe = recipe.model_copy(update={"compat": compat})  # so the card and resume see it
         method = get_method(recipe.merge_method)
     except MergesmithError as exc:
         raise RecipeError(f"{recipe.where('merge_method')}: {exc.message}", hint=exc.hint) from None
@@ -179,6 +184,10 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     if not jobs:
         raise PlanError(f"{ref.ckpt.label}: no tensors to merge")
     # RegMean++ plans its blocks with placeholder stores and hands each block its Grams itself
+    if recipe.compat == "mergekit" and method.compat is not None:
+        for job in jobs:
+            if not job.copy:
+                job.params = method.compat(job.params, _compute_dtype(job, load_dtype))
     if stores and not any(store.config.get("placeholder") for store in stores.values()):
         _check_statistics_coverage(recipe, method, slices, jobs)
     config = _output_config(ref.ckpt, slices, total_layers, out_dtype or jobs[0].out.dtype, vocab)
@@ -192,6 +201,17 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
 
 
 def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
+def _compute_dtype(job: TensorJob, load_dtype: torch.dtype | None) -> torch.dtype:
+    """mergekit's compute dtype for a tensor: the recipe's `dtype`, else its inputs' stored
+    dtypes promoted (bf16 inputs are merged in bf16 arithmetic)."""
+    if load_dtype is not None:
+        return load_dtype
+    dtype = None
+    for ck, name in job.inputs:
+        stored = ck.tensors[name].dtype
+        dtype = stored if dtype is None else torch.promote_types(dtype, stored)
+    return dtype
+
     opened: dict[str, Checkpoint] = {}
     by_folder: dict[Path, Checkpoint] = {}
     for ref in recipe.model_refs():

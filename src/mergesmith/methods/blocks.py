@@ -131,18 +131,30 @@ def drop_random(x: torch.Tensor, density: float, stream: RandomStream,
 
 
 def elect_sign(task_vectors: list[torch.Tensor], weights: list[float] | None = None,
-               mode: str = "sum") -> torch.Tensor:
+               mode: str = "sum", ties: str = "zero") -> torch.Tensor:
     """TIES' elect: s = sign(Σ wi τi) ("sum", the paper's mass vote) or the sign held by more
     models ("count"). Entries with no majority get sign 0 and are dropped by `disjoint_mean`
-    (mergekit elects + there, which breaks merge(−τ) = −merge(τ); the TIES authors' code gives
-    them the tensor's majority sign)."""
+    (`ties="zero"`), or sign + (`ties="plus"`: mergekit's s = 1 if Σ ≥ 0 else −1, which breaks
+    merge(−τ) = −merge(τ); the TIES authors' code gives them the tensor's majority sign)."""
     weights = weights or [1.0] * len(task_vectors)
     if mode == "sum":
-        return weighted_sum(task_vectors, weights).sign_()
-    if mode == "count":
-        return torch.sign(sum(torch.sign(tv) * (1 if w >= 0 else -1)
+        sign = weighted_sum(task_vectors, weights).sign_()
+    elif mode == "count":
+        sign = torch.sign(sum(torch.sign(tv) * (1 if w >= 0 else -1)
                               for tv, w in zip(task_vectors, weights)))
-    raise ValueError(f"unknown sign election mode {mode!r}; use sum or count")
+    else:
+        raise ValueError(f"unknown sign election mode {mode!r}; use sum or count")
+    return break_ties(sign, ties)
+
+
+def break_ties(sign: torch.Tensor, ties: str = "zero") -> torch.Tensor:
+    """An elected sign where the vote was exactly even (s = 0): left 0 ("zero"), or + ("plus",
+    mergekit's), in place."""
+    if ties == "plus":  # s + 1 − |s|: 0 becomes 1, ±1 stay
+        return sign.sub_(sign.abs().sub_(1))
+    if ties != "zero":
+        raise ValueError(f"unknown sign tie rule {ties!r}; use zero or plus")
+    return sign
 
 
 def disjoint_mean(task_vectors: list[torch.Tensor], sign: torch.Tensor,

@@ -273,6 +273,11 @@ class MethodSpec:
     @property
     def uses_base(self) -> bool:
         return self.needs_base or self.optional_base
+    # Under `compat: mergekit`: `compat(params, compute_dtype) -> params`, the resolved
+    # parameters with the options that make the method compute what mergekit 0.1.5 does
+    # (its sign ties, rescale, selections), in `compute_dtype`, mergekit's: the recipe's
+    # `dtype`, else the inputs' own. None: mergekit computes what the method does already.
+    compat: Callable[[dict[str, Any], torch.dtype], dict[str, Any]] | None = None
 
     @property
     def needs_data(self) -> bool:

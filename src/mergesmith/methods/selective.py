@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.methods.blocks import disjoint_mean, elect_sign, magnitude_threshold, task_vectors
+from mergesmith.methods.blocks import (break_ties, disjoint_mean, elect_sign, magnitude_threshold,
+                                       task_vectors)
 from mergesmith.methods.registry import Param, TensorContext, register
 
 
@@ -84,6 +85,7 @@ def energy_weights(energies: list[float]) -> list[float]:
               doc="fraction of the varying entries kept, by variance across the experts"),
         Param("int8_mask", bool, default=False, doc="mergekit's memory option; no effect here"),
     ),
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def sce(
     base: torch.Tensor,
@@ -92,6 +94,7 @@ def sce(
     select_topk: float = 1.0,
     int8_mask: bool = False,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Select, calculate, erase: θ = θ0 + Σ ηi·τ̂i / Σ ηi over the τ̂i whose sign is that of
     Σ τ̂i, with τ̂i = τi on the selected entries and ηi = Σ τ̂i² / Σj Σ τ̂j².
@@ -100,7 +103,10 @@ def sce(
     energies (one τ̂i² at a time, in float64), then the sign election and disjoint mean, block
     by block into the output. Peak working memory, 2048×5632 and 3 experts: 2.6 tensors with
     selection, 2.1 without (the float64 squares), against 7.9 and 7.0 when the T task vectors
-    and the election's buffers were whole tensors; the output is the same, bit for bit."""
+    and the election's buffers were whole tensors; the output is the same, bit for bit.
+    With `compute_dtype`, as mergekit evaluates it (`sce_rounded`)."""
+    if compute_dtype is not None:
+        return sce_rounded(base, experts, select_topk, compute_dtype)
     flat_base, flat_experts = flat_inputs(base, experts)
     keep = high_variance_mask(flat_base, flat_experts, select_topk) if select_topk < 1 else None
     weights = energy_weights(energies(flat_base, flat_experts, base.shape, keep))
@@ -110,6 +116,34 @@ def sce(
         merged[a:a + MERGE_BLOCK] = disjoint_mean(tvs, elect_sign(tvs), weights).add_(
             flat_base[a:a + MERGE_BLOCK])
     return merged.view_as(base)
+
+
+ENERGY_FLOOR = 1e-6  # mergekit: uniform ηi when Σi mean(τi²) is below this (compat only)
+DIVISOR_FLOOR = 1e-6  # mergekit: Σ ηi over the agreeing experts floored here (compat only)
+
+
+def sce_rounded(base: torch.Tensor, experts: list[torch.Tensor], select_topk: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """SCE as mergekit 0.1.5 evaluates it (`compat: mergekit`), on the stacked task vectors in
+    `dtype`, each step rounded there: exactly k = ⌊d·(entries that vary)⌋ selected by torch's
+    top-k (ties as it breaks them), + on an exactly even sign vote, ηi = mean(τ̂i²) / Σj mean(τ̂j²)
+    but uniform when that sum is below 1e-6 (typical fine-tunes: |τ| ~ 1e-4), and the divisor
+    Σ ηi over the agreeing experts floored at 1e-6."""
+    theta0 = base.to(dtype)
+    tvs = torch.stack([expert.to(dtype) - theta0 for expert in experts])
+    if select_topk < 1:
+        variance = torch.var(tvs, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * select_topk) if select_topk > 0 else 0
+        selected = torch.zeros_like(variance)
+        if k > 0:
+            selected.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True)[1]] = 1
+        tvs = tvs * selected.unsqueeze(0)
+    agree = tvs.sign() == break_ties(tvs.sum(dim=0).sign_(), "plus")
+    energy = tvs.square().reshape(len(experts), -1).mean(dim=1)
+    total = torch.sum(energy).item()
+    eta = torch.ones_like(energy) / len(experts) if abs(total) < ENERGY_FLOOR else energy / total
+    eta = eta.view(-1, *[1] * base.dim()) * agree
+    return theta0 + (tvs * eta).sum(dim=0) / torch.sum(eta, dim=0).clamp(min=DIVISOR_FLOOR)
 
 
 KL_EPS = 1e-8
@@ -137,21 +171,30 @@ def lower_quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor
     min_models=1,
     max_models=1,
     params=(),
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def arcee_fusion(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     *,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """θ = θ0 + τ·[s ≥ median(s) + 1.5·(Q3(s) − Q1(s))], s = |τ|·KL(softmax(θ1) ‖ softmax(θ0))
     per row. The quartiles are exact; mergekit estimates them from a random sample of 10⁶
-    entries on larger tensors, which makes its output change from run to run."""
+    entries on larger tensors, which makes its output change from run to run.
+
+    With `compute_dtype` (`compat: mergekit`), τ, the importance, the quartiles and the
+    threshold are computed there, as mergekit does (so in bf16 for bf16 recipes), and
+    θ0 + τ·mask in fp32 (mergekit's mask is fp32)."""
     (other,) = experts
-    tau = other - base
-    importance = tau.abs() * row_kl(other, base)
+    theta0 = base if compute_dtype is None else base.to(compute_dtype)
+    other = other if compute_dtype is None else other.to(compute_dtype)
+    tau = other - theta0
+    importance = tau.abs() * row_kl(other, theta0)
     q1, median, q3 = lower_quantiles(importance, (0.25, 0.5, 0.75))
-    return base + tau * (importance >= median + 1.5 * (q3 - q1))
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return base + tau.float() * keep
 
 
 @register(
@@ -164,6 +207,7 @@ def arcee_fusion(
     max_models=1,
     params=(Param("t", minimum=0.0, doc="largest step from the base, per entry"),),
     elementwise=True,
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def nearswap(
     base: torch.Tensor,
@@ -171,7 +215,14 @@ def nearswap(
     *,
     t: float,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """θ = θ0 + w·τ with w = min(1, t/|τ|), that is θ = θ0 + clamp(τ, −t, t)."""
+    """θ = θ0 + w·τ with w = min(1, t/|τ|), that is θ = θ0 + clamp(τ, −t, t). With
+    `compute_dtype` (`compat: mergekit`), mergekit's form in that dtype: θ = w·θ1 + (1 − w)·θ0,
+    w = clamp(t / max(|θ0 − θ1|, 1e-6), 0, 1) (θ1 itself only where that rounds to w = 1)."""
+    if compute_dtype is not None:
+        theta0, theta1 = base.to(compute_dtype), experts[0].to(compute_dtype)
+        w = (t / (theta0 - theta1).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+        return w * theta1 + (1 - w) * theta0
     (tau,) = task_vectors(base, experts)
     return tau.clamp_(-t, t).add_(base)

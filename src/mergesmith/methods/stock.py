@@ -20,6 +20,7 @@ from mergesmith.methods.blocks import gram64, task_vectors, weighted_sum
 from mergesmith.methods.registry import Param, TensorContext, register
 
 SINGULAR = 1e-6  # |1 + (k − 1)·cos θ| below this: no finite ratio; keep the base (as mergekit)
+NORM_FLOOR = 1e-6  # mergekit's floor on |τi||τj| in the cosine (`compat: mergekit` only)
 
 
 def stock_gram(base: torch.Tensor, experts: list[torch.Tensor], **_) -> torch.Tensor:
@@ -65,7 +66,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
                   "mergekit and the paper's formula extrapolate past it"),
     ),
     reduce=stock_gram,
-    whole_tensor_when=lambda params: params.get("filter_wise", False),
+    whole_tensor_when=lambda params: (params.get("filter_wise", False)
+                                      or params.get("compute_dtype") is not None),
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def model_stock(
     base: torch.Tensor,
@@ -75,11 +78,15 @@ def model_stock(
     clamp_t: bool = False,
     stats: torch.Tensor | None = None,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """θ = t·mean(θi) + (1 − t)·θ0, t = k·cos θ / (1 + (k − 1)·cos θ) (paper §3)."""
+    """θ = t·mean(θi) + (1 − t)·θ0, t = k·cos θ / (1 + (k − 1)·cos θ) (paper §3).
+    With `compute_dtype`, as mergekit evaluates it (`stock_rounded`)."""
     k = len(experts)
     if k < 2:
         raise ValueError("model_stock needs at least two experts to measure their angle")
+    if compute_dtype is not None:
+        return stock_rounded(base, experts, filter_wise, clamp_t, compute_dtype)
     if filter_wise:
         average = weighted_sum(experts, [1.0] * k).div_(k)
         tvs = torch.stack([_rows(tv) for tv in task_vectors(base, experts)]).double()
@@ -89,3 +96,30 @@ def model_stock(
         return (_rows(average) * t + _rows(base) * (1 - t)).reshape(base.shape)
     t = stock_ratio((stock_gram(base, experts) if stats is None else stats).tolist(), clamp_t)
     return weighted_sum(experts, [t / k] * k).add_(base, alpha=1 - t)
+
+
+def stock_rounded(base: torch.Tensor, experts: list[torch.Tensor], filter_wise: bool,
+                  clamp_t: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Model Stock as mergekit 0.1.5 evaluates it (`compat: mergekit`), on whole tensors in
+    `dtype`: each cosine τi·τj / max(|τi||τj|, 1e-6) from torch's norms and sums in that dtype
+    (the floor shrinks t for task vectors with |τi||τj| < 1e-6), the mean of the experts
+    summed one by one, every step rounded there."""
+    shape, k = base.shape, len(experts)
+    if filter_wise:
+        w0 = base.to(dtype).reshape(1, -1) if base.dim() < 2 else base.to(dtype)
+    else:
+        w0 = base.to(dtype).reshape(-1)
+    ws = [e.to(dtype).reshape(w0.shape) for e in experts]
+    offsets = [w - w0 for w in ws]
+    cosines = [((a * b).sum(dim=-1)
+                / (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=NORM_FLOOR)).clamp(-1, 1)
+               for i, a in enumerate(offsets) for b in offsets[i + 1:]]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    if clamp_t:
+        cos = cos.clamp(min=0)
+    denominator = 1 + (k - 1) * cos
+    singular = denominator.abs() < SINGULAR
+    t = torch.where(singular, torch.zeros_like(cos),
+                    (k * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = sum(ws) / k
+    return (t * average + (1 - t) * w0).reshape(shape)
