@@ -139,8 +139,11 @@ class OutputFolder:
         os.close(self._lock_fd)
         self._lock_fd = None
 
-    def __del__(self) -> None:
-        self.release()
+    def __del__(self) -> None:  # for callers that drop a folder on an error without release()
+        try:
+            self.release()
+        except Exception:  # at interpreter exit; the kernel lets go of the lock anyway
+            pass
 
     def _load_manifest(self) -> None:
         try:
