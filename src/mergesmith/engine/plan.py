@@ -126,11 +126,11 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     for methods that read statistics. `allow_crimes` (mergekit's name) merges models whose
     architectures or configs differ, with a warning; their tensor sets must still agree."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    try:
     if compat is not None:
         if compat not in COMPAT:
             raise MergesmithError(f"unknown compat {compat!r}", hint="use none or mergekit")
         recipe = recipe.model_copy(update={"compat": compat})  # so the card and resume see it
+    try:
         method = get_method(recipe.merge_method)
     except MergesmithError as exc:
         raise RecipeError(f"{recipe.where('merge_method')}: {exc.message}", hint=exc.hint) from None
@@ -183,11 +183,11 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
 
     if not jobs:
         raise PlanError(f"{ref.ckpt.label}: no tensors to merge")
-    # RegMean++ plans its blocks with placeholder stores and hands each block its Grams itself
     if recipe.compat == "mergekit" and method.compat is not None:
         for job in jobs:
             if not job.copy:
                 job.params = method.compat(job.params, _compute_dtype(job, load_dtype))
+    # RegMean++ plans its blocks with placeholder stores and hands each block its Grams itself
     if stores and not any(store.config.get("placeholder") for store in stores.values()):
         _check_statistics_coverage(recipe, method, slices, jobs)
     config = _output_config(ref.ckpt, slices, total_layers, out_dtype or jobs[0].out.dtype, vocab)
@@ -200,7 +200,6 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                 chat_template=chat_template)
 
 
-def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
 def _compute_dtype(job: TensorJob, load_dtype: torch.dtype | None) -> torch.dtype:
     """mergekit's compute dtype for a tensor: the recipe's `dtype`, else its inputs' stored
     dtypes promoted (bf16 inputs are merged in bf16 arithmetic)."""
@@ -212,6 +211,8 @@ def _compute_dtype(job: TensorJob, load_dtype: torch.dtype | None) -> torch.dtyp
         dtype = stored if dtype is None else torch.promote_types(dtype, stored)
     return dtype
 
+
+def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
     opened: dict[str, Checkpoint] = {}
     by_folder: dict[Path, Checkpoint] = {}
     for ref in recipe.model_refs():
