@@ -280,3 +280,13 @@ def test_statistics_that_match_no_tensor_are_refused(zoo, tmp_path, method, kind
     good = {str(m[e]): fake_store(tmp_path / f"{e}-good", m[e], kind) for e in ("e1", "e2")}
     jobs = engine_plan(recipe, statistics=good).jobs
     assert any(job.statistics for job in jobs)
+
+
+def test_data_aware_parameters_are_checked_before_any_data_is_read(zoo, tmp_path, monkeypatch, capsys):
+    m = zoo("llama")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: regmean\ncalibration: {{data: missing.txt}}\nparameters:\n"
+                      f"  alpha: [0.5, .nan]\nmodels:\n  - model: {m['e1']}\n  - model: {m['e2']}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "check", recipe)
+    assert code != 0 and "Traceback" not in err
+    assert "r.yaml:4: parameters.alpha[1]: alpha must be a finite number" in " ".join(err.split()), err

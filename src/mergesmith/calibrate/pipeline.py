@@ -120,7 +120,12 @@ def plan(recipe: Recipe | str | Path | dict, **options: Any):
                                                for ref in refs])
     for key in ("calibration", "parameters", "base_model", "lines"):
         data.pop(key, None)
-    return engine.plan(data, **options)
+    from mergesmith.engine.plan import check_settings
+
+    warnings = check_settings(recipe, method)  # the stand-in average takes none of them
+    stand_in = engine.plan(data, **options)
+    stand_in.warnings[:0] = warnings
+    return stand_in
 
 
 def _method(recipe: Recipe) -> MethodSpec:

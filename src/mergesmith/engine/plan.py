@@ -24,6 +24,7 @@ from mergesmith.io import Checkpoint, OutTensor, Shard, layout_shards, resolve_m
 from mergesmith.methods import MethodSpec, TensorContext, get_method
 from mergesmith.methods.lines import layer_scale
 from mergesmith.recipe import Recipe, load_recipe, lookup
+from mergesmith.recipe.parameters import scalars
 from mergesmith.recipe.schema import LayerScaling
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -142,7 +143,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     stores = _open_statistics(recipe, method, opened, statistics or {})
     slices = _normalize(recipe, opened, method)
     resolver = ParamResolver(recipe, method)
-    warnings = resolver.check_names()
+    warnings = check_settings(recipe, method)
     ref = slices[0].base or slices[0].sources[0]
     _check_compatible(recipe, slices, ref.ckpt, allow_crimes, warnings)
     vocab = plan_vocab(recipe, opened, ref.ckpt)
@@ -210,6 +211,30 @@ def _compute_dtype(job: TensorJob, load_dtype: torch.dtype | None) -> torch.dtyp
         stored = ck.tensors[name].dtype
         dtype = stored if dtype is None else torch.promote_types(dtype, stored)
     return dtype
+
+
+def check_settings(recipe: Recipe, method: MethodSpec) -> list[str]:
+    """Every parameter value the recipe writes for the method, checked where it is written
+    (also values a filter never selects, and before a data-aware method collects anything):
+    names as ParamResolver.check_names, values as the method's Param.check. Returns the
+    warnings for other methods' parameters."""
+    resolver = ParamResolver(recipe, method)
+    warnings = resolver.check_names()
+    params = {p.name: p for p in method.params}
+    for settings, path in resolver._levels():
+        for name, setting in (settings or {}).items():
+            param = params.get(name)
+            for inner, value in scalars(setting) if param is not None else ():
+                if param.type in (int, float) and isinstance(value, str):
+                    try:
+                        value = float(value)  # YAML 1.1 reads 1e-3 as a string; so does resolve
+                    except ValueError:
+                        pass
+                try:
+                    param.check(value)
+                except ValueError as exc:
+                    raise PlanError(f"{recipe.where(*path, name, *inner)}: {name} {exc}") from None
+    return warnings
 
 
 def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:

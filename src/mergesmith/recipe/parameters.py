@@ -99,6 +99,19 @@ def _conditional(entry: Any) -> tuple[Any, Any] | None:
     return None
 
 
+def scalars(setting: Any, path: tuple = ()):
+    """(path inside the setting, value) for every scalar a setting holds: its value, each entry
+    of a gradient, each conditional's value. Interpolation never leaves the range they span."""
+    cond = _conditional(setting) if not isinstance(setting, _SCALARS) else None
+    if isinstance(setting, _SCALARS):
+        yield path, setting
+    elif cond is not None:
+        yield from scalars(cond[0], (*path, "value"))
+    elif isinstance(setting, (list, tuple)):
+        for i, entry in enumerate(setting):
+            yield from scalars(entry, (*path, i))
+
+
 def resolve_setting(
     setting: Any,
     tensor_name: str,
