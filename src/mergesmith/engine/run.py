@@ -185,12 +185,16 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
     return out.cpu()
 
 
+def _sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum, finite exactly when no value is NaN/Inf, barring an overflow of the sum itself
+    (float16's is taken in float32, where a tile's cannot overflow). It costs a cast's time, a
+    full check 30 times more: the full check runs only when the sum is not finite."""
+    return tensor.sum(dtype=torch.float32 if tensor.dtype == torch.float16 else None)
+
+
 def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf in `tensor`. Its sum is finite exactly when no value is NaN/Inf, barring an
-    overflow of the sum itself, which the full check then rules out: the sum costs a cast's
-    time, a full check 30 times more. float16 sums in float32, where a tile's cannot overflow."""
-    total = tensor.sum(dtype=torch.float32 if tensor.dtype == torch.float16 else None)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+    """No NaN/Inf in `tensor`."""
+    return bool(torch.isfinite(_sum(tensor))) or bool(torch.isfinite(tensor).all())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -203,8 +207,7 @@ def _check_inputs(job: TensorJob, xs: list[torch.Tensor], narrowed: dict[int, bo
     input and one test of their total (a single device sync); each input on its own only
     when that total is not finite. `xs` are in `job.inputs` order (statistics last, whichever
     kinds this tensor has); `narrowed[i]`: input i was finite before the recipe's float16 cast."""
-    sums = [x.sum(dtype=torch.float32 if x.dtype == torch.float16 else None)
-            for x in xs if x.is_floating_point()]
+    sums = [_sum(x) for x in xs if x.is_floating_point()]
     if not sums or bool(torch.isfinite(torch.stack(sums).sum())):
         return
     for i, x in enumerate(xs):
