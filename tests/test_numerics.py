@@ -92,8 +92,6 @@ def scalar_inputs(spec):
 def test_every_method_takes_a_0_dim_tensor(spec):
     """CLIP's logit_scale: each method returns a 0-dim result, the same as for the one-entry
     1-D tensor (its own definition on vectors), and the hand-computed value where there is one."""
-    if spec.name == "ffg":  # grafts exactly one expert
-        pytest.skip("covered with one expert below")
     base, experts = scalar_inputs(spec)
     got = run_method(spec, base, experts)
     assert got.shape == () and torch.isfinite(got)
@@ -103,18 +101,12 @@ def test_every_method_takes_a_0_dim_tensor(spec):
         torch.testing.assert_close(got, torch.tensor(SCALAR[spec.name]), rtol=1e-6, atol=1e-7)
 
 
-def test_ffg_takes_a_0_dim_tensor():
-    spec = next(s for s in all_methods() if s.name == "ffg")
-    got = run_method(spec, torch.tensor(1.0), [torch.tensor(1.5)])
-    assert got.shape == () and torch.isfinite(got)
-
-
 @pytest.mark.parametrize("spec", all_methods(), ids=lambda s: s.name)
 @pytest.mark.parametrize("shape", [(7,), (3, 2, 2, 2)], ids=["1d", "conv"])
 def test_every_method_takes_vectors_and_conv_kernels(spec, shape):
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(shape, generator=gen)
-    count = 1 if spec.name == "ffg" else expert_count(spec)
+    count = expert_count(spec)
     experts = [base + 0.1 * torch.randn(shape, generator=gen) for _ in range(count)]
     got = run_method(spec, base, experts)
     assert got.shape == shape and torch.isfinite(got).all()
@@ -197,7 +189,7 @@ def test_nan_and_inf_inputs_are_refused_before_any_method_sees_them(spec, poison
     """The engine's one-line error, naming the tensor and the model, whatever the method
     (before: LinAlgError from eigh in tsv_m / iso_c / iso_cts, finite output from nearswap and
     pcb)."""
-    experts = 1 if spec.name == "ffg" else expert_count(spec)
+    experts = expert_count(spec)
     plan, job = engine_job(spec, (6, 4), experts)
     tensors = engine_inputs(spec, (6, 4), experts, poison)
     with pytest.raises(MethodError) as info:
