@@ -254,7 +254,12 @@ def _check_config_matches_weights(ck: Checkpoint) -> None:
     key = L.layer_count_key(ck.config)
     have = L.num_layers(list(ck.tensors))
     said = ck.config.get(key) if key else None
-    if isinstance(said, int) and have and said != have:
+    # the numbered blocks may also hold multi-token-prediction layers after the last one
+    # (DeepSeek-V3), or a longer decoder stack of an encoder-decoder (T5)
+    stacks = [said + (ck.config.get("num_nextn_predict_layers") or 0) if isinstance(said, int) else 0]
+    stacks += [ck.config[k] for k in ("num_decoder_layers", "decoder_layers", "encoder_layers")
+               if isinstance(ck.config.get(k), int)]
+    if isinstance(said, int) and have and have != max(stacks):
         raise PlanError(f"{ck.label}: config.json says {key}: {said}, but its weights have "
                         f"{have} layers", hint="the config belongs to another model; fix or replace it")
     vocab = ck.config.get("vocab_size")
@@ -299,14 +304,10 @@ def _check_compatible(recipe: Recipe, slices: list[OutSlice], ref: Checkpoint,
 
 
 def _config_difference(a: Checkpoint, b: Checkpoint, *, layers: bool) -> str | None:
-    for key in ("architectures", "model_type"):
-        if a.config.get(key) != b.config.get(key):
-            return f"{key} {a.config.get(key)!r} against {b.config.get(key)!r}"
-    keys = SHAPE_KEYS + (L.LAYER_COUNT_KEYS if layers else ())
-    for key in keys:
+    for key in ("architectures", "model_type", *SHAPE_KEYS, *(L.LAYER_COUNT_KEYS if layers else ())):
         if key == "tie_word_embeddings":
             mine, theirs = _ties(a), _ties(b)
-        elif key in a.config and key in b.config:
+        elif key in a.config and key in b.config:  # a field one config leaves out is no evidence
             mine, theirs = a.config[key], b.config[key]
         else:
             continue
