@@ -201,7 +201,7 @@ def test_models_and_slices_exclusive(tmp_path):
     neither = write(tmp_path, "merge_method: linear\nmodels: []\n", "neither.yaml")
     assert "give a non-empty 'models' or 'slices'" in error_of(neither).message
     modules = write(tmp_path, "merge_method: linear\nmodules:\n  text: {}\n", "modules.yaml")
-    assert error_of(modules).message.startswith(f"{modules}:2: modules: the 'modules' form is not supported yet")
+    assert error_of(modules).message.startswith(f"{modules}:3: modules.text: give either a non-empty 'models' or 'slices'")
 
 
 def test_bad_dtype_lists_allowed(tmp_path):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -312,9 +310,10 @@ def test_multi_stage_matches_mergekit_multi(zoo, tmp_path):
     models = zoo("llama")
     recipe = tmp_path / "multi.yaml"
     recipe.write_text(two_stages(models))
-    subprocess.run([str(Path(sys.executable).parent / "mergekit-multi"), str(recipe),
-                    "--intermediate-dir", str(tmp_path / "mk-stages"), "--out-path",
-                    str(tmp_path / "mk")], check=True, capture_output=True)
+    from mergekit.scripts.multimerge import main as mergekit_multi  # `mergekit-multi`, in process
+
+    mergekit_multi.main([str(recipe), "--intermediate-dir", str(tmp_path / "mk-stages"),
+                         "--out-path", str(tmp_path / "mk"), "--quiet"], standalone_mode=False)
     ours = mergesmith.merge(recipe, tmp_path / "ms", intermediate_dir=tmp_path / "ms-stages")
     for a, b in [(tmp_path / "mk-stages" / "soup", tmp_path / "ms-stages" / "soup"),
                  (tmp_path / "mk", ours)]:
@@ -352,3 +351,148 @@ def test_multi_stage_recipe_errors(tmp_path, text, message):
         mergesmith.merge(recipe, tmp_path / "out")
     assert message in info.value.message, info.value.message
     assert not (tmp_path / "out-stages").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. modules: for multimodal models
+
+
+TEXT = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "post_attention_layernorm", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"]
+VISION = ["ffn_norm", "feed_forward.down_proj", "feed_forward.gate_proj", "feed_forward.up_proj",
+          "attention_norm", "attention.k_proj", "attention.o_proj", "attention.q_proj", "attention.v_proj"]
+
+
+def build_vl(folder: Path, seed: int, text_layers: int = 4, vision_layers: int = 2) -> Path:
+    """A tiny Mistral3-style vision-language checkpoint with the tensor names mergekit's
+    architecture file expects: `language_model.`, `vision_tower.`, `multi_modal_projector.`."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def put(name, *shape):
+        tensors[name] = torch.randn(shape, generator=g) * 0.02
+
+    put("language_model.model.embed_tokens.weight", 96, 16)
+    for i in range(text_layers):
+        for n in TEXT:
+            put(f"language_model.model.layers.{i}.{n}.weight", *((16,) if "norm" in n else (16, 16)))
+    put("language_model.model.norm.weight", 16)
+    put("language_model.lm_head.weight", 96, 16)
+    for n, shape in [("linear_1", (16, 8)), ("linear_2", (16, 16)), ("norm", (8,)),
+                     ("patch_merger.merging_layer", (8, 32))]:
+        put(f"multi_modal_projector.{n}.weight", *shape)
+    put("vision_tower.patch_conv.weight", 8, 3, 2, 2)
+    put("vision_tower.ln_pre.weight", 8)
+    for i in range(vision_layers):
+        for n in VISION:
+            put(f"vision_tower.transformer.layers.{i}.{n}.weight", *((8,) if "norm" in n else (8, 8)))
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+              "text_config": {"model_type": "mistral", "vocab_size": 96, "hidden_size": 16,
+                              "intermediate_size": 16, "num_hidden_layers": text_layers,
+                              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8},
+              "vision_config": {"model_type": "pixtral", "hidden_size": 8, "intermediate_size": 8,
+                                "num_hidden_layers": vision_layers, "num_attention_heads": 2,
+                                "head_dim": 4, "patch_size": 2, "image_size": 8},
+              "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_tokenizer(folder, default_tokens(96))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vl")
+    return build_vl(root / "a", 1), build_vl(root / "b", 2)
+
+
+MODULE_RECIPES = {
+    # per-module weights (mergekit's docs: a text model and a vision model merged differently)
+    "models": """merge_method: linear
+modules:
+  text_decoder:
+    models:
+      - model: A
+        parameters: {weight: 0.7}
+      - model: B
+        parameters: {weight: 0.3}
+  vision_tower:
+    models: [{model: A}, {model: B}]
+    parameters: {weight: 0.5}
+  multi_modal_projector:
+    models:
+      - model: A
+        parameters: {weight: 1.0}
+      - model: B
+        parameters: {weight: 0.0}
+""",
+    # a frankenmerge of the text decoder only; the output config counts 6 text layers
+    "slices": """merge_method: passthrough
+modules:
+  text_decoder:
+    slices:
+      - sources: [{model: A, layer_range: [0, 3]}]
+      - sources: [{model: B, layer_range: [1, 4]}]
+  vision_tower:
+    slices:
+      - sources: [{model: B, layer_range: [0, 2]}]
+  multi_modal_projector:
+    models: [{model: A}]
+""",
+    # precedence: slice (gradient) over module over recipe
+    "slerp": """merge_method: slerp
+base_model: A
+parameters: {t: 0.3}
+modules:
+  text_decoder:
+    slices:
+      - sources: [{model: A, layer_range: [0, 4]}, {model: B, layer_range: [0, 4]}]
+        parameters: {t: [0, 1]}
+  vision_tower:
+    models: [{model: A}, {model: B}]
+    parameters: {t: 0.8}
+  multi_modal_projector:
+    models: [{model: A}, {model: B}]
+""",
+}
+
+
+@pytest.mark.parametrize("form", list(MODULE_RECIPES))
+def test_modules_match_mergekit(vl, tmp_path, form):
+    a, b = vl
+    text = MODULE_RECIPES[form].replace("model: A", f"model: {a}").replace("model: B", f"model: {b}")
+    theirs, ours = merge_both(tmp_path, text.replace("base_model: A", f"base_model: {a}"))
+    x, y = read_tensors(theirs), read_tensors(ours)
+    assert sorted(x) == sorted(y)
+    for k in x:
+        if form == "slerp":  # fp32 SLERP: within 2 ulps at the inputs' scale (test_parity)
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=2 * 2**-23 * 0.1)
+        else:
+            assert torch.equal(x[k], y[k]), k
+    cx, cy = (json.loads((f / "config.json").read_text()) for f in (theirs, ours))
+    for part in ("text_config", "vision_config"):
+        assert cx[part]["num_hidden_layers"] == cy[part]["num_hidden_layers"]
+    if form == "slices":
+        assert cy["text_config"]["num_hidden_layers"] == 6
+        assert torch.equal(y["language_model.model.layers.3.mlp.up_proj.weight"],
+                           read_tensors(b)["language_model.model.layers.1.mlp.up_proj.weight"])
+    if form == "models":
+        name = "vision_tower.transformer.layers.1.attention.q_proj.weight"
+        torch.testing.assert_close(y[name], 0.5 * read_tensors(a)[name] + 0.5 * read_tensors(b)[name])
+
+
+def test_a_module_left_out_is_an_error(vl, tmp_path):
+    """mergekit writes a model without the module's tensors; mergesmith says which are missing."""
+    a, b = vl
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodules:\n  text_decoder:\n    models: [{{model: {a}}}, {{model: {b}}}]\n")
+    with pytest.raises(PlanError) as info:
+        mergesmith.plan(recipe)
+    assert info.value.message.startswith(f"{recipe}:2: modules: ")
+    assert "belong to no module listed" in info.value.message
+    recipe.write_text(f"merge_method: linear\nmodules:\n  audio_tower:\n    models: [{{model: {a}}}]\n")
+    with pytest.raises(PlanError, match=r":3: modules.audio_tower: .* has no module 'audio_tower'"):
+        mergesmith.plan(recipe)

@@ -1,6 +1,7 @@
 """Resolve a method's parameters for one tensor, with mergekit's precedence and error locations.
 
-Precedence, most specific first (as mergekit): the model's own entry, the slice, the recipe.
+Precedence, most specific first (as mergekit): the model's own entry, the slice, the module, the
+recipe.
 Per-model parameters are looked up for each expert; global ones once.
 """
 
@@ -37,10 +38,15 @@ class ParamResolver:
         yield r.parameters, ("parameters",)
         for i, m in enumerate(r.models or []):
             yield m.parameters, ("models", i, "parameters")
-        for i, sl in enumerate(r.slices or []):
-            yield sl.parameters, ("slices", i, "parameters")
-            for j, s in enumerate(sl.sources):
-                yield s.parameters, ("slices", i, "sources", j, "parameters")
+        for section, at in [(r, ()), *((m, ("modules", n)) for n, m in (r.modules or {}).items())]:
+            if at:
+                yield section.parameters, (*at, "parameters")
+                for i, m in enumerate(section.models or []):
+                    yield m.parameters, (*at, "models", i, "parameters")
+            for i, sl in enumerate(section.slices or []):
+                yield sl.parameters, (*at, "slices", i, "parameters")
+                for j, s in enumerate(sl.sources):
+                    yield s.parameters, (*at, "slices", i, "sources", j, "parameters")
 
     def check_names(self) -> list[str]:
         """Unknown names are errors (typos); another method's parameters are only warnings,
@@ -67,6 +73,9 @@ class ParamResolver:
         params: dict[str, Any] = {}
         shared = [(out_slice.params, (*out_slice.path, "parameters")),
                   (self.recipe.parameters, ("parameters",))]
+        if out_slice.module:  # a module's parameters come between its slice's and the recipe's
+            module = self.recipe.modules[out_slice.module[1]]
+            shared.insert(1, (module.parameters, (*out_slice.module, "parameters")))
         for p in self.method.params:
             if p.per_model:
                 params[p.argname] = [

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mergesmith.engine import layers as L
+from mergesmith.engine.modules import module_prefix, set_config_value
 from mergesmith.engine.params import ParamResolver
 from mergesmith.engine.vocab import VocabPlan, chat_template_for, plan_vocab
 from mergesmith.errors import MergesmithError, PlanError, RecipeError
@@ -28,8 +29,8 @@ from mergesmith.recipe.parameters import scalars
 from mergesmith.recipe.schema import LayerScaling
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Config fields that fix the shape of the computation: models that differ in one do not compute
 COMPAT = ("none", "mergekit")  # the recipe's `compat:` values, also `--compat`
+# Config fields that fix the shape of the computation: models that differ in one do not compute
 # the same function of their tensors, so averaging those tensors means nothing.
 SHAPE_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "ffn_dim",
               "num_attention_heads", "n_head", "num_key_value_heads", "head_dim",
@@ -55,6 +56,7 @@ class OutSlice:
     params: dict | None
     path: tuple
     lines_base: Source | None = None  # θ0 of LiNeS, also when the method takes no base
+    module: tuple = ()  # ("modules", name) for a slice of a module (its parameters apply)
 
 
 @dataclass
@@ -141,7 +143,8 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                         hint="run it with `mergesmith merge` or mergesmith.merge, with a calibration: section")
     opened = _open_models(recipe)
     stores = _open_statistics(recipe, method, opened, statistics or {})
-    slices = _normalize(recipe, opened, method)
+    groups = _groups(recipe, opened, method)
+    slices = [out_slice for _, _, group in groups for out_slice in group]
     resolver = ParamResolver(recipe, method)
     warnings = check_settings(recipe, method)
     ref = slices[0].base or slices[0].sources[0]
@@ -153,8 +156,6 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     seed = seed if seed is not None else (recipe.seed or 0)
     load_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
-    total_layers = sum(s.sources[0].stop - s.sources[0].start for s in slices)
-
     jobs: list[TensorJob] = []
     layer_swap_lists = any(p.argname == "layers" and p.type is str for p in method.params)
 
@@ -167,20 +168,29 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
             if "layers" in job.params and layer_swap_lists:
                 _check_layer_lists(recipe, out_slice, job, total_layers)
 
-    ref_names = sorted(ref.ckpt.tensors)
-    outside = [n for n in ref_names if L.layer_of(n) is None]
-    add(slices[0], [(n, None) for n in outside if L.is_before_layers(n)], 0.0, None)
-    out_layer = 0
-    for out_slice in slices:
-        lead = out_slice.base or out_slice.sources[0]
-        count = out_slice.sources[0].stop - out_slice.sources[0].start
-        for offset in range(count):
-            t = offset / (count - 1) if count > 1 else 1.0
-            template = [n for n in sorted(lead.ckpt.tensors) if L.layer_of(n) == lead.start + offset]
-            names = [(L.with_layer(n, out_layer), offset) for n in template]
-            add(out_slice, names, t, out_layer)
-            out_layer += 1
-    add(slices[-1], [(n, None) for n in outside if not L.is_before_layers(n)], 0.0, None)
+    layer_counts = {}  # config key -> layers, for each module that has a key
+    for prefix, count_key, group in groups:  # the whole model, or each module with its own layers
+        total_layers = sum(s.sources[0].stop - s.sources[0].start for s in group)
+        if count_key:
+            layer_counts[count_key] = total_layers
+        head = group[0].base or group[0].sources[0]
+        ref_names = sorted(n for n in head.ckpt.tensors if n.startswith(prefix))
+        outside = [n for n in ref_names if L.layer_of(n) is None]
+        add(group[0], [(n, None) for n in outside if L.is_before_layers(n)], 0.0, None)
+        out_layer = 0
+        for out_slice in group:
+            lead = out_slice.base or out_slice.sources[0]
+            count = out_slice.sources[0].stop - out_slice.sources[0].start
+            for offset in range(count):
+                t = offset / (count - 1) if count > 1 else 1.0
+                template = [n for n in sorted(lead.ckpt.tensors)
+                            if n.startswith(prefix) and L.layer_of(n) == lead.start + offset]
+                names = [(L.with_layer(n, out_layer), offset) for n in template]
+                add(out_slice, names, t, out_layer)
+                out_layer += 1
+        add(group[-1], [(n, None) for n in outside if not L.is_before_layers(n)], 0.0, None)
+    if recipe.modules:  # the top-level layer count is not any one module's
+        total_layers = 0
 
     if not jobs:
         raise PlanError(f"{ref.ckpt.label}: no tensors to merge")
@@ -192,6 +202,8 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     if stores and not any(store.config.get("placeholder") for store in stores.values()):
         _check_statistics_coverage(recipe, method, slices, jobs)
     config = _output_config(ref.ckpt, slices, total_layers, out_dtype or jobs[0].out.dtype, vocab)
+    for key, count in layer_counts.items():
+        set_config_value(config, key, count)
     _warn_unused(slices, jobs, warnings)
     return Plan(recipe=recipe, method=method, jobs=jobs,
                 shards=layout_shards([job.out for job in jobs], shard_bytes),
@@ -383,35 +395,61 @@ def _with_statistics(job: TensorJob, method: MethodSpec, stores: dict[int, Check
     return dataclasses.replace(job, inputs=job.inputs + extra, statistics=method.statistics)
 
 
-def _normalize(recipe: Recipe, opened: dict[str, Checkpoint], method: MethodSpec) -> list[OutSlice]:
-    """Both recipe forms as output slices; `models:` is one slice over all layers (as mergekit)."""
-    counts = {id(ck): L.num_layers(list(ck.tensors)) for ck in opened.values()}
+def _groups(recipe: Recipe, opened: dict[str, Checkpoint],
+            method: MethodSpec) -> list[tuple[str, str | None, list[OutSlice]]]:
+    """(tensor prefix, config key of its layer count, output slices) per part of the output: the
+    whole model, or each of the recipe's `modules:` (mergekit's multimodal form)."""
+    if not recipe.modules:
+        return [("", None, _normalize(recipe, opened, method))]
+    groups = []
+    for name, module in recipe.modules.items():
+        at = ("modules", name)
+        first = (module.models or [None])[0] or module.slices[0].sources[0]
+        prefix, key = module_prefix(opened[first.model], name, recipe.where(*at))
+        groups.append((prefix, key, _normalize(recipe, opened, method, module, prefix, at)))
+    covered = tuple(prefix for prefix, _, _ in groups)
+    ref = groups[0][2][0].base or groups[0][2][0].sources[0]
+    left = [n for n in sorted(ref.ckpt.tensors) if not n.startswith(covered)]
+    if left:  # mergekit leaves them out of the output without a word
+        raise PlanError(f"{recipe.where('modules')}: {len(left)} tensor(s) of {ref.ckpt.label} "
+                        f"belong to no module listed, e.g. {left[0]!r}",
+                        hint="list every module of the model under modules:")
+    return groups
+
+
+def _normalize(recipe: Recipe, opened: dict[str, Checkpoint], method: MethodSpec,
+               section: Any = None, prefix: str = "", at: tuple = ()) -> list[OutSlice]:
+    """Both recipe forms as output slices; `models:` is one slice over all layers (as mergekit).
+    For a module, `section` is its entry, `prefix` its tensors' and `at` its recipe path."""
+    section = section or recipe
+    counts = {id(ck): L.num_layers([n for n in ck.tensors if n.startswith(prefix)])
+              for ck in opened.values()}
     base_ck = opened[recipe.base_model] if recipe.base_model else None
-    if recipe.models is not None:
+    if section.models is not None:
         sources = [Source(opened[m.model], 0, counts[id(opened[m.model])], m.parameters,
-                          ("models", i)) for i, m in enumerate(recipe.models)]
+                          (*at, "models", i)) for i, m in enumerate(section.models)]
         for j, later in enumerate(sources):
             first = next(s for s in sources if s.ckpt is later.ckpt)
             if first is not later:
-                raise PlanError(f"{recipe.where('models', j)}: {later.ckpt.label} is listed twice "
+                raise PlanError(f"{recipe.where(*at, 'models', j)}: {later.ckpt.label} is listed twice "
                                 f"in models (models[{first.path[1]}] and models[{j}])",
                                 hint="list each model once; give it a larger weight instead")
         if base_ck is not None and all(s.ckpt is not base_ck for s in sources):
             sources.append(Source(base_ck, 0, counts[id(base_ck)], None, ("base_model",)))
-        raw = [(sources, base_ck, None, ())]
+        raw = [(sources, base_ck, None, at)]
     else:
         raw = []
-        for i, sl in enumerate(recipe.slices):
-            sources = [Source(opened[s.model], *s.layer_range, s.parameters, ("slices", i, "sources", j))
-                       for j, s in enumerate(sl.sources)]
+        for i, sl in enumerate(section.slices):
+            sources = [Source(opened[s.model], *s.layer_range, s.parameters,
+                              (*at, "slices", i, "sources", j)) for j, s in enumerate(sl.sources)]
             slice_base = opened[sl.base_model] if sl.base_model else base_ck
-            raw.append((sources, slice_base, sl.parameters, ("slices", i)))
+            raw.append((sources, slice_base, sl.parameters, (*at, "slices", i)))
 
     slices = []
     for sources, base_ck, params, path in raw:
         for s in sources:
             have = counts[id(s.ckpt)]
-            if s.stop > have and recipe.slices is not None:
+            if s.stop > have and section.slices is not None:
                 raise PlanError(f"{recipe.where(*s.path, 'layer_range')}: layer_range "
                                 f"[{s.start}, {s.stop}] goes past {s.ckpt.label}, which has {have} layers")
         lengths = {s.stop - s.start for s in sources}
@@ -440,7 +478,7 @@ def _normalize(recipe: Recipe, opened: dict[str, Checkpoint], method: MethodSpec
                             f"base model, but {missing}",
                             hint="add base_model: <the model the experts were tuned from>")
         slices.append(OutSlice(sources, base if method.uses_base else None, params, path,
-                               lines_base=base if recipe.lines is not None else None))
+                               lines_base=base if recipe.lines is not None else None, module=at))
     return slices
 
 

@@ -132,9 +132,11 @@ def embedding_rows(ckpt: Checkpoint) -> int:
 
 def merged_refs(recipe) -> list[str]:
     """The models merged, in mergekit's order for a tensor: as listed, the base last if unlisted."""
-    refs = [m.model for m in recipe.models or ()]
-    for piece in recipe.slices or ():
-        refs += [s.model for s in piece.sources]
+    refs = []
+    for section in [recipe, *(recipe.modules or {}).values()]:
+        refs += [m.model for m in section.models or ()]
+        for piece in section.slices or ():
+            refs += [s.model for s in piece.sources]
     refs.append(recipe.base_model)
     return list(dict.fromkeys(r for r in refs if r))
 

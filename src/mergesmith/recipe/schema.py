@@ -168,6 +168,22 @@ class Slice(_Strict):
     _plain = field_validator("base_model")(_no_adapter)
 
 
+class Module(_Strict):
+    """An entry of `modules:` (multimodal models): the models or slices of one part of the
+    checkpoint (a text decoder, a vision tower, ...), with its own parameters."""
+
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[Slice]] = None
+    parameters: Parameters = None
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> "Module":
+        if bool(self.models) == bool(self.slices):
+            raise PydanticCustomError(
+                "recipe", "give either a non-empty 'models' or 'slices' list for this module", {})
+        return self
+
+
 class ModelToken(_Strict):
     """A token's rows taken from one model's rows for a token (`kind: model_token`)."""
 
@@ -237,6 +253,7 @@ class Recipe(_Strict):
     parameters: Parameters = None
     dtype: Optional[StrictStr] = None
     out_dtype: Optional[StrictStr] = None
+    modules: Optional[dict[str, Module]] = None
     tokenizer_source: Optional[StrictStr] = None
     tokenizer: Optional[TokenizerSection] = None
     chat_template: Optional[StrictStr] = None
@@ -255,27 +272,17 @@ class Recipe(_Strict):
     _normalise_dtype = field_validator("dtype", "out_dtype")(_dtype)
     _plain = field_validator("base_model", "tokenizer_source")(_no_adapter)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_modules(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "modules" in data:
-            raise PydanticCustomError(
-                "recipe",
-                "the 'modules' form is not supported yet; use 'models' or 'slices'",
-                {"field": "modules"},
-            )
-        return data
-
     @model_validator(mode="after")
     def _one_input_form(self) -> "Recipe":
         # Truthiness, like mergekit: an empty list counts as absent.
-        if self.models and self.slices:
+        given = [name for name in ("models", "slices", "modules") if getattr(self, name)]
+        if len(given) > 1:
             raise PydanticCustomError(
-                "recipe", "give either 'models' or 'slices', not both", {"field": "slices"}
-            )
-        if not self.models and not self.slices:
+                "recipe", f"give either {given[0]!r} or {given[1]!r}, not both", {"field": given[1]})
+        if not given:
             raise PydanticCustomError(
-                "recipe", "no inputs: give a non-empty 'models' or 'slices' list", {"field": ""}
+                "recipe", "no inputs: give a non-empty 'models' or 'slices' list (or 'modules')",
+                {"field": ""},
             )
         if self.tokenizer_source and self.tokenizer:
             raise PydanticCustomError(
@@ -312,9 +319,10 @@ class Recipe(_Strict):
     def model_refs(self) -> list[str]:
         """Every distinct model this recipe names, in first-seen order."""
         refs = [self.base_model]
-        refs += [m.model for m in self.models or ()]
-        for piece in self.slices or ():
-            refs += [src.model for src in piece.sources] + [piece.base_model]
+        for section in [self, *(self.modules or {}).values()]:
+            refs += [m.model for m in section.models or ()]
+            for piece in section.slices or ():
+                refs += [src.model for src in piece.sources] + [piece.base_model]
         refs.append(self.tokenizer_source)
         if self.tokenizer:
             refs.append(self.tokenizer.source)
