@@ -198,6 +198,7 @@ def test_refused_pickle_does_not_advise_weights_only_false(zoo, tmp_path):
 @pytest.mark.parametrize("method, param, value", [
     ("linear", "weight", ".nan"), ("linear", "weight", "1e300"), ("linear", "weight", "-.inf"),
     ("ties", "density", ".nan"), ("ties", "weight", ".inf"), ("breadcrumbs", "gamma", ".nan"),
+    ("ties", "lambda", "-.inf"), ("dare_ties", "weight", "1e39"),
 ])
 def test_non_finite_parameters_are_refused_with_the_recipe_line(zoo, tmp_path, monkeypatch, capsys,
                                                                  method, param, value):
