@@ -291,3 +291,14 @@ def test_data_aware_parameters_are_checked_before_any_data_is_read(zoo, tmp_path
     code, _, err = run_cli(monkeypatch, capsys, "check", recipe)
     assert code != 0 and "Traceback" not in err
     assert "r.yaml:4: parameters.alpha[1]: alpha must be a finite number" in " ".join(err.split()), err
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_non_utf8_calibration_file_is_one_error(tmp_path, suffix):
+    from mergesmith.calibrate.data import load_examples
+    from mergesmith.errors import CalibrationError
+    from mergesmith.recipe import Calibration
+
+    (tmp_path / f"bad{suffix}").write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    with pytest.raises(CalibrationError, match="utf-8"):
+        load_examples(Calibration(data=f"bad{suffix}"), tmp_path)

@@ -9,6 +9,7 @@ names the file and, for a bad row, its line.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -139,10 +140,13 @@ def _file_rows(path: Path, cal: Calibration) -> list[tuple[str, dict]]:
 
 
 def _txt_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                yield f"{path}:{number}", {text_field: line.rstrip("\r\n")}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{path}: cannot read: {exc}", hint="save it as UTF-8 text") from None
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):  # as open() splits
+        if line.strip():
+            yield f"{path}:{number}", {text_field: line.rstrip("\r\n")}
 
 
 def _table_rows(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
