@@ -410,7 +410,7 @@ def vl(tmp_path_factory):
 
 
 MODULE_RECIPES = {
-    # per-module weights (mergekit's docs: a text model and a vision model merged differently)
+    # per-module weights (the README's example)
     "models": """merge_method: linear
 modules:
   text_decoder:
@@ -423,11 +423,8 @@ modules:
     models: [{model: A}, {model: B}]
     parameters: {weight: 0.5}
   multi_modal_projector:
-    models:
-      - model: A
-        parameters: {weight: 1.0}
-      - model: B
-        parameters: {weight: 0.0}
+    models: [{model: A}]
+    parameters: {weight: 1.0}
 """,
     # a frankenmerge of the text decoder only; the output config counts 6 text layers
     "slices": """merge_method: passthrough
