@@ -493,3 +493,12 @@ def test_a_module_left_out_is_an_error(vl, tmp_path):
     recipe.write_text(f"merge_method: linear\nmodules:\n  audio_tower:\n    models: [{{model: {a}}}]\n")
     with pytest.raises(PlanError, match=r":3: modules.audio_tower: .* has no module 'audio_tower'"):
         mergesmith.plan(recipe)
+
+
+def test_check_a_multi_stage_recipe(zoo, tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "multi.yaml"
+    recipe.write_text(two_stages(zoo("llama")))
+    code, out, err = run_cli(monkeypatch, capsys, "check", recipe)
+    assert code == 0, err
+    assert "stage 'soup': linear, 2 model(s)" in out and "final stage: valid; uses 'soup'" in out
+    assert not list(tmp_path.glob("*stages*"))  # check writes nothing

@@ -227,8 +227,15 @@ def check(
     from mergesmith.calibrate.pipeline import plan
     from mergesmith.engine.api import parse_size
     from mergesmith.methods import get_method
+    from mergesmith.engine.stages import check_stages, is_multi_stage
     from mergesmith.recipe import load_recipe
 
+    if is_multi_stage(recipe):
+        for line in check_stages(recipe, shard_size=shard_size, compat=compat,
+                                 allow_crimes=allow_crimes):
+            out.print(line, highlight=False)
+        out.print("[green]ok[/]: every stage is valid")
+        return
     loaded = load_recipe(recipe)
     the_plan = plan(loaded, shard_size=shard_size, compat=compat, allow_crimes=allow_crimes)
     method = get_method(loaded.merge_method)

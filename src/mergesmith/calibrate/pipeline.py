@@ -111,7 +111,8 @@ def plan(recipe: Recipe | str | Path | dict, **options: Any):
     method = _method(recipe)
     if not method.needs_data:
         return engine.plan(recipe, **options)
-    for ref in _experts(recipe) if needs_calibration(method) else ():
+    experts = _experts(recipe)  # (data-aware methods take a models: list)
+    for ref in experts if needs_calibration(method) else ():
         calibration_for(recipe, ref, method)
     refs = list(dict.fromkeys([*([recipe.base_model] if recipe.base_model else []),
                                *(m.model for m in recipe.models)]))
@@ -143,8 +144,9 @@ def root_of(recipe: Recipe) -> Path:
 
 def _experts(recipe: Recipe) -> list[str]:
     if not recipe.models:
-        raise RecipeError(f"{recipe.where('slices')}: data-aware methods take a models: list, "
-                          "not slices")
+        form = "modules" if recipe.modules else "slices"
+        raise RecipeError(f"{recipe.where(form)}: data-aware methods take a models: list, "
+                          f"not {form}")
     return [m.model for m in recipe.models if m.model != recipe.base_model]
 
 

@@ -116,6 +116,24 @@ def _in_order(stages: dict[str | None, Stage], docs: list[Recipe]) -> list[Stage
     return done
 
 
+def check_stages(recipe: str | Path, **options: Any) -> list[str]:
+    """Every stage's recipe checked, and planned against its models where they exist already
+    (a stage that uses another is planned when that one is merged): one line per stage."""
+    from mergesmith.calibrate import pipeline
+
+    lines = []
+    for stage in plan_stages(recipe, Path("OUT")):
+        label = f"stage {stage.name!r}" if stage.name else "final stage"
+        if stage.uses:
+            lines.append(f"{label}: valid; uses {', '.join(map(repr, stage.uses))}, so its models "
+                         "are checked when that is merged")
+            continue
+        the_plan = pipeline.plan(stage.recipe, **options)
+        lines.append(f"{label}: {the_plan.method.name}, {len(the_plan.models)} model(s), "
+                     f"{len(the_plan.jobs)} tensors: the models fit together")
+    return lines
+
+
 def _marker(stage: Stage) -> Path:
     return stage.target.with_name(f".{stage.target.name}.stage.json")
 
