@@ -319,6 +319,15 @@ def test_emr_apply_errors_are_one_line(emr_merge, tmp_path, zoo, monkeypatch, ca
     assert lines[0].startswith("error: unknown task 'nope'") and lines[1].startswith("hint: ")
 
 
+def test_emr_apply_never_writes_over_its_inputs(emr_merge, tmp_path):
+    models, out, root = emr_merge
+    before = {f.name: f.read_bytes() for f in out.glob("*.safetensors")}
+    for target in (out, out / "task0", models["base"]):
+        with pytest.raises(OutputError, match=r"output .* (is|contains|lies inside) the input "):
+            apply_emr(out, 0, target, overwrite=True)
+    assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == before
+
+
 def test_emr_rejects_a_merged_vocabulary(tmp_path, zoo):
     models = zoo("llama")
     recipe = {"merge_method": "emr", "base_model": str(models["base"]), "tokenizer_source": "union",

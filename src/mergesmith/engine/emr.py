@@ -178,7 +178,7 @@ def apply_emr(merged: str | Path, task: str | int, out: str | Path, *, base: str
             f"EMR merge in `{merged}` (`mergesmith emr apply`): θ0 + λ·M ⊙ τ_uni with "
             f"λ = {index['rescalers'][i]:.6g}.\n")
     return side.rebuild(merged, Path(out), [index, i, base_files], pieces, note,
-                        resume=resume, overwrite=overwrite)
+                        resume=resume, overwrite=overwrite, reads=[origin.path])
 
 
 def _open_base(path: Path, from_index: bool) -> Checkpoint:

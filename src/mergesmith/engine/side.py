@@ -136,14 +136,17 @@ def read_index(merged: Path, folder: str, name: str, fmt: str, method: str) -> d
 
 
 def rebuild(merged: Path, out: Path, fingerprint: object, pieces: Callable[[OutTensor], Iterable[torch.Tensor]],
-            card_note: str, *, resume: bool = False, overwrite: bool = False) -> Path:
+            card_note: str, *, resume: bool = False, overwrite: bool = False,
+            reads: Iterable[Path] = ()) -> Path:
     """Write a model with the merge's shard layout, tensor by tensor from `pieces` (each in
     pieces of rows, in order), atomically and resumably like a merge; the merge's other files
-    (config, tokenizer, card + `card_note`) come along."""
+    (config, tokenizer, card + `card_note`) come along. `out` may not overlap `merged` or any
+    of the other folders it `reads`."""
     source = Checkpoint(merged)
     inputs = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(merged)]
     key = hashlib.sha256(json.dumps([fingerprint, inputs]).encode()).hexdigest()
-    output = OutputFolder(Path(out), key, resume=resume, overwrite=overwrite)
+    output = OutputFolder(Path(out), key, resume=resume, overwrite=overwrite,
+                          inputs=[merged, *reads])
     for shard in shard_layout(source):
         if output.is_done(shard.filename, shard.size):
             continue
