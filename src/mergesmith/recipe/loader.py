@@ -284,7 +284,8 @@ def _suggest(key: str, owner_path: tuple) -> str | None:
         fields = list(_OWNERS[owner_path[-2]].model_fields)
     else:
         return None
-    close = difflib.get_close_matches(key, fields, n=1)
+    close = difflib.get_close_matches(key, fields, n=3)
+    close.sort(key=lambda f: sorted(f) != sorted(key))  # two letters swapped first: modles -> models
     if close:
         return f"did you mean {close[0]!r}?"
     hint = f"allowed: {', '.join(fields)}"
