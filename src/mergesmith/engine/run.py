@@ -1,7 +1,8 @@
 """Stream a plan to disk: a reader thread prefetches, the method merges, a writer appends.
 
 Memory holds one work unit being merged and one being read: a whole tensor, or a block of rows
-when the method is element-wise (or element-wise after a first pass of sums, like SLERP). So the
+when the method is element-wise (or element-wise after passes of sums, like SLERP, or of
+counts, like TIES' cuts). So the
 peak depends on `chunk_bytes` and the number of inputs, not on the model's or the shard's size.
 """
 
@@ -34,7 +35,9 @@ CPU_TILE = 1 << 18  # elements: inputs, result and scratch of one tile stay with
 class Unit:
     job: TensorJob
     rows: tuple[int, int] | None  # None: the whole tensor
-    phase: str  # "merge", or "reduce" for the first pass of a two-pass method
+    phase: str  # "merge", or "reduce" for a pass of sums before it (SLERP's, the cuts' counts)
+    step: int = 0  # which reduce pass
+    last: bool = False  # the last unit of its reduce pass: its sums are then complete
 
     @property
     def out_bytes(self) -> int:
@@ -53,8 +56,11 @@ def units(plan: Plan, job: TensorJob, chunk_bytes: int) -> list[Unit]:
         return [Unit(job, None, "merge")]
     step = max(1, chunk_bytes // (4 * row_elems))
     blocks = [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
-    passes = ("reduce", "merge") if plan.method.reduce is not None else ("merge",)
-    return [Unit(job, rows, phase) for phase in passes for rows in blocks]
+    # each reduce pass reads the inputs again (from the page cache, mostly): a pass's sums may
+    # need the statistics of the one before, so no two passes share a read
+    reduces = [Unit(job, rows, "reduce", p, rows == blocks[-1])
+               for p in range(plan.method.reduce_passes(job.params)) for rows in blocks]
+    return reduces + [Unit(job, rows, "merge") for rows in blocks]
 
 
 class Reader(threading.Thread):
@@ -113,13 +119,16 @@ def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torc
         return _merge_tile(plan, job, unit.phase, tensors, device, stats, start)
     flat = [t.view(-1) for t in tensors]
     size = flat[0].numel()
-    if unit.phase == "reduce" or (stats is None and plan.method.reduce is not None):
-        # a whole-tensor unit has no reduce pass of its own: its sums must span all its tiles
-        sums = sum(_merge_tile(plan, job, "reduce", [f[a:a + tile] for f in flat], device, None)
+
+    def reduce_tiles(stats):
+        return sum(_merge_tile(plan, job, "reduce", [f[a:a + tile] for f in flat], device, stats)
                    for a in range(0, size, tile))
-        if unit.phase == "reduce":
-            return sums
-        stats = sums
+
+    if unit.phase == "reduce":
+        return reduce_tiles(stats)
+    if stats is None:  # a whole-tensor unit has no reduce passes of its own: they span its tiles
+        for _ in range(plan.method.reduce_passes(job.params)):
+            stats = plan.method.fold(stats, reduce_tiles(stats), job.params)
     out = torch.empty(size, dtype=job.out.dtype)
     for a in range(0, size, tile):
         out[a:a + tile] = _merge_tile(plan, job, "merge", [f[a:a + tile] for f in flat], device,
@@ -158,9 +167,9 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
         xs = xs[1:]
     base, experts = (xs[0], xs[1:]) if job.has_base else (None, xs)
     method = plan.method
+    extra = {"stats": stats} if stats is not None else {}  # those of the passes before
     if phase == "reduce":
-        return method.reduce(base, experts, **job.params)
-    extra = {"stats": stats} if stats is not None else {}
+        return method.reduce(base, experts, **job.params, **extra)
     extra.update(statistics)
     try:
         ctx = replace(job.ctx, offset=offset) if offset else job.ctx
@@ -310,12 +319,14 @@ def _stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byt
                     side.open(shard)
                 for out in shard.tensors:
                     job = jobs[out.name]
-                    stats = None
+                    stats = sums = None
                     for unit in units(plan, job, chunk_bytes):
                         tensors = next(inputs)
                         result = merge_unit(plan, unit, tensors, device, stats)
                         if unit.phase == "reduce":
-                            stats = result if stats is None else stats + result
+                            sums = result if sums is None else sums + result
+                            if unit.last:
+                                stats, sums = plan.method.fold(stats, sums, job.params), None
                             continue
                         if side is not None and not job.copy:
                             side.add(job, side_outputs(plan, job, tensors, device))

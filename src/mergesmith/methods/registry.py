@@ -236,6 +236,14 @@ class MethodSpec:
     # dot product): `reduce(base_chunk, expert_chunks, **params)` returns float64 partial sums,
     # which the engine adds over chunks and passes to `fn` as `stats=`.
     reduce: Callable[..., torch.Tensor] | None = None
+    # Methods whose sums depend on an earlier pass's (a radix select's second histogram counts
+    # only inside the bin the first chose: TIES' and breadcrumbs' cuts) make `passes(params)`
+    # reduce passes. After each, `finish(stats, sums, **params)` turns the pass's added sums,
+    # and the statistics so far (None after the first pass), into the statistics that the next
+    # pass's `reduce` gets as `stats=`, and `fn` after the last. Without `finish`, the
+    # statistics are the pass's sums.
+    passes: Callable[[dict[str, Any]], int] | None = None
+    finish: Callable[..., Any] | None = None
     # Parameters under which a chunkable method needs the whole tensor at once (model_stock's
     # filter_wise: its per-row ratios are not sums over row blocks): f(resolved params) -> bool.
     whole_tensor_when: Callable[[dict[str, Any]], bool] | None = None
@@ -265,6 +273,11 @@ class MethodSpec:
     # Whole-model methods that learn from data before anything is written (AdaMerging, ...):
     # `learn(problem, **params)` (methods/adaptive.py) returns what the per-tensor merge needs.
     learn: Callable[..., Any] | None = None
+    # Under `compat: mergekit`: `compat(params, compute_dtype) -> params`, the resolved
+    # parameters with the options that make the method compute what mergekit 0.1.5 does
+    # (its sign ties, rescale, selections), in `compute_dtype`, mergekit's: the recipe's
+    # `dtype`, else the inputs' own. None: mergekit computes what the method does already.
+    compat: Callable[[dict[str, Any], torch.dtype], dict[str, Any]] | None = None
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:
@@ -273,11 +286,6 @@ class MethodSpec:
     @property
     def uses_base(self) -> bool:
         return self.needs_base or self.optional_base
-    # Under `compat: mergekit`: `compat(params, compute_dtype) -> params`, the resolved
-    # parameters with the options that make the method compute what mergekit 0.1.5 does
-    # (its sign ties, rescale, selections), in `compute_dtype`, mergekit's: the recipe's
-    # `dtype`, else the inputs' own. None: mergekit computes what the method does already.
-    compat: Callable[[dict[str, Any], torch.dtype], dict[str, Any]] | None = None
 
     @property
     def needs_data(self) -> bool:
@@ -286,6 +294,16 @@ class MethodSpec:
     @property
     def chunkable(self) -> bool:
         return self.elementwise or self.reduce is not None
+
+    def reduce_passes(self, params: dict[str, Any]) -> int:
+        """How many reduce passes one tensor's merge makes before the merge pass."""
+        if self.reduce is None:
+            return 0
+        return self.passes(params) if self.passes is not None else 1
+
+    def fold(self, stats: Any, sums: Any, params: dict[str, Any]) -> Any:
+        """The statistics after a reduce pass whose chunks' sums add up to `sums`."""
+        return self.finish(stats, sums, **params) if self.finish is not None else sums
 
     def streams(self, params: dict[str, Any]) -> bool:
         """Whether one tensor's merge, with these parameters, may go in row blocks."""

@@ -18,7 +18,7 @@ mergekit, on purpose:
   and breadcrumbs (mergekit's; their papers define none). Defaults are mergekit's: on for DARE
   and DELLA, off for TIES and breadcrumbs.
 - Entries tied with a magnitude cut are all kept (mergekit's argsort keeps an arbitrary subset);
-  thresholds come from a selection (introselect), never a sort.
+  thresholds come from an exact radix select (methods/kth.py), never a sort.
 - An entry whose weighted votes sum to exactly 0 elects no sign and keeps the base value
   (mergekit elects +, so merge(−τ) ≠ −merge(τ)).
 - breadcrumbs keeps at least one entry, like TIES' trim (mergekit keeps ⌊d·n⌋, none at all of
@@ -28,9 +28,11 @@ mergekit, on purpose:
   dimensions (mergekit: along dim 1 only), and accepts d ± ε at 0 or 1 (mergekit: only inside).
 - `int8_mask` is accepted and does nothing: no mask tensor is ever materialized.
 
-How it runs: the cuts of TIES and breadcrumbs need one selection per τi over the whole tensor;
-then the tensor is merged in small blocks of rows, so that every temporary is block-sized and
-stays in cache, and the method holds at most one full-size scratch tensor besides its result.
+How it runs: the cuts of TIES and breadcrumbs need two k-th largest |τi| of the whole tensor,
+which two counting passes find exactly (`cut_sums`: histograms of |τi|'s fp32 bits, added over
+chunks); the engine streams those passes and then the merge in chunks of rows, re-reading the
+inputs for each. A merge is done in small blocks of rows, so that every temporary is
+block-sized and stays in cache.
 Inputs may come in their stored 16-bit dtype (`stored_dtype_inputs`): each block is cast to
 fp32 as it is read, which gives the same values as casting the whole tensor first, and the
 engine keeps no fp32 copy of the inputs (half the memory of a whole-tensor merge).
@@ -47,6 +49,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -57,10 +60,10 @@ from mergesmith.methods.blocks import (
     drop_random,
     elect_sign,
     keep_magnitude_band,
-    kth_largest,
     topk_count,
     weighted_sum,
 )
+from mergesmith.methods import kth
 from mergesmith.methods.registry import Param, RandomStream, TensorContext, register
 
 # (rows of τi, the row-major index of their first entry) -> their kept part
@@ -84,7 +87,12 @@ RESCALE_CHOICES = (True, False, "1/density", "l1", "none")
 
 
 def keep_band(low: float, high: float, divisor: float = 1.0) -> Sparsify:
-    """Keep the entries with low ≤ |τ| ≤ high, divided by `divisor`."""
+    """Keep the entries with low ≤ |τ| ≤ high, divided by `divisor`: all of τ when low = 0 and
+    high = ∞, none when low = ∞."""
+    if low == math.inf:
+        return lambda tau, at: torch.zeros_like(tau)
+    if low == 0 and high == math.inf:
+        return lambda tau, at: tau
 
     def sparsify(tau: torch.Tensor, at: int) -> torch.Tensor:
         kept = keep_magnitude_band(tau, low, high)
@@ -93,31 +101,116 @@ def keep_band(low: float, high: float, divisor: float = 1.0) -> Sparsify:
     return sparsify
 
 
+# --------------------------------------------------------------------------------------------
+# magnitude cuts: each τi's band, |τ| between two of its k-th largest values, found exactly by
+# a radix select (methods/kth.py) in two counting passes over the tensor, chunk by chunk; the
+# merge then needs only the two values. So TIES and breadcrumbs stream through the engine as
+# DARE does, after two reading passes (`passes=CUT_PASSES`), and a whole-tensor merge holds no
+# full-size |τ|.
+
+CUT_PASSES = 2
+# Entries per block whose |τ| bits are counted at once: in cache, and many times the cost of
+# one histogram's zeroing (HIGH_BINS).
+COUNT_BLOCK_ELEMENTS = 1 << 17
+# Rows per slab when a merge given a whole tensor runs both passes itself: a slab's |τ| is
+# scratch of a few MB, however large the tensor.
+SLAB_ELEMENTS = 1 << 21
+
+
+def band_ranks(n: int, density: float, gamma: float) -> list[int]:
+    """The ranks k (1 = the largest |τ|) whose values bound τ's kept band: the k = topk_count(n,
+    d) largest magnitudes after the ⌊γ·n⌋ largest (fewer outliers when d + γ > 1, so that k
+    stay), i.e. [skip + keep] (the band's lower end) and skip + 1 (its upper end) where skip > 0;
+    no rank when all or none are kept."""
+    keep = topk_count(n, density)
+    if keep in (0, n):
+        return []
+    skip = min(int(gamma * n), n - keep)
+    return [skip + keep] + ([skip + 1] if skip else [])
+
+
+def band(n: int, density: float, values: list[float]) -> tuple[float, float]:
+    """(low, high) of the band from the values at `band_ranks`: (0, ∞) keeps all, (∞, ∞) none."""
+    if not values:
+        return (0.0, math.inf) if topk_count(n, density) else (math.inf, math.inf)
+    low, *high = values
+    return low, high[0] if high else math.inf
+
+
+@dataclass(frozen=True)
+class CutSearch:
+    """Between the passes: the tensor's size, and per τi where each of its `band_ranks` lies,
+    (the top 16 bits of its |τ|, its rank among the entries that share them)."""
+
+    numel: int
+    found: list[list[tuple[int, int]]]
+
+
+def cut_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list[float],
+             stats: CutSearch | None = None, **_) -> torch.Tensor:
+    """One chunk's counts for the radix select of the cuts: in the first pass (no `stats`), each
+    τi's high histogram (experts × HIGH_BINS); in the second, each cut's low histogram within
+    the bin the first found for it (experts × 2 × LOW_BINS, zero where τi has fewer cuts)."""
+    base_rows, expert_rows = as_rows(base), [as_rows(e) for e in experts]
+    if stats is None:
+        counts = torch.zeros(len(experts), kth.HIGH_BINS, dtype=torch.int64, device=base.device)
+    else:
+        counts = torch.zeros(len(experts), 2, kth.LOW_BINS, dtype=torch.int64, device=base.device)
+    wanted = [sorted({h for h, _ in found}) for found in stats.found] if stats else None
+    picked: list[dict[int, list[torch.Tensor]]] = [{h: [] for h in hs} for hs in wanted or []]
+    for rows in row_blocks(base_rows, COUNT_BLOCK_ELEMENTS):
+        theta0 = base_rows[rows].float()
+        for i, expert in enumerate(expert_rows):
+            if stats is None:
+                counts[i] += kth.high_histogram(kth.magnitude_bits(expert[rows].float() - theta0))
+            elif wanted[i]:
+                bits = kth.magnitude_bits(expert[rows].float() - theta0)
+                for h in wanted[i]:
+                    picked[i][h].append(kth.in_bin(bits, h))
+    for i, found in enumerate(stats.found if stats else []):
+        lows = {h: kth.low_histogram(torch.cat(picked[i][h])) for h in wanted[i]}
+        for j, (h, _) in enumerate(found):
+            counts[i, j] = lows[h]
+    return counts
+
+
+def finish_cuts(stats: CutSearch | None, sums: torch.Tensor, *, densities: list[float],
+                gammas: list[float] | None = None, **_) -> CutSearch | list[tuple[float, float]]:
+    """After the first pass, where each rank lies (`CutSearch`); after the second, each τi's
+    band (low, high)."""
+    gammas = gammas or [0.0] * len(densities)
+    if stats is None:
+        n = int(sums[0].sum())
+        return CutSearch(n, [[kth.locate(sums[i], k) for k in band_ranks(n, d, g)]
+                             for i, (d, g) in enumerate(zip(densities, gammas))])
+    return [band(stats.numel, d, [kth.bits_value(h, kth.locate(sums[i, j], rank)[0])
+                                  for j, (h, rank) in enumerate(found)])
+            for i, (d, found) in enumerate(zip(densities, stats.found))]
+
+
+def cut_passes(params: dict) -> int:
+    """Counting passes the cuts need: none when every τi is kept whole or dropped whole."""
+    return CUT_PASSES if any(0 < d < 1 for d in params["densities"]) else 0
+
+
 def magnitude_cuts(base: torch.Tensor, experts: list[torch.Tensor], densities: list[float],
-                   gammas: list[float] | None = None, *, unbiased: bool) -> list[Sparsify]:
-    """TIES' trim (γ = 0) and breadcrumbs' band: in each τi keep the k = topk_count(n, d) largest
-    magnitudes after the ⌊γ·n⌋ largest (fewer outliers when d + γ > 1, so that k stay)."""
-    n = base.numel()
-    base_rows = as_rows(base)
-    scratch = None
-    cuts = []
-    for expert, density, gamma in zip(experts, densities, gammas or [0.0] * len(experts)):
-        keep = topk_count(n, density)
-        skip = min(int(gamma * n), n - keep)
-        if keep == 0:
-            cuts.append(lambda tau, at: torch.zeros_like(tau))
-            continue
-        if keep == n:
-            cuts.append(lambda tau, at: tau)
-            continue
-        if scratch is None:
-            scratch = torch.empty(base_rows.shape, dtype=torch.float32, device=base.device)
-        expert_rows = as_rows(expert)
-        for rows in row_blocks(base_rows):  # |τi| in blocks too: see BLOCK_ELEMENTS
-            torch.sub(expert_rows[rows].float(), base_rows[rows].float(), out=scratch[rows]).abs_()
-        low, *high = kth_largest(scratch, [skip + keep] + ([skip + 1] if skip else []))
-        cuts.append(keep_band(low, high[0] if high else math.inf, density if unbiased else 1.0))
-    return cuts
+                   gammas: list[float] | None = None, *, unbiased: bool,
+                   stats: list[tuple[float, float]] | None = None) -> list[Sparsify]:
+    """TIES' trim (γ = 0) and breadcrumbs' band of each τi (`band_ranks`), ÷ d when `unbiased`:
+    from the bands the engine found over the whole tensor (`stats`), or else found here over
+    `base` and `experts` (the whole tensor), slab by slab."""
+    if stats is None:
+        params = dict(densities=densities, gammas=gammas)
+        base_rows, expert_rows = as_rows(base), [as_rows(e) for e in experts]
+        slabs = row_blocks(base_rows, SLAB_ELEMENTS)
+        search = None
+        for _ in range(cut_passes(params)):
+            sums = sum(cut_sums(base_rows[s], [e[s] for e in expert_rows], densities=densities,
+                                stats=search) for s in slabs)
+            search = finish_cuts(search, sums, **params)
+        stats = search or [band(base.numel(), d, []) for d in densities]
+    return [keep_band(low, high, density if unbiased else 1.0)
+            for (low, high), density in zip(stats, densities)]
 
 
 def random_drop(density: float, stream: RandomStream, unbiased: bool) -> Sparsify:
@@ -339,14 +432,26 @@ def family_params(*, normalize: bool, rescale: bool, extra: tuple[Param, ...] = 
     )
 
 
+def l1_cut_rescale(params: dict) -> bool:
+    """TIES' and breadcrumbs' rescale: true means mergekit's l1, sums over the kept entries of
+    the whole tensor (a third pass, which the engine does not make: such a merge goes whole)."""
+    return rescale_mode(params["rescale"], "l1") == "l1"
+
+
+# TIES' and breadcrumbs' entries are independent given their bands, found by counting passes
+CUT_STREAMING = dict(reduce=cut_sums, finish=finish_cuts, passes=cut_passes,
+                     whole_tensor_when=l1_cut_rescale)
+
+
 @register("ties", summary="Trim each task vector to its top-d magnitudes, elect a sign per "
           "entry, average the agreeing entries.", paper=TIES_PAPER, needs_base=True,
-          stored_dtype_inputs=True, params=family_params(normalize=True, rescale=False))
+          stored_dtype_inputs=True, params=family_params(normalize=True, rescale=False),
+          **CUT_STREAMING)
 def ties(base, experts, *, weights, densities, lambda_=1.0, normalize=True, rescale=False,
-         int8_mask=False, ctx=None):
+         int8_mask=False, ctx=None, stats=None):
     """θ = θ0 + λ · disjoint_mean(trim(τi), s), s = sign(Σ wi trim(τi))."""
     mode = rescale_mode(rescale, true_means="l1")
-    trims = magnitude_cuts(base, experts, densities, unbiased=mode == "1/density")
+    trims = magnitude_cuts(base, experts, densities, unbiased=mode == "1/density", stats=stats)
     return merge_sparse(base, experts, trims, weights=weights, consensus=True,
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1")
 
@@ -393,9 +498,10 @@ def dare_linear(base, experts, *, weights, densities, lambda_=1.0, normalize=Fal
 
 
 def breadcrumbs_merge(base, experts, *, weights, densities, gammas, lambda_, normalize, rescale,
-                      consensus):
+                      consensus, stats=None):
     mode = rescale_mode(rescale, true_means="l1")
-    bands = magnitude_cuts(base, experts, densities, gammas, unbiased=mode == "1/density")
+    bands = magnitude_cuts(base, experts, densities, gammas, unbiased=mode == "1/density",
+                           stats=stats)
     return merge_sparse(base, experts, bands, weights=weights, consensus=consensus,
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1")
 
@@ -403,24 +509,25 @@ def breadcrumbs_merge(base, experts, *, weights, densities, gammas, lambda_, nor
 @register("breadcrumbs", summary="Drop each task vector's top-γ outliers and its smallest "
           "entries, keeping a d fraction; add the weighted sum.", paper=BREADCRUMBS_PAPER,
           needs_base=True, stored_dtype_inputs=True,
-          params=family_params(normalize=False, rescale=False, extra=(GAMMA,)))
+          params=family_params(normalize=False, rescale=False, extra=(GAMMA,)), **CUT_STREAMING)
 def breadcrumbs(base, experts, *, weights, densities, gammas=None, lambda_=1.0, normalize=False,
-                rescale=False, int8_mask=False, ctx=None):
+                rescale=False, int8_mask=False, ctx=None, stats=None):
     """θ = θ0 + λ · Σ wi band(τi)."""
     return breadcrumbs_merge(base, experts, weights=weights, densities=densities,
                              gammas=gammas or [0.01] * len(experts), lambda_=lambda_,
-                             normalize=normalize, rescale=rescale, consensus=False)
+                             normalize=normalize, rescale=rescale, consensus=False, stats=stats)
 
 
 @register("breadcrumbs_ties", summary="Breadcrumbs' outlier-and-small-entry masks, then TIES' "
           "sign election and disjoint merge.", paper=BREADCRUMBS_PAPER, needs_base=True,
-          stored_dtype_inputs=True, params=family_params(normalize=False, rescale=False, extra=(GAMMA,)))
+          stored_dtype_inputs=True, params=family_params(normalize=False, rescale=False, extra=(GAMMA,)),
+          **CUT_STREAMING)
 def breadcrumbs_ties(base, experts, *, weights, densities, gammas=None, lambda_=1.0,
-                     normalize=False, rescale=False, int8_mask=False, ctx=None):
+                     normalize=False, rescale=False, int8_mask=False, ctx=None, stats=None):
     """θ = θ0 + λ · disjoint_mean(band(τi), s)."""
     return breadcrumbs_merge(base, experts, weights=weights, densities=densities,
                              gammas=gammas or [0.01] * len(experts), lambda_=lambda_,
-                             normalize=normalize, rescale=rescale, consensus=True)
+                             normalize=normalize, rescale=rescale, consensus=True, stats=stats)
 
 
 def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normalize, rescale, ctx,

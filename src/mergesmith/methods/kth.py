@@ -1,0 +1,74 @@
+"""The exact k-th largest magnitude of a tensor seen chunk by chunk: a two-pass radix select.
+
+Read as an integer, the fp32 bit pattern of |x| orders like |x| itself (its sign bit is 0:
++0, denormals, normal numbers, inf, then NaN, in this order), so the k-th largest |x| is found
+16 bits at a time:
+
+  pass 1  count the entries by the top 16 bits of |x| (2^15 bins: the sign bit is 0); counting
+          down from the top bin, the bin h where the count reaches k, and the rank r of the k-th
+          largest among the entries of h (1 = h's largest);
+  pass 2  count the entries of bin h by their low 16 bits; counting down, the bin l where the
+          count reaches r.
+
+The k-th largest |x| has the bits h·2^16 + l: the value a selection over the whole tensor
+finds, from two histograms, each filled in one linear pass over the chunks in any order (no
+sort, no partition, no copy of the tensor). −0 counts as 0 (|−0| = +0).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+HIGH_BINS = 1 << 15  # the top 16 bits of |x|, whose sign bit is 0
+LOW_BINS = 1 << 16
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """The fp32 bit patterns of |x| as int32 (non-negative), flat."""
+    return x.float().abs().reshape(-1).view(torch.int32)
+
+
+def high_histogram(bits: torch.Tensor) -> torch.Tensor:
+    """Pass 1: counts of the `magnitude_bits` by their top 16 bits (int64, HIGH_BINS)."""
+    return torch.bincount(bits >> 16, minlength=HIGH_BINS)
+
+
+def in_bin(bits: torch.Tensor, high: int) -> torch.Tensor:
+    """Pass 2's entries: the `magnitude_bits` whose top 16 bits are `high` (few, mostly: a bin
+    spans 1/128 of a binade), gathered over chunks before they are counted at once."""
+    return bits[(bits >> 16) == high]
+
+
+def low_histogram(bits: torch.Tensor) -> torch.Tensor:
+    """Pass 2: counts of the entries of one bin (`in_bin`) by their low 16 bits (int64,
+    LOW_BINS)."""
+    return torch.bincount(bits & 0xFFFF, minlength=LOW_BINS)
+
+
+def locate(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry (1-based k, counted from the top bin down), and
+    that entry's rank among the bin's own entries (1 = the bin's largest)."""
+    above = torch.flip(histogram, (0,)).cumsum(0)  # entries in this bin or higher, top down
+    top_down = int(torch.searchsorted(above, k))  # first bin (from the top) where the count ≥ k
+    bin_ = histogram.numel() - 1 - top_down
+    before = int(above[top_down - 1]) if top_down else 0
+    return bin_, k - before
+
+
+def bits_value(high: int, low: int) -> float:
+    """The fp32 number of bits high·2^16 + low."""
+    return float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
+
+
+def kth_largest_magnitudes(chunks: Iterable[torch.Tensor] | torch.Tensor,
+                           ks: list[int]) -> list[float]:
+    """The k-th largest |x| (fp32) for each k, 1 ≤ k ≤ numel, over the entries of all chunks
+    (an iterable read twice, or one tensor): both passes."""
+    chunks = [chunks] if isinstance(chunks, torch.Tensor) else chunks
+    high = sum(high_histogram(magnitude_bits(chunk)) for chunk in chunks)
+    located = [locate(high, k) for k in ks]
+    lows = {h: low_histogram(torch.cat([in_bin(magnitude_bits(chunk), h) for chunk in chunks]))
+            for h in {h for h, _ in located}}
+    return [bits_value(h, locate(lows[h], rank)[0]) for h, rank in located]
