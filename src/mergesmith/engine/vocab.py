@@ -61,19 +61,23 @@ class VocabPlan:
         models = [ck for ck in self.order if id(ck) in by_id]
         models += [ck for ck in {id(c): c for c in ckpts}.values() if ck not in models]
         n, width = self.tokens, tensors[0].shape[1:]
-        index = [self.index[id(ck)] for ck in models]
-        have = torch.stack([i >= 0 for i in index])
-        count = have.sum(0)
         forced = self.forced if self.forced is not None else torch.zeros(n, dtype=torch.bool)
-        ruled = torch.zeros(n, dtype=torch.bool)
-        ruled[list(self.rules)] = True
-        need = (count < len(models)) | forced
-        default = torch.zeros((n, *width), dtype=dtype)
+        index = [self.index[id(ck)] for ck in models]
+        count = torch.stack([i >= 0 for i in index]).sum(0)
+        # only the rows some model lacks (or a forced rule sets) need a default: few, usually
+        rows_needed = ((count < len(models)) | forced).nonzero().squeeze(1)
+        at = torch.full((n,), -1, dtype=torch.long)
+        at[rows_needed] = torch.arange(len(rows_needed))
+        index_k = [i[rows_needed] for i in index]
+        have = torch.stack([i >= 0 for i in index_k])
+        count = count[rows_needed]
+        auto = torch.ones(len(rows_needed), dtype=torch.bool)
+        auto[torch.tensor([int(at[r]) for r in self.rules if at[r] >= 0], dtype=torch.long)] = False
+        default = torch.zeros((len(rows_needed), *width), dtype=dtype)
 
         def take(into: torch.Tensor, where: torch.Tensor, m: int) -> None:
-            into[where] = by_id[id(models[m])][index[m][where]]
+            into[where] = by_id[id(models[m])][index_k[m][where]]
 
-        auto = need & ~ruled
         for m in range(len(models)):  # the one model that has the token
             take(default, auto & (count == 1) & have[m], m)
         rest = auto & (count > 1)
@@ -85,15 +89,15 @@ class VocabPlan:
             total = torch.zeros_like(default)
             for m in range(len(models)):
                 where = rest & have[m]
-                total[where] = total[where] + by_id[id(models[m])][index[m][where]]
+                total[where] = total[where] + by_id[id(models[m])][index_k[m][where]]
             default[rest] = total[rest] / count[rest].to(dtype).view(-1, *[1] * len(width))
         for row, (ck, source_row) in self.rules.items():
-            if ck is None:
-                continue  # zeros
+            if at[row] < 0 or ck is None:
+                continue  # every model has the token, unforced; or zeros
             if id(ck) not in by_id:
                 raise PlanError(f"tokenizer.tokens: the token of row {row} takes its rows from "
                                 f"{ck.label}, which is not merged into this tensor")
-            default[row] = by_id[id(ck)][source_row]
+            default[at[row]] = by_id[id(ck)][source_row]
 
         out = []
         for ck in ckpts:
@@ -101,7 +105,8 @@ class VocabPlan:
             own = (idx >= 0) & ~forced
             rows = torch.zeros((self.rows, *width), dtype=dtype)
             rows[:n][own] = by_id[id(ck)][idx[own]]
-            rows[:n][~own] = default[~own]
+            fill = ~own[rows_needed]
+            rows[rows_needed[fill]] = default[fill]
             if self.rows > n:  # padding: the mean row (as mergekit, after Hewitt's vocab expansion)
                 rows[n:] = torch.mean(rows[:n], dim=0)
             out.append(rows)
