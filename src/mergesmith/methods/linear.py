@@ -50,6 +50,8 @@ def linear(
         Param("normalize", bool, default=False, doc="divide the sum by the sum of the weights"),
     ),
     elementwise=True,
+    # mergekit computes it in its compute dtype, rounding each step (methods/sparse.py)
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def task_arithmetic(
     base: torch.Tensor,
@@ -59,8 +61,16 @@ def task_arithmetic(
     lambda_: float = 1.0,
     normalize: bool = False,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """θ = θ0 + λ Σ wi τi (divided by Σ wi when normalize is set)."""
+    """θ = θ0 + λ Σ wi τi (divided by Σ wi when normalize is set); with `compute_dtype`,
+    evaluated step by step in that dtype as mergekit does (`compat: mergekit`)."""
+    if compute_dtype is not None:
+        from mergesmith.methods.sparse import merge_sparse
+
+        return merge_sparse(base, experts, [lambda tau, at: tau] * len(experts), weights=weights,
+                            consensus=False, normalize=normalize, lambda_=lambda_,
+                            compute_dtype=compute_dtype)
     merged = weighted_sum(task_vectors(base, experts), weights)
     if normalize and abs(sum(weights)) >= 1e-8:
         merged.div_(sum(weights))

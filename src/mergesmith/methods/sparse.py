@@ -28,6 +28,18 @@ mergekit, on purpose:
   dimensions (mergekit: along dim 1 only), and accepts d ± ε at 0 or 1 (mergekit: only inside).
 - `int8_mask` is accepted and does nothing: no mask tensor is ever materialized.
 
+Under `compat: mergekit` (`mergekit_compat`) each method computes what mergekit 0.1.5 does
+instead, bit for bit: every step in mergekit's compute dtype (the recipe's `dtype`, else the
+inputs'), rounded as it rounds (`combine_rounded`, `l1_scales`); `rescale: true` as its L1
+rescale for DARE and DELLA too; + on exact sign ties; its exact-count cuts by sort, ties at a cut
+as torch's sort orders them, ⌊d·n⌋ and ⌊γ·n⌋ as it counts them (`exact_count_cuts`). What it
+cannot give is mergekit's random masks (DARE and DELLA below density 1): mergekit draws them with
+torch.bernoulli from torch's global generator, one stream shared by all tensors in the order its
+task graph happens to run them (and unseeded unless --random-seed), so the draws of a tensor
+depend on every tensor merged before it; here each tensor's come from its own stream. DELLA's
+differences in ranking (ties, one-entry rows, >2-D tensors, d ± ε at 0 or 1) only change which
+entries those draws keep, so they stay as above under compat.
+
 How it runs: the cuts of TIES and breadcrumbs need two k-th largest |τi| of the whole tensor,
 which two counting passes find exactly (`cut_sums`: histograms of |τi|'s fp32 bits, added over
 chunks); the engine streams those passes and then the merge in chunks of rows, re-reading the
@@ -56,6 +68,7 @@ import numpy as np
 import torch
 
 from mergesmith.methods.blocks import (
+    break_ties,
     disjoint_mean,
     drop_random,
     elect_sign,
@@ -213,6 +226,41 @@ def magnitude_cuts(base: torch.Tensor, experts: list[torch.Tensor], densities: l
             for (low, high), density in zip(stats, densities)]
 
 
+def exact_count_cuts(base: torch.Tensor, experts: list[torch.Tensor], densities: list[float],
+                     gammas: list[float] | None, dtype: torch.dtype,
+                     unbiased: bool = False) -> list[Sparsify]:
+    """mergekit's magnitude cuts (`compat: mergekit`): TIES keeps exactly k = max(1, ⌊d·n⌋)
+    entries, breadcrumbs exactly ⌊d·n⌋ (none of a small tensor with d·n < 1) below the
+    ⌊γ·n⌋ largest (fewer outliers when d + γ > 1), chosen by the sort mergekit calls (torch's
+    argsort of |τi| in `dtype`, then as fp32), so that entries tied at a cut are kept or dropped
+    as its sort orders them. Each mask is a whole-tensor 0/1 tensor in `dtype`; ÷ d when
+    `unbiased`."""
+    n = base.numel()
+    theta0 = base.reshape(-1).to(dtype)
+    cols = as_rows(base).shape[1]
+    cuts = []
+    for i, density in enumerate(densities):
+        if density >= 1:
+            cuts.append(lambda tau, at: tau)
+            continue
+        magnitude = (experts[i].reshape(-1).to(dtype) - theta0).abs()
+        if magnitude.device.type == "cpu":
+            magnitude = magnitude.float()
+        mask = torch.zeros(n, dtype=dtype, device=base.device)
+        if gammas is None:
+            if density > 0:
+                keep = max(1, int(density * n))
+                mask[torch.argsort(magnitude, descending=True)[:keep]] = 1
+        else:
+            keep, outliers = int(density * n), int(gammas[i] * n)
+            below = max(0, n - keep - outliers)
+            mask[torch.sort(magnitude, descending=False).indices[below:below + keep]] = 1
+        rows, divisor = mask.view(-1, cols), density if unbiased else 1.0
+        cuts.append(lambda tau, at, rows=rows, divisor=divisor:
+                    tau.mul_(rows[at // cols:at // cols + len(tau)]).div_(divisor))
+    return cuts
+
+
 def random_drop(density: float, stream: RandomStream, unbiased: bool) -> Sparsify:
     """DARE: keep each entry with probability d (Bernoulli), then ÷ d when `unbiased`."""
     return lambda tau, at: drop_random(tau, density, stream, rescale=unbiased, at=at)
@@ -261,7 +309,7 @@ def rank_drop(cols: int, density: float, epsilon: float, stream: RandomStream,
         scale = np.float32(1)
 
     def sparsify(tau: torch.Tensor, at: int) -> torch.Tensor:
-        kept = stream.keep_at(at, tau.shape, keep_probability, scale)  # by rank
+        kept = stream.keep_at(at, tau.shape, keep_probability, scale).to(tau.dtype)  # by rank
         return tau.mul_(torch.empty_like(tau).scatter_(1, magnitude_order(tau), kept))
 
     return sparsify
@@ -286,19 +334,59 @@ def row_blocks(rows: torch.Tensor, elements: int | None = None) -> list[slice]:
 
 
 def combine(taus: list[torch.Tensor], weights: list[float], consensus: bool,
-            normalize: bool) -> torch.Tensor:
-    """TIES' disjoint mean over the elected signs, or Σ wi τi (÷ Σ wi unless it is ~0)."""
+            normalize: bool, sign_ties: str = "zero",
+            rounding: torch.dtype | None = None) -> torch.Tensor:
+    """TIES' disjoint mean over the elected signs, or Σ wi τi (÷ Σ wi unless it is ~0).
+    With `rounding`, evaluated as mergekit does in that dtype (`combine_rounded`)."""
+    if rounding is not None:
+        return combine_rounded(taus, weights, consensus, normalize, sign_ties, rounding)
     if consensus:
-        return disjoint_mean(taus, elect_sign(taus, weights), weights, normalize)
+        return disjoint_mean(taus, elect_sign(taus, weights, ties=sign_ties), weights, normalize)
     merged = weighted_sum(taus, weights)
     total = sum(weights)
     return merged.div_(total) if normalize and abs(total) >= 1e-8 else merged
 
 
-def l1_scales(base: torch.Tensor, experts: list[torch.Tensor],
-              sparsifiers: list[Sparsify]) -> list[float]:
+def combine_rounded(taus: list[torch.Tensor], weights: list[float], consensus: bool,
+                    normalize: bool, sign_ties: str, dtype: torch.dtype) -> torch.Tensor:
+    """`combine` with mergekit 0.1.5's roundings (`compat: mergekit`), in `dtype`, its compute
+    dtype: wi rounded to it, each wi·τi rounded, every sum over the experts a torch sum over
+    the stacked terms (fp32 accumulation, one rounding), the sign vote on that rounded sum, the
+    quotient by the rounded sum of the agreeing weights (1 where that is 0). These are
+    mergekit's own operations, block by block: each entry depends on its own terms only, so the
+    bits are those of its whole-tensor evaluation."""
+    terms = torch.stack(taus)
+    w = torch.tensor(weights, dtype=dtype, device=terms.device).view(-1, *[1] * taus[0].dim())
+    terms.mul_(w)
+    if consensus:
+        sign = break_ties(terms.sum(dim=0).sign_(), sign_ties)
+        agree = terms.sign() == sign
+        merged = (terms * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        merged = terms.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    return merged.div_(divisor) if normalize else merged
+
+
+def l1_scales(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[Sparsify],
+              compute_dtype: torch.dtype | None = None) -> list[float | torch.Tensor]:
     """mergekit's rescale: ||τi||₁ / ||sparsify(τi)||₁ (1 where either is below 1e-7), in a
-    first pass over the blocks (drawing the same masks as the merge)."""
+    first pass over the blocks (drawing the same masks as the merge). With `compute_dtype`
+    (`compat: mergekit`), as mergekit takes it: torch sums of the whole τi in that dtype, and
+    their quotient there."""
+    if compute_dtype is not None:
+        theta0 = base.to(compute_dtype)
+        scales: list[float | torch.Tensor] = []
+        for expert, sparsify in zip(experts, sparsifiers):
+            tau = expert.to(compute_dtype) - theta0
+            before = tau.abs().sum()
+            after = sparsify(tau, 0).abs().sum()
+            small = bool(before < L1_EPS) or bool(after < L1_EPS)
+            scales.append(1.0 if small else before / after)
+        return scales
     before, after = [0.0] * len(experts), [0.0] * len(experts)
     cols = base.shape[1]
     for rows in row_blocks(base):
@@ -312,23 +400,29 @@ def l1_scales(base: torch.Tensor, experts: list[torch.Tensor],
 def merge_sparse(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[Sparsify], *,
                  weights: list[float], consensus: bool, normalize: bool, lambda_: float,
                  l1: bool = False, threads: bool = False,
-                 block_elements: int | None = None) -> torch.Tensor:
+                 block_elements: int | None = None, sign_ties: str = "zero",
+                 compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """θ0 + λ · combine(sparsify(τi)), block of rows by block of rows; with `threads`, the
     blocks shared out among threads (each block's result depends on that block alone), which
     pays where sparsifying is compute-bound (DELLA's per-row sort) and not where it is
-    memory-bound (TIES, breadcrumbs: no faster, measured)."""
+    memory-bound (TIES, breadcrumbs: no faster, measured). With `compute_dtype`
+    (`compat: mergekit`), every step is computed and rounded in that dtype as mergekit does,
+    and the result is in it."""
     base_rows, expert_rows = as_rows(base), [as_rows(e) for e in experts]
-    scales = (l1_scales(base_rows, expert_rows, sparsifiers) if l1 else [1.0] * len(experts))
-    out = torch.empty(base_rows.shape, dtype=torch.float32, device=base.device)
+    scales = (l1_scales(base_rows, expert_rows, sparsifiers, compute_dtype) if l1
+              else [1.0] * len(experts))
+    dtype = compute_dtype or torch.float32
+    out = torch.empty(base_rows.shape, dtype=dtype, device=base.device)
     cols = base_rows.shape[1]
 
     def merge_blocks(blocks: list[slice]) -> None:
         for rows in blocks:
-            theta0 = base_rows[rows].float()
-            taus = [sparsify(expert[rows].float() - theta0, rows.start * cols)
+            theta0 = base_rows[rows].to(dtype)
+            taus = [sparsify(expert[rows].to(dtype) - theta0, rows.start * cols)
                     for expert, sparsify in zip(expert_rows, sparsifiers)]
-            taus = [tau.mul_(scale) if scale != 1 else tau for tau, scale in zip(taus, scales)]
-            merged = combine(taus, weights, consensus, normalize)
+            taus = [tau if isinstance(scale, float) and scale == 1 else tau.mul_(scale)
+                    for tau, scale in zip(taus, scales)]
+            merged = combine(taus, weights, consensus, normalize, sign_ties, compute_dtype)
             if lambda_ != 1:
                 merged.mul_(lambda_)
             torch.add(theta0, merged, out=out[rows])
@@ -417,6 +511,25 @@ EPSILON = Param("epsilon", default=0.15, per_model=True, arg="epsilons", minimum
                 maximum=1.0, doc="keep probabilities run from density − ε to density + ε by rank")
 
 
+def mergekit_compat(*, consensus: bool, selection: bool = False):
+    """The options that make a method of the family compute what mergekit 0.1.5 does (`compat:
+    mergekit`): every step in its compute dtype, rounded as it rounds (`combine_rounded`);
+    `rescale: true` as its L1 rescale, for DARE and DELLA too (it has no 1/density); + on
+    exact sign ties; its exact-count selections by sort (TIES, breadcrumbs)."""
+
+    def options(params: dict, compute_dtype: torch.dtype) -> dict:
+        out = dict(params, compute_dtype=compute_dtype)
+        if params["rescale"] is True:
+            out["rescale"] = "l1"
+        if consensus:
+            out["sign_ties"] = "plus"
+        if selection:
+            out["selection"] = "exact"
+        return out
+
+    return options
+
+
 def family_params(*, normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple:
     return (
         Param("weight", per_model=True, arg="weights", doc="the model's coefficient wi"),
@@ -440,20 +553,29 @@ def l1_cut_rescale(params: dict) -> bool:
 
 # TIES' and breadcrumbs' entries are independent given their bands, found by counting passes
 CUT_STREAMING = dict(reduce=cut_sums, finish=finish_cuts, passes=cut_passes,
-                     whole_tensor_when=l1_cut_rescale)
+                     whole_tensor_when=lambda params: (l1_cut_rescale(params)
+                                                       or params.get("selection") == "exact"))
 
 
-@register("ties", summary="Trim each task vector to its top-d magnitudes, elect a sign per "
+@register("ties", compat=mergekit_compat(consensus=True, selection=True),
+          summary="Trim each task vector to its top-d magnitudes, elect a sign per "
           "entry, average the agreeing entries.", paper=TIES_PAPER, needs_base=True,
           stored_dtype_inputs=True, params=family_params(normalize=True, rescale=False),
           **CUT_STREAMING)
 def ties(base, experts, *, weights, densities, lambda_=1.0, normalize=True, rescale=False,
-         int8_mask=False, ctx=None, stats=None):
+         int8_mask=False, ctx=None, stats=None, sign_ties="zero", selection="threshold",
+         compute_dtype=None):
     """θ = θ0 + λ · disjoint_mean(trim(τi), s), s = sign(Σ wi trim(τi))."""
     mode = rescale_mode(rescale, true_means="l1")
-    trims = magnitude_cuts(base, experts, densities, unbiased=mode == "1/density", stats=stats)
+    if selection == "exact":
+        trims = exact_count_cuts(base, experts, densities, None, compute_dtype or torch.float32,
+                                 unbiased=mode == "1/density")
+    else:
+        trims = magnitude_cuts(base, experts, densities, unbiased=mode == "1/density",
+                               stats=stats)
     return merge_sparse(base, experts, trims, weights=weights, consensus=True,
-                        normalize=normalize, lambda_=lambda_, l1=mode == "l1")
+                        normalize=normalize, lambda_=lambda_, l1=mode == "l1",
+                        sign_ties=sign_ties, compute_dtype=compute_dtype)
 
 
 def l1_rescale(params: dict) -> bool:
@@ -467,71 +589,90 @@ DARE_STREAMING = dict(elementwise=True, whole_tensor_when=l1_rescale)
 DELLA_STREAMING = dict(row_local=True, whole_tensor_when=l1_rescale)
 
 
-def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx, consensus):
+def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx, consensus,
+               sign_ties="zero", compute_dtype=None):
     mode = rescale_mode(rescale, true_means="1/density")
     streams = expert_streams(ctx, base.device, len(experts))
     drops = [random_drop(d, g, mode == "1/density") for d, g in zip(densities, streams)]
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
-                        normalize=normalize, lambda_=lambda_, l1=mode == "l1")
+                        normalize=normalize, lambda_=lambda_, l1=mode == "l1",
+                        sign_ties=sign_ties, compute_dtype=compute_dtype)
 
 
-@register("dare_ties", summary="Drop each task-vector entry with probability 1 − d, rescale the "
+@register("dare_ties", compat=mergekit_compat(consensus=True),
+          summary="Drop each task-vector entry with probability 1 − d, rescale the "
           "kept ones by 1/d, then TIES' sign election and disjoint merge.", paper=DARE_PAPER,
           needs_base=True, stored_dtype_inputs=True, **DARE_STREAMING,
           params=family_params(normalize=False, rescale=True))
 def dare_ties(base, experts, *, weights, densities, lambda_=1.0, normalize=False, rescale=True,
-              int8_mask=False, ctx=None):
+              int8_mask=False, ctx=None, sign_ties="zero", compute_dtype=None):
     """θ = θ0 + λ · disjoint_mean(drop(τi)/d, s)."""
     return dare_merge(base, experts, weights=weights, densities=densities, lambda_=lambda_,
-                normalize=normalize, rescale=rescale, ctx=ctx, consensus=True)
+                      normalize=normalize, rescale=rescale, ctx=ctx, consensus=True,
+                      sign_ties=sign_ties, compute_dtype=compute_dtype)
 
 
-@register("dare_linear", summary="Drop each task-vector entry with probability 1 − d, rescale "
+@register("dare_linear", compat=mergekit_compat(consensus=False),
+          summary="Drop each task-vector entry with probability 1 − d, rescale "
           "the kept ones by 1/d, add the weighted sum to the base.", paper=DARE_PAPER,
           needs_base=True, stored_dtype_inputs=True, **DARE_STREAMING,
           params=family_params(normalize=False, rescale=True))
 def dare_linear(base, experts, *, weights, densities, lambda_=1.0, normalize=False, rescale=True,
-                int8_mask=False, ctx=None):
+                int8_mask=False, ctx=None, compute_dtype=None):
     """θ = θ0 + λ · Σ wi drop(τi)/d."""
     return dare_merge(base, experts, weights=weights, densities=densities, lambda_=lambda_,
-                normalize=normalize, rescale=rescale, ctx=ctx, consensus=False)
+                      normalize=normalize, rescale=rescale, ctx=ctx, consensus=False,
+                      compute_dtype=compute_dtype)
 
 
 def breadcrumbs_merge(base, experts, *, weights, densities, gammas, lambda_, normalize, rescale,
-                      consensus, stats=None):
+                      consensus, stats=None, sign_ties="zero", selection="threshold",
+                      compute_dtype=None):
     mode = rescale_mode(rescale, true_means="l1")
-    bands = magnitude_cuts(base, experts, densities, gammas, unbiased=mode == "1/density",
-                           stats=stats)
+    if selection == "exact":
+        bands = exact_count_cuts(base, experts, densities, gammas,
+                                 compute_dtype or torch.float32, unbiased=mode == "1/density")
+    else:
+        bands = magnitude_cuts(base, experts, densities, gammas, unbiased=mode == "1/density",
+                               stats=stats)
     return merge_sparse(base, experts, bands, weights=weights, consensus=consensus,
-                        normalize=normalize, lambda_=lambda_, l1=mode == "l1")
+                        normalize=normalize, lambda_=lambda_, l1=mode == "l1",
+                        sign_ties=sign_ties, compute_dtype=compute_dtype)
 
 
-@register("breadcrumbs", summary="Drop each task vector's top-γ outliers and its smallest "
+@register("breadcrumbs", compat=mergekit_compat(consensus=False, selection=True),
+          summary="Drop each task vector's top-γ outliers and its smallest "
           "entries, keeping a d fraction; add the weighted sum.", paper=BREADCRUMBS_PAPER,
           needs_base=True, stored_dtype_inputs=True,
           params=family_params(normalize=False, rescale=False, extra=(GAMMA,)), **CUT_STREAMING)
 def breadcrumbs(base, experts, *, weights, densities, gammas=None, lambda_=1.0, normalize=False,
-                rescale=False, int8_mask=False, ctx=None, stats=None):
+                rescale=False, int8_mask=False, ctx=None, stats=None, selection="threshold",
+                compute_dtype=None):
     """θ = θ0 + λ · Σ wi band(τi)."""
     return breadcrumbs_merge(base, experts, weights=weights, densities=densities,
                              gammas=gammas or [0.01] * len(experts), lambda_=lambda_,
-                             normalize=normalize, rescale=rescale, consensus=False, stats=stats)
+                             normalize=normalize, rescale=rescale, consensus=False, stats=stats,
+                             selection=selection, compute_dtype=compute_dtype)
 
 
-@register("breadcrumbs_ties", summary="Breadcrumbs' outlier-and-small-entry masks, then TIES' "
+@register("breadcrumbs_ties", compat=mergekit_compat(consensus=True, selection=True),
+          summary="Breadcrumbs' outlier-and-small-entry masks, then TIES' "
           "sign election and disjoint merge.", paper=BREADCRUMBS_PAPER, needs_base=True,
           stored_dtype_inputs=True, params=family_params(normalize=False, rescale=False, extra=(GAMMA,)),
           **CUT_STREAMING)
 def breadcrumbs_ties(base, experts, *, weights, densities, gammas=None, lambda_=1.0,
-                     normalize=False, rescale=False, int8_mask=False, ctx=None, stats=None):
+                     normalize=False, rescale=False, int8_mask=False, ctx=None, stats=None,
+                     sign_ties="zero", selection="threshold", compute_dtype=None):
     """θ = θ0 + λ · disjoint_mean(band(τi), s)."""
     return breadcrumbs_merge(base, experts, weights=weights, densities=densities,
                              gammas=gammas or [0.01] * len(experts), lambda_=lambda_,
-                             normalize=normalize, rescale=rescale, consensus=True, stats=stats)
+                             normalize=normalize, rescale=rescale, consensus=True, stats=stats,
+                             sign_ties=sign_ties, selection=selection,
+                             compute_dtype=compute_dtype)
 
 
 def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normalize, rescale, ctx,
-                consensus):
+                consensus, sign_ties="zero", compute_dtype=None):
     check_della({"densities": densities, "epsilons": epsilons})
     mode = rescale_mode(rescale, true_means="1/density")
     streams = expert_streams(ctx, base.device, len(experts))
@@ -540,29 +681,34 @@ def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normali
              for d, eps, g in zip(densities, epsilons, streams)]
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1", threads=True,
-                        block_elements=RANKED_BLOCK_ELEMENTS)
+                        block_elements=RANKED_BLOCK_ELEMENTS, sign_ties=sign_ties,
+                        compute_dtype=compute_dtype)
 
 
-@register("della", summary="Drop task-vector entries at random, less often the larger they "
+@register("della", compat=mergekit_compat(consensus=True),
+          summary="Drop task-vector entries at random, less often the larger they "
           "rank in their row; rescale; TIES' sign election and disjoint mean.", paper=DELLA_PAPER,
           needs_base=True, stored_dtype_inputs=True,
           params=family_params(normalize=True, rescale=True, extra=(EPSILON,)),
           validate=check_della, **DELLA_STREAMING)
 def della(base, experts, *, weights, densities, epsilons=None, lambda_=1.0, normalize=True,
-          rescale=True, int8_mask=False, ctx=None):
+          rescale=True, int8_mask=False, ctx=None, sign_ties="zero", compute_dtype=None):
     """θ = θ0 + λ · disjoint_mean(magprune(τi), s)."""
     return della_merge(base, experts, weights=weights, densities=densities,
                        epsilons=epsilons or [0.15] * len(experts), lambda_=lambda_,
-                       normalize=normalize, rescale=rescale, ctx=ctx, consensus=True)
+                       normalize=normalize, rescale=rescale, ctx=ctx, consensus=True,
+                       sign_ties=sign_ties, compute_dtype=compute_dtype)
 
 
-@register("della_linear", summary="DELLA's magnitude-ranked random drops, rescaled; add the "
+@register("della_linear", compat=mergekit_compat(consensus=False),
+          summary="DELLA's magnitude-ranked random drops, rescaled; add the "
           "weighted sum.", paper=DELLA_PAPER, needs_base=True, stored_dtype_inputs=True,
           params=family_params(normalize=False, rescale=True, extra=(EPSILON,)),
           validate=check_della, **DELLA_STREAMING)
 def della_linear(base, experts, *, weights, densities, epsilons=None, lambda_=1.0,
-                 normalize=False, rescale=True, int8_mask=False, ctx=None):
+                 normalize=False, rescale=True, int8_mask=False, ctx=None, compute_dtype=None):
     """θ = θ0 + λ · Σ wi magprune(τi)."""
     return della_merge(base, experts, weights=weights, densities=densities,
                        epsilons=epsilons or [0.15] * len(experts), lambda_=lambda_,
-                       normalize=normalize, rescale=rescale, ctx=ctx, consensus=False)
+                       normalize=normalize, rescale=rescale, ctx=ctx, consensus=False,
+                       compute_dtype=compute_dtype)
