@@ -16,8 +16,10 @@ Not reproduced, and why (README, "Same bytes as mergekit"):
   stream. Tested here: the compat merge's statistics (keep rate, L1 norm kept).
 * arcee_fusion on tensors over 10^6 entries: mergekit estimates the quartiles from a random
   sample (torch.randint, same generator); below that the masks are mergekit's. mergekit writes
-  arcee_fusion's output in fp32 whatever the recipe's dtype; mergesmith writes the recipe's
-  dtype: mergekit's values rounded once.
+  arcee_fusion's and ramplus_tl's output in fp32 whatever the recipe's dtype; mergesmith writes
+  the recipe's dtype: mergekit's values rounded once.
+* not switched yet: nuslerp, multislerp and karcher with bf16 recipes, slerp, nuslerp and
+  multislerp with fp32 ones (see ONLY and the README).
 """
 
 from __future__ import annotations
@@ -97,12 +99,12 @@ CASES = {
     "karcher": ("karcher", ("e1", "e2"), {"weights": (), "base": False}),
     "slerp": ("slerp", ("base", "e1"), {"weights": (), "t": 0.4}),
     "ram": ("ram", ("e1", "e2"), {"weights": (), "epsilon": 0.01}),
-    "ramplus_tl": ("ramplus_tl", ("e1", "e2"), {"weights": (), "epsilon": 0.01}),
+    "ramplus_tl": ("ramplus_tl", ("e1", "e2", "e3"), {"weights": (), "epsilon": 0.01}),
 }
 # Methods with no compat switch yet whose mergekit arithmetic differs in one dtype (README:
-# the spherical family and RAM compute in bf16 in mergekit; SLERP's fp32 norms): tested in the
-# dtype where the bytes are mergekit's, the other listed as not done.
-ONLY = {"karcher": "float32", "slerp": "bfloat16", "ram": "float32", "ramplus_tl": "float32"}
+# mergekit computes the spherical family in bf16 for bf16 recipes; SLERP's fp32 norms): tested
+# in the dtype where the bytes are mergekit's, the other listed as not done.
+ONLY = {"karcher": "float32", "slerp": "bfloat16"}
 
 
 def case_recipe(case: str, models: dict, dtype: str) -> dict:
@@ -136,7 +138,8 @@ def test_same_bytes_as_mergekit(tmp_path, zoo16, case, dtype):
 
 # the cases that differ without compat: each switch of compat is needed by one of them
 DIFFER = {"bfloat16": ["task_arithmetic", "ties", "dare_ties-density-1", "breadcrumbs",
-                       "model_stock", "sce", "arcee_fusion", "nearswap"],
+                       "model_stock", "sce", "arcee_fusion", "nearswap", "ram",
+                       "ramplus_tl"],
           "float32": ["task_arithmetic", "ties-rescale", "breadcrumbs-small", "model_stock",
                       "sce-select"]}
 
@@ -291,5 +294,5 @@ def test_methods_with_a_compat_switch():
     others compute what mergekit computes already (checked above)."""
     switched = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                 "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
-                "arcee_fusion", "nearswap"}
+                "arcee_fusion", "nearswap", "ram", "ramplus_tl"}
     assert {name for name in switched if get_method(name).compat is None} == set()

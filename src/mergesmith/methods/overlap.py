@@ -41,6 +41,7 @@ def shared_mean(updates: list[torch.Tensor], count: torch.Tensor) -> torch.Tenso
     needs_base=True,
     params=(EPSILON,),
     elementwise=True,
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def ram(
     base: torch.Tensor,
@@ -48,16 +49,40 @@ def ram(
     *,
     epsilon: float = 1e-5,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """θ = θ0 + Σ τi·[|τi| > ε] / max(1, n), n = #{i : |τi| > ε}."""
+    """θ = θ0 + Σ τi·[|τi| > ε] / max(1, n), n = #{i : |τi| > ε}; with `compute_dtype`, as
+    mergekit evaluates it (`ram_rounded`)."""
+    if compute_dtype is not None:
+        return ram_rounded(base, experts, epsilon, compute_dtype)
     updates = significant_updates(task_vectors(base, experts), epsilon)
     return shared_mean(updates, contributors(updates)).add_(base)
 
 
+def ram_rounded(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float,
+                dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """RAM as mergekit 0.1.5 evaluates it (`compat: mergekit`): the stacked τi in `dtype`, each
+    shared entry's τi / n rounded there, the sum over the experts a torch sum; with `scales`
+    (RAM+'s λi, fp32 as mergekit's), the unique entries' λi·τi and the sum in fp32."""
+    theta0 = base.to(dtype)
+    tvs = torch.stack([expert.to(dtype) - theta0 for expert in experts]).view(len(experts), -1)
+    changed = tvs.abs() > epsilon
+    count = changed.sum(dim=0, keepdim=True)
+    tvs = tvs * changed
+    unique = tvs * (count == 1)
+    if scales is not None:
+        unique = unique * scales.unsqueeze(-1)
+    merged = (unique + tvs * (count > 1) / count.clamp(min=1)).sum(dim=0, keepdim=True)
+    return theta0 + merged.reshape_as(theta0)
+
+
 def overlap_counts(base: torch.Tensor, experts: list[torch.Tensor], *, epsilon: float = 1e-5,
-                   **_) -> torch.Tensor:
+                   compute_dtype: torch.dtype | None = None, **_) -> torch.Tensor:
     """Per expert i, (shared_i, unique_i) in float64: how many entries it changes together with
-    another expert, and alone. The whole-tensor part of RAM+."""
+    another expert, and alone. The whole-tensor part of RAM+. With `compute_dtype`, τi as
+    mergekit rounds it (`compat: mergekit`)."""
+    if compute_dtype is not None:
+        base, experts = base.to(compute_dtype), [e.to(compute_dtype) for e in experts]
     updates = significant_updates(task_vectors(base, experts), epsilon)
     shared = contributors(updates) > 1
     return torch.tensor([[float(((u != 0) & shared).sum()), float(((u != 0) & ~shared).sum())]
@@ -83,6 +108,7 @@ def unique_scales(counts: torch.Tensor, r: float, alpha: float, epsilon: float) 
         EPSILON,
     ),
     reduce=overlap_counts,
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def ramplus_tl(
     base: torch.Tensor,
@@ -93,10 +119,18 @@ def ramplus_tl(
     epsilon: float = 1e-5,
     stats: torch.Tensor | None = None,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """θ = θ0 + (λj·τj where only expert j changed the entry, else Σ τi / n over the n that did),
-    λi = 1 + r·clamp(ρi, 0, α) with ρi = shared_i / unique_i counted over this tensor."""
-    counts = overlap_counts(base, experts, epsilon=epsilon) if stats is None else stats
+    λi = 1 + r·clamp(ρi, 0, α) with ρi = shared_i / unique_i counted over this tensor. With
+    `compute_dtype`, as mergekit evaluates it (`ram_rounded`, ρi and λi in fp32)."""
+    counts = (overlap_counts(base, experts, epsilon=epsilon, compute_dtype=compute_dtype)
+              if stats is None else stats)
+    if compute_dtype is not None:
+        shared, unique = counts.float().unbind(1)
+        rho = shared / unique.clamp(min=epsilon)
+        return ram_rounded(base, experts, epsilon, compute_dtype,
+                           scales=1 + r * rho.clamp(min=0, max=alpha))
     scales = unique_scales(counts, r, alpha, epsilon)
     updates = significant_updates(task_vectors(base, experts), epsilon)
     count = contributors(updates)
