@@ -18,8 +18,8 @@ Not reproduced, and why (README, "Same bytes as mergekit"):
   sample (torch.randint, same generator); below that the masks are mergekit's. mergekit writes
   arcee_fusion's and ramplus_tl's output in fp32 whatever the recipe's dtype; mergesmith writes
   the recipe's dtype: mergekit's values rounded once.
-* not switched yet: nuslerp, multislerp and karcher with bf16 recipes, slerp, nuslerp and
-  multislerp with fp32 ones (see ONLY and the README).
+* not switched yet: multislerp and karcher with bf16 recipes, slerp and multislerp with fp32
+  ones (see ONLY and the README).
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ CASES = {
     "nearswap": ("nearswap", ("e1",), {"weights": (), "t": 0.01}),
     "linear": ("linear", ("e1", "e2"), {"base": False}),
     "karcher": ("karcher", ("e1", "e2"), {"weights": (), "base": False}),
+    "nuslerp": ("nuslerp", ("e1", "e2"), {"weights": (0.3, 0.7), "base": False}),
+    "nuslerp-base": ("nuslerp", ("e1", "e2"), {"weights": (0.3, 0.7)}),
+    "nuslerp-rows": ("nuslerp", ("e1", "e2"), {"weights": (0.3, 0.7), "nuslerp_flatten": False,
+                                               "nuslerp_row_wise": True}),
     "slerp": ("slerp", ("base", "e1"), {"weights": (), "t": 0.4}),
     "ram": ("ram", ("e1", "e2"), {"weights": (), "epsilon": 0.01}),
     "ramplus_tl": ("ramplus_tl", ("e1", "e2", "e3"), {"weights": (), "epsilon": 0.01}),
@@ -139,9 +143,9 @@ def test_same_bytes_as_mergekit(tmp_path, zoo16, case, dtype):
 # the cases that differ without compat: each switch of compat is needed by one of them
 DIFFER = {"bfloat16": ["task_arithmetic", "ties", "dare_ties-density-1", "breadcrumbs",
                        "model_stock", "sce", "arcee_fusion", "nearswap", "ram",
-                       "ramplus_tl"],
+                       "ramplus_tl", "nuslerp-base"],
           "float32": ["task_arithmetic", "ties-rescale", "breadcrumbs-small", "model_stock",
-                      "sce-select"]}
+                      "sce-select", "nuslerp"]}
 
 
 @pytest.mark.parametrize("dtype, case", [(d, c) for d, cases in DIFFER.items() for c in cases])
@@ -294,5 +298,5 @@ def test_methods_with_a_compat_switch():
     others compute what mergekit computes already (checked above)."""
     switched = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                 "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
-                "arcee_fusion", "nearswap", "ram", "ramplus_tl"}
+                "arcee_fusion", "nearswap", "ram", "ramplus_tl", "nuslerp"}
     assert {name for name in switched if get_method(name).compat is None} == set()

@@ -107,7 +107,9 @@ def _slerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float, dim: int) -> torc
               doc="with nuslerp_flatten false: one SLERP per column instead of per row"),
     ),
     reduce=nuslerp_sums,
-    whole_tensor_when=lambda params: not params.get("flatten", True),
+    whole_tensor_when=lambda params: (not params.get("flatten", True)
+                                      or params.get("compute_dtype") is not None),
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def nuslerp(
     base: torch.Tensor | None,
@@ -118,9 +120,16 @@ def nuslerp(
     row_wise: bool = False,
     stats: torch.Tensor | None = None,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """slerp(a, b; t) with t = w2/(w1+w2) and (a, b) the models, or θ0 + slerp(τ1, τ2; t)."""
+    """slerp(a, b; t) with t = w2/(w1+w2) and (a, b) the models, or θ0 + slerp(τ1, τ2; t).
+    With `compute_dtype`, as mergekit evaluates it (`nuslerp_rounded`)."""
     t = nuslerp_t(weights)
+    if compute_dtype is not None:
+        theta0 = None if base is None else base.to(compute_dtype)
+        a, b = _nuslerp_endpoints(theta0, [e.to(compute_dtype) for e in experts])
+        merged = nuslerp_rounded(a, b, t, dim=0 if row_wise else -1, flatten=flatten)
+        return merged if theta0 is None else theta0 + merged
     if not flatten:
         a, b = _nuslerp_endpoints(base, experts)
         merged = _slerp_vectors(a, b, t, dim=0 if row_wise else -1)
@@ -130,6 +139,28 @@ def nuslerp(
     if base is None:
         return weighted_sum(experts, [ca, cb])
     return weighted_sum([base, *experts], [1 - ca - cb, ca, cb])  # θ0 + ca·τ1 + cb·τ2
+
+
+def nuslerp_rounded(a: torch.Tensor, b: torch.Tensor, t: float, dim: int,
+                    flatten: bool) -> torch.Tensor:
+    """SLERP of a and b (whole, or per vector along `dim`) as mergekit 0.1.5 evaluates it
+    (`compat: mergekit`), in their dtype: unit vectors by norms floored at 1e-7, cos Ω summed
+    from them, Ω = acos, and the linear mix where 1 − cos²Ω ≤ 1e-16."""
+    shape = a.shape
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif dim != -1:
+        a, b = a.transpose(dim, -1), b.transpose(dim, -1)
+    a_u = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    b_u = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(a_u * b_u, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-8 ** 2
+    omega = torch.acos(torch.where(colinear, 0, cos))
+    mixed = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    mixed = torch.where(colinear, (1 - t) * a + t * b, mixed)
+    if dim != -1 and not flatten:
+        mixed = mixed.transpose(dim, -1)
+    return mixed.reshape(shape)
 
 
 @register(
