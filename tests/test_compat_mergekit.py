@@ -18,8 +18,8 @@ Not reproduced, and why (README, "Same bytes as mergekit"):
   sample (torch.randint, same generator); below that the masks are mergekit's. mergekit writes
   arcee_fusion's and ramplus_tl's output in fp32 whatever the recipe's dtype; mergesmith writes
   the recipe's dtype: mergekit's values rounded once.
-* not switched yet: multislerp and karcher with bf16 recipes, slerp and multislerp with fp32
-  ones (see ONLY and the README).
+* not switched yet: karcher with bf16 recipes, slerp with fp32 ones (see ONLY and the
+  README).
 """
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ CASES = {
     "karcher": ("karcher", ("e1", "e2"), {"weights": (), "base": False}),
     "nuslerp": ("nuslerp", ("e1", "e2"), {"weights": (0.3, 0.7), "base": False}),
     "nuslerp-base": ("nuslerp", ("e1", "e2"), {"weights": (0.3, 0.7)}),
+    "multislerp": ("multislerp", ("e1", "e2"), {"weights": (0.3, 0.7), "base": False}),
+    "multislerp-base": ("multislerp", ("e1", "e2", "e3"), {"weights": (0.5, 0.3, 0.2)}),
     "nuslerp-rows": ("nuslerp", ("e1", "e2"), {"weights": (0.3, 0.7), "nuslerp_flatten": False,
                                                "nuslerp_row_wise": True}),
     "slerp": ("slerp", ("base", "e1"), {"weights": (), "t": 0.4}),
@@ -143,9 +145,9 @@ def test_same_bytes_as_mergekit(tmp_path, zoo16, case, dtype):
 # the cases that differ without compat: each switch of compat is needed by one of them
 DIFFER = {"bfloat16": ["task_arithmetic", "ties", "dare_ties-density-1", "breadcrumbs",
                        "model_stock", "sce", "arcee_fusion", "nearswap", "ram",
-                       "ramplus_tl", "nuslerp-base"],
+                       "ramplus_tl", "nuslerp-base", "multislerp"],
           "float32": ["task_arithmetic", "ties-rescale", "breadcrumbs-small", "model_stock",
-                      "sce-select", "nuslerp"]}
+                      "sce-select", "nuslerp", "multislerp"]}
 
 
 @pytest.mark.parametrize("dtype, case", [(d, c) for d, cases in DIFFER.items() for c in cases])
@@ -298,5 +300,6 @@ def test_methods_with_a_compat_switch():
     others compute what mergekit computes already (checked above)."""
     switched = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                 "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
-                "arcee_fusion", "nearswap", "ram", "ramplus_tl", "nuslerp"}
+                "arcee_fusion", "nearswap", "ram", "ramplus_tl", "nuslerp",
+                "multislerp"}
     assert {name for name in switched if get_method(name).compat is None} == set()

@@ -141,6 +141,36 @@ def nuslerp(
     return weighted_sum([base, *experts], [1 - ca - cb, ca, cb])  # θ0 + ca·τ1 + cb·τ2
 
 
+def multislerp_rounded(base: torch.Tensor | None, experts: list[torch.Tensor],
+                       weights: list[float], normalize_weights: bool, eps: float,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Multi-SLERP as mergekit 0.1.5 evaluates it (`compat: mergekit`), in `dtype`: the same
+    steps as `multislerp`, with its sums as elementwise products summed (no matrix products)
+    and no special case for models that all sit at the origin."""
+    theta0 = None if base is None else base.to(dtype)
+    points = torch.stack([x.to(dtype) if theta0 is None else x.to(dtype) - theta0
+                          for x in experts])
+    flat = points.view(len(experts), -1)
+    w = torch.tensor(weights, dtype=dtype, device=flat.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(experts) != 2:
+            raise ValueError("the weighted mean of the models' directions is zero (antipodal inputs)")
+        result = (points[0] * w[0] + points[1] * w[1]).view(points.shape[1:])
+        return result if theta0 is None else result + theta0
+    mean = mean / mean_norm
+    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
+    angle = torch.norm(tangent) + eps
+    result = (mean * torch.cos(angle) + tangent * (torch.sin(angle) / angle))
+    result = (result * (norms.squeeze(-1) * w).sum()).view(points.shape[1:])
+    return result if theta0 is None else result + theta0
+
+
 def nuslerp_rounded(a: torch.Tensor, b: torch.Tensor, t: float, dim: int,
                     flatten: bool) -> torch.Tensor:
     """SLERP of a and b (whole, or per vector along `dim`) as mergekit 0.1.5 evaluates it
@@ -175,6 +205,7 @@ def nuslerp_rounded(a: torch.Tensor, b: torch.Tensor, t: float, dim: int,
         Param("normalize_weights", bool, default=True, doc="make the weights sum to one"),
         Param("eps", default=1e-8, minimum=0.0, doc="numerical floor for norms"),
     ),
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def multislerp(
     base: torch.Tensor | None,
@@ -184,11 +215,14 @@ def multislerp(
     normalize_weights: bool = True,
     eps: float = 1e-8,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Project unit vectors onto the tangent space at their weighted mean, average, map back.
     Where the weighted mean of the directions is zero, two models are interpolated linearly (as
     mergekit does); more are refused. A scalar's "sphere" is {−1, 1}: same-signed scalars give
-    their weighted mean."""
+    their weighted mean. With `compute_dtype`, as mergekit evaluates it (`multislerp_rounded`)."""
+    if compute_dtype is not None:
+        return multislerp_rounded(base, experts, weights, normalize_weights, eps, compute_dtype)
     # reshape, not flatten(1): a 0-dim tensor (CLIP's logit_scale) stacks to one dimension only
     points = torch.stack([x if base is None else x - base for x in experts])
     points = points.reshape(len(experts), -1)
