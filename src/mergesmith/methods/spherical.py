@@ -171,6 +171,45 @@ def multislerp_rounded(base: torch.Tensor | None, experts: list[torch.Tensor],
     return result if theta0 is None else result + theta0
 
 
+def karcher_rounded(points: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """The Karcher mean as mergekit 0.1.5 evaluates it (`compat: mergekit`): equal weights
+    (it ignores the recipe's), norms in fp32 but the unit vectors, their mean and each step
+    rounded to the points' dtype, torch.dot for the cosines."""
+    if len(points) == 1:
+        return points[0]
+    wide = torch.float64 if points[0].dtype == torch.float64 else torch.float32
+    alphas = [1.0 / len(points)] * len(points)
+    norms = [torch.linalg.vector_norm(x.to(wide)) for x in points]
+    units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype)
+             for x, n in zip(points, norms)]
+    live = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not live:
+        return sum(x * 0 for x in points)
+    total = sum(alphas[i] for i in live)
+    live = [(alphas[i] / total, units[i]) for i in live]
+    mean = torch.zeros_like(live[0][1])
+    for a, u in live:
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean.to(wide))
+    mean = live[0][1].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in live:
+            cos = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - cos * mean)
+        step = torch.linalg.vector_norm(tangent.to(wide))
+        if step.item() < tol:
+            break
+        mean = (torch.cos(step) * mean + torch.sin(step) * (tangent / step)).to(mean.dtype)
+        length = torch.linalg.vector_norm(mean.to(wide))
+        if length.item() > tol:
+            mean = (mean / length).to(mean.dtype)
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
 def nuslerp_rounded(a: torch.Tensor, b: torch.Tensor, t: float, dim: int,
                     flatten: bool) -> torch.Tensor:
     """SLERP of a and b (whole, or per vector along `dim`) as mergekit 0.1.5 evaluates it
@@ -258,6 +297,7 @@ def multislerp(
         Param("max_iter", int, default=10, minimum=1, doc="fixed-point iterations"),
         Param("tol", default=1e-5, minimum=0.0, doc="stop when the tangent step is this small"),
     ),
+    compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def karcher(
     base: torch.Tensor | None,
@@ -267,8 +307,12 @@ def karcher(
     max_iter: int = 10,
     tol: float = 1e-5,
     ctx: TensorContext | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """argmin_m Σ ŵi d(m, x̂i)² on the unit sphere by Riemannian gradient steps; × Σ ŵi ||xi||."""
+    """argmin_m Σ ŵi d(m, x̂i)² on the unit sphere by Riemannian gradient steps; × Σ ŵi ||xi||.
+    With `compute_dtype`, as mergekit evaluates it (`karcher_rounded`: equal weights)."""
+    if compute_dtype is not None:
+        return karcher_rounded([x.to(compute_dtype) for x in experts], max_iter, tol)
     weights = [1.0] * len(experts) if weights is None else weights
     total = sum(weights)
     if total <= 0:
