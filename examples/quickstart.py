@@ -1,6 +1,6 @@
-"""The README's main job until the demo lands: build a small model family, merge it every way.
+"""Merge a small random model family with every example recipe (`mergesmith demo` merges real fine-tunes).
 
-Builds a random Llama base and two "fine-tunes" of it (base plus seeded deltas, ~30M parameters
+Builds a random Llama base and two "fine-tunes" of it (base plus seeded deltas, 11.1M parameters
 each, in examples/models/, reused on later runs), runs every recipe in examples/recipes/ through
 `mergesmith merge`, loads each output with transformers, and prints what came out.
 

@@ -35,8 +35,10 @@ RECIPE_VERSION = 2  # bump when the training code changes what it produces
 class Settings:
     """What an expert depends on besides its task and base model."""
 
-    steps: int = 100
-    learning_rate: float = 1e-4
+    # 60 steps at 2e-4 gain on validation what 100 at 1e-4 did (topic +2, language +2, sentiment
+    # +3, part of speech +14 points over the base) in 60% of the time: ~100 s on one core
+    steps: int = 60
+    learning_rate: float = 2e-4
     batch_size: int = 16
     max_length: int = 64
     warmup_fraction: float = 0.1
