@@ -69,6 +69,7 @@ ties = _sparse("ties")
 dare_ties = _sparse("dare_ties")
 breadcrumbs = _sparse("breadcrumbs", gamma=0.01)
 della = _sparse("della", epsilon=0.1)
+SPARSE = ("ties", "dare_ties", "breadcrumbs", "della")  # their density is a variant's (`build`)
 
 
 def model_stock(models):
@@ -127,6 +128,48 @@ METHODS = {
 }
 
 
+# Variants of a recipe, named "<method>[-<dtype>][-d<density>]" (e.g. ties-fp32-d0.2): the
+# recipe's `dtype` (what the merge computes in; published recipes say bfloat16 or float32) and,
+# for the methods with one, each model's density. The plain name is the recipe above.
+DTYPES = {"bfloat16": "", "float32": "fp32", "float16": "fp16"}
+DEFAULT_DTYPE = "bfloat16"
+
+
+def variant(method: str, dtype: str = DEFAULT_DTYPE, density: float | None = None) -> str:
+    name = method + (f"-{DTYPES[dtype]}" if DTYPES[dtype] else "")
+    return name + (f"-d{density:g}" if density is not None else "")
+
+
+def parse_variant(name: str) -> tuple[str, str, float | None]:
+    """(method, dtype, density or None) of a variant name."""
+    method, *parts = name.split("-")
+    dtype, density = DEFAULT_DTYPE, None
+    for part in parts:
+        if part.startswith("d") and part[1:].replace(".", "", 1).isdigit():
+            density = float(part[1:])
+        elif part in DTYPES.values():
+            dtype = next(d for d, short in DTYPES.items() if short == part)
+        else:
+            raise ValueError(f"bad recipe variant {name!r}: {part!r} is no dtype or density")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    return method, dtype, density
+
+
+def has_density(method: str) -> bool:
+    return method in SPARSE
+
+
+def build(name: str, models) -> dict:
+    method, dtype, density = parse_variant(name)
+    recipe = METHODS[method](models)
+    recipe["dtype"] = dtype
+    if density is not None:
+        for entry in recipe["models"]:
+            entry.setdefault("parameters", {})["density"] = density
+    return recipe
+
+
 def recipe_models(recipe: dict) -> list[Path]:
     """Distinct model directories a recipe reads, in first-seen order."""
     seen = []
@@ -136,8 +179,9 @@ def recipe_models(recipe: dict) -> list[Path]:
     return seen
 
 
-def write_recipe(method: str, models, path: Path) -> dict:
-    recipe = METHODS[method](models)
+def write_recipe(name: str, models, path: Path) -> dict:
+    """The recipe of a method or variant (`variant`), written to `path`."""
+    recipe = build(name, models)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return recipe

@@ -1,6 +1,7 @@
 """mergesmith vs mergekit: wall time, CPU time and peak memory of real merges.
 
     .venv/bin/python bench/run.py [--sizes 100m,1b] [--methods linear,task_arithmetic,slerp]
+        [--dtypes bfloat16,float32] [--densities 0.2,0.5]
         [--work bench/work] [--repeat 1] [--tools mergekit,mergesmith]
         [--json bench/results/latest.json]
 
@@ -71,6 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=csv, default=["100m", "1b"])
     ap.add_argument("--methods", type=csv, default=list(TARGET_METHODS))
+    ap.add_argument("--dtypes", type=csv, default=[recipes.DEFAULT_DTYPE],
+                    help="the recipes' dtype, each a variant of every method: "
+                         + ", ".join(recipes.DTYPES))
+    ap.add_argument("--densities", type=csv, default=[],
+                    help="each model's density, each a variant of the methods that take one "
+                         f"({', '.join(recipes.SPARSE)}); default: the recipe's (0.5)")
     ap.add_argument("--tools", type=csv, default=list(TOOLS))
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     ap.add_argument("--repeat", type=int, default=1)
@@ -79,12 +86,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="before each merge wait up to S seconds for the machine to be "
                          "idle (other processes < 10%% of its CPU); 0 disables")
     args = ap.parse_args(argv)
+    for method in args.methods:
+        try:
+            recipes.parse_variant(method)
+        except ValueError as exc:
+            ap.error(str(exc))
     for name, given, known in (("size", args.sizes, models.SIZES),
-                               ("method", args.methods, recipes.METHODS),
+                               ("dtype", args.dtypes, recipes.DTYPES),
                                ("tool", args.tools, TOOLS)):
         bad = [x for x in given if x not in known]
         if bad:
             ap.error(f"unknown {name}(s) {bad}; choose from {list(known)}")
+    try:
+        densities = [float(d) for d in args.densities] or [None]
+    except ValueError:
+        ap.error(f"--densities takes numbers, got {args.densities}")
+    # from here on a "method" is a recipe variant (recipes.variant): method, dtype, density
+    args.methods = list(dict.fromkeys(
+        m if "-" in m else recipes.variant(m, dtype, d if recipes.has_density(m) else None)
+        for m in args.methods for dtype in args.dtypes for d in densities))
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     args.work = args.work.resolve()  # recipes hold absolute model paths
@@ -319,9 +339,10 @@ def checks(summary: dict) -> list[dict]:
                     "detail": detail})
 
     measured = list(dict.fromkeys(m for (size, m, _) in summary if size == TARGET_SIZE
-                                  and m not in MERGESMITH_ONLY))
+                                  and recipes.parse_variant(m)[0] not in MERGESMITH_ONLY))
     for method in measured:
-        wall = MAX_SPARSE_WALL_RATIO if method in SPARSE_METHODS else MAX_WALL_RATIO
+        sparse = recipes.parse_variant(method)[0] in SPARSE_METHODS
+        wall = MAX_SPARSE_WALL_RATIO if sparse else MAX_WALL_RATIO
         for metric, limit, label in (("wall_s", wall, "wall"),
                                      ("peak_anon_bytes", MAX_ANON_RATIO, "anon")):
             ms = summary.get((TARGET_SIZE, method, "mergesmith"), {}).get(metric)
@@ -412,7 +433,9 @@ def prepare(size: str, methods: list[str], work: Path, stages: dict) -> list[Cas
         path = work / "recipes" / f"{size}-{method}.yml"
         recipe = recipes.write_recipe(method, dirs, path)
         inputs = [f for d in recipes.recipe_models(recipe) for f in models.weight_files(d)]
-        cases.append(Case(size, method, path, inputs, out_bytes))
+        # the models are bf16; both tools write the recipe's dtype
+        scale = 2 if recipe["dtype"] == "float32" else 1
+        cases.append(Case(size, method, path, inputs, scale * out_bytes))
     return cases
 
 
@@ -452,7 +475,7 @@ def bench_case(case: Case, tools: list[str], args, stages: dict) -> tuple[dict, 
     t0, runs = time.perf_counter(), []
     for rep in range(args.repeat):
         for tool in tools:  # alternate: mergekit, mergesmith, mergekit, ...
-            if tool == "mergekit" and case.method in MERGESMITH_ONLY:
+            if tool == "mergekit" and recipes.parse_variant(case.method)[0] in MERGESMITH_ONLY:
                 continue
             log(f"[run] {case.size} {case.method} {tool} ({rep + 1}/{args.repeat})")
             runs.append({**run_merge(tool, case, out_root, args.idle_wait), "repeat": rep})

@@ -163,28 +163,31 @@ def cut_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list
              stats: CutSearch | None = None, **_) -> torch.Tensor:
     """One chunk's counts for the radix select of the cuts: in the first pass (no `stats`), each
     τi's high histogram (experts × HIGH_BINS); in the second, each cut's low histogram within
-    the bin the first found for it (experts × 2 × LOW_BINS, zero where τi has fewer cuts)."""
+    the bin the first found for it (experts × 2 × LOW_BINS, zero where τi has fewer cuts).
+    Counting is compute-bound: the blocks are shared out among the intra-op threads allowed
+    (`in_parallel`; one while the engine streams)."""
     base_rows, expert_rows = as_rows(base), [as_rows(e) for e in experts]
-    if stats is None:
-        counts = torch.zeros(len(experts), kth.HIGH_BINS, dtype=torch.int64, device=base.device)
-    else:
-        counts = torch.zeros(len(experts), 2, kth.LOW_BINS, dtype=torch.int64, device=base.device)
-    wanted = [sorted({h for h, _ in found}) for found in stats.found] if stats else None
-    picked: list[dict[int, list[torch.Tensor]]] = [{h: [] for h in hs} for hs in wanted or []]
-    for rows in row_blocks(base_rows, COUNT_BLOCK_ELEMENTS):
-        theta0 = base_rows[rows].float()
-        for i, expert in enumerate(expert_rows):
-            if stats is None:
-                counts[i] += kth.high_histogram(kth.magnitude_bits(expert[rows].float() - theta0))
-            elif wanted[i]:
+    bins = kth.HIGH_BINS if stats is None else 2 * kth.LOW_BINS
+    parts = []  # one per thread
+
+    def count(blocks: list[slice]) -> None:
+        counts = torch.zeros(len(experts), bins, dtype=torch.int64, device=base.device)
+        for rows in blocks:
+            theta0 = base_rows[rows].float()
+            for i, expert in enumerate(expert_rows):
+                if stats is not None and not stats.found[i]:
+                    continue
                 bits = kth.magnitude_bits(expert[rows].float() - theta0)
-                for h in wanted[i]:
-                    picked[i][h].append(kth.in_bin(bits, h))
-    for i, found in enumerate(stats.found if stats else []):
-        lows = {h: kth.low_histogram(torch.cat(picked[i][h])) for h in wanted[i]}
-        for j, (h, _) in enumerate(found):
-            counts[i, j] = lows[h]
-    return counts
+                if stats is None:
+                    counts[i] += kth.high_histogram(bits)
+                for j, (high, _) in enumerate(stats.found[i] if stats else []):
+                    lows = counts[i, j * kth.LOW_BINS:(j + 1) * kth.LOW_BINS]
+                    lows += kth.low_histogram(bits, high)
+        parts.append(counts)
+
+    in_parallel(count, row_blocks(base_rows, COUNT_BLOCK_ELEMENTS))
+    counts = sum(parts)
+    return counts if stats is None else counts.view(len(experts), 2, kth.LOW_BINS)
 
 
 def finish_cuts(stats: CutSearch | None, sums: torch.Tensor, *, densities: list[float],
