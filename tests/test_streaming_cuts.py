@@ -124,3 +124,29 @@ def test_streamed_cuts_give_the_whole_tensor_bytes(tmp_path, awkward_models, dty
         ins = [tensors[name] for tensors in inputs]
         expected = whole_tensor_reference(method, ins[0], ins[1:], densities, gammas, weights)
         assert torch.equal(got[name], expected.to(got[name].dtype)), (method, name)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_consensus_ties_streams_its_trims_with_the_same_bytes(tmp_path, awkward_models, dtype):
+    from mergesmith.methods.blocks import disjoint_mean, elect_sign, keep_topk
+    from mergesmith.methods.consensus import consensus_merge
+
+    base, *experts = awkward_models(dtype)
+    densities, weights, lambdas = [0.3, 1.0, 0.55], [1.0, 0.5, 0.7], [0.4, 0.6, 0.5]
+    recipe = {"merge_method": "consensus_ties", "base_model": str(base),
+              "models": [{"model": str(e), "parameters": {"weight": w, "density": d,
+                                                          "tall_mask_lambda": lam}}
+                         for e, w, d, lam in zip(experts, weights, densities, lambdas)]}
+    the_plan = plan(recipe)
+    assert any(len(units(the_plan, job, 1024)) > 4 for job in the_plan.jobs)
+    got = read_tensors(merge(recipe, tmp_path / "out", chunk_size=1024))
+    inputs = [load_file(next(folder.glob("*.safetensors"))) for folder in (base, *experts)]
+    for job in the_plan.jobs:
+        name = job.out.name
+        theta0, *thetas = [tensors[name].float() for tensors in inputs]
+        taus = [theta - theta0 for theta in thetas]
+        trimmed = [keep_topk(tau, d) for tau, d in zip(taus, densities)]  # whole-tensor cuts
+        multi_task = disjoint_mean(trimmed, elect_sign(trimmed, weights), weights, True)
+        expected = consensus_merge(theta0, taus, multi_task, tall_mask_lambdas=lambdas, k=2,
+                                   lambda_=1.0)
+        assert torch.equal(got[name], expected.to(got[name].dtype)), name

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.methods.blocks import disjoint_mean, elect_sign, keep_topk, task_vectors, weighted_sum
+from mergesmith.methods.blocks import disjoint_mean, elect_sign, task_vectors, weighted_sum
 from mergesmith.methods.registry import Param, TensorContext, register
+from mergesmith.methods.sparse import cut_passes, cut_sums, finish_cuts, magnitude_cuts
 
 CONSENSUS_PAPER = ("Wang et al. 2024, Localizing task information for improved model merging and "
                    "compression (ICML), arXiv:2405.07813")
@@ -103,6 +104,8 @@ def consensus_ta(
         Param("normalize", bool, default=True,
               doc="TIES' disjoint mean (true) or disjoint sum (false, the authors' choice)"),
     ),
+    # elementwise once TIES' cuts are known: they stream as TIES' (methods/sparse.py)
+    reduce=cut_sums, finish=finish_cuts, passes=cut_passes,
 )
 def consensus_ties(
     base: torch.Tensor,
@@ -115,11 +118,14 @@ def consensus_ties(
     lambda_: float = 1.0,
     normalize: bool = True,
     ctx: TensorContext | None = None,
+    stats: list[tuple[float, float]] | None = None,
 ) -> torch.Tensor:
     """τ_MTL = disjoint_mean(trim(τi), s) with s = sign(Σ wi trim(τi));
-    θ = θ0 + λ·(1[Σ m_i ≥ k] ⊙ τ_MTL)."""
+    θ = θ0 + λ·(1[Σ m_i ≥ k] ⊙ τ_MTL). The trims' thresholds are `stats`, those of the whole
+    tensor when the engine streams it."""
     taus = task_vectors(base, experts)
-    trimmed = [keep_topk(tau, density) for tau, density in zip(taus, densities)]
+    trims = magnitude_cuts(base, experts, densities, unbiased=False, stats=stats)
+    trimmed = [trim(tau, 0) for trim, tau in zip(trims, taus)]  # new tensors, or τi itself
     multi_task = disjoint_mean(trimmed, elect_sign(trimmed, weights), weights, normalize)
     return consensus_merge(base, taus, multi_task, tall_mask_lambdas=tall_mask_lambdas, k=k,
                            lambda_=lambda_)
