@@ -55,7 +55,7 @@ FIXED_MODELS = ("base", "math", "code", "merged", "ta")
 MODEL_PREFIXES = ("experts/", "runs/")
 TOY = dict(hidden=16)
 LAYERS = {"models": 4, "deep": 32}  # deep: for blocks that cut layer ranges (SOLAR's 0-24 + 8-32)
-ROWS_PER_SPLIT = 12
+ROWS_PER_LABEL = 3  # in each split of a toy task
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,9 @@ def _toy_task(source: Path, target: Path) -> None:
     target.mkdir(parents=True)
     for file in spec["data"].values():  # a few rows of each label, so every split has them all
         rows = [json.loads(line) for line in (source / file).read_text(encoding="utf-8").splitlines()]
-        kept = [r for label in spec["labels"] for r in [r for r in rows if r[spec["label_field"]] == label][:3]]
-        (target / file).write_text("".join(json.dumps(r) + "\n" for r in kept[:ROWS_PER_SPLIT * 4]))
+        kept = [r for label in spec["labels"]
+                for r in [r for r in rows if r[spec["label_field"]] == label][:ROWS_PER_LABEL]]
+        (target / file).write_text("".join(json.dumps(r) + "\n" for r in kept))
     generator = torch.Generator().manual_seed(len(spec["labels"]))
     save_file({"weight": torch.randn(len(spec["labels"]), TOY["hidden"], generator=generator),
                "bias": torch.zeros(len(spec["labels"]))}, target / "head.safetensors")
