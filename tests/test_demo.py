@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from mergesmith.demo.leaderboard import leaderboard_rows, run_leaderboard, skip_reason
+from mergesmith.demo import leaderboard, run
+from mergesmith.demo.leaderboard import (DEFAULT_METHODS, demo_methods, leaderboard_rows, run_leaderboard,
+                                         skip_reason)
 from mergesmith.demo.run import prepare_demo
+from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import evaluate_model, load_task
-from mergesmith.methods import get_method
+from mergesmith.methods import all_methods, get_method
 
 METHODS = ["linear", "task_arithmetic", "ties", "emr"]
 
@@ -90,3 +96,30 @@ def test_data_aware_methods_calibrate_on_the_train_split_only(setup, tmp_path):
             assert used == [str(load_task(setup.tasks[t]).data["train"]) for t in setup.experts]
             assert entry.data_seconds is not None and entry.data_seconds > 0
         assert board.test.averages[entry.method].normalized is not None
+
+
+def test_default_set_is_the_documented_one_and_all_selects_every_method(monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    documented = re.search(r"default set[^:]*:((?:\s*`\w+`,?)+)", readme)
+    assert documented, "README's demo section lists the default set as: default set ...: `a`, `b`, ..."
+    assert tuple(re.findall(r"`(\w+)`", documented.group(1))) == DEFAULT_METHODS
+    assert all(skip_reason(get_method(m), len(run.TASKS)) is None for m in DEFAULT_METHODS)
+    every = [spec.name for spec in all_methods()]
+    assert demo_methods() == list(DEFAULT_METHODS)
+    assert demo_methods(every=True) == every
+    assert demo_methods(["ties"]) == ["ties"]
+    with pytest.raises(MergesmithError, match="--all"):
+        demo_methods(["ties"], every=True)
+
+    chosen = []
+
+    def fake_leaderboard(*args, methods, **kwargs):
+        chosen.append(methods)
+        raise MergesmithError("stop here")
+
+    monkeypatch.setattr(run, "prepare_demo", lambda **kwargs: run.DemoSetup(Path("b"), {}, {}, None))
+    monkeypatch.setattr(leaderboard, "run_leaderboard", fake_leaderboard)
+    for flags in ([], ["--all"], ["--method", "ties"]):
+        code, _, err = run_cli(monkeypatch, capsys, "demo", *flags)
+        assert code == 1 and "stop here" in err
+    assert chosen == [list(DEFAULT_METHODS), every, ["ties"]]

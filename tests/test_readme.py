@@ -244,7 +244,7 @@ RUNNABLE = [b for b in blocks() if b.lang in RUN]
 def test_the_readme_has_snippets_and_few_exceptions():
     assert len(RUNNABLE) >= 8
     skipped = [b for b in RUNNABLE if b.skip]
-    assert len(skipped) <= 4, [str(b) for b in skipped]
+    assert len(skipped) <= 5, [str(b) for b in skipped]  # 4 today: two installs, lm-eval, a VLM
 
 
 @pytest.mark.usefixtures("one_thread")
