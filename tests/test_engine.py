@@ -14,7 +14,7 @@ import torch
 from conftest import ARCHS, build_model, model_class, read_tensors, write_recipe
 
 import mergesmith
-from mergesmith.methods.selection import parse_layers
+from mergesmith.methods.passthrough import parse_layers
 
 
 def merge(tmp_path, recipe: dict, name="out", **options):

@@ -31,7 +31,8 @@ from test_parity import compare, llama, merge_both, ulp_at  # noqa: F401  (llama
 import mergesmith
 from mergesmith.methods import get_method
 from mergesmith.methods import (arcee_fusion, model_stock, nearswap, nuslerp, ram, ramplus_tl,
-                                sce, selective)
+                                sce)
+from mergesmith.methods import sce_merging
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -314,7 +315,7 @@ def test_sce_across_blocks_matches_mergekit(density, monkeypatch):
                          *(tv.abs() for tv in tvs)]).amax(0)
     error = (ours.double() - theirs.double()).abs()
     assert (error <= 3 * ulp_at(scale, F32))[~tied].all()
-    monkeypatch.setattr(selective, "MERGE_BLOCK", 1000 + 7)
+    monkeypatch.setattr(sce_merging, "MERGE_BLOCK", 1000 + 7)
     assert torch.equal(sce(base, experts, select_topk=density), ours)
 
 

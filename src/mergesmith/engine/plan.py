@@ -572,7 +572,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _check_layer_lists(recipe: Recipe, out_slice: OutSlice, job: TensorJob, total: int) -> None:
     """layer_swap's per-model layer lists must name layers the output has."""
-    from mergesmith.methods.selection import parse_layers
+    from mergesmith.methods.passthrough import parse_layers
 
     experts = [s for s in out_slice.sources if s is not out_slice.base]
     for source, spec in zip(experts, job.params["layers"]):

@@ -13,11 +13,12 @@ from mergesmith.methods.registry import (
     register,
 )
 from mergesmith.methods.linear import linear, task_arithmetic
-from mergesmith.methods.selection import layer_swap, passthrough
+from mergesmith.methods.passthrough import layer_swap, passthrough
 from mergesmith.methods.spherical import karcher, multislerp, nuslerp, slerp
 from mergesmith.methods.stock import model_stock
-from mergesmith.methods.selective import arcee_fusion, nearswap, sce
-from mergesmith.methods.overlap import ram, ramplus_tl
+from mergesmith.methods.fusion import arcee_fusion, nearswap
+from mergesmith.methods.sce_merging import sce
+from mergesmith.methods.ram_merging import ram, ramplus_tl
 from mergesmith.methods.subspace import iso_c, iso_cts, tsv_m
 from mergesmith.methods.competition import pcb, widen
 from mergesmith.methods.sparse import breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, ties  # noqa: E501
