@@ -280,7 +280,7 @@ def test_learned_merges_see_each_blocks_hidden_states_at_the_real_tokens(models,
     each block's output at the unpadded positions, as the module computes it."""
     import transformers as tf
 
-    from mergesmith.calibrate.pipeline import calibration_for, root_of
+    from mergesmith.pipeline import calibration_for, root_of
     from mergesmith.calibrate.problem import build_problem
     from mergesmith.methods import get_method
     from mergesmith.recipe import load_recipe
@@ -322,7 +322,7 @@ def test_every_method_is_in_the_readme_table():
 def test_a_recipe_written_out_keeps_what_each_model_entry_inherits(models, tmp_path):
     """A model entry's calibration holds only what it sets: written out and read back (model
     cards, the demo's timed runs), it must not turn the defaults it left unset into overrides."""
-    from mergesmith.calibrate.pipeline import calibration_for
+    from mergesmith.pipeline import calibration_for
     from mergesmith.methods import get_method
     from mergesmith.recipe import load_recipe
 

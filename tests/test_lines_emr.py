@@ -17,7 +17,7 @@ import torch
 from conftest import build_model, model_class, read_tensors, write_recipe
 
 import mergesmith
-from mergesmith.engine.emr import apply_emr
+from mergesmith.engine.side_outputs.emr import apply_emr
 from mergesmith.errors import CheckpointError, MergesmithError, OutputError, PlanError, RecipeError
 from mergesmith.methods.emr import emr_side, rescalers, task_model, unified_task_vector
 
@@ -172,7 +172,7 @@ def test_masks_pack_in_pieces_of_any_length():
     numpy.packbits of the whole rows (big-endian bit order, the last byte zero-padded)."""
     import numpy as np
 
-    from mergesmith.engine.emr import PackedRows, unpack_bits
+    from mergesmith.engine.side_outputs.emr import PackedRows, unpack_bits
 
     bits = np.random.default_rng(0).random((3, 61)) < 0.5
     packed = PackedRows(3, 61)

@@ -16,7 +16,7 @@ from conftest import build_model, read_tensors, run_cli, write_recipe
 
 import mergesmith
 from mergesmith.calibrate.router import RoutedModule, TwinModel, fit_router, route_texts
-from mergesmith.engine.twin import Parts, apply_twin
+from mergesmith.engine.side_outputs.twin import Parts, apply_twin
 from mergesmith.errors import MergesmithError, PlanError, RecipeError
 from mergesmith.methods import task_arithmetic
 from mergesmith.methods.twin import compress, compressed_rank, expand, routed, twin_side

@@ -10,7 +10,7 @@ __all__ = ["MergesmithError", "__version__", "merge", "plan"]
 def __getattr__(name):
     # The engine imports torch; keep `import mergesmith` cheap for the CLI's --help.
     if name in ("merge", "plan"):
-        from mergesmith.calibrate import pipeline
+        from mergesmith import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(name)

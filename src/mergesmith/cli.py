@@ -128,7 +128,7 @@ def merge(
 
     import torch
 
-    from mergesmith.calibrate.pipeline import merge as run_merge, plan
+    from mergesmith.pipeline import merge as run_merge, plan
 
     if trust_remote_code:
         raise MergesmithError(
@@ -224,7 +224,7 @@ def check(
                                       help="As for merge: differences become warnings."),
 ) -> None:
     """Validate RECIPE against the models' headers and show the plan; writes nothing."""
-    from mergesmith.calibrate.pipeline import plan
+    from mergesmith.pipeline import plan
     from mergesmith.engine.api import parse_size
     from mergesmith.methods import get_method
     from mergesmith.engine.stages import check_stages, is_multi_stage
@@ -409,7 +409,7 @@ def emr_apply(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
 ) -> None:
     """Write TASK's model θ0 + λ·M ⊙ τ_uni, rebuilt from the EMR merge in MERGED, to OUTPUT."""
-    from mergesmith.engine.emr import apply_emr
+    from mergesmith.engine.side_outputs.emr import apply_emr
 
     path = apply_emr(merged, task, output, base=base, resume=resume, overwrite=overwrite)
     if not quiet:
@@ -434,7 +434,7 @@ def twin_apply(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
 ) -> None:
     """Write θ* + Σ w_t v_t, for one task (--task) or fixed weights (--weights), to OUTPUT."""
-    from mergesmith.engine.twin import apply_twin
+    from mergesmith.engine.side_outputs.twin import apply_twin
 
     mix = None
     if weights is not None:
@@ -456,7 +456,7 @@ def twin_route(
 ) -> None:
     """Print each text's routing weights over the experts."""
     from mergesmith.calibrate.router import route_texts
-    from mergesmith.engine.twin import read_index
+    from mergesmith.engine.side_outputs.twin import read_index
 
     tasks = read_index(merged)["tasks"]
     weights = route_texts(merged, texts, device=device)

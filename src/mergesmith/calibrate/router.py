@@ -24,7 +24,7 @@ from torch import nn
 
 from mergesmith.calibrate.data import load_examples
 from mergesmith.calibrate.forward import CalibrationModel, checkpoint_names, mean_pool, quiet_transformers
-from mergesmith.engine.twin import INDEX, SIDE_FOLDER, Parts, read_index
+from mergesmith.engine.side_outputs.twin import INDEX, SIDE_FOLDER, Parts, read_index
 from mergesmith.errors import CalibrationError, MergesmithError
 from mergesmith.io import Checkpoint
 from mergesmith.io.output import write_json

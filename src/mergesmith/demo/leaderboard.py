@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import Report, Task, load_task, plot_normalized, plot_sweep, summarize
-from mergesmith.calibrate.pipeline import needs_calibration, prepare
+from mergesmith.pipeline import needs_calibration, prepare
 from mergesmith.methods import MethodSpec, all_methods, get_method
 from mergesmith.recipe import Recipe, load_recipe
 from mergesmith.search.scoring import Scorer, recipe_key
@@ -225,7 +225,7 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
 def _score_per_task(recipe: Recipe, scorer: Scorer, tasks: list[Task], experts: dict[str, Path],
                     split: str) -> dict:
     """Each task scored by its own model, rebuilt from the shared merge (EMR's masks and scales)."""
-    from mergesmith.engine.emr import apply_emr
+    from mergesmith.engine.side_outputs.emr import apply_emr
 
     merged = scorer.merge_folder(recipe)
     results = {}

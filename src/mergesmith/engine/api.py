@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from mergesmith import __version__
-from mergesmith.engine import emr, twin
+from mergesmith.engine.side_outputs import emr, twin
 from mergesmith.engine.finalize import write_metadata
 from mergesmith.engine.plan import Plan, build_plan
 from mergesmith.engine.run import DEFAULT_CHUNK_BYTES, RESUME_HINT, stream

@@ -119,7 +119,7 @@ def _in_order(stages: dict[str | None, Stage], docs: list[Recipe]) -> list[Stage
 def check_stages(recipe: str | Path, **options: Any) -> list[str]:
     """Every stage's recipe checked, and planned against its models where they exist already
     (a stage that uses another is planned when that one is merged): one line per stage."""
-    from mergesmith.calibrate import pipeline
+    from mergesmith import pipeline
 
     lines = []
     for stage in plan_stages(recipe, Path("OUT")):
@@ -148,7 +148,7 @@ def run_stages(recipe: str | Path, out: str | Path, *, intermediate_dir: str | P
                log: Callable[[str], None] | None = None, **options: Any) -> Path:
     """Run every stage of a multi-stage recipe (options as for `mergesmith.merge`); the final
     stage's folder is OUT, which is returned."""
-    from mergesmith.calibrate import pipeline
+    from mergesmith import pipeline
 
     stages = plan_stages(recipe, out, intermediate_dir)
     plan_options = {k: options[k] for k in ("seed", "shard_size", "compat", "allow_crimes") if k in options}

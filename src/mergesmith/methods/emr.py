@@ -7,7 +7,7 @@
 
 The merge itself writes the unified model θ0 + τ_uni; the masks and the two sums per tensor
 behind λ_i are side outputs (`emr_side`), which the engine stores beside the merge and adds up
-over the model (engine/emr.py). The rescaler is the paper's: one per task, from sums over all
+over the model (engine/side_outputs/emr.py). The rescaler is the paper's: one per task, from sums over all
 entries. The authors' code instead adds per-tensor means, Σ_t mean|τi,t| / Σ_t mean|M_i ⊙ τ_uni,t|,
 which weighs small tensors (norms, biases) like large ones. An entry whose τi sum to exactly
 zero elects no sign (sign(0) = 0, as the paper's sgn; the authors' code elects −) and joins no mask.

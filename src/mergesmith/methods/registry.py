@@ -254,9 +254,9 @@ class MethodSpec:
     # Plan-time check of one tensor's resolved parameters (raise ValueError): lets the engine
     # reject a bad recipe before it computes anything.
     validate: Callable[[dict[str, Any]], None] | None = None
-    # Outputs besides the merged model, which the engine stores beside it (engine/side.py):
+    # Outputs besides the merged model, which the engine stores beside it (engine/side_outputs/store.py):
     # `side(base, expert_chunks, **params)` returns EMR's per-expert masks and sums
-    # (engine/emr.py), Twin-Merging's compressed exclusive parts (engine/twin.py).
+    # (engine/side_outputs/emr.py), Twin-Merging's compressed exclusive parts (engine/side_outputs/twin.py).
     side: Callable[..., Any] | None = None
     # Twin-Merging: after the merge, a router is trained on the experts' calibration data to
     # mix the side outputs per input (calibrate/router.py).

@@ -8,7 +8,7 @@ a router that mixes them per input (Lu et al. 2024, NeurIPS, arXiv:2406.15479, �
                 mean-pooled last hidden state and R a small classifier of which expert x is for
 
 The merge writes θ*; the compressed v_t are side outputs (`twin_side`) stored beside it
-(engine/twin.py), and the router is trained afterwards on the experts' calibration data
+(engine/side_outputs/twin.py), and the router is trained afterwards on the experts' calibration data
 (calibrate/router.py). As the authors' code, tensors with more than two dimensions are
 compressed as matrices of their first dimension by the rest. Unlike it, a matrix keeps at least
 one direction: ⌊ρ·min(m, n)⌋ = 0 would keep none.

@@ -75,7 +75,7 @@ class Scorer:
 
     def merge_folder(self, recipe: Recipe) -> Path:
         """The candidate's merged folder, merged now unless a previous run left it."""
-        from mergesmith.calibrate.pipeline import merge
+        from mergesmith.pipeline import merge
 
         folder = self.dir / "merges" / self.key(recipe)
         if not (folder / "config.json").is_file():
@@ -122,7 +122,7 @@ class Scorer:
 
         if not self.in_memory or get_method(recipe.merge_method).router:
             return self.merge_folder(recipe)  # a router is trained on the written model
-        from mergesmith.calibrate.pipeline import merge_plan
+        from mergesmith.pipeline import merge_plan
         from mergesmith.engine.memory import load_merged, merge_tensors
 
         the_plan = merge_plan(recipe, seed=self.seed, device=self.device)

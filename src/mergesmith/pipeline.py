@@ -1,4 +1,5 @@
-"""Merges that need data: gather what the method needs, then stream the merge with the engine.
+"""The merge pipeline (plan → statistics → stream), for every method: gather what the method
+needs, then stream the merge with the engine. A method that needs no data goes straight to it.
 
 Three routes, by what the method declares (methods/registry.py):
 - statistics (fisher, regmean, ota): each expert's statistics are collected from its calibration
@@ -9,7 +10,6 @@ Three routes, by what the method declares (methods/registry.py):
   mask stores) that the engine merges, and that the output folder keeps beside the card;
 - router (twin): the engine merges without data; then, before the folder is put in place, a
   router is trained on the merged model with the experts' calibration data (calibrate/router.py).
-A method that needs no data goes straight to the engine.
 """
 
 from __future__ import annotations

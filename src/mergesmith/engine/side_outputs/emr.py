@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergesmith.engine import side
+from mergesmith.engine.side_outputs import store as side
 from mergesmith.engine.plan import DTYPES, Plan, TensorJob
-from mergesmith.engine.side import read_tensor, task_index
+from mergesmith.engine.side_outputs.store import read_tensor, task_index
 from mergesmith.errors import CheckpointError
 from mergesmith.io import Checkpoint, OutTensor, Shard
 from mergesmith.io.checkpoint import read_safetensors_header, weight_files

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.engine import side
+from mergesmith.engine.side_outputs import store as side
 from mergesmith.engine.plan import Plan, TensorJob
 from mergesmith.errors import CheckpointError, MergesmithError
 from mergesmith.io import Checkpoint, OutTensor, Shard
