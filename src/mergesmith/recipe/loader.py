@@ -48,13 +48,15 @@ def load_recipe(source: str | Path | dict) -> Recipe:
     return stages[0]
 
 
-def load_stages(source: str | Path | dict) -> list[Recipe]:
+def load_stages(source: str | Path | dict, searches: list | None = None) -> list[Recipe]:
     """Every recipe of a YAML file, path or string, in order: one for an ordinary recipe, one per
-    document for a multi-stage recipe (mergekit-multi's form, documents separated by ---)."""
+    document for a multi-stage recipe (mergekit-multi's form, documents separated by ---).
+    A `search:` section is refused (it is mergesmith search's input) unless `searches` is a list:
+    then each document's section (None where absent) is appended to it and left out of its Recipe."""
     if isinstance(source, dict):
-        return [_validate(source, NO_FILE, {})]
+        return [_validate(source, NO_FILE, {}, searches)]
     if isinstance(source, str) and not _is_file(source) and ("\n" in source or ":" in source):
-        return _parse(source, NO_FILE)
+        return _parse(source, NO_FILE, searches)
     path = Path(source)
     if not path.is_file():
         what = "is a directory, not a recipe file" if path.is_dir() else "recipe file not found"
@@ -67,7 +69,7 @@ def load_stages(source: str | Path | dict) -> list[Recipe]:
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe: {exc}") from None
-    return _parse(text, str(path))
+    return _parse(text, str(path), searches)
 
 
 def _too_big(where: str):
@@ -128,7 +130,7 @@ def _expanded_size(node: yaml.Node, memo: dict, active: set) -> int:
     return size
 
 
-def _parse(text: str, source: str) -> list[Recipe]:
+def _parse(text: str, source: str, searches: list | None = None) -> list[Recipe]:
     where = source if source != NO_FILE else "recipe"
     if len(text) > MAX_RECIPE_BYTES:  # characters: at most as many as bytes
         _too_big(where)
@@ -163,7 +165,7 @@ def _parse(text: str, source: str) -> list[Recipe]:
     for node, data in documents:
         lines: dict[tuple, int] = {}
         _collect_lines(node, (), lines, set())
-        recipe = _validate(data, source, lines)
+        recipe = _validate(data, source, lines, searches)
         # a stage's text would name other stages, not the folders they become
         recipe._text = text if len(documents) == 1 else None
         recipes.append(recipe)
@@ -188,13 +190,23 @@ def _collect_lines(node: yaml.Node, path: tuple, lines: dict, active: set) -> No
     active.discard(id(node))
 
 
-def _validate(data: Any, source: str, lines: dict) -> Recipe:
+def _validate(data: Any, source: str, lines: dict, searches: list | None = None) -> Recipe:
     if not isinstance(data, dict):
         where = locate(source, lines, ())
         raise RecipeError(
             f"{where}: a recipe must be a mapping of fields, got {describe(data)}",
             hint="start with 'merge_method: ...' and 'models:' or 'slices:'",
         )
+    if "search" in data:
+        if searches is None:
+            raise RecipeError(f"{locate(source, lines, ('search',))}: this recipe has a search: "
+                              "section; run mergesmith search",
+                              hint="`mergesmith search RECIPE OUT` searches it and writes the best "
+                                   "recipe as plain YAML, which merge takes")
+        searches.append(data["search"])
+        data = {k: v for k, v in data.items() if k != "search"}
+    elif searches is not None:
+        searches.append(None)
     _check_counts(data, source, lines)
     try:
         recipe = Recipe.model_validate(data)
@@ -222,11 +234,13 @@ def _check_counts(data: dict, source: str, lines: dict) -> None:
                               f"{MAX_ENTRIES} models")
 
 
-def _recipe_error(exc: ValidationError, data: dict, source: str, lines: dict) -> RecipeError:
+def _recipe_error(exc: ValidationError, data: dict, source: str, lines: dict,
+                  prefix: tuple = ()) -> RecipeError:
+    """One RecipeError for a pydantic error on `data`, which sits at `prefix` in the recipe."""
     found = []
     for err in exc.errors():
         field = (err.get("ctx") or {}).get("field")
-        path = (field,) if field else () if field == "" else _data_path(err["loc"], data)
+        path = prefix + ((field,) if field else () if field == "" else _data_path(err["loc"], data))
         message, hint = _explain(err, path)
         line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), 0)
         # A typo usually also makes a required field "missing": report the typo first.

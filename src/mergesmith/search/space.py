@@ -1,0 +1,485 @@
+"""Search spaces: a recipe's `search:` section as points of the unit cube, and back to recipes.
+
+Every point handed between the parts of a search lies in [0, 1]^d; a Dimension maps its unit
+coordinate to a value (linear or log scale, integers, choices) and back. A SearchSpace turns a
+point into a plain, complete recipe that `mergesmith merge` runs as it is. Three spaces share
+this interface: the parameter space here (method parameters, per model and per layer group, the
+method itself among a list), the data-flow space (search/dataflow.py: layer paths through the
+experts) and mergekit-evolve's genome (search/mergekit_evolve.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import model_validator
+
+from mergesmith.errors import MethodError, RecipeError
+from mergesmith.methods import get_method
+from mergesmith.methods.registry import MethodSpec, Param
+from mergesmith.recipe import Recipe, load_recipe, lookup
+from mergesmith.recipe.loader import _recipe_error, load_stages
+from mergesmith.recipe.parameters import Scalar
+from mergesmith.recipe.schema import NO_FILE
+
+SPACE_HINT = "see the README's Search section for the search: fields"
+
+
+# -- dimensions -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dimension:
+    """One coordinate of the search: its unit value u in [0, 1] maps onto [low, high] (linearly
+    or on a log scale), onto the integers low..high (equal shares of [0, 1] each), or onto
+    `choices` (equal shares, in order)."""
+
+    name: str
+    low: float
+    high: float
+    scale: str = "linear"
+    kind: str = "float"
+    choices: tuple = ()
+
+    def value(self, u: float) -> Any:
+        u = min(max(float(u), 0.0), 1.0)
+        if self.kind == "choice":
+            return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
+        if self.kind == "int":
+            return int(min(math.floor(self.low + u * (self.high - self.low + 1)), self.high))
+        if u == 1.0:  # exactly the bound, whatever the rounding below
+            return self.high
+        if self.scale == "log":
+            value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        else:
+            value = self.low + u * (self.high - self.low)
+        return min(max(value, self.low), self.high)
+
+    def unit(self, value: Any) -> float:
+        """The unit coordinate of `value` (the middle of its share for ints and choices),
+        clipped into [0, 1]."""
+        if self.kind == "choice":
+            index = self.choices.index(value) if value in self.choices else 0
+            return (index + 0.5) / len(self.choices)
+        value = float(value)
+        if self.kind == "int":
+            u = (round(value) - self.low + 0.5) / (self.high - self.low + 1)
+        elif self.scale == "log":
+            value = max(value, self.low)
+            u = (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        else:
+            u = (value - self.low) / (self.high - self.low)
+        return min(max(u, 0.0), 1.0)
+
+
+class SearchSpace:
+    """Points of [0, 1]^d and the recipes they stand for. Subclasses set `dimensions` and
+    implement `build(values)` (values by dimension name -> a recipe dict) and `given()` (the
+    recipe's own values by dimension name, where it has them)."""
+
+    dimensions: list[Dimension]
+
+    def __len__(self) -> int:
+        return len(self.dimensions)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.dimensions]
+
+    def decode(self, x) -> dict[str, Any]:
+        x = np.asarray(x, dtype=float).reshape(-1)
+        if x.size != len(self.dimensions):
+            raise ValueError(f"a point of this space has {len(self.dimensions)} coordinates, got {x.size}")
+        return {d.name: d.value(u) for d, u in zip(self.dimensions, x)}
+
+    def encode(self, values: dict[str, Any]) -> np.ndarray:
+        """The point whose decoded values are `values` (ints and choices: the middle of their share)."""
+        return np.array([d.unit(values[d.name]) for d in self.dimensions], dtype=float)
+
+    def recipe(self, x) -> Recipe:
+        return load_recipe(self.build(self.decode(x)))
+
+    def start(self) -> np.ndarray:
+        given = self.given()
+        return np.array([d.unit(given[d.name]) if given.get(d.name) is not None else 0.5
+                         for d in self.dimensions], dtype=float)
+
+    def build(self, values: dict[str, Any]) -> dict:
+        raise NotImplementedError
+
+    def given(self) -> dict[str, Any]:
+        return {}
+
+
+# -- the search: section ----------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Range(_Strict):
+    """How one method parameter varies (`search.parameters.NAME`)."""
+
+    low: Optional[float] = Field(default=None, allow_inf_nan=False)
+    high: Optional[float] = Field(default=None, allow_inf_nan=False)
+    scale: Literal["linear", "log"] = "linear"
+    integer: StrictBool = Field(default=False, alias="int")
+    choices: Optional[list[Scalar]] = Field(default=None, min_length=1)
+    per_model: StrictBool = False
+    layer_groups: StrictInt = Field(default=1, ge=1)
+    smooth: StrictBool = False  # one value per group at evenly spaced anchors, interpolated between
+    filters: Optional[list[StrictStr]] = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Range":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low and high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (or choices)")
+        if not self.low < self.high:
+            raise ValueError(f"bounds reversed or empty: low {self.low:g} must be below high {self.high:g}")
+        if self.scale == "log" and self.low <= 0:
+            raise ValueError(f"a log scale needs low > 0, got {self.low:g}")
+        if self.integer and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("int: true needs whole-number bounds")
+        return self
+
+
+class SearchSection(_Strict):
+    """`search:` beside a recipe: the space (parameters and method, or dataflow, or genome) and
+    the optimizer's settings."""
+
+    parameters: dict[str, Range] = Field(default_factory=dict)
+    method: Optional[list[StrictStr]] = Field(default=None, min_length=1)
+    dataflow: Optional[dict] = None  # checked by search/dataflow.py
+    genome: Optional[dict] = None  # checked by search/mergekit_evolve.py
+    optimizer: StrictStr = "cma"
+    seed: StrictInt = 0
+    evaluations: Optional[StrictInt] = Field(default=None, ge=1)
+    seconds: Optional[float] = Field(default=None, gt=0)
+    population: Optional[StrictInt] = Field(default=None, ge=1)
+    fitness: dict = Field(default_factory=dict)
+    fidelity: Optional[dict] = None
+    options: dict = Field(default_factory=dict)
+    source: Optional[StrictStr] = None  # the YAML file the search came from (set by to_dict)
+
+
+@dataclass
+class SearchSettings:
+    optimizer: str = "cma"
+    seed: int = 0
+    evaluations: int | None = None  # budget in candidate evaluations
+    seconds: float | None = None  # budget in wall time
+    population: int | None = None  # per generation (the optimizer's default if None)
+    fitness: dict = field(default_factory=dict)  # as written; search/fitness.py reads it
+    fidelity: dict | None = None  # multi-fidelity settings (the driver reads them)
+    options: dict = field(default_factory=dict)  # optimizer-specific (sigma0, ...)
+
+
+SETTINGS = tuple(f.name for f in fields(SearchSettings))
+SPACE_KEYS = ("parameters", "method", "dataflow", "genome")
+
+
+@dataclass
+class SearchProblem:
+    recipe: Recipe  # the recipe without its search: section (its models are the pool)
+    space: SearchSpace
+    settings: SearchSettings
+    source: Path | None = None  # the YAML file (relative data paths resolve against its folder)
+    spec: dict = field(default_factory=dict)  # the space part of the search: section, as validated
+
+    def to_dict(self) -> dict:
+        """The recipe with its search: section, JSON/YAML-able; load_search rebuilds the problem."""
+        data = self.recipe.model_dump(mode="json", exclude_none=True)
+        search = dict(self.spec)
+        search.update({name: getattr(self.settings, name) for name in SETTINGS})
+        if self.source is not None:
+            search["source"] = str(self.source)
+        data["search"] = {k: v for k, v in search.items() if v is not None}
+        return data
+
+
+def load_search(source: str | Path | dict) -> SearchProblem:
+    """A SearchProblem from a recipe (file, YAML string or dict) with a `search:` section."""
+    searches: list = []
+    stages = load_stages(source, searches)
+    recipe = stages[0]
+    if len(stages) > 1:
+        raise RecipeError(f"{recipe.where()}: a search takes one recipe, this file holds {len(stages)}",
+                          hint="search one stage at a time")
+    raw = searches[0]
+    if raw is None:
+        raise RecipeError(f"{recipe.where()}: no search: section",
+                          hint="add search: with the parameters to vary; " + SPACE_HINT)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{recipe.where('search')}: expected a mapping, got {type(raw).__name__}",
+                          hint=SPACE_HINT)
+    try:
+        section = SearchSection.model_validate(raw)
+    except ValidationError as exc:
+        raise _recipe_error(exc, raw, recipe.source, recipe._lines, prefix=("search",)) from None
+    path = (Path(section.source) if section.source else
+            Path(recipe.source) if recipe.source != NO_FILE else None)
+    settings = SearchSettings(**{name: getattr(section, name) for name in SETTINGS})
+    space = _space(recipe, section)
+    spec = section.model_dump(mode="json", include=set(SPACE_KEYS), exclude_none=True, by_alias=True)
+    if not spec.get("parameters"):
+        spec.pop("parameters", None)
+    return SearchProblem(recipe, space, settings, path, spec)
+
+
+def _space(recipe: Recipe, section: SearchSection) -> SearchSpace:
+    kinds = [k for k in ("dataflow", "genome") if getattr(section, k) is not None]
+    if section.parameters or section.method:
+        kinds.insert(0, "parameters")
+    if not kinds:
+        raise RecipeError(f"{recipe.where('search')}: the search space is empty: nothing varies",
+                          hint="name parameters to vary under search.parameters, methods under "
+                               "search.method, or a search.dataflow space")
+    if len(kinds) > 1:
+        raise RecipeError(f"{recipe.where('search', kinds[1])}: give one space: {kinds[0]} or "
+                          f"{kinds[1]}, not both", hint="search them one after the other (a "
+                          "parameter search first, then a data-flow search over its result)")
+    if kinds[0] == "dataflow":
+        from mergesmith.search.dataflow import DataFlowSpace
+
+        return DataFlowSpace(recipe, section.dataflow)
+    if kinds[0] == "genome":
+        from mergesmith.search.mergekit_evolve import GenomeSpace
+
+        return GenomeSpace(recipe, section.genome, section.seed)
+    return ParameterSpace(recipe, section)
+
+
+# -- the parameter space ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one parameter's values go: the recipe's `parameters`, or one model's entry."""
+
+    param: str
+    model: int | None  # index into recipe.models, None for the global parameters
+    spec: Range
+    dims: tuple  # ((filter or None, group names...), ...) per filter set
+
+
+class ParameterSpace(SearchSpace):
+    """Method parameters (per model and per layer group where asked) and the method itself."""
+
+    def __init__(self, recipe: Recipe, section: SearchSection):
+        self.base = recipe
+        self.methods = self._methods(recipe, section)
+        self.dimensions: list[Dimension] = []
+        if section.method:
+            self.dimensions.append(Dimension("merge_method", 0, len(self.methods) - 1,
+                                             kind="choice", choices=tuple(self.methods)))
+        self.layers = 0
+        self.targets: list[_Target] = []
+        for name, spec in section.parameters.items():
+            self._add(name, spec)
+
+    def _methods(self, recipe: Recipe, section: SearchSection) -> list[str]:
+        names = section.method or [recipe.merge_method]
+        for i, name in enumerate(names):
+            try:
+                get_method(name)
+            except MethodError as exc:
+                at = ("search", "method", i) if section.method else ("merge_method",)
+                raise RecipeError(f"{recipe.where(*at)}: {exc.message}", hint=exc.hint) from None
+        if len(set(names)) < len(names):
+            raise RecipeError(f"{recipe.where('search', 'method')}: a method is listed twice")
+        return list(names)
+
+    def _specs(self) -> list[MethodSpec]:
+        return [get_method(m) for m in self.methods]
+
+    def _param(self, name: str) -> Param:
+        found = [p for spec in self._specs() if (p := spec.param(name)) is not None]
+        if not found:
+            allowed = sorted({p.name for spec in self._specs() for p in spec.params})
+            raise RecipeError(f"{self.base.where('search', 'parameters', name)}: unknown parameter "
+                              f"{name!r}: {', '.join(self.methods)} take(s) no such parameter",
+                              hint=f"its parameters are: {', '.join(allowed) or 'none'}")
+        return found[0]
+
+    def _experts(self) -> list[int]:
+        """Indices of recipe.models whose per-model parameters a method reads."""
+        uses_base = any(spec.uses_base for spec in self._specs())
+        return [i for i, m in enumerate(self.base.models or [])
+                if not (uses_base and m.model == self.base.base_model)]
+
+    def _add(self, name: str, spec: Range) -> None:
+        at = ("search", "parameters", name)
+        where = self.base.where(*at)
+        param = self._param(name)
+        if spec.choices is None and param.type not in (int, float):
+            raise RecipeError(f"{where}: {name} is {param.type.__name__}, not a number; give "
+                              "its values as choices: [...]")
+        for bound in (spec.low, spec.high):
+            if bound is None:
+                continue
+            try:
+                param.check(bound)
+            except ValueError as exc:
+                raise RecipeError(f"{where}: the bound {bound:g} is out of range: {name} {exc}") from None
+        if spec.per_model and not param.per_model:
+            raise RecipeError(f"{where}: {name} is one value for the whole merge, not per model",
+                              hint="leave per_model out")
+        if (spec.per_model or spec.layer_groups > 1) and not self.base.models:
+            raise RecipeError(f"{where}: per_model and layer_groups need a recipe with models:",
+                              hint="write the recipe with models: rather than slices:")
+        if spec.layer_groups > 1:
+            self.layers = self.layers or count_layers(self.base)
+            if spec.layer_groups > self.layers:
+                raise RecipeError(f"{self.base.where(*at, 'layer_groups')}: {spec.layer_groups} "
+                                  f"groups, but the models have {self.layers} layers")
+        sets = [*(spec.filters or []), None] if spec.filters else [None]
+        groups = self._group_names(spec)
+        owners = [(i, f"[{self.base.models[i].model}]") for i in self._experts()] if spec.per_model else [(None, "")]
+        if spec.per_model and not owners:
+            raise RecipeError(f"{where}: per_model, but the recipe has no models besides the base")
+        kind = "choice" if spec.choices is not None else "int" if spec.integer or param.type is int else "float"
+        for model, label in owners:
+            dims = []
+            for filt in sets:
+                tag = "" if not spec.filters else "{" + (filt or "*") + "}"
+                names = tuple(f"{name}{label}{tag}{group}" for group in groups)
+                for dim_name in names:
+                    if kind == "choice":
+                        self.dimensions.append(Dimension(dim_name, 0, len(spec.choices) - 1,
+                                                         kind="choice", choices=tuple(spec.choices)))
+                    else:
+                        self.dimensions.append(Dimension(dim_name, spec.low, spec.high, spec.scale, kind))
+                dims.append((filt, names))
+            self.targets.append(_Target(name, model, spec, tuple(dims)))
+
+    def _group_names(self, spec: Range) -> list[str]:
+        n = spec.layer_groups
+        if n == 1:
+            return [""]
+        if spec.smooth:
+            return [f"@t={k / (n - 1):.3g}" for k in range(n)]
+        return [f"@layers.{a}-{b - 1}" for a, b in layer_groups(self.layers, n)]
+
+    # recipes from values
+
+    def build(self, values: dict[str, Any]) -> dict:
+        data = self.base.model_dump(mode="json", exclude_none=True)
+        method = values.get("merge_method", self.base.merge_method)
+        data["merge_method"] = method
+        spec = get_method(method)
+        for target in self.targets:
+            if spec.param(target.param) is None:
+                continue
+            setting = self._setting(target, values)
+            if target.model is None:
+                data.setdefault("parameters", {})[target.param] = setting
+                if spec.param(target.param).per_model:  # one shared value: the models' own go
+                    for entry in data.get("models") or []:
+                        (entry.get("parameters") or {}).pop(target.param, None)
+            else:
+                data["models"][target.model].setdefault("parameters", {})[target.param] = setting
+        if "merge_method" in values:  # parameters the chosen method does not take are dropped
+            own = {p.name for p in spec.params}
+            for holder in [data, *(data.get("models") or [])]:
+                if holder.get("parameters"):
+                    holder["parameters"] = {k: v for k, v in holder["parameters"].items() if k in own}
+        return _without_empty_parameters(data)
+
+    def _setting(self, target: _Target, values: dict[str, Any]) -> Any:
+        def per_layer(names: tuple) -> Any:
+            group = [_plain(values[n]) for n in names]
+            if len(group) == 1:
+                return group[0]
+            if target.spec.smooth:
+                return group
+            # one value per layer: a gradient at t = l/(L-1) lands on layer l's own entry
+            bounds = layer_groups(self.layers, len(group))
+            return [v for v, (a, b) in zip(group, bounds) for _ in range(a, b)]
+
+        if not target.spec.filters:
+            return per_layer(target.dims[0][1])
+        return [({"filter": filt, "value": per_layer(names)} if filt is not None
+                 else {"value": per_layer(names)}) for filt, names in target.dims]
+
+    def given(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.dimensions and self.dimensions[0].name == "merge_method":
+            out["merge_method"] = self.base.merge_method
+        for target in self.targets:
+            param = self._param(target.param)
+            levels = [self.base.parameters]
+            if target.model is not None:
+                levels.insert(0, self.base.models[target.model].parameters)
+            n = target.spec.layer_groups
+            if target.spec.smooth:
+                positions = [k / (n - 1) for k in range(n)] if n > 1 else [0.0]
+            else:
+                bounds = layer_groups(self.layers, n) if n > 1 else [(0, 1)]
+                positions = [a / (self.layers - 1) if self.layers > 1 else 0.0 for a, _ in bounds]
+            for filt, names in target.dims:
+                for dim_name, t in zip(names, positions):
+                    value = lookup(target.param, levels, filt or "", t)
+                    if value is None and not param.required and param.default is not None:
+                        value = param.default
+                    if isinstance(value, str) and target.spec.choices is None:
+                        try:
+                            value = float(value)
+                        except ValueError:
+                            value = None
+                    out[dim_name] = value
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python ones, so recipes dump and fingerprint as written."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _without_empty_parameters(data: dict) -> dict:
+    for holder in [data, *(data.get("models") or [])]:
+        if "parameters" in holder and not holder["parameters"]:
+            del holder["parameters"]
+    return data
+
+
+def layer_groups(layers: int, groups: int) -> list[tuple[int, int]]:
+    """[start, stop) of `groups` contiguous groups of `layers` layers, the first ones one layer
+    longer where they do not divide evenly."""
+    size, extra = divmod(layers, groups)
+    bounds, start = [], 0
+    for g in range(groups):
+        stop = start + size + (1 if g < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def count_layers(recipe: Recipe, refs: list[str] | None = None) -> int:
+    """The layer count the models of `recipe` share, read from their headers."""
+    counts = model_layers(recipe, refs)
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{ref}: {n}" for ref, n in counts.items())
+        raise RecipeError(f"{recipe.where('models')}: layer groups need models with one layer "
+                          f"count ({detail})")
+    return next(iter(counts.values()))
+
+
+def model_layers(recipe: Recipe, refs: list[str] | None = None) -> dict[str, int]:
+    """Layers of each model of the recipe (or of `refs`), read from the checkpoint headers."""
+    from mergesmith.engine import layers as L
+    from mergesmith.io import Checkpoint, resolve_model
+
+    refs = refs or [m.model for m in recipe.models or []]
+    counts = {}
+    for ref in refs:
+        counts[ref] = L.num_layers(list(Checkpoint(resolve_model(ref), label=ref).tensors))
+        if not counts[ref]:
+            raise RecipeError(f"{recipe.where('models')}: {ref} has no numbered layers to group")
+    return counts
