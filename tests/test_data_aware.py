@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import build_model, read_tensors, run_cli, write_recipe
 
 import mergesmith
@@ -335,3 +336,82 @@ def test_a_recipe_written_out_keeps_what_each_model_entry_inherits(models, tmp_p
         cal = calibration_for(copy, str(models["experts"][0]), get_method("fisher"))
         assert (cal.samples, cal.max_length, cal.batch_size) == (8, 16, 4)
         assert cal.data == str(models["data"][0])
+
+
+# --- up front: tensors no statistics can reach; allow_crimes through RegMean++'s blocks -------
+
+
+def renamed_copy(folder: Path, to: Path) -> Path:
+    """The model with its layers' tensors named otherwise than transformers' modules read them."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(folder, to, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = {n.replace(".self_attn.", ".attn.").replace(".mlp.", ".ffn."): t
+               for n, t in read_tensors(folder).items()}
+    save_file(tensors, str(to / "model.safetensors"), metadata={"format": "pt"})
+    return to
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher", "regmean_plusplus"])
+def test_check_refuses_layers_no_statistics_reach_before_reading_data(models, tmp_path, method,
+                                                                      monkeypatch, capsys):
+    import time
+
+    root = tmp_path / "renamed"
+    base = renamed_copy(models["base"], root / "base")
+    experts = [renamed_copy(e, root / e.name) for e in models["experts"]]
+    recipe = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(e)} for e in experts],
+              "calibration": {"data": str(tmp_path / "never-read.txt"), "cache": str(tmp_path / "cache")}}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    started = time.perf_counter()
+    code, _, err = run_cli(monkeypatch, capsys, "check", path)
+    took = time.perf_counter() - started
+    message = " ".join(err.split())
+    assert code != 0 and "Traceback" not in err, err
+    kind = "fisher" if method == "fisher" else "gram"
+    assert f"have no {kind} statistics, e.g. 'model.layers.0.attn." in message, message
+    assert str(experts[0]) in message and "names its layers otherwise" in message
+    assert took < 2.0, took
+    # the API refuses before collecting anything (the data file does not exist)
+    with pytest.raises(MergesmithError, match=f"have no {kind} statistics"):
+        mergesmith.merge(path, tmp_path / "out")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+    if method != "fisher":  # the recipe may ask for the data-free merge of those tensors
+        write_recipe(path, dict(recipe, parameters={"fallback": "linear"}))
+        code, _, err = run_cli(monkeypatch, capsys, "check", path)
+        assert code == 0, err
+
+
+def test_regmean_plusplus_plans_its_blocks_with_allow_crimes(models, tmp_path):
+    """A Gemma-style expert beside Llama ones (other architecture, tied head): refused, and with
+    allow_crimes merged, block by block as well; block 0 sees RegMean's inputs."""
+    gemma = build_model(models["root"] / "gemma", "gemma", seed=3, layers=2) \
+        if not (models["root"] / "gemma" / "config.json").is_file() else models["root"] / "gemma"
+
+    def recipe(method):
+        path = data_recipe(models, tmp_path, method)
+        data = yaml.safe_load(path.read_text())
+        data["models"][1]["model"] = str(gemma)
+        return write_recipe(path, data)
+
+    with pytest.raises(MergesmithError, match="architectures .*GemmaForCausalLM"):
+        mergesmith.merge(recipe("regmean_plusplus"), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    plus = read_tensors(mergesmith.merge(recipe("regmean_plusplus"), tmp_path / "plus",
+                                         allow_crimes=True))
+    # each block merged by RegMean on the Grams its store holds (expert-0: Llama, expert-1: Gemma)
+    grams = [read_statistics(p) for p in sorted((tmp_path / "cache" / "regmean_plusplus").glob("*/expert-*"))]
+    experts = [read_tensors(models["experts"][0]), read_tensors(gemma)]
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        expected = regmean(None, [x[name] for x in experts], gram=[g[f"{name}::gram"] for g in grams],
+                           weights=[1.0, 1.0], alpha=0.9, fallback="linear")
+        assert torch.equal(plus[name], expected), name
+    # the Llama expert's block 0 sees its own inputs, as in RegMean
+    mergesmith.merge(recipe("regmean"), tmp_path / "plain", allow_crimes=True)
+    own = next(read_statistics(p) for p in stores_of(tmp_path)
+               if Path(json.loads((p / "config.json").read_text())["model"]).name == models["experts"][0].name)
+    key = "model.layers.0.self_attn.q_proj.weight::gram"
+    torch.testing.assert_close(grams[0][key], own[key], rtol=1e-5, atol=1e-7)

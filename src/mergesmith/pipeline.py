@@ -14,6 +14,7 @@ Three routes, by what the method declares (methods/registry.py):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -45,8 +46,9 @@ class Prepared:
 
 
 def prepare(recipe: Recipe | str | Path | dict, *, device: str = "cpu",
-            progress: bool = False) -> Prepared:
-    """Gather what the recipe's method needs from data (cached), as input for the engine."""
+            progress: bool = False, allow_crimes: bool = False) -> Prepared:
+    """Gather what the recipe's method needs from data (cached), as input for the engine.
+    `allow_crimes` as for the engine's plan (RegMean++ plans its blocks with it)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     method = _method(recipe)
     started = time.perf_counter()
@@ -58,7 +60,10 @@ def prepare(recipe: Recipe | str | Path | dict, *, device: str = "cpu",
         for ref in _experts(recipe):
             calibration_for(recipe, ref, method)  # checked before the merge, used after it
         return Prepared(recipe)
-    stores = gather_statistics(recipe, method, device=device, progress=progress)
+    if collects_statistics(method):
+        plan(recipe, allow_crimes=allow_crimes)  # what no statistics can reach, before collecting
+    stores = gather_statistics(recipe, method, device=device, progress=progress,
+                               allow_crimes=allow_crimes)
     # a cached store's seconds are those of its collection, which this merge did not repeat
     recorded = [json.loads((p / "config.json").read_text()).get("seconds") for p in stores.values()]
     seconds = (sum(recorded) if recorded and None not in recorded
@@ -75,7 +80,8 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, device: str = 
 
     if is_multi_stage(recipe):
         return run_stages(recipe, out, device=device, progress=progress, **options)
-    prepared = prepare(recipe, device=device, progress=progress)
+    prepared = prepare(recipe, device=device, progress=progress,
+                       allow_crimes=options.get("allow_crimes", False))
     finish = None
     if get_method(prepared.recipe.merge_method).router:
         def finish(folder: Path) -> None:
@@ -100,7 +106,7 @@ def train_router_for(recipe: Recipe, folder: Path, *, device: str = "cpu",
 
 def merge_plan(recipe: Recipe | str | Path | dict, *, device: str = "cpu", **options: Any):
     """The engine's plan with the data-aware parts in place (for in-memory merges)."""
-    prepared = prepare(recipe, device=device)
+    prepared = prepare(recipe, device=device, allow_crimes=options.get("allow_crimes", False))
     return engine.plan(prepared.recipe, statistics=prepared.statistics or None, **options)
 
 
@@ -126,7 +132,44 @@ def plan(recipe: Recipe | str | Path | dict, **options: Any):
     warnings = check_settings(recipe, method)  # the stand-in average takes none of them
     stand_in = engine.plan(data, **options)
     stand_in.warnings[:0] = warnings
+    if collects_statistics(method):
+        check_statistics_reach(recipe, method, stand_in)
     return stand_in
+
+
+def collects_statistics(method: MethodSpec) -> bool:
+    """Whether the method's statistics are collected from calibration data by its layers."""
+    return method.learn is None and not method.router and bool(method.statistics) \
+        and needs_calibration(method)
+
+
+def check_statistics_reach(recipe: Recipe, method: MethodSpec, stand_in) -> None:
+    """Refuse now what the merge would refuse once the statistics are collected: a tensor that
+    no layer of the module transformers builds from the config reads (the checkpoint names its
+    layers otherwise) gets no statistics. Reads the configs and headers, no weights or data."""
+    from mergesmith.calibrate.collect import reachable_statistics
+    from mergesmith.engine.plan import check_statistics_coverage
+
+    experts = _experts(recipe)
+    # RegMean++ runs the first expert's module with every expert's tensors
+    module = resolve_model(experts[0]) if method.name == "regmean_plusplus" else None
+    reach = {id(stand_in.models[ref]): reachable_statistics(
+        resolve_model(ref), calibration_for(recipe, ref, method), method.statistics,
+        module_folder=module) for ref in experts}
+    jobs, unreached = [], {}
+    for job in stand_in.jobs:
+        unreached[job.out.name] = [ck.label for ck, name in job.inputs if id(ck) in reach and not all(
+            f"{name}::{kind}" in reach[id(ck)] for kind in method.statistics)]
+        jobs.append(job if unreached[job.out.name] else
+                    dataclasses.replace(job, statistics=method.statistics))
+
+    def reason(missing: list[str]) -> str:
+        models = dict.fromkeys(label for name in missing for label in unreached[name])
+        return (f"no layer of the module transformers builds for {' and '.join(models)} reads "
+                "them (the checkpoint names its layers otherwise), so calibration cannot give "
+                "them any")
+
+    check_statistics_coverage(recipe, method, jobs, reason=reason)
 
 
 def _method(recipe: Recipe) -> MethodSpec:
@@ -175,12 +218,13 @@ def needs_calibration(method: MethodSpec) -> bool:
 
 
 def gather_statistics(recipe: Recipe, method: MethodSpec, *, device: str = "cpu",
-                      progress: bool = False) -> dict[str, Path]:
+                      progress: bool = False, allow_crimes: bool = False) -> dict[str, Path]:
     """Model reference -> statistics store, collected (or found in the cache) for each expert."""
     from mergesmith.calibrate.store import ensure_statistics
 
     if method.name == "regmean_plusplus":
-        return _sequential_statistics(recipe, method, device=device, progress=progress)
+        return _sequential_statistics(recipe, method, device=device, progress=progress,
+                                      allow_crimes=allow_crimes)
     if method.optional_statistics:  # stitch without learned masks: its data-free rule
         return {}
     root = root_of(recipe)
@@ -216,7 +260,7 @@ def _cache(recipe: Recipe, root: Path) -> Path:
 
 
 def _sequential_statistics(recipe: Recipe, method: MethodSpec, *, device: str,
-                           progress: bool) -> dict[str, Path]:
+                           progress: bool, allow_crimes: bool = False) -> dict[str, Path]:
     """RegMean++: block by block, each expert's Grams from the inputs the merged blocks give."""
     from mergesmith.calibrate.sequential import sequential_statistics
 
@@ -228,7 +272,7 @@ def _sequential_statistics(recipe: Recipe, method: MethodSpec, *, device: str,
     cals = [calibration_for(recipe, ref, method) for ref in refs]
     return sequential_statistics(recipe, resolve_model(recipe.base_model),
                                  {ref: resolve_model(ref) for ref in refs}, cals, root,
-                                 device=device, progress=progress)
+                                 device=device, progress=progress, allow_crimes=allow_crimes)
 
 
 # --- learned merges ------------------------------------------------------------------------

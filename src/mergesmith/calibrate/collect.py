@@ -24,8 +24,9 @@ from typing import Iterator
 import torch
 
 from mergesmith.calibrate.data import Example
-from mergesmith.calibrate.forward import Batch, CalibrationModel
+from mergesmith.calibrate.forward import Batch, CalibrationModel, checkpoint_names, empty_module
 from mergesmith.errors import CalibrationError
+from mergesmith.io.checkpoint import Checkpoint
 from mergesmith.recipe import Calibration
 
 KINDS = ("gram", "fisher", "act_sq")
@@ -97,13 +98,36 @@ class Linear:
 def linear_layers(model: CalibrationModel) -> list[Linear]:
     """nn.Linear and transformers' Conv1D (GPT-2: weight [in, out]) layers whose weight is a
     checkpoint tensor: a tied output head or a freshly initialised pooler gathers nothing."""
+    return module_linears(model.module, model.checkpoint_name)
+
+
+def module_linears(root: torch.nn.Module, checkpoint_name) -> list[Linear]:
+    """`linear_layers` of a bare module, `checkpoint_name` mapping its parameter names."""
     found = []
-    for name, module in model.module.named_modules():
+    for name, module in root.named_modules():
         in_features = _in_features(module)
-        weight = model.checkpoint_name(f"{name}.weight" if name else "weight")
+        weight = checkpoint_name(f"{name}.weight" if name else "weight")
         if in_features is not None and weight is not None:
             found.append(Linear(name, module, weight, in_features))
     return found
+
+
+def reachable_statistics(folder: str | Path, cal: Calibration, kinds, *,
+                         module_folder: str | Path | None = None) -> set[str]:
+    """The keys "<tensor>::<kind>" that collecting `kinds` for `folder` can give at most, from
+    the structure alone (no weight or data read): a tensor no module parameter is read from
+    gets none. `module_folder`: the model whose module runs with `folder`'s tensors
+    (RegMean++'s one module for every expert)."""
+    module = empty_module(module_folder or folder, cal)
+    names = checkpoint_names(module, Checkpoint(Path(folder)))
+    keys = set()
+    for kind in kinds:
+        if kind in FORWARD_KINDS:
+            keys |= {f"{layer.weight}::{kind}" for layer in module_linears(module, names.get)}
+        elif kind == "fisher":
+            keys |= {f"{ck}::fisher" for name, param in module.named_parameters(remove_duplicate=False)
+                     if param.is_floating_point() and (ck := names.get(name)) is not None}
+    return keys
 
 
 def _in_features(module: torch.nn.Module) -> int | None:

@@ -130,20 +130,10 @@ class CalibrationModel:
     def load(cls, folder: str | Path, cal: Calibration, root: Path, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, objective: str | None = None) -> "CalibrationModel":
         """`objective` "features": the bare encoder or decoder stack, for hidden states only."""
-        import transformers as tf
-
         folder = Path(folder)
         objective = objective or objective_of(folder, cal)
-        auto = {"head": tf.AutoModel, "sequence": tf.AutoModelForSequenceClassification,
-                "causal": tf.AutoModelForCausalLM, "features": tf.AutoModel}[objective]
-        try:
-            with quiet_transformers():
-                module = auto.from_pretrained(folder, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            hint = ("a model without a causal-LM or sequence-classification head needs "
-                    "`head: <file.safetensors>` in its calibration" if objective == "causal" else None)
-            raise CalibrationError(f"{folder}: cannot load as {auto.__name__}: {str(exc).splitlines()[0]}",
-                                   hint=hint) from None
+        with loading(folder, objective) as auto:
+            module = auto.from_pretrained(folder, dtype=dtype)
         module.to(device).eval().requires_grad_(False)
         module.config.use_cache = False  # no key/value cache: every pass is one whole forward
         head = _load_head(cal, root, module) if objective == "head" else None
@@ -278,6 +268,35 @@ class CalibrationModel:
                 and len(cal.labels) != self.num_classes:
             raise CalibrationError(f"calibration: labels: {len(cal.labels)} names, but {self.folder} has "
                                    f"{self.num_classes} classes")
+
+
+@contextmanager
+def loading(folder: Path, objective: str):
+    """The transformers Auto class for the objective; a failure to load is one CalibrationError."""
+    import transformers as tf
+
+    auto = {"head": tf.AutoModel, "sequence": tf.AutoModelForSequenceClassification,
+            "causal": tf.AutoModelForCausalLM, "features": tf.AutoModel}[objective]
+    try:
+        with quiet_transformers():
+            yield auto
+    except (OSError, ValueError) as exc:
+        hint = ("a model without a causal-LM or sequence-classification head needs "
+                "`head: <file.safetensors>` in its calibration" if objective == "causal" else None)
+        raise CalibrationError(f"{folder}: cannot load as {auto.__name__}: {str(exc).splitlines()[0]}",
+                               hint=hint) from None
+
+
+def empty_module(folder: str | Path, cal: Calibration) -> torch.nn.Module:
+    """The module `CalibrationModel.load` would build, on the meta device: its structure and
+    parameter shapes from config.json alone, no weight read (what `check` needs, in ms)."""
+    import transformers as tf
+
+    folder = Path(folder)
+    with loading(folder, objective_of(folder, cal)) as auto:
+        config = tf.AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return auto.from_config(config)
 
 
 def checkpoint_names(module: torch.nn.Module, checkpoint: Checkpoint) -> dict[str, str | None]:

@@ -167,11 +167,13 @@ def _read(checkpoint: Checkpoint, names) -> dict[str, torch.Tensor]:
 
 def sequential_statistics(recipe: Recipe, base_folder: Path, folders: dict[str, Path],
                           cals: list[Calibration], root: Path, *, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32, progress: bool = False) -> dict[str, Path]:
+                          dtype: torch.dtype = torch.float32, progress: bool = False,
+                          allow_crimes: bool = False) -> dict[str, Path]:
     """Each expert's RegMean++ Gram store (model reference -> store), cached under the recipe,
     the models and the data. Block l is merged by the engine exactly as the final merge will
     merge it (the recipe's method and parameters, its dtype and LiNeS), so the Grams of the
-    blocks after it see the merged model that will be written."""
+    blocks after it see the merged model that will be written (`allow_crimes` as for that
+    merge's plan)."""
     from mergesmith.calibrate.data import fingerprint, load_examples
     from mergesmith.calibrate.store import StoreWriter, default_cache, is_store, model_fingerprint
 
@@ -188,7 +190,7 @@ def sequential_statistics(recipe: Recipe, base_folder: Path, folders: dict[str, 
     partial = home / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        merger = BlockMerger(recipe, refs, partial / "placeholders", device)
+        merger = BlockMerger(recipe, refs, partial / "placeholders", device, allow_crimes=allow_crimes)
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(StoreWriter(partial / f"expert-{i}")) for i in range(len(refs))]
             collect_sequential_grams([folders[ref] for ref in refs], examples, cals, root,
@@ -214,14 +216,15 @@ class BlockMerger:
     """`merge_block` through the engine: the recipe's plan, each job of block l merged by
     `engine.run.merge_unit` with the experts' Grams of that block as its statistics."""
 
-    def __init__(self, recipe: Recipe, refs: list[str], scratch: Path, device: str | torch.device):
+    def __init__(self, recipe: Recipe, refs: list[str], scratch: Path, device: str | torch.device, *,
+                 allow_crimes: bool = False):
         from mergesmith.calibrate.store import write_store
         from mergesmith.engine.plan import build_plan
 
         # the plan wants every expert's store; these hold no Gram, so each job reads none
         placeholders = {ref: write_store(scratch / f"expert-{i}", {"(none)::gram": torch.zeros(1)},
                                          {"placeholder": True}) for i, ref in enumerate(refs)}
-        self.plan = build_plan(recipe, statistics=placeholders)
+        self.plan = build_plan(recipe, statistics=placeholders, allow_crimes=allow_crimes)
         self.device = torch.device(device)
 
     def __call__(self, layer: int, grams: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

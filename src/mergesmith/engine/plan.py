@@ -12,7 +12,7 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -35,6 +35,7 @@ COMPAT = ("none", "mergekit")  # the recipe's `compat:` values, also `--compat`
 SHAPE_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "ffn_dim",
               "num_attention_heads", "n_head", "num_key_value_heads", "head_dim",
               "tie_word_embeddings")
+NO_MATCH = "the statistics do not match the checkpoint's tensor names"
 CRIMES_HINT = "pass --allow-crimes (allow_crimes=True) if you mean to merge them anyway"
 
 
@@ -200,7 +201,8 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                 job.params = method.compat(job.params, _compute_dtype(job, load_dtype))
     # RegMean++ plans its blocks with placeholder stores and hands each block its Grams itself
     if stores and not any(store.config.get("placeholder") for store in stores.values()):
-        _check_statistics_coverage(recipe, method, slices, jobs)
+        check_statistics_coverage(recipe, method, jobs,
+                                  [slices[0].params, recipe.parameters] if len(slices) == 1 else None)
     config = _output_config(ref.ckpt, slices, total_layers, out_dtype or jobs[0].out.dtype, vocab)
     for key, count in layer_counts.items():
         set_config_value(config, key, count)
@@ -585,17 +587,19 @@ def _check_layer_lists(recipe: Recipe, out_slice: OutSlice, job: TensorJob, tota
                             f"{spec!r} go past the output, which has {total} layers (0-{total - 1})")
 
 
-def _check_statistics_coverage(recipe: Recipe, method: MethodSpec, slices: list[OutSlice],
-                               jobs: list[TensorJob]) -> None:
+def check_statistics_coverage(recipe: Recipe, method: MethodSpec, jobs: list[TensorJob],
+                              levels: list[dict | None] | None = None, *,
+                              reason: Callable[[list[str]], str] | None = None) -> None:
     """A tensor the statistics should cover but do not (their names do not match the
     checkpoint's) would be merged by the data-free fallback: refused unless the recipe sets
-    `fallback` for it. Gram matrices cover linear weights (2-D, not embeddings); Fisher
-    statistics every floating tensor."""
+    `fallback` for it (`levels`: where the parameter is looked up, most specific first). Gram
+    matrices cover linear weights (2-D, not embeddings); Fisher statistics every floating
+    tensor. A job covered has `statistics` set; `reason(missing)` says why the others are not."""
     kinds = set(method.statistics) & {"gram", "fisher"}
     if not kinds or method.optional_statistics:
         return
     has_fallback = any(p.name == "fallback" for p in method.params)
-    levels = [slices[0].params, recipe.parameters] if len(slices) == 1 else [recipe.parameters]
+    levels = levels or [recipe.parameters]
     missing = []
     for job in jobs:
         if job.statistics or job.copy or job.vocab_axis:
@@ -614,7 +618,7 @@ def _check_statistics_coverage(recipe: Recipe, method: MethodSpec, slices: list[
                 "collect the statistics again from this checkpoint")
         raise PlanError(f"{recipe.where('merge_method')}: {method.name}: {len(missing)} tensor(s) "
                         f"have no {kind} statistics, e.g. {', '.join(map(repr, missing[:3]))}; "
-                        "the statistics do not match the checkpoint's tensor names", hint=hint)
+                        f"{reason(missing) if reason else NO_MATCH}", hint=hint)
 
 
 def _output_config(ref: Checkpoint, slices: list[OutSlice], total_layers: int,
