@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from mergesmith.errors import MergesmithError  # noqa: E402
 
-__all__ = ["MergesmithError", "__version__", "merge", "plan"]
+__all__ = ["MergesmithError", "__version__", "merge", "plan", "search"]
 
 
 def __getattr__(name):
@@ -13,4 +13,8 @@ def __getattr__(name):
         from mergesmith import pipeline
 
         return getattr(pipeline, name)
+    if name == "search":  # the package mergesmith.search, callable as the search driver
+        import importlib
+
+        return importlib.import_module("mergesmith.search")
     raise AttributeError(name)

@@ -373,6 +373,53 @@ def soup(
               f"{', '.join(str(f) for f in result.files.values())}", highlight=False)
 
 
+@app.command("search")
+def search_command(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with a search: section."),
+    output: Path = typer.Argument(..., help="Folder for the log, checkpoint, best.yaml, plots."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Evaluate candidates on N Ray "
+                                "workers (a local Ray runtime unless --ray-address)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="Join this Ray cluster for the workers."),
+    resume: bool = typer.Option(False, help="Continue the search stopped in OUTPUT (starts it "
+                                "if there is nothing to continue)."),
+    evaluations: Optional[int] = typer.Option(None, min=1, help="Budget in candidates "
+                                              "(overrides search.evaluations)."),
+    seconds: Optional[float] = typer.Option(None, min=0.0, help="Budget in wall-clock seconds "
+                                            "(overrides search.seconds)."),
+    seed: Optional[int] = typer.Option(None, help="Search seed (overrides search.seed)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="Show the search space and settings first."),
+) -> None:
+    """Search RECIPE's search: space for the best merge; write best.yaml and the log into OUTPUT."""
+    from mergesmith.search.driver import search as run_search
+    from mergesmith.search.space import load_search
+
+    problem = load_search(recipe)
+    for name, value in (("evaluations", evaluations), ("seconds", seconds), ("seed", seed)):
+        if value is not None:
+            setattr(problem.settings, name, value)
+    settings = problem.settings
+    if verbose:
+        err.print(f"{settings.optimizer}: {len(problem.space)} dimension(s), seed {settings.seed}, "
+                  f"budget {settings.evaluations or '-'} candidate(s) / "
+                  f"{settings.seconds or '-'} s", highlight=False)
+        for dim in problem.space.dimensions:
+            values = dim.choices or f"{dim.low:g}..{dim.high:g} {dim.scale}"
+            err.print(f"  {dim.name}: {values}", highlight=False, markup=False)
+    result = run_search(problem, output, workers=workers, ray_address=ray_address, resume=resume,
+                        progress=not quiet)
+    if result.best is None:
+        raise MergesmithError(f"every candidate failed; see {output / 'candidates.jsonl'}",
+                              hint="the log's error field says why for each")
+    scores = ", ".join(f"{s:.4g}" for s in result.best["scores"])
+    err.print(f"best: candidate {result.best['id']} ({scores}) of {result.candidates}, "
+              f"{60 * result.candidates / max(result.seconds, 1e-9):.1f} candidates/min; "
+              f"stopped on {result.stopped}", highlight=False)
+    err.print("wrote " + ", ".join(str(f) for f in result.files.values()), highlight=False)
+
+
 def _pairs(items: list[str], option: str) -> dict[str, str]:
     """['task=model', ...] -> {task: model}."""
     pairs = {}
