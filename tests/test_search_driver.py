@@ -479,3 +479,18 @@ def test_toy_fitness_that_raises_or_gives_nan_is_logged_and_the_search_goes_on(z
     assert all(r["scores"] is None and "nan" in r["error"] for r in log[1::3])
     assert all(r["scores"] is not None and r["error"] is None for r in log[2::3])
     assert result.best["id"] % 3 == 2
+
+
+def test_two_ray_workers_give_the_serial_search(zoo, tmp_path):
+    """Candidates' seeds and the order the optimizer is told do not depend on the workers."""
+    ray = pytest.importorskip("ray")
+    path = toy_search(zoo, tmp_path, evaluations=12, population=6)
+    serial = search(path, tmp_path / "serial", progress=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        parallel = search(path, tmp_path / "ray", workers=2, progress=False)
+    finally:
+        ray.shutdown()
+    assert log_of(tmp_path / "ray") == log_of(tmp_path / "serial")
+    assert parallel.best == serial.best
+    assert (tmp_path / "ray" / "best.yaml").read_bytes() == (tmp_path / "serial" / "best.yaml").read_bytes()

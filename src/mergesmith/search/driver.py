@@ -42,7 +42,9 @@ from mergesmith.search.optimizers import (FAILED_SCORE, get_optimizer, optimizer
                                           told_scores)
 
 STATE, LOG, PROBLEM = "state.pkl", "candidates.jsonl", "search.yaml"
-BUDGET_KEYS = ("evaluations", "seconds")  # may change between a search and its resume
+# search: settings that may change between a search and its resume: the budgets, and where
+# the recipe file was read from
+RESUMABLE = ("evaluations", "seconds", "source")
 
 
 @dataclass
@@ -336,11 +338,10 @@ def _resume(problem, out: Path, spec: dict) -> tuple[_State, dict]:
 
 
 def _without_budgets(spec):
-    if isinstance(spec, dict):
-        return {k: _without_budgets(v) for k, v in spec.items() if k not in BUDGET_KEYS}
-    if isinstance(spec, list):
-        return [_without_budgets(v) for v in spec]
-    return spec
+    if not isinstance(spec, dict) or not isinstance(spec.get("search"), dict):
+        return spec
+    search = {k: v for k, v in spec["search"].items() if k not in RESUMABLE}
+    return {**spec, "search": search}
 
 
 def read_log(path: Path) -> list[dict]:
