@@ -41,6 +41,7 @@ class Evaluation:
     id: int
     scores: list | None
     per_example: list | None = None
+    fidelity: float = 1.0
 
 
 def make(name: str, d: int, seed: int = 0, **settings):
@@ -196,10 +197,12 @@ def test_map_needs_enough_samples_for_the_quadratic():
         map_pareto.fit_quadratic(points, points.sum(axis=1))
 
 
-def test_map_draws_replacements_for_failed_samples():
+def test_map_draws_replacements_for_failed_and_subsampled_samples():
     optimizer = make("map", 2, options={"samples": 6, "front": 3, "generations": 5})
     xs = optimizer.ask()
-    optimizer.tell(xs, [Evaluation(i, None if i < 2 else [float(x.sum())]) for i, x in enumerate(xs)])
+    # one failed, one scored at fidelity 0.5 (capped by successive halving): neither is fitted
+    optimizer.tell(xs, [Evaluation(i, None if i == 0 else [float(x.sum())], fidelity=0.5 if i == 1 else 1.0)
+                        for i, x in enumerate(xs)])
     assert len(optimizer.ask()) == 2 and not optimizer.done()
 
 
@@ -348,3 +351,32 @@ def test_failed_candidates_are_skipped(name):
 def test_unknown_option_is_named(name):
     with pytest.raises(RecipeError, match="'sigma_zero' is not an option"):
         make(name, 3, options={"sigma_zero": 0.1})
+
+
+# ---- through the search driver: its checkpoint holds our optimizers, resume ends the same ----
+
+@pytest.mark.parametrize("name", ["m2n2", "map"])  # an archive; an optimizer that ends itself
+def test_driver_resume_ends_where_the_uninterrupted_search_ends(tmp_path, name):
+    from test_search_driver import Killed, Worker, log_of, problem, run as drive, two_wells
+
+    settings = dict(optimizer=name, evaluations=30, population=5,
+                    options={"samples": 12, "front": 4, "generations": 10, "pop_size": 20} if name == "map" else {})
+    whole = drive(tmp_path, "whole", problem(**settings), score=two_wells)
+    with pytest.raises(Killed):
+        drive(tmp_path, "cut", problem(**settings), worker=Worker(two_wells, kill=14))
+    resumed = drive(tmp_path, "cut", problem(**settings), worker=Worker(two_wells), resume=True)
+    assert log_of(tmp_path / "cut") == log_of(tmp_path / "whole")
+    assert len(log_of(tmp_path / "whole")) == (16 if name == "map" else 30)
+    assert resumed.best == whole.best
+
+
+def test_m2n2_recovers_the_toy_merge_weights(zoo, tmp_path):
+    """The whole path on toy models (space, in-memory candidates, callable fitness): the target
+    is task arithmetic at known weights, fitness -||merged - target||^2."""
+    import mergesmith
+    from test_search_driver import TARGET_WEIGHTS, toy_search
+
+    path = toy_search(zoo, tmp_path, optimizer="m2n2", evaluations=80)
+    result = mergesmith.search(path, tmp_path / "out", progress=False)
+    weights = [result.best["params"][name] for name in sorted(result.best["params"])]
+    assert np.abs(np.array(weights) - TARGET_WEIGHTS).max() < 0.03, result.best

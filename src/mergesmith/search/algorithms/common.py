@@ -33,9 +33,11 @@ def read_options(name: str, options: dict | None, defaults: dict[str, Any]) -> d
 
 
 def scores_of(evaluation) -> np.ndarray | None:
-    """An evaluation's objective vector, or None when it failed (no scores, or a NaN)."""
+    """An evaluation's objective vector, or None when it failed (no scores, or a NaN) or was
+    scored on a subsample only: the driver's successive halving caps those below the kept ones,
+    which would bend MAP's fit, and their per-example scores cover other examples than M2N2's."""
     scores = getattr(evaluation, "scores", None)
-    if scores is None:
+    if scores is None or getattr(evaluation, "fidelity", 1.0) < 1.0:
         return None
     scores = np.asarray(scores, dtype=float).reshape(-1)
     return None if scores.size == 0 or not np.all(np.isfinite(scores)) else scores

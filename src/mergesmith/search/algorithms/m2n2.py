@@ -134,7 +134,7 @@ class M2N2:
 
     def _insert(self, x: np.ndarray, row: np.ndarray) -> None:
         if self.archive_s and len(row) != len(self.archive_s[0]):
-            return  # scored on other examples (a lower fidelity): not comparable per example
+            return  # scored on other examples: not comparable per example
         if len(self.archive_x) < self.options["archive"]:
             self.archive_x.append(x)
             self.archive_s.append(row)
