@@ -494,3 +494,16 @@ def test_two_ray_workers_give_the_serial_search(zoo, tmp_path):
     assert log_of(tmp_path / "ray") == log_of(tmp_path / "serial")
     assert parallel.best == serial.best
     assert (tmp_path / "ray" / "best.yaml").read_bytes() == (tmp_path / "serial" / "best.yaml").read_bytes()
+
+
+def test_interrupted_cli_search_says_how_to_resume(zoo, tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    import mergesmith.search.driver as driver
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "search", interrupted)
+    code, _, err = run_cli(monkeypatch, capsys, "search", toy_search(zoo, tmp_path), tmp_path / "o")
+    assert code == 130 and "rerun the same command with --resume" in err

@@ -562,7 +562,7 @@ def _terminate(signum, frame) -> None:
 
 def _interrupted(argv: list[str], code: int) -> None:
     command = [a for a in argv if not a.startswith("-")][:2]
-    resumable = command[:1] == ["merge"] or command[1:] == ["apply"]
+    resumable = command[:1] in (["merge"], ["search"]) or command[1:] == ["apply"]
     err.print("interrupted" + ("; rerun the same command with --resume to continue"
                                if resumable else ""), highlight=False)
     sys.exit(code)
