@@ -235,13 +235,15 @@ def _check_counts(data: dict, source: str, lines: dict) -> None:
 
 
 def _recipe_error(exc: ValidationError, data: dict, source: str, lines: dict,
-                  prefix: tuple = ()) -> RecipeError:
-    """One RecipeError for a pydantic error on `data`, which sits at `prefix` in the recipe."""
+                  prefix: tuple = (), fields_at=None) -> RecipeError:
+    """One RecipeError for a pydantic error on `data`, which sits at `prefix` in the recipe;
+    `fields_at(owner path)`, where given, lists the fields allowed there (for a section the
+    recipe schema does not know, such as search:), or None."""
     found = []
     for err in exc.errors():
         field = (err.get("ctx") or {}).get("field")
         path = prefix + ((field,) if field else () if field == "" else _data_path(err["loc"], data))
-        message, hint = _explain(err, path)
+        message, hint = _explain(err, path, fields_at)
         line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), 0)
         # A typo usually also makes a required field "missing": report the typo first.
         found.append((err["type"] != "extra_forbidden", line, message, hint, path))
@@ -268,12 +270,12 @@ def _data_path(loc: tuple, data: Any) -> tuple:
     return tuple(path)
 
 
-def _explain(err: dict, path: tuple) -> tuple[str, str | None]:
+def _explain(err: dict, path: tuple, fields_at=None) -> tuple[str, str | None]:
     kind, value = err["type"], err.get("input")
     if kind == "missing":
         return "required field missing", None
     if kind == "extra_forbidden":
-        return f"unknown field {path[-1]!r}", _suggest(str(path[-1]), path[:-1])
+        return f"unknown field {path[-1]!r}", _suggest(str(path[-1]), path[:-1], fields_at)
     if kind == "value_error":
         return str(err["ctx"]["error"]), None
     if kind in _EXPECTED:
@@ -286,11 +288,14 @@ def _explain(err: dict, path: tuple) -> tuple[str, str | None]:
     return err["msg"], None
 
 
-def _suggest(key: str, owner_path: tuple) -> str | None:
+def _suggest(key: str, owner_path: tuple, fields_at=None) -> str | None:
     """A hint for an unknown field: the closest allowed name, or where the value belongs."""
-    if "tokenizer" in owner_path:
+    fields = fields_at(owner_path) if fields_at else None
+    if fields is not None:
+        pass
+    elif "tokenizer" in owner_path:
         return None
-    if "parameters" in owner_path:
+    elif "parameters" in owner_path:
         fields = ["value", "filter"]
     elif not owner_path:
         fields = list(Recipe.model_fields)

@@ -220,10 +220,8 @@ def load_search(source: str | Path | dict) -> SearchProblem:
     if not isinstance(raw, dict):
         raise RecipeError(f"{recipe.where('search')}: expected a mapping, got {type(raw).__name__}",
                           hint=SPACE_HINT)
-    try:
-        section = SearchSection.model_validate(raw)
-    except ValidationError as exc:
-        raise _recipe_error(exc, raw, recipe.source, recipe._lines, prefix=("search",)) from None
+    section = validate_section(SearchSection, raw, recipe, ("search",),
+                               {("search", "parameters", "*"): Range})
     path = (Path(section.source) if section.source else
             Path(recipe.source) if recipe.source != NO_FILE else None)
     settings = SearchSettings(**{name: getattr(section, name) for name in SETTINGS})
@@ -232,6 +230,24 @@ def load_search(source: str | Path | dict) -> SearchProblem:
     if not spec.get("parameters"):
         spec.pop("parameters", None)
     return SearchProblem(recipe, space, settings, path, spec)
+
+
+def validate_section(model: type[BaseModel], raw: Any, recipe: Recipe, at: tuple,
+                     nested: dict[tuple, type[BaseModel]] | None = None) -> BaseModel:
+    """`raw` (the data at path `at` of the recipe) as `model`, or a RecipeError naming the file,
+    line and field. `nested` names the models of sections below `at` ("*" for any key), so that
+    a typo there is answered with that section's fields."""
+    def fields_at(owner: tuple) -> list[str] | None:
+        for path, cls in {at: model, **(nested or {})}.items():
+            if len(owner) == len(path) and all(p in ("*", o) for p, o in zip(path, owner)):
+                return [f.alias or name for name, f in cls.model_fields.items()]
+        return None
+
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise _recipe_error(exc, raw, recipe.source, recipe._lines, prefix=at,
+                            fields_at=fields_at) from None
 
 
 def _space(recipe: Recipe, section: SearchSection) -> SearchSpace:
@@ -281,7 +297,8 @@ class ParameterSpace(SearchSpace):
                                              kind="choice", choices=tuple(self.methods)))
         self.layers = 0
         self.targets: list[_Target] = []
-        for name, spec in section.parameters.items():
+        # by name, not as written: a copy of the section dumped with sorted keys is the same space
+        for name, spec in sorted(section.parameters.items()):
             self._add(name, spec)
 
     def _methods(self, recipe: Recipe, section: SearchSection) -> list[str]:
@@ -303,8 +320,10 @@ class ParameterSpace(SearchSpace):
         found = [p for spec in self._specs() if (p := spec.param(name)) is not None]
         if not found:
             allowed = sorted({p.name for spec in self._specs() for p in spec.params})
+            whom = (f"{self.methods[0]} takes" if len(self.methods) == 1
+                    else f"none of {', '.join(self.methods)} takes")
             raise RecipeError(f"{self.base.where('search', 'parameters', name)}: unknown parameter "
-                              f"{name!r}: {', '.join(self.methods)} take(s) no such parameter",
+                              f"{name!r}: {whom} it",
                               hint=f"its parameters are: {', '.join(allowed) or 'none'}")
         return found[0]
 
