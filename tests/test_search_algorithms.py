@@ -206,6 +206,39 @@ def test_map_draws_replacements_for_failed_and_subsampled_samples():
     assert len(optimizer.ask()) == 2 and not optimizer.done()
 
 
+def test_map_hyperspherical_angles_as_the_code():
+    angles = map_pareto.to_angles(np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]))
+    assert angles == pytest.approx(np.array([[0, 0], [np.pi / 2, np.pi / 2], [np.pi / 4, 0]]))
+    x = np.random.default_rng(0).random((6, 4))
+    back = map_pareto.from_angles(map_pareto.to_angles(x), np.linalg.norm(x, axis=1))
+    assert np.abs(back - x).max() < 1e-12
+
+
+def test_bayesian_map_samples_where_the_fit_is_worst():
+    # 2 angle dims, 4 bins each; one point in bin (0, 0) with loss 1, one in bin (3, 3) with loss 3
+    points = np.array([[0.9, 0.05, 0.01], [0.01, 0.02, 0.9]])
+    angles = map_pareto.to_angles(points)
+    assert [tuple((a // (np.pi / 8)).astype(int)) for a in angles] == [(0, 0), (3, 3)]
+    scores = map_pareto.bin_scores(angles, np.array([1.0, 3.0]), 4, np.random.default_rng(0))
+    assert scores[(0, 0)] == 1.0 and scores[(3, 3)] == 3.0  # one point: no spread, mean alone
+    assert sum(np.isinf(list(scores.values()))) == 14  # empty bins are never drawn
+    new = map_pareto.adaptive_samples(points, np.array([1.0, 3.0]), 50, np.random.default_rng(1))
+    bins = {tuple(np.minimum((a // (np.pi / 8)).astype(int), 3)) for a in map_pareto.to_angles(new)}
+    assert bins == {(3, 3)} and np.all((new >= 0) & (new <= 1))
+
+
+def test_bayesian_map_adds_rounds_before_the_front():
+    optimizer = make("map", 3, seed=2, options={"variant": "bayesian", "samples": 12, "rounds": 2,
+                                                "per_round": 5, "front": 4, "generations": 20})
+    sizes = []
+    while not optimizer.done():
+        xs = optimizer.ask()
+        sizes.append(len(xs))
+        optimizer.tell(xs, [Evaluation(i, two_peaks(np.r_[x, x])[0]) for i, x in enumerate(xs)])
+    assert sizes[:3] == [12, 5, 5] and len(sizes) == 4 and 1 <= sizes[3] <= 4
+    assert len(optimizer.points) == 22
+
+
 # ---- CycleQD ----
 
 def test_cycleqd_bins_as_the_code():

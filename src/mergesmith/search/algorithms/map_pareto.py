@@ -6,13 +6,24 @@
 3. find the surrogates' Pareto set with NSGA-III (the authors' code: DEAP selNSGA3) from pymoo,
    add each surrogate's own maximiser over the box, and evaluate `front` of those points for real.
 
+Bayesian MAP (`variant: bayesian`, the authors' code MAP.py / utils.py): before the front,
+`rounds` rounds of `per_round` more samples where the fit is worst. The directions of c are cut
+into bins of their hyperspherical angles (each in [0, pi/2]; 4 bins per angle below 4
+dimensions, else 2, as the code); a bin scores mean + lamba * std of its samples' squared
+residuals (std over `std_sample` subsets, each dropping `std_percentage` % of the previous one's
+points, as the code), an empty bin -inf; bins are drawn by softmax(score / temperature), angles
+uniformly inside the bin. Ours: the residual is summed over the objectives, and the radius is
+uniform along the direction up to the cube's face (the code draws it from a configured law).
+
 The authors' code can also squash the quadratic through a sigmoid (accuracy) or softplus (loss)
 and fit it by curve_fit; the paper's surrogate, the plain quadratic, is the one here. Nested MAP
-(a binary tree of two-task fits) needs to know which dimensions belong to which model, and
-Bayesian MAP (adaptive samples in hyperspherical bins of c) is not here yet.
+(a binary tree of two-task fits, each merge a new model) needs to know which dimensions belong
+to which model, which the search space does not say: not here.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -22,7 +33,8 @@ from mergesmith.search.optimizers import SEARCH_EXTRA, non_dominated, register_o
 
 NAME = "map"
 DEFAULTS = {"samples": None, "front": None, "algorithm": "nsga3", "generations": 150,
-            "pop_size": 100}
+            "pop_size": 100, "variant": "plain", "rounds": 2, "per_round": None, "temperature": 0.07,
+            "lamba": 0.5, "std_percentage": 20, "std_sample": 30}
 
 
 def unknowns(d: int) -> int:
@@ -101,6 +113,67 @@ def surrogate_front(fits: list, d: int, seed: int, algorithm: str = "nsga3",
     return points[non_dominated(values)]
 
 
+def to_angles(points: np.ndarray) -> np.ndarray:
+    """Hyperspherical angles phi_1..phi_{d-1} of each row (the code's batch_cartesian_to_hyperspherical)."""
+    points = np.atleast_2d(points)
+    tails = np.cumsum(points[:, ::-1] ** 2, axis=1)[:, ::-1]
+    return np.arctan2(np.sqrt(tails[:, 1:]), points[:, :-1])
+
+
+def from_angles(angles: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    angles = np.atleast_2d(angles)
+    sines = np.cumprod(np.sin(angles), axis=1)
+    points = np.empty((len(angles), angles.shape[1] + 1))
+    points[:, 0] = np.cos(angles[:, 0])
+    points[:, 1:-1] = sines[:, :-1] * np.cos(angles[:, 1:])
+    points[:, -1] = sines[:, -1]
+    return radius[:, None] * points
+
+
+def angle_bins(d: int) -> int:
+    return 4 if d < 4 else 2
+
+
+def bin_scores(angles: np.ndarray, losses: np.ndarray, bins: int, rng: np.random.Generator,
+               lamba: float = 0.5, percentage: float = 20, subsets: int = 30) -> dict[tuple, float]:
+    """Each bin of the angle grid: mean + lamba * std of the losses inside it (-inf when empty)."""
+    width = (np.pi / 2) / bins
+    index = np.minimum((angles // width).astype(int), bins - 1)
+    scores = {}
+    for key in itertools.product(range(bins), repeat=angles.shape[1]):
+        mask = np.all(index == np.array(key), axis=1)
+        if not mask.any():
+            scores[key] = -np.inf
+            continue
+        means = []
+        for _ in range(subsets):  # the code drops a share of what the previous subset kept
+            kept = np.flatnonzero(mask)
+            mask[rng.choice(kept, int(percentage / 100 * len(kept)), replace=False)] = False
+            if mask.any():
+                means.append(losses[mask].mean())
+        scores[key] = float(losses[np.all(index == np.array(key), axis=1)].mean() + lamba * np.std(means))
+    return scores
+
+
+def adaptive_samples(points: np.ndarray, losses: np.ndarray, count: int, rng: np.random.Generator,
+                     temperature: float = 0.07, **score_options) -> np.ndarray:
+    """`count` new points, in angle bins drawn by softmax(bin score / temperature)."""
+    d = points.shape[1]
+    if d == 1:  # no angles: every direction is the same
+        return rng.random((count, 1))
+    bins = angle_bins(d)
+    scores = bin_scores(to_angles(points), losses, bins, rng, **score_options)
+    keys = list(scores)
+    values = np.array([scores[k] for k in keys])
+    weights = np.exp((values - values.max()) / temperature)
+    chosen = rng.choice(len(keys), size=count, p=weights / weights.sum())
+    width = (np.pi / 2) / bins
+    angles = (np.array([keys[i] for i in chosen]) + rng.random((count, d - 1))) * width
+    directions = from_angles(angles, np.ones(count))
+    reach = 1.0 / np.abs(directions).max(axis=1)  # where the ray leaves the cube
+    return np.clip(directions * (rng.random(count) * reach)[:, None], 0.0, 1.0)
+
+
 def spread(points: np.ndarray, count: int, objectives: int) -> np.ndarray:
     """`count` front points: the per-objective maximisers first, then evenly along objective 1."""
     if len(points) <= count:
@@ -117,11 +190,17 @@ class MAP:
         if self.options["algorithm"] not in ("nsga2", "nsga3"):
             raise RecipeError(f"search.options.algorithm: {self.options['algorithm']!r} is not nsga2 or nsga3",
                               hint="MAP finds the surrogate front with pymoo's NSGA-III (default) or NSGA-II")
+        if self.options["variant"] not in ("plain", "bayesian"):
+            raise RecipeError(f"search.options.variant: {self.options['variant']!r} is not plain or bayesian",
+                              hint="nested MAP is not available")
+        self.rounds = int(self.options["rounds"]) if self.options["variant"] == "bayesian" else 0
         self.dim, self.seed = len(space), seed
         need = unknowns(self.dim)
         self.front_size = int(self.options["front"] or getattr(settings, "population", None) or 10)
         budget = getattr(settings, "evaluations", None)
-        default = 2 * need if budget is None else max(need, budget - self.front_size)
+        self.per_round = int(self.options["per_round"] or max(need // 2, 1))
+        extra = self.front_size + self.rounds * self.per_round
+        default = 2 * need if budget is None else max(need, budget - extra)
         self.samples = int(self.options["samples"] or default)
         if self.samples < need:
             raise RecipeError(
@@ -132,6 +211,7 @@ class MAP:
         self.points: list[np.ndarray] = []  # successful samples and their scores, for the fit
         self.values: list[np.ndarray] = []
         self.fits: list | None = None
+        self.rounds_done = 0
         self.proposed = False
         self.finished = False
         self.log = Log()
@@ -143,8 +223,14 @@ class MAP:
         missing = unknowns(self.dim) - len(self.points)
         if missing > 0:  # failed samples: draw replacements until the fit is determined
             return [rng.random(self.dim) for _ in range(missing)]
-        values = np.vstack(self.values)
-        self.fits = [fit_quadratic(np.vstack(self.points), values[:, k]) for k in range(values.shape[1])]
+        points, values = np.vstack(self.points), np.vstack(self.values)
+        self.fits = [fit_quadratic(points, values[:, k]) for k in range(values.shape[1])]
+        if self.rounds_done < self.rounds:
+            predicted = np.column_stack([surrogate(points, *fit) for fit in self.fits])
+            o = self.options
+            return list(adaptive_samples(points, ((predicted - values) ** 2).sum(axis=1), self.per_round,
+                                         rng, o["temperature"], lamba=o["lamba"],
+                                         percentage=o["std_percentage"], subsets=int(o["std_sample"])))
         front = surrogate_front(self.fits, self.dim, int(rng.integers(2**31)), self.options["algorithm"],
                                 int(self.options["generations"]), int(self.options["pop_size"]))
         self.proposed = True
@@ -157,6 +243,8 @@ class MAP:
             if scores is not None and not self.proposed:
                 self.points.append(np.asarray(x, dtype=float))
                 self.values.append(scores)
+        if self.fits is not None and not self.proposed:
+            self.rounds_done += 1  # an adaptive round was told
         self.finished = self.finished or self.proposed
         self.generation += 1
 
