@@ -79,3 +79,56 @@ def test_cuda_refuses_float16_overflow(tmp_path, zoo):
     spec = recipe(models, "task_arithmetic", {"lambda": 1e6}, out_dtype="float16")
     with pytest.raises(MergesmithError, match="float16"):
         mergesmith.merge(write_recipe(tmp_path / "r.yaml", spec), tmp_path / "out", device="cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# --compat mergekit on the GPU against mergekit 0.1.5 on the CPU
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# (case of test_compat_mergekit.CASES, recipe dtype); float16 recipes also set out_dtype
+COMPAT_CASES = [("task_arithmetic", "bfloat16"), ("ties", "bfloat16"), ("ties", "float32"),
+                ("breadcrumbs", "bfloat16"), ("dare_ties-density-1", "bfloat16"),
+                ("model_stock", "bfloat16"), ("nuslerp", "float32"), ("linear", "float16"),
+                ("ties", "float16"), ("model_stock", "float16")]
+
+
+@pytest.fixture(scope="module")
+def stored_as(tmp_path_factory):
+    """dtype -> {"base", "e1", "e2", "e3"}: tiny Llamas stored in that dtype, built on first use."""
+    from conftest import build_model
+
+    built: dict[str, dict[str, str]] = {}
+
+    def get(dtype: str) -> dict[str, str]:
+        if dtype not in built:
+            root = tmp_path_factory.mktemp(f"stored-{dtype}")
+            base = build_model(root / "base", "llama", seed=0, dtype=DTYPES[dtype])
+            built[dtype] = {"base": str(base)}
+            for key, seed in (("e1", 1), ("e2", 2), ("e3", 3)):
+                built[dtype][key] = str(build_model(root / key, "llama", seed=seed, base=base,
+                                                    dtype=DTYPES[dtype]))
+        return built[dtype]
+
+    return get
+
+
+def compat_against_mergekit(tmp_path, models: dict, case: str, dtype: str, device: str) -> None:
+    """The case merged by mergekit (CPU) and by mergesmith under compat on `device`: within one
+    rounding of the output dtype, same names, shapes, dtypes and config."""
+    pytest.importorskip("mergekit")
+    from test_compat_mergekit import case_recipe
+    from test_parity import compare, run_mergekit
+
+    spec = case_recipe(case, models, dtype)
+    if dtype == "float16":
+        spec["out_dtype"] = "float16"
+    path = write_recipe(tmp_path / "r.yaml", spec)
+    theirs = run_mergekit(path, tmp_path / "mergekit")
+    ours = mergesmith.merge(path, tmp_path / device, compat="mergekit", device=device)
+    compare(theirs, ours, max_ulps=1, dtype=DTYPES[dtype])
+
+
+@pytest.mark.parametrize("case, dtype", COMPAT_CASES)
+def test_cuda_compat_merge_is_within_one_rounding_of_mergekit_on_cpu(tmp_path, stored_as, case,
+                                                                      dtype):
+    compat_against_mergekit(tmp_path, stored_as(dtype), case, dtype, "cuda")
