@@ -16,7 +16,8 @@ from conftest import read_tensors, run_cli, write_recipe
 from mergesmith import merge
 from mergesmith.errors import RecipeError
 from mergesmith.recipe import load_recipe
-from mergesmith.search.space import Dimension, SearchSettings, layer_groups, load_search
+from mergesmith.search.parameter_space import layer_groups
+from mergesmith.search.space import Dimension, SearchSettings, load_search
 
 
 def search_recipe(zoo, **search) -> dict:
