@@ -5,13 +5,18 @@ of t).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from mergesmith.methods import kth
 from mergesmith.methods.blocks import task_vectors
 from mergesmith.methods.registry import Param, TensorContext, register
-
+from mergesmith.methods.streamed import reduce_in_parts
 
 KL_EPS = 1e-8
+QUARTILES = (0.25, 0.5, 0.75)
+SLAB_ELEMENTS = 1 << 21  # rows per slab of a tensor given whole: its scratch stays a few MB
 
 
 def row_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -21,10 +26,49 @@ def row_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
-def lower_quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
-    """The ⌊q·(n − 1)⌋-th smallest entry of x for each q, found by selection (no sort)."""
-    flat = x.flatten()
-    return [torch.kthvalue(flat, int(q * (flat.numel() - 1)) + 1).values for q in qs]
+def importance(base: torch.Tensor, other: torch.Tensor, compute_dtype: torch.dtype | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(τ, s = |τ|·KL(softmax(θ1) ‖ softmax(θ0)) per row), in `compute_dtype` when given: of
+    whole rows, each row's s depends on that row alone."""
+    theta0 = base if compute_dtype is None else base.to(compute_dtype)
+    other = other if compute_dtype is None else other.to(compute_dtype)
+    tau = other - theta0
+    return tau, tau.abs() * row_kl(other, theta0)
+
+
+def quartile_ranks(n: int) -> list[int]:
+    """The ranks k (1 = the smallest) of the lower quantiles: the ⌊q·(n − 1)⌋ + 1-th smallest."""
+    return [int(q * (n - 1)) + 1 for q in QUARTILES]
+
+
+@dataclass(frozen=True)
+class QuartileSearch:
+    """Between the passes: per quartile, where its entry lies (the top 16 bits of its key, its
+    rank from the top among the entries that share them; methods/kth.py)."""
+
+    found: list[tuple[int, int]]
+
+
+def importance_counts(base: torch.Tensor, experts: list[torch.Tensor], *,
+                      stats: QuartileSearch | None = None,
+                      compute_dtype: torch.dtype | None = None, **_) -> torch.Tensor:
+    """A chunk of whole rows' counts for the radix select of the quartiles of s: its high
+    histogram (first pass), or each quartile's low histogram in the bin found for it (second,
+    3 × LOW_BINS)."""
+    keys = kth.order_keys(importance(base, experts[0], compute_dtype)[1])
+    if stats is None:
+        return kth.high_histogram(keys, kth.ORDER_HIGH_BINS)
+    return torch.stack([kth.low_histogram(keys, high) for high, _ in stats.found])
+
+
+def finish_quartiles(stats: QuartileSearch | None, sums: torch.Tensor, **_
+                     ) -> QuartileSearch | list[float]:
+    """After the first pass where each quartile lies; after the second, their values."""
+    if stats is None:
+        n = int(sums.sum())
+        return QuartileSearch([kth.locate(sums, n - k + 1) for k in quartile_ranks(n)])
+    return [kth.key_value((high << 16) | kth.locate(lows, rank)[0])
+            for (high, rank), lows in zip(stats.found, sums)]
 
 
 @register(
@@ -36,6 +80,9 @@ def lower_quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor
     min_models=1,
     max_models=1,
     params=(),
+    # the quartiles by two counting passes over chunks of whole rows (each row's KL needs the
+    # row), then each row is merged from itself
+    reduce=importance_counts, finish=finish_quartiles, passes=lambda params: 2, row_local=True,
     compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def arcee_fusion(
@@ -43,23 +90,35 @@ def arcee_fusion(
     experts: list[torch.Tensor],
     *,
     ctx: TensorContext | None = None,
+    stats: list[float] | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """θ = θ0 + τ·[s ≥ median(s) + 1.5·(Q3(s) − Q1(s))], s = |τ|·KL(softmax(θ1) ‖ softmax(θ0))
-    per row. The quartiles are exact; mergekit estimates them from a random sample of 10⁶
-    entries on larger tensors, which makes its output change from run to run.
+    per row. The quartiles are exact lower quantiles (the ⌊q·(n − 1)⌋ + 1-th smallest s, as
+    torch.kthvalue finds them), found by a radix select over the whole tensor (`stats`, from
+    the engine's passes over chunks of rows, or found here over slabs of rows); mergekit
+    estimates them from a random sample of 10⁶ entries on larger tensors, which makes its
+    output change from run to run.
 
     With `compute_dtype` (`compat: mergekit`), τ, the importance, the quartiles and the
     threshold are computed there, as mergekit does (so in bf16 for bf16 recipes), and
     θ0 + τ·mask in fp32 (mergekit's mask is fp32)."""
-    (other,) = experts
-    theta0 = base if compute_dtype is None else base.to(compute_dtype)
-    other = other if compute_dtype is None else other.to(compute_dtype)
-    tau = other - theta0
-    importance = tau.abs() * row_kl(other, theta0)
-    q1, median, q3 = lower_quantiles(importance, (0.25, 0.5, 0.75))
-    keep = importance >= median + 1.5 * (q3 - q1)
+    if stats is None:
+        rows, other = as_rows(base), as_rows(experts[0])
+        step = max(1, SLAB_ELEMENTS // rows.shape[1])
+        slabs = [slice(a, a + step) for a in range(0, rows.shape[0], step)]
+        stats = reduce_in_parts(importance_counts, finish_quartiles, 2,
+                                [(rows[s], [other[s]]) for s in slabs],
+                                compute_dtype=compute_dtype)
+    tau, scores = importance(base, experts[0], compute_dtype)
+    q1, median, q3 = (torch.tensor(q, dtype=scores.dtype, device=scores.device) for q in stats)
+    keep = scores >= median + 1.5 * (q3 - q1)
     return base + tau.float() * keep
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as rows of its last axis, the rows of its softmax (a vector or scalar is one row)."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
 
 
 @register(

@@ -13,6 +13,10 @@ Read as an integer, the fp32 bit pattern of |x| orders like |x| itself (its sign
 The k-th largest |x| has the bits h·2^16 + l: the value a selection over the whole tensor
 finds, from two histograms, each filled in one linear pass over the chunks in any order (no
 sort, no partition, no copy of the tensor). −0 counts as 0 (|−0| = +0).
+
+Signed values (`order_keys`) select the same way over 32-bit keys that order like the values:
+the fp32 bits with the sign bit flipped for x ≥ 0 and all bits flipped for x < 0 (2^16 high
+bins), so the k-th smallest x is found as the (n − k + 1)-th largest key.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Iterable
 import torch
 
 HIGH_BINS = 1 << 15  # the top 16 bits of |x|, whose sign bit is 0
+ORDER_HIGH_BINS = 1 << 16  # the top 16 bits of a signed value's key
 LOW_BINS = 1 << 16
 
 
@@ -30,9 +35,22 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     return x.float().abs().reshape(-1).view(torch.int32)
 
 
-def high_histogram(bits: torch.Tensor) -> torch.Tensor:
-    """Pass 1: counts of the `magnitude_bits` by their top 16 bits (int64, HIGH_BINS)."""
-    return torch.bincount(bits >> 16, minlength=HIGH_BINS)
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Keys in [0, 2^32) (int64, flat) that order like x's values as fp32 (−0 as +0)."""
+    bits = (x.float().reshape(-1) + 0.0).view(torch.int32).long()  # + 0.0: −0 becomes +0
+    return torch.where(bits < 0, -1 - bits, bits + (1 << 31))
+
+
+def key_value(key: int) -> float:
+    """The fp32 number whose `order_keys` key is `key`."""
+    bits = key - (1 << 31) if key >= 1 << 31 else -1 - key
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+
+
+def high_histogram(bits: torch.Tensor, bins: int = HIGH_BINS) -> torch.Tensor:
+    """Pass 1: counts of the `magnitude_bits` (or `order_keys`, with ORDER_HIGH_BINS) by their
+    top 16 bits (int64, `bins`)."""
+    return torch.bincount(bits >> 16, minlength=bins)
 
 
 def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
@@ -68,3 +86,16 @@ def kth_largest_magnitudes(chunks: Iterable[torch.Tensor] | torch.Tensor,
     lows = {h: sum(low_histogram(magnitude_bits(chunk), h) for chunk in chunks)
             for h in {h for h, _ in located}}
     return [bits_value(h, locate(lows[h], rank)[0]) for h, rank in located]
+
+
+def kth_smallest_values(chunks: Iterable[torch.Tensor] | torch.Tensor,
+                        ks: list[int]) -> list[float]:
+    """The k-th smallest x (fp32) for each k, 1 ≤ k ≤ numel, over the entries of all chunks
+    (an iterable read twice, or one tensor): torch.kthvalue's values, in both passes."""
+    chunks = [chunks] if isinstance(chunks, torch.Tensor) else chunks
+    high = sum(high_histogram(order_keys(chunk), ORDER_HIGH_BINS) for chunk in chunks)
+    n = int(high.sum())
+    located = [locate(high, n - k + 1) for k in ks]
+    lows = {h: sum(low_histogram(order_keys(chunk), h) for chunk in chunks)
+            for h in {h for h, _ in located}}
+    return [key_value((h << 16) | locate(lows[h], rank)[0]) for h, rank in located]

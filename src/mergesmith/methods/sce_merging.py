@@ -4,18 +4,21 @@ each expert's weight from its energy, erase the minority signs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from mergesmith.methods.blocks import (break_ties, disjoint_mean, elect_sign, magnitude_threshold,
-                                       task_vectors)
+from mergesmith.methods import kth
+from mergesmith.methods.blocks import break_ties, disjoint_mean, elect_sign, task_vectors
 from mergesmith.methods.registry import Param, TensorContext, register
-
+from mergesmith.methods.streamed import exact_total, exponent_sums, reduce_in_parts
 
 # SCE never holds the T task vectors whole: each pass recomputes τi = θi − θ0 block by block
-# from the inputs (the same subtraction, so the same values); only what spans the tensor (the
-# variance's threshold, the energies) is computed on whole tensors, one at a time.
-VARIANCE_BLOCK = 1 << 20  # entries stacked per torch.var call (as before: the same roundings)
-MERGE_BLOCK = 1 << 18  # entries per block of the elementwise combination (any size: same bytes)
+# from the inputs (the same subtraction, so the same values); what spans the tensor (the
+# variance's threshold, the energies) is found in reduce passes over the chunks (the engine
+# streams them, or `sce` makes them itself over a tensor given whole): the threshold by a radix
+# select (methods/kth.py), the energies as exact sums (methods/streamed.py).
+MERGE_BLOCK = 1 << 18  # entries per block of a tensor given whole (any size: the same bytes)
 
 
 def flat_inputs(base: torch.Tensor, experts: list[torch.Tensor]
@@ -23,48 +26,69 @@ def flat_inputs(base: torch.Tensor, experts: list[torch.Tensor]
     return base.reshape(-1), [expert.reshape(-1) for expert in experts]
 
 
-def block_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], start: int, size: int,
-                       keep: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """τi = θi − θ0 on entries [start, start + size) of the flattened tensors; 0 where the
-    flattened `keep` mask is False, when one is given."""
-    tvs = task_vectors(base[start:start + size], [e[start:start + size] for e in experts])
-    return tvs if keep is None else [tv.mul_(keep[start:start + size]) for tv in tvs]
+def variance(tvs: list[torch.Tensor]) -> torch.Tensor:
+    """σ²(τ1..τk) per entry (population variance): per entry, whatever the block (measured)."""
+    return torch.var(torch.stack(tvs), dim=0, unbiased=False)
 
 
-def variance_across(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-    """σ²(τ1..τk) per entry (population variance) of flattened inputs, one block at a time."""
-    variance = torch.empty_like(base)
-    for a in range(0, base.numel(), VARIANCE_BLOCK):
-        block = torch.stack(block_task_vectors(base, experts, a, VARIANCE_BLOCK))
-        variance[a:a + VARIANCE_BLOCK] = torch.var(block, dim=0, unbiased=False)
-    return variance
+def selected(base: torch.Tensor, experts: list[torch.Tensor], threshold: float | None
+             ) -> list[torch.Tensor]:
+    """τ̂i: τi where the variance across the experts reaches `threshold` (all of τi when None),
+    0 elsewhere."""
+    tvs = task_vectors(base, experts)
+    if threshold is None:
+        return tvs
+    keep = variance(tvs) >= threshold
+    return [tv.mul_(keep) for tv in tvs]
 
 
-def high_variance_mask(base: torch.Tensor, experts: list[torch.Tensor], density: float
-                       ) -> torch.Tensor:
-    """SCE's select, on flattened inputs: the top-d fraction (of the entries that vary at all)
-    by the variance of τ1..τk across the experts."""
-    variance = variance_across(base, experts)
-    k = int(torch.count_nonzero(variance) * density)
-    if k == 0:
-        return torch.zeros_like(variance, dtype=torch.bool)
-    return variance >= magnitude_threshold(variance, k)
+@dataclass(frozen=True)
+class Select:
+    """SCE's select between passes: k = ⌊d·(entries that vary)⌋, then where the k-th largest
+    variance lies (its top 16 bits, its rank among the entries that share them), then its
+    value (∞ when k = 0: nothing is selected)."""
+
+    k: int
+    found: tuple[int, int] | None = None
+    threshold: float | None = None
 
 
-def energies(base: torch.Tensor, experts: list[torch.Tensor], shape: torch.Size,
-             keep: torch.Tensor | None) -> list[float]:
-    """Σ τ̂i² of each expert over the whole tensor (flattened inputs), as torch.sum(τ̂i², dtype=
-    float64) adds them: that call first copies τ̂i² to a float64 tensor of the input's shape and
-    sums it; here the copy is filled block by block, so no τ̂i exists whole in fp32."""
-    squares = torch.empty(shape, dtype=torch.float64, device=base.device)
-    flat = squares.view(-1)
-    sums = []
-    for expert in experts:
-        for a in range(0, base.numel(), MERGE_BLOCK):
-            (tv,) = block_task_vectors(base, [expert], a, MERGE_BLOCK, keep)
-            flat[a:a + MERGE_BLOCK] = tv.mul_(tv)
-        sums.append(float(squares.sum()))
-    return sums
+def sce_passes(params: dict) -> int:
+    """The variance's two counting passes (with selection), then the energies."""
+    return 3 if params["select_topk"] < 1 else 1
+
+
+def sce_sums(base: torch.Tensor, experts: list[torch.Tensor], *, select_topk: float,
+             stats: Select | None = None, **_) -> torch.Tensor:
+    """A chunk's part of SCE's whole-tensor statistics: the variance's high histogram and its
+    zeros (first pass with selection), its low histogram in the bin found (second), or each τ̂i²'s
+    exponent sums (experts × EXPONENTS, last)."""
+    flat_base, flat_experts = flat_inputs(base, experts)
+    if select_topk < 1 and (stats is None or stats.threshold is None):
+        bits = kth.magnitude_bits(variance(task_vectors(flat_base, flat_experts)))
+        if stats is None:
+            zeros = (bits == 0).sum().view(1)
+            return torch.cat([kth.high_histogram(bits), zeros])
+        if stats.found is None:
+            return torch.zeros(kth.LOW_BINS, dtype=torch.int64)
+        return kth.low_histogram(bits, stats.found[0])
+    threshold = stats.threshold if stats is not None else None
+    return torch.stack([exponent_sums(tv.mul_(tv))  # τ̂i² rounded to fp32, summed exactly
+                        for tv in selected(flat_base, flat_experts, threshold)])
+
+
+def finish_sce(stats: Select | None, sums: torch.Tensor, *, select_topk: float, **_
+               ) -> Select | tuple[float | None, list[float]]:
+    """After each pass, the next `Select`; after the last, (threshold, ηi)."""
+    if select_topk < 1 and stats is None:
+        n, zeros = int(sums[:-1].sum()), int(sums[-1])
+        k = int((n - zeros) * select_topk)  # as int(torch.count_nonzero(variance) * d)
+        return Select(k, kth.locate(sums[:-1], k)) if k else Select(0, threshold=float("inf"))
+    if select_topk < 1 and stats.threshold is None:
+        high, rank = stats.found
+        return Select(stats.k, stats.found, kth.bits_value(high, kth.locate(sums, rank)[0]))
+    threshold = stats.threshold if stats is not None else None
+    return threshold, energy_weights([exact_total(s) for s in sums])
 
 
 def energy_weights(energies: list[float]) -> list[float]:
@@ -84,6 +108,10 @@ def energy_weights(energies: list[float]) -> list[float]:
               doc="fraction of the varying entries kept, by variance across the experts"),
         Param("int8_mask", bool, default=False, doc="mergekit's memory option; no effect here"),
     ),
+    # element-wise once the threshold and the energies are known; mergekit's top-k breaks ties
+    # at the threshold as torch.topk does, which only the whole tensor gives
+    reduce=sce_sums, finish=finish_sce, passes=sce_passes,
+    whole_tensor_when=lambda params: params.get("compute_dtype") is not None,
     compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
 )
 def sce(
@@ -93,27 +121,30 @@ def sce(
     select_topk: float = 1.0,
     int8_mask: bool = False,
     ctx: TensorContext | None = None,
+    stats: tuple[float | None, list[float]] | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Select, calculate, erase: θ = θ0 + Σ ηi·τ̂i / Σ ηi over the τ̂i whose sign is that of
-    Σ τ̂i, with τ̂i = τi on the selected entries and ηi = Σ τ̂i² / Σj Σ τ̂j².
+    Σ τ̂i, with τ̂i = τi on the selected entries (the top-d fraction of the entries that vary,
+    by the variance across the experts: those at or above the k-th largest variance, k = ⌊d·
+    (entries that vary)⌋) and ηi = Σ τ̂i² / Σj Σ τ̂j², exact sums of τ̂i² in fp32.
 
-    Three passes over the inputs: the variance and its threshold (a bool mask remains), the
-    energies (one τ̂i² at a time, in float64), then the sign election and disjoint mean, block
-    by block into the output. Peak working memory, 2048×5632 and 3 experts: 2.6 tensors with
-    selection, 2.1 without (the float64 squares), against 7.9 and 7.0 when the T task vectors
-    and the election's buffers were whole tensors; the output is the same, bit for bit.
-    With `compute_dtype`, as mergekit evaluates it (`sce_rounded`)."""
+    `stats` (threshold, ηi) come from the engine's passes over the chunks of the tensor, or
+    are found here over the tensor, block by block; then the sign election and disjoint mean,
+    block by block. With `compute_dtype`, as mergekit evaluates it (`sce_rounded`)."""
     if compute_dtype is not None:
         return sce_rounded(base, experts, select_topk, compute_dtype)
     flat_base, flat_experts = flat_inputs(base, experts)
-    keep = high_variance_mask(flat_base, flat_experts, select_topk) if select_topk < 1 else None
-    weights = energy_weights(energies(flat_base, flat_experts, base.shape, keep))
+    blocks = [slice(a, a + MERGE_BLOCK) for a in range(0, flat_base.numel(), MERGE_BLOCK)]
+    if stats is None:
+        stats = reduce_in_parts(sce_sums, finish_sce, sce_passes({"select_topk": select_topk}),
+                                [(flat_base[b], [e[b] for e in flat_experts]) for b in blocks],
+                                select_topk=select_topk)
+    threshold, weights = stats
     merged = torch.empty_like(flat_base)
-    for a in range(0, flat_base.numel(), MERGE_BLOCK):
-        tvs = block_task_vectors(flat_base, flat_experts, a, MERGE_BLOCK, keep)
-        merged[a:a + MERGE_BLOCK] = disjoint_mean(tvs, elect_sign(tvs), weights).add_(
-            flat_base[a:a + MERGE_BLOCK])
+    for b in blocks:
+        tvs = selected(flat_base[b], [e[b] for e in flat_experts], threshold)
+        merged[b] = disjoint_mean(tvs, elect_sign(tvs), weights).add_(flat_base[b])
     return merged.view_as(base)
 
 

@@ -42,17 +42,23 @@ entries those draws keep, so they stay as above under compat.
 
 How it runs: the cuts of TIES and breadcrumbs need two k-th largest |τi| of the whole tensor,
 which two counting passes find exactly (`cut_sums`: histograms of |τi|'s fp32 bits, added over
-chunks); the engine streams those passes and then the merge in chunks of rows, re-reading the
-inputs for each. A merge is done in small blocks of rows, so that every temporary is
-block-sized and stays in cache.
+chunks); with mergekit's L1 rescale (`rescale: true`), a third pass adds up each τi's L1 norms
+before and after its cut (`l1_sums`: exact sums, so the same whatever the chunks). The engine
+streams those passes and then the merge in chunks of rows, re-reading the inputs for each.
+Under compat the exact-count cuts go whole: torch's sort is not stable, so which of the entries
+tied at a cut it keeps depends on the whole tensor's layout, and no count over chunks gives it
+(nor the sums mergekit takes in its compute dtype, whose rounding follows torch's summation
+order). A merge is done in small blocks of rows, so that every temporary is block-sized and
+stays in cache.
 Inputs may come in their stored 16-bit dtype (`stored_dtype_inputs`): each block is cast to
 fp32 as it is read, which gives the same values as casting the whole tensor first, and the
 engine keeps no fp32 copy of the inputs (half the memory of a whole-tensor merge).
 Random draws come from one counter-based stream per expert (`ctx.stream(i)`): entry j of
 expert i's task vector gets the j-th draw of the stream of (seed, tensor name, i), whatever the
 blocks or chunks the tensor is merged in. So DARE, whose entries are independent, streams
-through the engine in chunks like task arithmetic (except with mergekit's `l1` rescale, a sum
-over the whole tensor), and DELLA, which ranks within rows, in chunks of whole rows.
+through the engine in chunks like task arithmetic, and DELLA, which ranks within rows, in
+chunks of whole rows (except with `rescale: l1`, whose norms need the masks drawn over the whole
+tensor first: such a merge goes whole).
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from mergesmith.methods.blocks import (
 )
 from mergesmith.methods import kth
 from mergesmith.methods.registry import Param, RandomStream, TensorContext, register
+from mergesmith.methods.streamed import EXPONENTS, exact_total, exponent_sums
 
 # (rows of τi, the row-major index of their first entry) -> their kept part
 Sparsify = Callable[[torch.Tensor, int], torch.Tensor]
@@ -390,30 +397,47 @@ def l1_scales(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list
             small = bool(before < L1_EPS) or bool(after < L1_EPS)
             scales.append(1.0 if small else before / after)
         return scales
-    before, after = [0.0] * len(experts), [0.0] * len(experts)
+    return finish_l1(l1_sums(base, experts, sparsifiers))
+
+
+def l1_sums(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[Sparsify]
+            ) -> torch.Tensor:
+    """Per τi, the exact sums of |τi| and of |sparsify(τi)| over these rows (methods/streamed.py:
+    experts × 2 × EXPONENTS), block by block: added over any chunks, the sums of the whole."""
+    sums = torch.zeros(len(experts), 2, EXPONENTS, dtype=torch.int64)
     cols = base.shape[1]
     for rows in row_blocks(base):
         for i, (expert, sparsify) in enumerate(zip(experts, sparsifiers)):
             tau = expert[rows].float() - base[rows].float()
-            before[i] += float(tau.abs().sum(dtype=torch.float64))
-            after[i] += float(sparsify(tau, rows.start * cols).abs().sum(dtype=torch.float64))
-    return [b / a if b >= L1_EPS and a >= L1_EPS else 1.0 for b, a in zip(before, after)]
+            sums[i, 0] += exponent_sums(tau.abs())
+            sums[i, 1] += exponent_sums(sparsify(tau, rows.start * cols).abs_())
+    return sums
+
+
+def finish_l1(sums: torch.Tensor) -> list[float]:
+    """mergekit's rescale from `l1_sums`: ||τi||₁ / ||sparsify(τi)||₁, each norm exactly rounded
+    (the same whatever the chunks), 1 where either is below 1e-7."""
+    norms = [(exact_total(before), exact_total(after)) for before, after in sums]
+    return [b / a if b >= L1_EPS and a >= L1_EPS else 1.0 for b, a in norms]
 
 
 def merge_sparse(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[Sparsify], *,
                  weights: list[float], consensus: bool, normalize: bool, lambda_: float,
                  l1: bool = False, threads: bool = False,
                  block_elements: int | None = None, sign_ties: str = "zero",
-                 compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 compute_dtype: torch.dtype | None = None,
+                 scales: list[float] | None = None) -> torch.Tensor:
     """θ0 + λ · combine(sparsify(τi)), block of rows by block of rows; with `threads`, the
     blocks shared out among threads (each block's result depends on that block alone), which
     pays where sparsifying is compute-bound (DELLA's per-row sort) and not where it is
     memory-bound (TIES, breadcrumbs: no faster, measured). With `compute_dtype`
     (`compat: mergekit`), every step is computed and rounded in that dtype as mergekit does,
-    and the result is in it."""
+    and the result is in it. `scales`: the L1 rescale's, found over the whole tensor, when
+    these are only some of its rows."""
     base_rows, expert_rows = as_rows(base), [as_rows(e) for e in experts]
-    scales = (l1_scales(base_rows, expert_rows, sparsifiers, compute_dtype) if l1
-              else [1.0] * len(experts))
+    if scales is None:
+        scales = (l1_scales(base_rows, expert_rows, sparsifiers, compute_dtype) if l1
+                  else [1.0] * len(experts))
     dtype = compute_dtype or torch.float32
     out = torch.empty(base_rows.shape, dtype=dtype, device=base.device)
     cols = base_rows.shape[1]
@@ -550,14 +574,64 @@ def family_params(*, normalize: bool, rescale: bool, extra: tuple[Param, ...] = 
 
 def l1_cut_rescale(params: dict) -> bool:
     """TIES' and breadcrumbs' rescale: true means mergekit's l1, sums over the kept entries of
-    the whole tensor (a third pass, which the engine does not make: such a merge goes whole)."""
+    the whole tensor (a pass after the cuts')."""
     return rescale_mode(params["rescale"], "l1") == "l1"
 
 
-# TIES' and breadcrumbs' entries are independent given their bands, found by counting passes
-CUT_STREAMING = dict(reduce=cut_sums, finish=finish_cuts, passes=cut_passes,
-                     whole_tensor_when=lambda params: (l1_cut_rescale(params)
-                                                       or params.get("selection") == "exact"))
+@dataclass(frozen=True)
+class RescaledBands:
+    """The statistics of a merge with the L1 rescale: each τi's band, and its scale."""
+
+    bands: list[tuple[float, float]]
+    scales: list[float]
+
+
+def band_passes(params: dict) -> int:
+    """The cuts' counting passes, then one for the L1 norms when the rescale is l1."""
+    return cut_passes(params) + l1_cut_rescale(params)
+
+
+def found_bands(stats, densities: list[float]) -> list[tuple[float, float]] | None:
+    """The bands once the cuts' passes are done (then comes the L1 pass), else None."""
+    if isinstance(stats, list):
+        return stats
+    if stats is None and not cut_passes(dict(densities=densities)):
+        return [band(1, d, []) for d in densities]  # each τi kept whole or dropped whole
+    return None
+
+
+def band_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list[float],
+              stats=None, **params) -> torch.Tensor:
+    """A chunk's sums for the pass at hand: the cuts' counts (`cut_sums`), then the L1 norms
+    before and after the bands (`l1_sums`)."""
+    bands = found_bands(stats, densities)
+    if bands is None:
+        return cut_sums(base, experts, densities=densities, stats=stats)
+    return l1_sums(as_rows(base), [as_rows(e) for e in experts],
+                   [keep_band(low, high) for low, high in bands])
+
+
+def finish_bands(stats, sums: torch.Tensor, *, densities: list[float], **params):
+    """The bands after the cuts' passes, then with the L1 pass's scales (`RescaledBands`)."""
+    bands = found_bands(stats, densities)
+    if bands is None:
+        return finish_cuts(stats, sums, densities=densities, **params)
+    return RescaledBands(bands, finish_l1(sums))
+
+
+def band_stats(stats) -> tuple[list[tuple[float, float]] | None, list[float] | None]:
+    """(bands, L1 scales) from the engine's statistics (None: find them here)."""
+    if isinstance(stats, RescaledBands):
+        return stats.bands, stats.scales
+    return stats, None
+
+
+# TIES' and breadcrumbs' entries are independent given their bands (and L1 scales), found by
+# counting passes and a pass of sums; mergekit's exact counts (compat) keep the ties at a cut
+# that its sort happens to put first (torch's sort is not stable: no count gives them), so
+# they go whole
+CUT_STREAMING = dict(reduce=band_sums, finish=finish_bands, passes=band_passes,
+                     whole_tensor_when=lambda params: params.get("selection") == "exact")
 
 
 @register("ties", compat=mergekit_compat(consensus=True, selection=True),
@@ -570,15 +644,16 @@ def ties(base, experts, *, weights, densities, lambda_=1.0, normalize=True, resc
          compute_dtype=None):
     """θ = θ0 + λ · disjoint_mean(trim(τi), s), s = sign(Σ wi trim(τi))."""
     mode = rescale_mode(rescale, true_means="l1")
+    bands, scales = band_stats(stats)
     if selection == "exact":
         trims = exact_count_cuts(base, experts, densities, None, compute_dtype or torch.float32,
                                  unbiased=mode == "1/density")
     else:
         trims = magnitude_cuts(base, experts, densities, unbiased=mode == "1/density",
-                               stats=stats)
+                               stats=bands)
     return merge_sparse(base, experts, trims, weights=weights, consensus=True,
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1",
-                        sign_ties=sign_ties, compute_dtype=compute_dtype)
+                        sign_ties=sign_ties, compute_dtype=compute_dtype, scales=scales)
 
 
 def l1_rescale(params: dict) -> bool:
@@ -632,15 +707,16 @@ def breadcrumbs_merge(base, experts, *, weights, densities, gammas, lambda_, nor
                       consensus, stats=None, sign_ties="zero", selection="threshold",
                       compute_dtype=None):
     mode = rescale_mode(rescale, true_means="l1")
+    found, scales = band_stats(stats)
     if selection == "exact":
         bands = exact_count_cuts(base, experts, densities, gammas,
                                  compute_dtype or torch.float32, unbiased=mode == "1/density")
     else:
         bands = magnitude_cuts(base, experts, densities, gammas, unbiased=mode == "1/density",
-                               stats=stats)
+                               stats=found)
     return merge_sparse(base, experts, bands, weights=weights, consensus=consensus,
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1",
-                        sign_ties=sign_ties, compute_dtype=compute_dtype)
+                        sign_ties=sign_ties, compute_dtype=compute_dtype, scales=scales)
 
 
 @register("breadcrumbs", compat=mergekit_compat(consensus=False, selection=True),

@@ -1,0 +1,62 @@
+"""What a whole-tensor statistic needs to stream: exact sums over chunks, and the reduce passes
+run over the parts of a tensor that a method was given whole.
+
+A float sum depends on the order of its additions, so a sum added up chunk by chunk differs in
+its last bits with the chunks (and torch's own sum of a whole tensor with the thread count).
+An exact sum does not: each fp32 value is m·2^(e − 150) (m its 24-bit significand, e its biased
+exponent, 1 for subnormals), so the values that share an exponent add up exactly as integers,
+and 256 integer sums, one per exponent, hold the sum of any number of chunks exactly. Rounded
+once at the end, it is the correctly rounded float64 sum: the same whatever the chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+EXPONENTS = 256  # fp32 biased exponents; 255 is inf and NaN
+SIGNIFICAND_BITS = 23
+SCALE_BITS = 149  # the smallest subnormal is 2^-149
+
+
+def exponent_sums(x: torch.Tensor) -> torch.Tensor:
+    """Σ ±m per fp32 exponent over the entries of x (int64, EXPONENTS): the exact sum of x as
+    integers to be scaled by 2^(max(e, 1) − 150). Exact as long as one call sees fewer than 2^29
+    entries (each |m| < 2^24, a float64 bincount weight's integers are exact below 2^53)."""
+    bits = x.float().reshape(-1).view(torch.int32)
+    exponent = (bits >> SIGNIFICAND_BITS) & 0xFF
+    significand = (bits & 0x7FFFFF) | ((exponent > 0).int() << SIGNIFICAND_BITS)
+    signed = torch.where(bits < 0, -significand, significand).double()
+    return torch.bincount(exponent, weights=signed, minlength=EXPONENTS).long()
+
+
+def exact_total(sums: torch.Tensor) -> float:
+    """The correctly rounded float64 value of `exponent_sums` added over chunks (inf where an
+    entry was inf or NaN)."""
+    counts = [int(s) for s in sums.tolist()]
+    if counts[EXPONENTS - 1]:
+        return float("inf")
+    # Python's int / int is correctly rounded
+    scaled = sum(s << (max(e, 1) - 1) for e, s in enumerate(counts[:-1]) if s)
+    return scaled / (1 << SCALE_BITS)
+
+
+def exact_sum(x: torch.Tensor, block: int = 1 << 24) -> float:
+    """The correctly rounded float64 sum of x's entries as fp32."""
+    flat = x.reshape(-1)
+    return exact_total(sum((exponent_sums(flat[a:a + block]) for a in range(0, flat.numel(), block)),
+                           torch.zeros(EXPONENTS, dtype=torch.int64)))
+
+
+def reduce_in_parts(reduce: Callable[..., Any], finish: Callable[..., Any], passes: int,
+                    parts: Iterable[tuple[torch.Tensor, list[torch.Tensor]]], **params) -> Any:
+    """A method's reduce passes over (base part, expert parts), as the engine makes them over
+    chunks: for a method given the whole tensor (a small one, or on a GPU), so that it finds
+    the statistics the streamed passes find. `parts` is read once per pass."""
+    parts = list(parts)
+    stats = None
+    for _ in range(passes):
+        sums = sum(reduce(base, experts, stats=stats, **params) for base, experts in parts)
+        stats = finish(stats, sums, **params)
+    return stats

@@ -1,0 +1,164 @@
+"""SCE, Arcee Fusion and TIES'/breadcrumbs' L1 rescale, streamed: their whole-tensor statistics
+(a variance's top-k threshold, quartiles, energies and L1 norms) come from passes over chunks
+(a radix select over fp32 keys, exact sums), and the merge gives the bytes of the whole-tensor
+definitions they had before (selections by kthvalue/introselect, float64 sums)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from conftest import read_tensors
+from safetensors.torch import load_file
+from test_streaming_cuts import awkward_magnitudes, awkward_models  # noqa: F401 (a fixture)
+
+from mergesmith.engine.api import merge, plan
+from mergesmith.engine.run import units
+from mergesmith.methods import kth, sparse
+from mergesmith.methods.blocks import disjoint_mean, elect_sign, kth_largest, topk_count
+from mergesmith.methods.fusion import row_kl
+from mergesmith.methods.sce_merging import energy_weights
+from mergesmith.methods.streamed import exact_sum, exact_total, exponent_sums
+
+CHUNK = 1024  # bytes: a few rows of the toy models per chunk, so every tensor streams
+
+
+def test_signed_select_equals_kthvalue_over_any_chunks():
+    x = awkward_magnitudes(6007, torch.bfloat16, seed=5).float() * 1e3
+    x[:6] = torch.tensor([-math.inf, math.inf, -0.0, 0.0, -1e-45, 1e-45])
+    n = x.numel()
+    ks = [1, 2, 3, n // 4 + 1, n // 2 + 1, 3 * n // 4 + 1, n - 1, n]
+    expected = [float(torch.kthvalue(x, k).values) for k in ks]
+    for chunks in (x, list(x.split(97)), list(x.split(1000))):
+        got = kth.kth_smallest_values(chunks, ks)
+        assert got == expected
+        # −0 and +0 are one value, as for kthvalue: the same bits once canonical
+        assert [v + 0.0 for v in got] == [v + 0.0 for v in expected]
+
+
+def test_exact_sums_are_correctly_rounded_whatever_the_chunks():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20011, generator=g) * torch.exp(torch.randn(20011, generator=g) * 10)
+    x[:6] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38])
+    exact = float(sum(Fraction(v) for v in x.double().tolist()))
+    assert exact_sum(x) == exact
+    assert exact_total(sum(exponent_sums(c) for c in x.split(613))) == exact
+    # a float64 sum in another order is off in its last bits
+    assert float(x.double().sum()) != exact or float(x.double().flip(0).sum()) != exact
+
+
+def run(recipe: dict, out, passes: int) -> tuple[dict, list]:
+    """The merged tensors, chunk by chunk; checks that every matrix streamed, with its passes."""
+    the_plan = plan(recipe)
+    for job in the_plan.jobs:
+        if len(job.out.shape) == 2:
+            assert the_plan.method.reduce_passes(job.params) == passes
+            assert len(units(the_plan, job, CHUNK)) >= 2 * (passes + 1), job.out.name
+    return read_tensors(merge(recipe, out, chunk_size=CHUNK)), the_plan.jobs
+
+
+def inputs_of(folders) -> list[dict[str, torch.Tensor]]:
+    return [load_file(next(folder.glob("*.safetensors"))) for folder in folders]
+
+
+def sce_whole_tensor(base: torch.Tensor, experts: list[torch.Tensor], density: float):
+    """SCE as it was defined on the whole tensor: the k-th largest variance by introselect,
+    the energies by torch's float64 sum of the fp32 τ̂i²."""
+    tvs = [e.float() - base.float() for e in experts]
+    if density < 1:
+        variance = torch.var(torch.stack(tvs), dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * density)
+        keep = (variance >= kth_largest(variance.clone(), [k])[0] if k
+                else torch.zeros_like(variance, dtype=torch.bool))
+        tvs = [tv.mul_(keep) for tv in tvs]
+    weights = energy_weights([float((tv * tv).double().sum()) for tv in tvs])
+    return disjoint_mean(tvs, elect_sign(tvs), weights).add_(base.float())
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("density", (0.3, 1.0))
+def test_sce_streams_with_the_whole_tensor_bytes(tmp_path, awkward_models, dtype, density):
+    folders = awkward_models(dtype)  # duplicates: the variance has ties at its threshold
+    recipe = {"merge_method": "sce", "base_model": str(folders[0]),
+              "models": [{"model": str(e)} for e in folders[1:]],
+              "parameters": {"select_topk": density}}
+    got, jobs = run(recipe, tmp_path / "out", 3 if density < 1 else 1)
+    inputs = inputs_of(folders)
+    for job in jobs:
+        name = job.out.name
+        base, *experts = [tensors[name] for tensors in inputs]
+        expected = sce_whole_tensor(base, experts, density)
+        assert torch.equal(got[name], expected.to(got[name].dtype)), name
+
+
+def arcee_whole_tensor(base: torch.Tensor, other: torch.Tensor, dtype: torch.dtype | None):
+    """Arcee Fusion as it was defined on the whole tensor: quartiles by torch.kthvalue."""
+    theta0 = base.float() if dtype is None else base.float().to(dtype)
+    theta1 = other.float() if dtype is None else other.float().to(dtype)
+    tau = theta1 - theta0
+    scores = tau.abs() * row_kl(theta1, theta0)
+    flat = scores.flatten()
+    q1, median, q3 = [torch.kthvalue(flat, int(q * (flat.numel() - 1)) + 1).values
+                      for q in (0.25, 0.5, 0.75)]
+    return base.float() + tau.float() * (scores >= median + 1.5 * (q3 - q1))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("compat", (False, True))
+def test_arcee_fusion_streams_by_rows_with_the_whole_tensor_bytes(tmp_path, awkward_models,
+                                                                  dtype, compat):
+    base, other = awkward_models(dtype)[:2]
+    recipe = {"merge_method": "arcee_fusion", "base_model": str(base),
+              "models": [{"model": str(other)}], "dtype": str(dtype)[6:]}
+    if compat:  # the importance and its quartiles in the recipe's dtype
+        recipe["compat"] = "mergekit"
+    got, jobs = run(recipe, tmp_path / "out", 2)
+    inputs = inputs_of((base, other))
+    for job in jobs:
+        name = job.out.name
+        expected = arcee_whole_tensor(inputs[0][name], inputs[1][name], dtype if compat else None)
+        assert torch.equal(got[name], expected.to(got[name].dtype)), name
+
+
+def l1_whole_tensor(method: str, base: torch.Tensor, experts: list[torch.Tensor],
+                    densities: list[float], gamma: float, weights: list[float]):
+    """TIES and breadcrumbs with mergekit's L1 rescale as they were defined on the whole tensor:
+    the cuts by introselect, ||τi||₁ / ||cut(τi)||₁ from float64 sums."""
+    n = base.numel()
+    cuts, scales = [], []
+    for expert, density in zip(experts, densities):
+        tau = expert.float() - base.float()
+        keep = topk_count(n, density)
+        skip = min(int(gamma * n), n - keep)
+        low, *high = kth_largest(tau.abs(), [skip + keep] + ([skip + 1] if skip else []))
+        cut = sparse.keep_band(low, high[0] if high else math.inf)
+        before, after = float(tau.abs().double().sum()), float(cut(tau, 0).abs().double().sum())
+        cuts.append(cut)
+        scales.append(before / after)
+    consensus, normalize = {"ties": (True, True), "breadcrumbs": (False, False)}[method]
+    return sparse.merge_sparse(base, experts, cuts, weights=weights, consensus=consensus,
+                               normalize=normalize, lambda_=1.0, l1=True, scales=scales)
+
+
+@pytest.mark.parametrize("method,gamma", [("ties", 0.0), ("breadcrumbs", 0.05)])
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_l1_rescale_streams_with_the_whole_tensor_bytes(tmp_path, awkward_models, method,
+                                                        gamma, dtype):
+    """`rescale: true` (mergekit's L1 rescale for TIES and breadcrumbs), as published recipes
+    say: a third pass of sums after the cuts' two."""
+    base, *experts = awkward_models(dtype)
+    densities, weights = [0.3, 0.5, 0.55], [1.0, 0.5, 0.7]
+    extra = {"gamma": gamma} if method == "breadcrumbs" else {}
+    recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32",
+              "parameters": {"rescale": True},
+              "models": [{"model": str(e), "parameters": {"weight": w, "density": d, **extra}}
+                         for e, w, d in zip(experts, weights, densities)]}
+    got, jobs = run(recipe, tmp_path / "out", 3)
+    inputs = inputs_of((base, *experts))
+    for job in jobs:
+        name = job.out.name
+        ins = [tensors[name] for tensors in inputs]
+        expected = l1_whole_tensor(method, ins[0], ins[1:], densities, gamma, weights)
+        assert torch.equal(got[name], expected.to(got[name].dtype)), name
