@@ -70,7 +70,8 @@ A_POINT, B_POINT = RNG.uniform(0.1, 0.9, 6), RNG.uniform(0.1, 0.9, 6)
 
 def niches(x):
     """Four examples, each solved by getting one pair of coordinates right: the mean, per example."""
-    per_example = [float(np.exp(-np.sum((x[i:i + 2] - TARGET[i:i + 2]) ** 2) / 0.02)) for i in range(0, 8, 2)]
+    per_example = [float(np.exp(-np.sum((x[i:i + 2] - TARGET[i:i + 2]) ** 2) / 0.02))
+                   for i in range(0, 8, 2)]
     return [float(np.mean(per_example))], per_example
 
 
@@ -79,7 +80,7 @@ def sphere(x):
 
 
 def two_peaks(x):
-    return [float(np.exp(-np.sum((x - A_POINT) ** 2) / 0.3)), float(np.exp(-np.sum((x - B_POINT) ** 2) / 0.3))], None
+    return [float(np.exp(-np.sum((x - p) ** 2) / 0.3)) for p in (A_POINT, B_POINT)], None
 
 
 def hypervolume(points) -> float:
@@ -93,8 +94,8 @@ def hypervolume(points) -> float:
 
 
 def mean_best(name, objective, d, budget, measure, seeds=range(4), **settings):
-    return float(np.mean([measure(run(make(name, d, seed, evaluations=budget, **settings), objective, budget))
-                          for seed in seeds]))
+    return float(np.mean([measure(run(make(name, d, seed, evaluations=budget, **settings), objective,
+                                      budget)) for seed in seeds]))
 
 
 def best_mean_score(log):
@@ -177,7 +178,8 @@ def test_map_recovers_an_exact_quadratic_and_returns_a_non_dominated_front():
     log = run(optimizer, objective, 100)
     assert len(log) == 14 + 6 and optimizer.done()
     for (A, b, e), (A_true, b_true, e_true) in zip(optimizer.fits, truth):
-        assert np.abs(A - A_true).max() < 1e-8 and np.abs(b - b_true).max() < 1e-8 and abs(e - e_true) < 1e-8
+        assert np.abs(A - A_true).max() < 1e-8 and np.abs(b - b_true).max() < 1e-8
+        assert abs(e - e_true) < 1e-8
     front = np.vstack([x for x, _ in log[14:]])
     values = np.column_stack([map_pareto.surrogate(front, *fit) for fit in truth])
     assert len(non_dominated(values)) == len(front)
@@ -201,8 +203,8 @@ def test_map_draws_replacements_for_failed_and_subsampled_samples():
     optimizer = make("map", 2, options={"samples": 6, "front": 3, "generations": 5})
     xs = optimizer.ask()
     # one failed, one scored at fidelity 0.5 (capped by successive halving): neither is fitted
-    optimizer.tell(xs, [Evaluation(i, None if i == 0 else [float(x.sum())], fidelity=0.5 if i == 1 else 1.0)
-                        for i, x in enumerate(xs)])
+    optimizer.tell(xs, [Evaluation(i, None if i == 0 else [float(x.sum())],
+                                   fidelity=0.5 if i == 1 else 1.0) for i, x in enumerate(xs)])
     assert len(optimizer.ask()) == 2 and not optimizer.done()
 
 
@@ -249,7 +251,8 @@ def test_cycleqd_bins_as_the_code():
 
 def test_cycleqd_crossover_is_the_weighted_mean_and_rejects_zero_sums():
     parents = [np.array([0.2, 0.4]), np.array([0.6, 1.0])]
-    assert cycleqd.linear_crossover(parents, np.random.default_rng(0), sigma=0.0) == pytest.approx([0.4, 0.7])
+    mean = cycleqd.linear_crossover(parents, np.random.default_rng(0), sigma=0.0)
+    assert mean == pytest.approx([0.4, 0.7])
 
     class Draws:  # first a pair that sums to 0 (redrawn), then (1, 3)
         def __init__(self):
@@ -306,7 +309,8 @@ def test_genome_operators_identities():
     assert genome.fitness_crossover(x, x, 0.3, 0.9) == pytest.approx(x)
     assert genome.fitness_crossover(x, 0 * x, 3.0, 1.0) == pytest.approx(0.75 * x)
     assert np.array_equal(genome.gene_mutation(x, np.random.default_rng(0), 1.0, 0.0), x)
-    assert genome.roulette_weights(np.array([-1.0, 0.0, 1.0])) == pytest.approx([0, 1 / 3, 2 / 3], abs=1e-9)
+    assert genome.roulette_weights(np.array([-1.0, 0.0, 1.0])) == pytest.approx([0, 1 / 3, 2 / 3],
+                                                                                abs=1e-9)
 
 
 def test_genome_keeps_the_elite():
@@ -375,7 +379,8 @@ def test_failed_candidates_are_skipped(name):
             break
         xs = optimizer.ask()
         # every third candidate fails; the rest score two objectives
-        optimizer.tell(xs, [Evaluation(i, None if i % 3 == 0 else two_peaks(x)[0]) for i, x in enumerate(xs)])
+        optimizer.tell(xs, [Evaluation(i, None if i % 3 == 0 else two_peaks(x)[0])
+                            for i, x in enumerate(xs)])
     best = optimizer.best()
     assert best and all(np.all((x >= 0) & (x <= 1)) for x in best)
 
@@ -392,8 +397,8 @@ def test_unknown_option_is_named(name):
 def test_driver_resume_ends_where_the_uninterrupted_search_ends(tmp_path, name):
     from test_search_driver import Killed, Worker, log_of, problem, run as drive, two_wells
 
-    settings = dict(optimizer=name, evaluations=30, population=5,
-                    options={"samples": 12, "front": 4, "generations": 10, "pop_size": 20} if name == "map" else {})
+    options = {"samples": 12, "front": 4, "generations": 10, "pop_size": 20} if name == "map" else {}
+    settings = dict(optimizer=name, evaluations=30, population=5, options=options)
     whole = drive(tmp_path, "whole", problem(**settings), score=two_wells)
     with pytest.raises(Killed):
         drive(tmp_path, "cut", problem(**settings), worker=Worker(two_wells, kill=14))
@@ -413,3 +418,12 @@ def test_m2n2_recovers_the_toy_merge_weights(zoo, tmp_path):
     result = mergesmith.search(path, tmp_path / "out", progress=False)
     weights = [result.best["params"][name] for name in sorted(result.best["params"])]
     assert np.abs(np.array(weights) - TARGET_WEIGHTS).max() < 0.03, result.best
+
+
+def test_bad_option_values_are_refused():
+    with pytest.raises(RecipeError, match="crossover: 'uniform'"):
+        make("m2n2", 3, options={"crossover": "uniform"})
+    with pytest.raises(RecipeError, match="bc_range"):
+        make("cycleqd", 3, options={"bc_range": [1.0, 0.0]})
+    with pytest.raises(RecipeError, match="variant: 'nested'"):
+        make("map", 3, options={"variant": "nested"})

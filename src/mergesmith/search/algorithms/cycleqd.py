@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mergesmith.errors import MergesmithError
-from mergesmith.search.algorithms.common import Log, clip, generation_rng, read_options, scores_of, start_points
+from mergesmith.errors import MergesmithError, RecipeError
+from mergesmith.search.algorithms.common import (Log, clip, generation_rng, read_options, scores_of,
+                                                 start_points)
 from mergesmith.search.optimizers import register_optimizer
 
 NAME = "cycleqd"
@@ -55,6 +56,11 @@ def linear_crossover(parents: list[np.ndarray], rng: np.random.Generator, mu: fl
 class CycleQD:
     def __init__(self, space, settings, seed: int):
         self.options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
+        low, high = self.options["bc_range"]
+        if not low < high or int(self.options["bins"]) < 1:
+            raise RecipeError(f"search.options: bc_range {self.options['bc_range']} and bins "
+                              f"{self.options['bins']} give no cells",
+                              hint="bc_range is [low, high] with low < high, bins at least 1")
         self.dim, self.seed = len(space), seed
         self.children = int(getattr(settings, "population", None) or 8)
         self.first = start_points(space, int(self.options["initial"] or self.children),
@@ -81,9 +87,10 @@ class CycleQD:
         if len(elites) < 2:
             return rng.random(self.dim)
         pair = rng.choice(len(elites), size=2, replace=False)
-        child = linear_crossover([elites[i][1] for i in pair], rng, self.options["mu"], self.options["sigma"])
-        if self.options["mutation"]:
-            child = child + rng.normal(0.0, self.options["mutation"], self.dim)
+        o = self.options
+        child = linear_crossover([elites[i][1] for i in pair], rng, o["mu"], o["sigma"])
+        if o["mutation"]:
+            child = child + rng.normal(0.0, o["mutation"], self.dim)
         return clip(child)
 
     def tell(self, xs, evaluations) -> None:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mergesmith.search.algorithms.common import Log, clip, generation_rng, read_options, scores_of, start_points
+from mergesmith.search.algorithms.common import (Log, clip, generation_rng, read_options, scores_of,
+                                                 start_points)
 from mergesmith.search.optimizers import register_optimizer
 
 NAME = "genome"
@@ -94,7 +95,8 @@ class Genome:
     def ask(self) -> list[np.ndarray]:
         if self.generation == 0 or not self.population:
             rng = generation_rng(self.seed, NAME, self.generation)
-            points = self.first if self.generation == 0 else [rng.random(self.dim) for _ in range(self.size)]
+            fresh = [rng.random(self.dim) for _ in range(self.size)]  # every candidate so far failed
+            points = self.first if self.generation == 0 else fresh
             self.pending = [Individual(x) for x in points]
         else:
             self.pending = self._offspring(generation_rng(self.seed, NAME, self.generation))

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mergesmith.search.algorithms.common import Log, clip, generation_rng, read_options, scores_of, start_points
+from mergesmith.errors import RecipeError
+from mergesmith.search.algorithms.common import (Log, clip, generation_rng, read_options, scores_of,
+                                                 start_points)
 from mergesmith.search.optimizers import register_optimizer
 
 NAME = "m2n2"
@@ -53,7 +55,8 @@ def slerp(a: np.ndarray, b: np.ndarray, t) -> np.ndarray:
     return (np.sin((1.0 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
 
 
-def split_crossover(a: np.ndarray, b: np.ndarray, w: float, split: int, kind: str = "slerp") -> np.ndarray:
+def split_crossover(a: np.ndarray, b: np.ndarray, w: float, split: int,
+                    kind: str = "slerp") -> np.ndarray:
     """t = w for indices below the split point, 1 - w from it on."""
     t = np.where(np.arange(len(a)) < split, w, 1.0 - w)
     return slerp(a, b, t) if kind == "slerp" else (1.0 - t) * np.asarray(a) + t * np.asarray(b)
@@ -88,6 +91,10 @@ def _normalised(weights: np.ndarray) -> np.ndarray:
 class M2N2:
     def __init__(self, space, settings, seed: int):
         self.options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
+        if self.options["crossover"] not in ("slerp", "linear"):
+            raise RecipeError(f"search.options.crossover: {self.options['crossover']!r} is not "
+                              "slerp or linear",
+                              hint="M2N2 crosses over by SLERP (the paper's) or linear interpolation")
         self.dim = len(space)
         self.seed = seed
         self.children = int(getattr(settings, "population", None) or 4)

@@ -90,7 +90,8 @@ def surrogate_front(fits: list, d: int, seed: int, algorithm: str = "nsga3",
         from pymoo.optimize import minimize
         from pymoo.util.ref_dirs import get_reference_directions
     except ImportError:
-        raise MergesmithError("MAP: pymoo is not installed", hint=f"install the search extra: {SEARCH_EXTRA}") from None
+        raise MergesmithError("MAP: pymoo is not installed",
+                              hint=f"install the search extra: {SEARCH_EXTRA}") from None
 
     class Surrogates(Problem):
         def __init__(self):
@@ -107,14 +108,16 @@ def surrogate_front(fits: list, d: int, seed: int, algorithm: str = "nsga3",
     result = minimize(Surrogates(), method, ("n_gen", generations), seed=seed, verbose=False)
     points = np.atleast_2d(result.X)
     values = -np.atleast_2d(result.F)
-    tops = [box_maximiser(A, b, points[int(np.argmax(values[:, k]))]) for k, (A, b, _) in enumerate(fits)]
+    tops = [box_maximiser(A, b, points[int(np.argmax(values[:, k]))])
+            for k, (A, b, _) in enumerate(fits)]
     points = np.vstack([tops, points])
     values = np.column_stack([surrogate(points, *fit) for fit in fits])
     return points[non_dominated(values)]
 
 
 def to_angles(points: np.ndarray) -> np.ndarray:
-    """Hyperspherical angles phi_1..phi_{d-1} of each row (the code's batch_cartesian_to_hyperspherical)."""
+    """Hyperspherical angles phi_1..phi_{d-1} of each row (the code's
+    batch_cartesian_to_hyperspherical)."""
     points = np.atleast_2d(points)
     tails = np.cumsum(points[:, ::-1] ** 2, axis=1)[:, ::-1]
     return np.arctan2(np.sqrt(tails[:, 1:]), points[:, :-1])
@@ -141,17 +144,17 @@ def bin_scores(angles: np.ndarray, losses: np.ndarray, bins: int, rng: np.random
     index = np.minimum((angles // width).astype(int), bins - 1)
     scores = {}
     for key in itertools.product(range(bins), repeat=angles.shape[1]):
-        mask = np.all(index == np.array(key), axis=1)
-        if not mask.any():
+        inside = np.all(index == np.array(key), axis=1)
+        if not inside.any():
             scores[key] = -np.inf
             continue
-        means = []
+        mask, means = inside.copy(), []
         for _ in range(subsets):  # the code drops a share of what the previous subset kept
             kept = np.flatnonzero(mask)
             mask[rng.choice(kept, int(percentage / 100 * len(kept)), replace=False)] = False
             if mask.any():
                 means.append(losses[mask].mean())
-        scores[key] = float(losses[np.all(index == np.array(key), axis=1)].mean() + lamba * np.std(means))
+        scores[key] = float(losses[inside].mean() + lamba * np.std(means))
     return scores
 
 
@@ -188,10 +191,12 @@ class MAP:
     def __init__(self, space, settings, seed: int):
         self.options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
         if self.options["algorithm"] not in ("nsga2", "nsga3"):
-            raise RecipeError(f"search.options.algorithm: {self.options['algorithm']!r} is not nsga2 or nsga3",
-                              hint="MAP finds the surrogate front with pymoo's NSGA-III (default) or NSGA-II")
+            raise RecipeError(f"search.options.algorithm: {self.options['algorithm']!r} is not "
+                              "nsga2 or nsga3",
+                              hint="MAP finds the surrogate front with NSGA-III (default) or NSGA-II")
         if self.options["variant"] not in ("plain", "bayesian"):
-            raise RecipeError(f"search.options.variant: {self.options['variant']!r} is not plain or bayesian",
+            raise RecipeError(f"search.options.variant: {self.options['variant']!r} is not "
+                              "plain or bayesian",
                               hint="nested MAP is not available")
         self.rounds = int(self.options["rounds"]) if self.options["variant"] == "bayesian" else 0
         self.dim, self.seed = len(space), seed
