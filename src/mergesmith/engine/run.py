@@ -12,6 +12,7 @@ import math
 import queue
 import threading
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -63,6 +64,18 @@ def units(plan: Plan, job: TensorJob, chunk_bytes: int) -> list[Unit]:
     return reduces + [Unit(job, rows, "merge") for rows in blocks]
 
 
+def read_unit(plan: Plan, unit: Unit, source=None) -> list[torch.Tensor]:
+    """The unit's inputs in their stored dtypes; `source(checkpoint, name, rows)` reads them
+    from elsewhere than the files (a cache of the inputs: engine/memory.py)."""
+    if source is None:
+        tensors = [ck.read(name, unit.rows) for ck, name in unit.job.inputs]
+    else:
+        tensors = [source(ck, name, unit.rows) for ck, name in unit.job.inputs]
+    if unit.job.vocab_axis:
+        tensors = plan.vocab.gather(tensors, [ck for ck, _ in unit.job.inputs])
+    return tensors
+
+
 class Reader(threading.Thread):
     """Reads the inputs of each unit, in order, one unit ahead of the merge: the next unit is
     read only once the merge has taken the previous one, so at most two units are in memory."""
@@ -80,9 +93,7 @@ class Reader(threading.Thread):
                 if self.stopped.is_set():
                     return
             try:
-                item = [ck.read(name, unit.rows) for ck, name in unit.job.inputs]
-                if unit.job.vocab_axis:
-                    item = self.plan.vocab.gather(item, [ck for ck, _ in unit.job.inputs])
+                item = read_unit(self.plan, unit)
             except BaseException as exc:  # handed to the main thread, which raises it
                 item = exc
             while not self.stopped.is_set():
@@ -287,6 +298,13 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
     """Write every shard not already finished, each through a fresh writer. `side` (engine/api.py:
     SIDE_STORES) stores the method's side outputs, per shard, before it is marked done."""
     keep_freed_memory()
+    with merge_threads(plan, device):
+        _stream(plan, output, device=device, chunk_bytes=chunk_bytes, progress=progress, side=side)
+
+
+@contextmanager
+def merge_threads(plan: Plan, device: torch.device) -> Iterator[None]:
+    """The thread count every merge of the plan runs with (in memory too, so the bytes match)."""
     threads = torch.get_num_threads()
     if device.type == "cpu" and plan.method.chunkable:
         # cache-sized tiles are too small to split across cores: the split costs more than it
@@ -294,9 +312,26 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
         # the other cores
         torch.set_num_threads(1)
     try:
-        _stream(plan, output, device=device, chunk_bytes=chunk_bytes, progress=progress, side=side)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def merge_job(plan: Plan, job: TensorJob, chunk_bytes: int, read, device: torch.device
+              ) -> Iterator[tuple[Unit, list[torch.Tensor], torch.Tensor]]:
+    """(unit, its inputs, its merged values) for each merge unit of the job, in row order;
+    `read(unit)` gives a unit's inputs. The reduce passes before them (SLERP's sums, the cuts'
+    counts) fold into the statistics the merge units get."""
+    stats = sums = None
+    for unit in units(plan, job, chunk_bytes):
+        tensors = read(unit)
+        result = merge_unit(plan, unit, tensors, device, stats)
+        if unit.phase == "reduce":
+            sums = result if sums is None else sums + result
+            if unit.last:
+                stats, sums = plan.method.fold(stats, sums, job.params), None
+            continue
+        yield unit, tensors, result
 
 
 def _stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_bytes: int,
@@ -310,6 +345,7 @@ def _stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byt
     reader = Reader(work, plan)
     reader.start()
     inputs = iter(reader)
+    read = lambda unit: next(inputs)  # noqa: E731 (the reader yields the units in order)
     behind = WriteBehind()
     try:
         for shard in pending:
@@ -319,15 +355,7 @@ def _stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byt
                     side.open(shard)
                 for out in shard.tensors:
                     job = jobs[out.name]
-                    stats = sums = None
-                    for unit in units(plan, job, chunk_bytes):
-                        tensors = next(inputs)
-                        result = merge_unit(plan, unit, tensors, device, stats)
-                        if unit.phase == "reduce":
-                            sums = result if sums is None else sums + result
-                            if unit.last:
-                                stats, sums = plan.method.fold(stats, sums, job.params), None
-                            continue
+                    for unit, tensors, result in merge_job(plan, job, chunk_bytes, read, device):
                         if side is not None and not job.copy:
                             side.add(job, side_outputs(plan, job, tensors, device))
                         behind.submit(_write, writer, result)

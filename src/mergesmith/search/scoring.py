@@ -50,7 +50,7 @@ class Scorer:
         self.in_memory, self.device, self.seed = in_memory, device, seed
         self.batch_size, self.max_examples, self.n_bootstrap = batch_size, max_examples, n_bootstrap
         self.merged = 0  # merges actually run (not reused)
-        self._module: tuple[str, tuple] | None = None  # (config key, (module, tokenizer))
+        self._merger = None  # in memory: search/candidates.py's CandidateMerger, made on first use
         names = {t.name for t in tasks}
         for task in self.experts:
             if task not in names:
@@ -122,35 +122,9 @@ class Scorer:
 
         if not self.in_memory or get_method(recipe.merge_method).router:
             return self.merge_folder(recipe)  # a router is trained on the written model
-        from mergesmith.pipeline import merge_plan
-        from mergesmith.engine.memory import load_merged, merge_tensors
+        from mergesmith.search.candidates import CandidateMerger
 
-        the_plan = merge_plan(recipe, seed=self.seed, device=self.device)
-        module, tokenizer = self._skeleton(the_plan)
-        load_merged(module, merge_tensors(the_plan, device=self.device))
+        if self._merger is None:  # the inputs are read once, for every candidate
+            self._merger = CandidateMerger(recipe, self.device, seed=self.seed)
         self.merged += 1
-        return module, tokenizer
-
-    def _skeleton(self, the_plan):
-        """A model built from the merged config, reused while the config stays the same."""
-        import transformers as tf
-
-        from mergesmith.evaluate.run import quiet_transformers
-
-        config = the_plan.config
-        config_key = json.dumps(config, sort_keys=True)
-        if self._module is None or self._module[0] != config_key:
-            if the_plan.vocab is not None:
-                raise MergesmithError("in-memory merging keeps the first model's tokenizer; this "
-                                      "recipe changes the vocabulary", hint="drop --in-memory")
-            arch = (config.get("architectures") or [""])[0]
-            cls = getattr(tf, arch, None)
-            if cls is None:
-                raise MergesmithError(f"{the_plan.config_source.label}: config.json names no known "
-                                      "architecture, which in-memory merging needs to build the model",
-                                      hint="drop --in-memory")
-            with quiet_transformers():
-                module = cls(cls.config_class.from_dict(config)).to(self.device)
-            tokenizer = tf.AutoTokenizer.from_pretrained(the_plan.config_source.path)
-            self._module = (config_key, (module, tokenizer))
-        return self._module[1]
+        return self._merger.merge(recipe)
