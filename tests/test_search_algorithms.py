@@ -282,6 +282,22 @@ def test_cycleqd_cycles_the_quality_task_and_fills_every_archive():
     assert children[0] == pytest.approx(np.mean(elites, axis=0))
 
 
+def test_cycleqd_elite_sampling_as_the_code():
+    qualities = np.array([0.2, 0.6, 0.4])
+    cells = np.array([[0, 3], [2, 3], [4, 1]])
+    # norm(q) = 0.5 + 0.8 (q - 0.2) / 0.4 = (0.5, 1.3, 0.9); bins (0.5, 0.9, 1.3) and (1.3, 1.3, 0.5)
+    weights = np.array([0.5 * 0.5 * 1.3, 1.3 * 0.9 * 1.3, 0.9 * 1.3 * 0.5])
+    assert cycleqd.elite_weights(qualities, cells) == pytest.approx(weights / weights.sum())
+    assert cycleqd.elite_weights(np.ones(3), np.ones((3, 2))) == pytest.approx([1 / 3] * 3)
+    optimizer = make("cycleqd", 3, seed=1, options={"sampling": "elite"})
+    run(optimizer, two_peaks_3d, 40)
+    assert len(optimizer.archives[0]) >= 2
+
+
+def two_peaks_3d(x):
+    return two_peaks(np.r_[x, x])
+
+
 def test_cycleqd_needs_two_objectives():
     optimizer = make("cycleqd", 2)
     xs = optimizer.ask()

@@ -7,14 +7,17 @@ The genome is a point x in [0, 1]^d of the search space instead of a model's tas
 - One MAP-Elites archive per objective k: quality = score k; the cell is the tuple of the other
   objectives' bins (`bins` equal bins on `bc_range`, values outside go to the end bins).
 - Child g (counted over the whole search, from 1) optimises q = g mod K: two distinct parents
-  drawn uniformly from archive q; crossover w_i ~ N(1 + mu, sigma), child = sum w_i x_i / sum w_i
+  from archive q, drawn uniformly (the config's default) or, with `sampling: elite`, with
+  probability ~ norm(quality) * prod norm(bin index), norm(v) = 0.5 + 0.8 (v - min) / (max - min)
+  (1 when all are equal; this spans [0.5, 1.3], as the code has it, though 0.8 looks meant as
+  the top); crossover w_i ~ N(1 + mu, sigma), child = sum w_i x_i / sum w_i
   (|sum w| < 1e-8 is redrawn, never divided by); Gaussian mutation N(0, mutation^2).
 - Every scored child enters every archive whose cell is empty or holds a lower quality.
 
 Ours, not the paper's: the first generation is space.start() and uniform points (the paper seeds
 the archives with its experts); a child of an archive with fewer than two elites is a uniform
 point; `mutation` is in units of the cube (the code's 0.0003 is in weight units); best() is the
-Pareto set of everything scored. Not here: elite sampling, SVD mutation (needs the experts'
+Pareto set of everything scored. Not here: SVD mutation (needs the experts'
 task vectors) and the optional per-task CMA-ES over the operators' parameters.
 """
 
@@ -29,7 +32,7 @@ from mergesmith.search.optimizers import register_optimizer
 
 NAME = "cycleqd"
 DEFAULTS = {"bins": 15, "bc_range": [0.0, 1.0], "mu": 0.0, "sigma": 0.01, "mutation": 0.05,
-            "initial": None}
+            "initial": None, "sampling": "uniform"}
 
 
 def bin_id(value: float, low: float, high: float, bins: int) -> int:
@@ -40,6 +43,18 @@ def bin_id(value: float, low: float, high: float, bins: int) -> int:
 
 def cell(scores: np.ndarray, quality: int, low: float, high: float, bins: int) -> tuple[int, ...]:
     return tuple(bin_id(v, low, high, bins) for k, v in enumerate(scores) if k != quality)
+
+
+def elite_weights(qualities: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """The code's elite sampling probabilities over an archive's elites."""
+    def norm(values):
+        low, high = values.min(), values.max()
+        return np.ones(len(values)) if low == high else 0.5 + (values - low) * (0.8 / (high - low))
+
+    weights = norm(np.asarray(qualities, dtype=float))
+    for column in np.atleast_2d(np.asarray(cells, dtype=float)).T:
+        weights = weights * norm(column)
+    return weights / weights.sum() if weights.sum() > 0 else np.full(len(weights), 1.0 / len(weights))
 
 
 def linear_crossover(parents: list[np.ndarray], rng: np.random.Generator, mu: float = 0.0,
@@ -61,6 +76,10 @@ class CycleQD:
             raise RecipeError(f"search.options: bc_range {self.options['bc_range']} and bins "
                               f"{self.options['bins']} give no cells",
                               hint="bc_range is [low, high] with low < high, bins at least 1")
+        if self.options["sampling"] not in ("uniform", "elite"):
+            raise RecipeError(f"search.options.sampling: {self.options['sampling']!r} is not "
+                              "uniform or elite",
+                              hint="CycleQD draws parents uniformly or by elite sampling")
         self.dim, self.seed = len(space), seed
         self.children = int(getattr(settings, "population", None) or 8)
         self.first = start_points(space, int(self.options["initial"] or self.children),
@@ -83,10 +102,14 @@ class CycleQD:
         """Child g of the search (g of the paper, counted from 1 over all generations)."""
         if not self.archives:
             return rng.random(self.dim)
-        elites = list(self.archives[self.quality_task(g)].values())
+        archive = self.archives[self.quality_task(g)]
+        elites = list(archive.values())
         if len(elites) < 2:
             return rng.random(self.dim)
-        pair = rng.choice(len(elites), size=2, replace=False)
+        probs = None
+        if self.options["sampling"] == "elite":
+            probs = elite_weights(np.array([q for q, _ in elites]), np.array(list(archive)))
+        pair = rng.choice(len(elites), size=2, replace=False, p=probs)
         o = self.options
         child = linear_crossover([elites[i][1] for i in pair], rng, o["mu"], o["sigma"])
         if o["mutation"]:
