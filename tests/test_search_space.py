@@ -496,3 +496,11 @@ def test_genome_granularity_must_divide_the_layers(zoo, tmp_path):
     with pytest.raises(RecipeError, match="layer_granularity 3 does not divide the 4 layers"):
         load_evolve_config(evolve_config(tmp_path, [models["e1"], models["e2"]], "ties",
                                          layer_granularity=3))
+
+
+def test_a_base_model_folder_named_base_is_a_model():
+    """`base` is a tokenizer source keyword, not a reserved model name (the README's toy world
+    names its base model folder `base`)."""
+    recipe = load_recipe({"merge_method": "ties", "base_model": "base", "tokenizer_source": "base",
+                          "models": [{"model": "math"}]})
+    assert recipe.model_refs() == ["base", "math"]

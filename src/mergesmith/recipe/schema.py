@@ -323,11 +323,10 @@ class Recipe(_Strict):
             refs += [m.model for m in section.models or ()]
             for piece in section.slices or ():
                 refs += [src.model for src in piece.sources] + [piece.base_model]
-        refs.append(self.tokenizer_source)
-        if self.tokenizer:
-            refs.append(self.tokenizer.source)
-        keywords = {"base", "union"}  # tokenizer sources that are not models
-        return list(dict.fromkeys(r for r in refs if r and r not in keywords))
+        keywords = {"base", "union"}  # tokenizer sources that are not models (a model may be named so)
+        tokenizers = [self.tokenizer_source, self.tokenizer.source if self.tokenizer else None]
+        refs += [r for r in tokenizers if r not in keywords]
+        return list(dict.fromkeys(r for r in refs if r))
 
 
 def format_path(path: tuple) -> str:

@@ -73,7 +73,8 @@ class GenomeSpace(SearchSpace):
         self.params = METHOD_PARAMS[method]
         self.sets = [*(spec.filters or []), None]
         self.shape = (self.layers // self.step, len(self.models), len(self.sets), len(self.params))
-        self.dimensions = [Dimension(self._name(*index), -GENE_BOUND, GENE_BOUND)
+        # every bit of the genes, as mergekit decodes them
+        self.dimensions = [Dimension(self._name(*index), -GENE_BOUND, GENE_BOUND, digits=None)
                            for index in np.ndindex(self.shape)]
 
     def _name(self, group: int, model: int, filt: int, param: int) -> str:

@@ -34,7 +34,8 @@ SPACE_HINT = "see the README's Search section for the search: fields"
 class Dimension:
     """One coordinate of the search: its unit value u in [0, 1] maps onto [low, high] (linearly
     or on a log scale), onto the integers low..high (equal shares of [0, 1] each), or onto
-    `choices` (equal shares, in order)."""
+    `choices` (equal shares, in order). Floats are rounded to `digits` significant digits, so
+    that a recipe reads 0.3 rather than 0.30000000000000004 (None keeps every bit)."""
 
     name: str
     low: float
@@ -42,6 +43,7 @@ class Dimension:
     scale: str = "linear"
     kind: str = "float"
     choices: tuple = ()
+    digits: int | None = 12
 
     def value(self, u: float) -> Any:
         u = min(max(float(u), 0.0), 1.0)
@@ -55,7 +57,8 @@ class Dimension:
             value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
         else:
             value = self.low + u * (self.high - self.low)
-        return min(max(value, self.low), self.high)
+        value = min(max(value, self.low), self.high)
+        return float(f"{value:.{self.digits}g}") if self.digits else value
 
     def unit(self, value: Any) -> float:
         """The unit coordinate of `value` (the middle of its share for ints and choices),
