@@ -162,3 +162,30 @@ def test_l1_rescale_streams_with_the_whole_tensor_bytes(tmp_path, awkward_models
         ins = [tensors[name] for tensors in inputs]
         expected = l1_whole_tensor(method, ins[0], ins[1:], densities, gamma, weights)
         assert torch.equal(got[name], expected.to(got[name].dtype)), name
+
+
+GPU_CASES = {
+    "sce": {"parameters": {"select_topk": 0.3}},
+    "arcee_fusion": {},
+    "arcee_fusion-compat": {"compat": "mergekit", "dtype": "bfloat16"},
+    "ties-l1": {"parameters": {"rescale": True, "density": 0.3}},
+    "breadcrumbs-l1": {"parameters": {"rescale": True, "density": 0.4, "gamma": 0.05}},
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_cuda_streamed_statistics_equal_the_whole_tensor_ones(tmp_path, awkward_models, case):
+    """On the GPU too, the passes over chunks find the whole tensor's statistics: the same
+    bytes merged in chunks as merged whole."""
+    base, *experts = awkward_models(torch.bfloat16)
+    method = case.split("-")[0]
+    experts = experts[:1] if method == "arcee_fusion" else experts
+    recipe = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(e)} for e in experts], **GPU_CASES[case]}
+    if method in ("ties", "breadcrumbs"):
+        recipe["parameters"]["weight"] = 0.6
+    whole = read_tensors(merge(recipe, tmp_path / "whole", device="cuda"))
+    chunked = read_tensors(merge(recipe, tmp_path / "chunked", chunk_size=CHUNK, device="cuda"))
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name

@@ -70,7 +70,7 @@ def sce_sums(base: torch.Tensor, experts: list[torch.Tensor], *, select_topk: fl
             zeros = (bits == 0).sum().view(1)
             return torch.cat([kth.high_histogram(bits), zeros])
         if stats.found is None:
-            return torch.zeros(kth.LOW_BINS, dtype=torch.int64)
+            return torch.zeros(kth.LOW_BINS, dtype=torch.int64, device=bits.device)
         return kth.low_histogram(bits, stats.found[0])
     threshold = stats.threshold if stats is not None else None
     return torch.stack([exponent_sums(tv.mul_(tv))  # τ̂i² rounded to fp32, summed exactly

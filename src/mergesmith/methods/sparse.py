@@ -404,7 +404,7 @@ def l1_sums(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[S
             ) -> torch.Tensor:
     """Per τi, the exact sums of |τi| and of |sparsify(τi)| over these rows (methods/streamed.py:
     experts × 2 × EXPONENTS), block by block: added over any chunks, the sums of the whole."""
-    sums = torch.zeros(len(experts), 2, EXPONENTS, dtype=torch.int64)
+    sums = torch.zeros(len(experts), 2, EXPONENTS, dtype=torch.int64, device=base.device)
     cols = base.shape[1]
     for rows in row_blocks(base):
         for i, (expert, sparsify) in enumerate(zip(experts, sparsifiers)):
