@@ -111,6 +111,8 @@ class ParameterSpace(SearchSpace):
         if spec.per_model and not owners:
             raise RecipeError(f"{where}: per_model, but the recipe has no models besides the base")
         kind = "choice" if spec.choices is not None else "int" if spec.integer or param.type is int else "float"
+        if kind == "int" and not (float(spec.low).is_integer() and float(spec.high).is_integer()):
+            raise RecipeError(f"{where}: {name} is an integer; give whole-number bounds")
         for model, label in owners:
             dims = []
             for filt in sets:

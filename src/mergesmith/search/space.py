@@ -83,6 +83,7 @@ class SearchSpace:
     recipe's own values by dimension name, where it has them)."""
 
     dimensions: list[Dimension]
+    section: dict = {}  # the search: entries that define this space, as to_dict writes them
 
     def __len__(self) -> int:
         return len(self.dimensions)
@@ -193,12 +194,11 @@ class SearchProblem:
     space: SearchSpace
     settings: SearchSettings
     source: Path | None = None  # the YAML file (relative data paths resolve against its folder)
-    spec: dict = field(default_factory=dict)  # the space part of the search: section, as validated
 
     def to_dict(self) -> dict:
         """The recipe with its search: section, JSON/YAML-able; load_search rebuilds the problem."""
         data = self.recipe.model_dump(mode="json", exclude_none=True)
-        search = dict(self.spec)
+        search = dict(self.space.section)
         search.update({name: getattr(self.settings, name) for name in SETTINGS})
         if self.source is not None:
             search["source"] = str(self.source)
@@ -227,10 +227,11 @@ def load_search(source: str | Path | dict) -> SearchProblem:
             Path(recipe.source).absolute() if recipe.source != NO_FILE else None)
     settings = SearchSettings(**{name: getattr(section, name) for name in SETTINGS})
     space = _space(recipe, section)
-    spec = section.model_dump(mode="json", include=set(SPACE_KEYS), exclude_none=True, by_alias=True)
-    if not spec.get("parameters"):
-        spec.pop("parameters", None)
-    return SearchProblem(recipe, space, settings, path, spec)
+    space.section = section.model_dump(mode="json", include=set(SPACE_KEYS), exclude_none=True,
+                                       by_alias=True)
+    if not space.section.get("parameters"):
+        space.section.pop("parameters", None)
+    return SearchProblem(recipe, space, settings, path)
 
 
 def validate_section(model: type[BaseModel], raw: Any, recipe: Recipe, at: tuple,
