@@ -153,7 +153,7 @@ def test_m2n2_crossover_split_point_and_global_angle():
 def test_m2n2_beats_random_search_with_per_example_scores():
     ours = mean_best("m2n2", niches, 8, 200, best_mean_score)
     random = mean_best("random", niches, 8, 200, best_mean_score)
-    assert ours > random + 0.1, (ours, random)
+    assert ours > random + 0.3, (ours, random)
 
 
 # ---- MAP ----
@@ -353,7 +353,7 @@ def test_genome_beats_random_search(name, settings):
 def test_multi_objective_front_beats_random_search(name):
     ours = mean_best(name, two_peaks, 6, 200, front_volume)
     random = mean_best("random", two_peaks, 6, 200, front_volume)
-    assert ours > random + 0.04, (ours, random)
+    assert ours > random + 0.15, (ours, random)
 
 
 SMALL = {"map": {"options": {"samples": 30, "front": 4, "generations": 10, "pop_size": 20}}}
