@@ -122,6 +122,13 @@ def merge(
     intermediate_dir: Optional[Path] = typer.Option(
         None, "--intermediate-dir", "-I", help="Multi-stage recipes: where the named stages go "
         "[default: OUTPUT-stages beside OUTPUT]."),
+    ray: bool = typer.Option(False, "--ray", help="Write the output's shards on Ray workers "
+                             "(a local Ray runtime unless --ray-address): the same bytes."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray workers, one CPU "
+                                          "each (with --ray) [default: every CPU here]."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (implies --ray); the models and "
+        "OUTPUT must be on a filesystem every node shares."),
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (collecting data statistics first if the method needs them)."""
     import time
@@ -155,6 +162,7 @@ def merge(
         _use_hub_cache(transformers_cache)
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    spread = _ray_options(ray, workers, ray_address)
     started = time.perf_counter()
     from mergesmith.engine.stages import is_multi_stage, run_stages
 
@@ -163,7 +171,7 @@ def merge(
                           device=device, seed=seed, resume=resume, overwrite=overwrite,
                           chunk_size=chunk_size, progress=not quiet, compat=compat,
                           allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
-                          write_model_card=write_model_card,
+                          write_model_card=write_model_card, **spread,
                           log=None if quiet else lambda line: err.print(line, highlight=False))
         if not quiet or verbose:
             err.print(f"wrote {path}", highlight=False)
@@ -183,10 +191,22 @@ def merge(
     path = run_merge(recipe, output, shard_size=shard, device=device, seed=seed,
                      resume=resume, overwrite=overwrite, chunk_size=chunk_size,
                      progress=not quiet, compat=compat, allow_crimes=allow_crimes,
-                     copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+                     copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, **spread)
     if not quiet or verbose:
         took = f" in {time.perf_counter() - started:.1f} s" if verbose else ""
         err.print(f"wrote {path}{took}", highlight=False)
+
+
+def _ray_options(ray: bool, workers: int | None, address: str | None) -> dict:
+    """merge's keywords for --ray, --workers and --ray-address (none without them)."""
+    import os
+
+    if not ray and address is None:
+        if workers is not None:
+            raise MergesmithError("--workers sets the number of Ray workers: it goes with --ray",
+                                  hint="add --ray, or drop --workers (-j sets torch's threads)")
+        return {}
+    return {"workers": workers or os.cpu_count() or 1, "ray_address": address}
 
 
 def _mergekit_shard_size(text: str) -> int:

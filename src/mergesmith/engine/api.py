@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +57,8 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
           notes: dict[str, str] | None = None,
           finish: Callable[[Path], None] | None = None, compat: str | None = None,
           allow_crimes: bool = False, copy_tokenizer: bool = True,
-          write_model_card: bool = True) -> Path:
+          write_model_card: bool = True, workers: int = 1,
+          ray_address: str | None = None) -> Path:
     """Merge as the recipe says and write a Hugging Face model folder at `out`; return its path.
 
     The folder appears only when complete. After an interruption, the same call with
@@ -67,30 +69,45 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
     `copy_tokenizer=False` leaves out the tokenizer files copied from an input (a tokenizer the
     merge built is always written); `write_model_card=False` leaves out README.md and
     mergekit_config.yml, as mergekit's flags of the same names do.
+    `workers > 1` or a `ray_address` writes the shards on Ray workers (engine/distributed.py):
+    the same bytes; the models and OUT must be on a filesystem every node shares.
     """
     the_plan = plan(recipe, seed=seed, shard_size=shard_size, statistics=statistics,
                     compat=compat, allow_crimes=allow_crimes)
     compute = _device(device)
     chunk_bytes = parse_size(chunk_size)
+    spread = workers > 1 or ray_address is not None
+    if spread:
+        from mergesmith.engine import distributed
+
+        distributed.refuse_side_outputs(the_plan, SIDE_STORES)
     output = OutputFolder(Path(out), fingerprint(the_plan, chunk_bytes, compute),
                           resume=resume, overwrite=overwrite, inputs=_inputs(the_plan))
+    writes = stream
+    if spread:
+        job = distributed.shard_job(the_plan, output, dict(
+            shard_bytes=parse_size(shard_size), statistics=statistics, compat=compat,
+            allow_crimes=allow_crimes), compute, chunk_bytes)
+        writes = partial(distributed.stream_on_workers, job=job, workers=workers,
+                         address=ray_address)
     try:
         return _write(the_plan, output, compute, chunk_bytes, progress, notes, finish,
-                      copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+                      writes=writes, copy_tokenizer=copy_tokenizer,
+                      write_model_card=write_model_card)
     finally:
         output.release()  # on success finalize has let go already
 
 
 def _write(the_plan: Plan, output: OutputFolder, compute: torch.device, chunk_bytes: int,
            progress: bool, notes: dict[str, str] | None, finish: Callable[[Path], None] | None,
-           **metadata: bool) -> Path:
+           writes: Callable[..., None] = stream, **metadata: bool) -> Path:
     bar = ProgressBar(the_plan) if progress else None
     store, write_index = SIDE_STORES.get(the_plan.method.name, (None, None))
     side = store(the_plan, output) if store is not None else None
     try:
         if bar:
             bar.start()
-        stream(the_plan, output, device=compute, chunk_bytes=chunk_bytes, progress=bar, side=side)
+        writes(the_plan, output, device=compute, chunk_bytes=chunk_bytes, progress=bar, side=side)
     finally:
         if bar:
             bar.stop()

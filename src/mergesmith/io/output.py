@@ -199,6 +199,26 @@ class OutputFolder:
         return self.target
 
 
+class ShardView:
+    """A worker's part of another process's `.partial` folder (merge --ray): it writes the
+    shards it is given there, and reports them to the process that holds the folder, its lock
+    and its manifest, which records them. The other shards count as done here."""
+
+    def __init__(self, partial: Path, filenames: Iterable[str]):
+        self.partial = Path(partial)
+        self.todo = set(filenames)
+        self.done: dict[str, int] = {}
+
+    def path(self, filename: str) -> Path:
+        return self.partial / filename
+
+    def is_done(self, filename: str, size: int) -> bool:
+        return filename not in self.todo or self.done.get(filename) == size
+
+    def mark_done(self, filename: str, size: int) -> None:
+        self.done[filename] = size
+
+
 def _read_pid(fd: int) -> int | None:
     """The pid a lock's holder wrote into it, if it has yet."""
     try:
