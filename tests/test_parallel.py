@@ -127,7 +127,7 @@ def test_actor_that_keeps_dying_is_reported(runtime):
 
     with RayExecutor(DiesAlways, 1, max_retries=1) as executor:
         assert executor.run([1]) == [1]
-        with pytest.raises(MergesmithError, match=r"task 'die': its worker died 2 times"):
+        with pytest.raises(MergesmithError, match=r"task 'die': its worker died, 2 times"):
             executor.run([1, "die"])
 
 

@@ -77,6 +77,12 @@ class RayExecutor:
                 raise cause from exc
             raise MergesmithError(f"a Ray worker could not start: {type(cause).__name__}: "
                                   f"{cause}", hint="rerun with --debug for its traceback") from exc
+        except ray.exceptions.RayActorError as exc:
+            self.close()
+            raise MergesmithError("a Ray worker died as it started",
+                                  hint="on a cluster, the driver and the nodes must agree on "
+                                  "token authentication (RAY_AUTH_MODE); the nodes' logs say "
+                                  "more") from exc
         except BaseException:
             self.close()
             raise
@@ -114,9 +120,9 @@ class RayExecutor:
             except ray.exceptions.RayActorError:
                 failures[index] += 1
                 if failures[index] > self.max_retries:
-                    raise MergesmithError(
-                        f"task {task_name(tasks[index])}: its worker died {failures[index]} "
-                        "times", hint="look for what kills it (out of memory, a lost node)")
+                    times = f", {failures[index]} times" if failures[index] > 1 else ""
+                    raise MergesmithError(f"task {task_name(tasks[index])}: its worker died{times}",
+                                          hint="look for what kills it (out of memory, a lost node)")
                 waiting.appendleft(index)
                 idle.append(self._replace(actor))
                 continue
