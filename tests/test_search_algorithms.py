@@ -443,3 +443,16 @@ def test_bad_option_values_are_refused():
         make("cycleqd", 3, options={"bc_range": [1.0, 0.0]})
     with pytest.raises(RecipeError, match="variant: 'nested'"):
         make("map", 3, options={"variant": "nested"})
+
+
+def test_map_finds_the_toy_merge_weights_from_a_few_merges(zoo, tmp_path):
+    """-||merged - target||^2 of a task-arithmetic merge is a quadratic in its weights: MAP's
+    surrogate is exact up to rounding, so 8 samples and its maximiser find the target."""
+    import mergesmith
+    from test_search_driver import TARGET_WEIGHTS, toy_search
+
+    path = toy_search(zoo, tmp_path, optimizer="map", evaluations=10, population=None,
+                      options={"samples": 8, "front": 1, "generations": 30})
+    result = mergesmith.search(path, tmp_path / "out", progress=False)
+    weights = [result.best["params"][name] for name in sorted(result.best["params"])]
+    assert result.candidates == 9 and np.abs(np.array(weights) - TARGET_WEIGHTS).max() < 0.01, result.best
