@@ -507,3 +507,31 @@ def test_interrupted_cli_search_says_how_to_resume(zoo, tmp_path, monkeypatch, c
     monkeypatch.setattr(driver, "search", interrupted)
     code, _, err = run_cli(monkeypatch, capsys, "search", toy_search(zoo, tmp_path), tmp_path / "o")
     assert code == 130 and "rerun the same command with --resume" in err
+
+
+def test_demo_search_row(tmp_path, one_thread):
+    """`mergesmith demo --method search`: a time-bounded CMA-ES row, its best recipe scored on
+    test beside the references, searched once and then taken from the cache."""
+    from mergesmith.demo.leaderboard import run_leaderboard
+    from mergesmith.demo.run import prepare_demo
+
+    setup = prepare_demo(fast=True, seed=0, cache=tmp_path / "cache", progress=False)
+
+    def board():
+        return run_leaderboard(setup.base, setup.experts, setup.tasks, tmp_path / "out",
+                               cache=tmp_path / "board", methods=["search"], say=lambda m: None,
+                               n_bootstrap=50, search_seconds=4)
+
+    first = board()
+    [entry] = first.entries
+    assert entry.method == "search" and entry.recipe.merge_method == "task_arithmetic"
+    assert sorted(entry.values) == sorted(f"weight({t})" for t in setup.tasks)
+    found = tmp_path / "board" / "search" / "cma-seed0-4s"
+    summary = json.loads((found / "summary.json").read_text())
+    assert summary["stopped"] == "seconds" and summary["candidates"] >= 6
+    assert load_recipe(found / "best.yaml") == entry.recipe
+    assert first.test.averages["search"].normalized is not None
+    log = (found / "candidates.jsonl").read_text()
+    again = board()  # cached: nothing is searched again
+    assert (found / "candidates.jsonl").read_text() == log
+    assert again.test.averages["search"].normalized == first.test.averages["search"].normalized

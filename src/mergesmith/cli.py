@@ -539,7 +539,8 @@ def demo(
     seed: int = typer.Option(0, help="Seed for training, merging and the bootstrap."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default $MERGESMITH_CACHE, "
                                          "else ~/.cache/mergesmith)."),
-    method: Optional[list[str]] = typer.Option(None, help="Only these methods (repeatable)."),
+    method: Optional[list[str]] = typer.Option(None, help="Only these methods (repeatable); "
+                                               "`search` adds a time-bounded CMA-ES search row."),
     every: bool = typer.Option(False, "--all", help="Every method (default: a representative ten)."),
 ) -> None:
     """Fine-tune an expert per task from a real pretrained model, merge them with ten
@@ -547,6 +548,7 @@ def demo(
     and data ship with the package)."""
     import time
 
+    from mergesmith.demo import search_row
     from mergesmith.demo.assets import cache_dir
     from mergesmith.demo.leaderboard import demo_methods, rich_table, run_leaderboard
     from mergesmith.demo.run import prepare_demo
@@ -556,7 +558,8 @@ def demo(
     setup = prepare_demo(fast=fast, seed=seed, cache=cache)
     root = cache_dir(cache) / ("leaderboard-fast" if fast else "leaderboard")
     board = run_leaderboard(setup.base, setup.experts, setup.tasks, out_dir, cache=root, seed=seed,
-                            methods=methods, say=lambda m: err.print(m, highlight=False, markup=False))
+                            methods=methods, say=lambda m: err.print(m, highlight=False, markup=False),
+                            search_seconds=search_row.FAST_SECONDS if fast else search_row.SECONDS)
     Console(width=max(out.width, 170)).print(rich_table(board))
     err.print(f"report: {board.files['markdown']}  plots: {board.files['plot']}"
               f"{'  ' + str(board.files['sweep']) if 'sweep' in board.files else ''}  "

@@ -25,6 +25,7 @@ from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import Report, Task, load_task, plot_normalized, plot_sweep, summarize
 from mergesmith.pipeline import needs_calibration, prepare
 from mergesmith.methods import MethodSpec, all_methods, get_method
+from mergesmith.demo import search_row
 from mergesmith.recipe import Recipe, load_recipe
 from mergesmith.search.scoring import Scorer, recipe_key
 from mergesmith.search.sweep import with_parameters
@@ -168,9 +169,11 @@ def method_recipe(spec: MethodSpec, base: Path, experts: list[Path],
 
 def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path], out: Path, *,
                     cache: Path, seed: int = 0, methods: list[str] | None = None,
-                    say: Callable[[str], None] = print, n_bootstrap: int = 1000) -> Leaderboard:
+                    say: Callable[[str], None] = print, n_bootstrap: int = 1000,
+                    search_seconds: float = search_row.SECONDS) -> Leaderboard:
     """Tune every applicable method on validation, score the chosen points and the references
-    on test, and write report.md, leaderboard.json and the plots into `out`."""
+    on test, and write report.md, leaderboard.json and the plots into `out`. `methods` may
+    name `search`: a time-bounded CMA-ES search (demo/search_row.py) becomes a row too."""
     loaded: list[Task] = [load_task(tasks[name]) for name in experts]
     references = dict(experts={t: str(p) for t, p in experts.items()}, base=str(base),
                       in_memory=True, seed=seed, n_bootstrap=n_bootstrap)
@@ -192,6 +195,15 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
         except MergesmithError as exc:  # reported in the table's notes; the other methods go on
             skipped[spec.name] = f"failed: {exc}"
             say(f"[{spec.name}] failed: {exc}")
+    if methods is not None and search_row.NAME in methods:
+        say(f"[{search_row.NAME}] CMA-ES over the experts' weights on validation "
+            f"({search_seconds:g} s)")
+        try:
+            entries.append(search_row.search_entry(base, expert_paths, loaded, cache, seed,
+                                                   search_seconds, tuner))
+        except MergesmithError as exc:
+            skipped[search_row.NAME] = f"failed: {exc}"
+            say(f"[{search_row.NAME}] failed: {exc}")
 
     say("scoring the chosen points on test")
     candidates = {e.method: scorer.score_recipe(e.recipe, "test") for e in entries
@@ -211,7 +223,7 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
     for entry in entries:
         say(f"[{entry.method}] timing one streaming merge")
         entry.merge_seconds, entry.merge_peak_mb = _timed_merge(entry.recipe, cache, seed)
-        spec = get_method(entry.method)
+        spec = get_method(entry.recipe.merge_method)
         if spec.router:  # the router's training, recorded in the merge it was trained for
             index = scorer.merge_folder(entry.recipe) / "twin" / "twin.json"
             entry.data_seconds = json.loads(index.read_text())["router"]["seconds"]

@@ -39,14 +39,14 @@ def write_outputs(problem, out: Path, records: list[dict], *, seconds: float, st
             files["front"] = plot_front(values, np.array([e["scores"] for e in pareto]),
                                         out / "front.png")
         files["convergence"] = plot_convergence([r["id"] for r in full], means,
-                                                out / "convergence.png")
+                                                out / "convergence.png", values.shape[1])
     summary = {
         "optimizer": problem.settings.optimizer, "seed": problem.settings.seed,
         "stopped": stopped, "generations": generations, "candidates": candidates,
         "evaluations": len(records), "failed": sum(r["scores"] is None for r in records),
         "seconds": round(seconds, 3),
         "candidates_per_minute": round(60 * candidates / seconds, 3) if seconds > 0 else None,
-        "best": best and {"id": best["id"], "scores": best["scores"]},
+        "best": best and {"id": best["id"], "scores": best["scores"], "params": best["params"]},
         "pareto": len(pareto) or None,
     }
     files["summary"] = _json(out / "summary.json", summary)
@@ -63,7 +63,7 @@ def _json(path: Path, data) -> Path:
     return path
 
 
-def plot_convergence(ids: list[int], scores: np.ndarray, path: Path) -> Path:
+def plot_convergence(ids: list[int], scores: np.ndarray, path: Path, objectives: int = 1) -> Path:
     from mergesmith.evaluate.plots import _pyplot, _save
 
     plt = _pyplot()
@@ -72,7 +72,7 @@ def plot_convergence(ids: list[int], scores: np.ndarray, path: Path) -> Path:
     ax.step(ids, np.maximum.accumulate(scores), where="post", color="#4c72b0",
             label="best so far")
     ax.set_xlabel("candidate")
-    ax.set_ylabel("score (mean over objectives)" if scores.ndim else "score")
+    ax.set_ylabel(f"score (mean of {objectives} objectives)" if objectives > 1 else "score")
     ax.set_title("search convergence")
     ax.legend(loc="lower right")
     return _save(fig, plt, path)
