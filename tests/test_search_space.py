@@ -208,6 +208,11 @@ def test_an_empty_search_space_is_refused(zoo, tmp_path):
     assert f"bad.yaml:{_line(tmp_path / 'bad.yaml', 'search:')}: search: the search space is empty" in message
 
 
+def test_one_method_and_one_choice_are_an_empty_space(zoo, tmp_path):
+    data = search_recipe(zoo, method=["ties"], parameters={"normalize": {"choices": [True]}})
+    assert "the search space is empty" in _error(data, tmp_path)
+
+
 def test_reversed_bounds_name_file_line_and_field(zoo, tmp_path):
     message = _error(search_recipe(zoo, parameters={"density": {"low": 0.9, "high": 0.1}}), tmp_path)
     line = _line(tmp_path / "bad.yaml", "density:")  # the search entry, after the recipe's own

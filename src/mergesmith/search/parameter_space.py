@@ -47,6 +47,9 @@ class ParameterSpace(SearchSpace):
         # by name, not as written: a copy of the section dumped with sorted keys is the same space
         for name, spec in sorted(section.parameters.items()):
             self._add(name, spec)
+        if all(d.kind == "choice" and len(d.choices) == 1 for d in self.dimensions):
+            raise RecipeError(f"{recipe.where('search')}: the search space is empty: nothing varies "
+                              "(one method, one choice)", hint="give ranges or several choices")
 
     def _methods(self, recipe: Recipe, section: SearchSection) -> list[str]:
         names = section.method or [recipe.merge_method]
