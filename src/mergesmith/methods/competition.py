@@ -9,9 +9,11 @@ code where it and the paper's equations differ (noted at each function).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from mergesmith.methods import kth
 from mergesmith.methods.blocks import task_vectors
 from mergesmith.methods.registry import Param, TensorContext, register
 
@@ -19,28 +21,117 @@ from mergesmith.methods.registry import Param, TensorContext, register
 # the engine). WIDEN treats their rows, one per token, as the columns of a linear layer.
 TOKEN_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
 OUTLIER_QUANTILE = 1e-4  # PCB's code clips |τ| to this quantile at both ends
+TINY = torch.finfo(torch.float32).tiny
 
 
-def min_max(x: torch.Tensor) -> torch.Tensor:
-    """Norm(x) per row: (x − min) / (max − min); a constant row becomes zeros."""
-    low = x.amin(dim=1, keepdim=True)
-    spread = x.amax(dim=1, keepdim=True) - low
-    return (x - low) / spread.clamp_min(torch.finfo(x.dtype).tiny)
+def min_max(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Norm(x) per row: (x − min) / (max − min), given each row's min and max (a constant row
+    becomes zeros)."""
+    return (x - low) / (high - low).clamp_min(TINY)
 
 
-def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest value (1-based) of each row, by selection rather than sorting."""
-    return torch.kthvalue(x, min(max(k, 1), x.shape[1]), dim=1, keepdim=True).values
+# --------------------------------------------------------------------------------------------
+# PCB streams: its order statistics (each task's clip quantiles of |τi|, the cut and the max of
+# its scores β) are exact k-th values over the whole tensor, found by kth.py's radix select in
+# counting passes, chunk by chunk; given them, every entry is merged from its own column of τ.
+# So the same values as a selection over the whole tensor, the same bytes.
+
+PCB_PASSES = 4  # |τi|'s high counts, their low counts; then the same for the scores β
 
 
-def clip_outliers(magnitudes: torch.Tensor, quantile: float = OUTLIER_QUANTILE) -> torch.Tensor:
-    """Clamp each row to its [q, 1 − q] quantiles, at the positions the authors' code reads
-    from the sorted row (⌊d·q⌋ and ⌊d·(1 − q) − 1⌋, 0-based), so the largest entry is clipped
-    to the next one whenever d·q is not a whole number."""
-    d = magnitudes.shape[1]
-    low = kth_smallest(magnitudes, int(d * quantile) + 1)
-    high = kth_smallest(magnitudes, int(d * (1 - quantile) - 1) + 1)
-    return torch.maximum(torch.minimum(magnitudes, high), low)
+def selection_ranks(n: int, smallest: list[int]) -> list[int]:
+    """Ranks from the top (1 = largest) of the k-th smallest of n, each k clamped to [1, n]."""
+    return [n - min(max(k, 1), n) + 1 for k in smallest]
+
+
+def clip_ranks(n: int, quantile: float = OUTLIER_QUANTILE) -> list[int]:
+    """The sorted positions the authors' code clips |τi| to, ⌊n·q⌋ and ⌊n·(1 − q) − 1⌋
+    (0-based), so the largest entry is clipped to the next one whenever n·q is not whole."""
+    return selection_ranks(n, [int(n * quantile) + 1, int(n * (1 - quantile) - 1) + 1])
+
+
+def score_ranks(n: int, density: float) -> list[int]:
+    """β's value at sorted position ⌊n·(1 − r)⌋, and its largest value."""
+    return selection_ranks(n, [int(n * (1 - density)) + 1, n])
+
+
+def key_counts(rows: torch.Tensor, found: list | None = None) -> torch.Tensor:
+    """Per row: its `kth.order_keys` counted by their top 16 bits (rows × ORDER_HIGH_BINS), or,
+    given where each wanted rank lies (`found`, per row [(high bin, rank in it)]), by their low
+    16 bits within each such bin (rows × ranks × LOW_BINS)."""
+    counts = []
+    for i, row in enumerate(rows):
+        keys = kth.order_keys(row)
+        if found is None:
+            counts.append(kth.high_histogram(keys, kth.ORDER_HIGH_BINS))
+        else:
+            counts.append(torch.stack([kth.low_histogram(keys, high) for high, _ in found[i]]))
+    return torch.stack(counts)
+
+
+def found_values(found: list, lows: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+    """The values the second counting pass pins down, as one (rows, 1) fp32 column per rank."""
+    values = [[kth.key_value((high << 16) | kth.locate(lows[i, j], rank)[0])
+               for j, (high, rank) in enumerate(row)] for i, row in enumerate(found)]
+    table = torch.tensor(values, dtype=torch.float32, device=device)
+    return tuple(table[:, j:j + 1] for j in range(table.shape[1]))
+
+
+@dataclass(frozen=True)
+class PcbStats:
+    """What the counting passes found so far: the tensor's size; where the clip quantiles of
+    |τi| lie, then their values (low, high); where β's cut and max lie, then their values."""
+
+    numel: int
+    clip_found: list = field(default_factory=list)
+    clips: tuple[torch.Tensor, torch.Tensor] | None = None
+    score_found: list = field(default_factory=list)
+    cuts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def task_rows(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    """τ as a (tasks, entries) matrix."""
+    return torch.stack(task_vectors(base, experts)).reshape(len(experts), -1)
+
+
+def balance(taus: torch.Tensor, clips: tuple[torch.Tensor, torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|τi| clipped to its quantiles, β_i = β_intra,i · β_inter,i), entry by entry."""
+    low, high = clips
+    magnitudes = torch.maximum(torch.minimum(taus.abs(), high), low)
+    intra = torch.exp(taus.shape[0] * min_max(magnitudes, low, high) ** 2)
+    inter = torch.tanh(taus * taus.sum(dim=0))
+    return magnitudes, intra * inter
+
+
+def pcb_sums(base: torch.Tensor, experts: list[torch.Tensor], *, stats: PcbStats | None = None,
+             **_) -> torch.Tensor:
+    """One chunk's counts for the pass after `stats`: |τi|'s, then β's, high then low counts."""
+    taus = task_rows(base, experts)
+    if stats is None or stats.clips is None:
+        return key_counts(taus.abs(), stats.clip_found if stats else None)
+    scores = balance(taus, stats.clips)[1]
+    return key_counts(scores, stats.score_found or None)
+
+
+def finish_pcb(stats: PcbStats | None, sums: torch.Tensor, *, density: float, **_) -> PcbStats:
+    if stats is None:
+        n = int(sums[0].sum())
+        return PcbStats(n, clip_found=[[kth.locate(row, k) for k in clip_ranks(n)] for row in sums])
+    if stats.clips is None:
+        return replace(stats, clips=found_values(stats.clip_found, sums, sums.device))
+    if not stats.score_found:
+        ranks = score_ranks(stats.numel, density)
+        return replace(stats, score_found=[[kth.locate(row, k) for k in ranks] for row in sums])
+    return replace(stats, cuts=found_values(stats.score_found, sums, sums.device))
+
+
+def pcb_statistics(base: torch.Tensor, experts: list[torch.Tensor], density: float) -> PcbStats:
+    """The passes over a whole tensor at once."""
+    stats = None
+    for _ in range(PCB_PASSES):
+        stats = finish_pcb(stats, pcb_sums(base, experts, stats=stats), density=density)
+    return stats
 
 
 @register(
@@ -57,6 +148,9 @@ def clip_outliers(magnitudes: torch.Tensor, quantile: float = OUTLIER_QUANTILE) 
               doc="fraction of each task's entries kept (the paper's ratio r)"),
         Param("lambda", default=1.0, arg="lambda_", doc="scale of the merged task vector"),
     ),
+    reduce=pcb_sums,
+    passes=lambda params: PCB_PASSES,
+    finish=finish_pcb,
 )
 def pcb(
     base: torch.Tensor,
@@ -66,6 +160,7 @@ def pcb(
     density: float = 0.1,
     lambda_: float = 1.0,
     ctx: TensorContext | None = None,
+    stats: PcbStats | None = None,
 ) -> torch.Tensor:
     """Per tensor, with T tasks and d entries (the code's pcb-merging.py, per tensor, not per
     flattened model):
@@ -79,19 +174,19 @@ def pcb(
       merge            θ = θ0 + λ·Σi wi β̂i τ̃i / Σi β̂i, τ̃i = τi with |τi| clipped to its
                        1e-4 quantiles.
     A one-entry tensor (a 0-dim scalar such as CLIP's logit_scale) has no ranking within its
-    task (Norm of one value is 0/0): every task keeps it with β̂i = 1, θ = θ0 + λ·mean(wi τi)."""
-    taus = torch.stack(task_vectors(base, experts)).reshape(len(experts), -1)
-    tasks, d = taus.shape
-    if d == 1:
+    task (Norm of one value is 0/0): every task keeps it with β̂i = 1, θ = θ0 + λ·mean(wi τi).
+    The order statistics over the whole tensor come from the engine's counting passes
+    (`stats`), or else from the same passes here."""
+    taus = task_rows(base, experts)
+    if taus.shape[1] == 1 and stats is None:
         if weights is not None:
             taus = taus * torch.tensor(weights, dtype=taus.dtype, device=taus.device)[:, None]
         return taus.mean(dim=0).view_as(base).mul_(lambda_).add_(base)
-    magnitudes = clip_outliers(taus.abs())
-    intra = torch.exp(tasks * min_max(magnitudes) ** 2)
-    inter = torch.tanh(taus * taus.sum(dim=0))
-    balance = intra * inter
+    stats = stats or pcb_statistics(base, experts, density)
+    magnitudes, scores = balance(taus, stats.clips)
+    cut, top = stats.cuts
     # selection on the signed score: entries that fight the consensus rank lowest
-    kept = min_max(torch.maximum(balance, kth_smallest(balance, int(d * (1 - density)) + 1)))
+    kept = min_max(torch.maximum(scores, cut), cut, top)
     clipped = taus.sign_().mul_(magnitudes)
     if weights is not None:
         clipped.mul_(torch.tensor(weights, dtype=clipped.dtype, device=clipped.device)[:, None])
@@ -100,34 +195,94 @@ def pcb(
 
 
 def rank_within_model(shift: torch.Tensor) -> torch.Tensor:
-    """Each entry's position in its row's ascending order, over the row length: values
+    """Each entry's position in its row's ascending order, over the row length: fp32 values
     0, 1/n, …, (n − 1)/n (stable order for ties, as the code). Ranking needs the order of the
     whole row; rows are one value per column, so this sorts no more than a matrix's width."""
     n = shift.shape[1]
     order = shift.argsort(dim=1, stable=True)
-    steps = torch.arange(n, device=shift.device, dtype=shift.dtype).div_(n)
-    return torch.empty_like(shift).scatter_(1, order, steps.expand_as(shift))
+    steps = torch.arange(n, device=shift.device, dtype=torch.float32).div_(n)
+    return torch.empty_like(shift, dtype=torch.float32).scatter_(1, order, steps.expand_as(shift))
 
 
 def calibrated_scores(significance: torch.Tensor, above_average_value_ratio: float,
-                      score_calibration_value: float) -> torch.Tensor:
+                      score_calibration_value: float,
+                      mean: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the models of each column's significance; where a model's significance is
-    above its own mean × t, the score is set to the calibration value s (score calibration)."""
+    above its own mean (over all its entries; given, or taken here) × t, the score is set to the
+    calibration value s (score calibration)."""
     scores = torch.softmax(significance, dim=0)
-    above = significance > significance.mean(dim=1, keepdim=True) * above_average_value_ratio
+    mean = significance.mean(dim=1, keepdim=True) if mean is None else mean
+    above = significance > mean * above_average_value_ratio
     return scores.masked_fill_(above, score_calibration_value)
 
 
-def widen_scores(base: torch.Tensor, experts: list[torch.Tensor], t: float, s: float
-                 ) -> torch.Tensor:
-    """WIDEN's per-column weights (T, in) of a matrix (out, in). Disentangle W = m ⊙ D into the
-    column norms m and unit columns D; ΔM_i = |m_i − m_0|, ΔD_i = 1 − cos(D_i, D_0) per column
-    (cos of unit columns is cos of the columns themselves); score each, ranked within its model,
-    and average the two."""
-    base_norm = torch.linalg.vector_norm(base, dim=0)
-    magnitude = torch.stack([(torch.linalg.vector_norm(x, dim=0) - base_norm).abs_()
-                             for x in experts])
-    direction = torch.stack([1 - torch.cosine_similarity(x, base, dim=0) for x in experts])
+# --------------------------------------------------------------------------------------------
+# WIDEN streams: its scores need, per column of a matrix (per row of a token embedding), the
+# sums Σb², Σxi², Σxi·b over the other axis, and for other tensors each model's Σ|τi|. One
+# reduce pass adds them up over chunks of whole rows, in float64 from exact fp32 products: the
+# ranks then follow the exact norms and cosines (exact ties, such as the columns a fine-tune did
+# not touch, stay exact ties, whatever the chunks), where a single fp32 reduction over the whole
+# tensor ordered columns within its rounding. Given the scores, every row merges on its own.
+
+SUM_BLOCK_ELEMENTS = 1 << 16  # entries whose float64 products are summed at once: in cache
+COSINE_EPS = 1e-8  # torch.cosine_similarity's floor for each norm
+
+
+@dataclass
+class WidenSums:
+    """One reduce pass's sums. A matrix: `columns` (1 + 2T, in) and `rows` (1 + 2T, out), the
+    sums Σb², Σxi², Σxi·b over rows and along each row; other tensors: `columns` (T,) Σ|τi|.
+    Chunks of rows add: their columns add up, their rows follow one another."""
+
+    columns: torch.Tensor
+    rows: torch.Tensor | None
+    count: int
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __add__(self, other: "WidenSums") -> "WidenSums":
+        rows = None if self.rows is None else torch.cat([self.rows, other.rows], dim=1)
+        return WidenSums(self.columns + other.columns, rows, self.count + other.count)
+
+    def scores(self, by_row: bool, t: float, s: float) -> torch.Tensor:
+        """WIDEN's (T, in) column weights, or (T, out) row weights (`widen_scores`), once."""
+        key = (by_row, t, s)
+        if key not in self.cache:
+            sums = self.rows if by_row else self.columns
+            self.cache[key] = widen_scores(sums, t, s)
+        return self.cache[key]
+
+
+def widen_sums(base: torch.Tensor, experts: list[torch.Tensor], **_) -> WidenSums:
+    """One chunk of rows' sums (`WidenSums`)."""
+    if base.ndim != 2:
+        shifts = torch.stack([(x - base).abs().sum(dtype=torch.float64) for x in experts])
+        return WidenSums(shifts, None, base.numel())
+    rows, cols = base.shape
+    step = max(1, SUM_BLOCK_ELEMENTS // max(cols, 1))
+    columns = torch.zeros(1 + 2 * len(experts), cols, dtype=torch.float64, device=base.device)
+    along = []
+    for start in range(0, rows, step):
+        b = base[start:start + step].double()
+        xs = [x[start:start + step].double() for x in experts]
+        products = torch.stack([b * b, *(x * x for x in xs), *(x * b for x in xs)])
+        columns += products.sum(dim=1)
+        along.append(products.sum(dim=2))
+    empty = torch.zeros(len(columns), 0, dtype=torch.float64, device=base.device)
+    return WidenSums(columns, torch.cat(along, dim=1) if along else empty, base.numel())
+
+
+def widen_scores(sums: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """WIDEN's weights (T, n) of the n columns (or rows) whose sums (1 + 2T, n) are given.
+    Disentangle W = m ⊙ D into the column norms m and unit columns D; ΔM_i = |m_i − m_0|,
+    ΔD_i = 1 − cos(D_i, D_0) per column (cos of unit columns is cos of the columns themselves,
+    each norm floored at 1e-8 as torch.cosine_similarity does); score each, ranked within its
+    model, and average the two."""
+    tasks = (len(sums) - 1) // 2
+    bb, xx, xb = sums[0], sums[1:1 + tasks], sums[1 + tasks:]
+    magnitude = (xx.sqrt() - bb.sqrt()).abs_()
+    # √(a·b), not √a·√b: a column equal to the base's has cos exactly 1
+    floor = COSINE_EPS ** 2
+    direction = 1 - xb / (xx.clamp_min(floor) * bb.clamp_min(floor)).sqrt()
     return 0.5 * (calibrated_scores(rank_within_model(magnitude), t, s)
                   + calibrated_scores(rank_within_model(direction), t, s))
 
@@ -139,6 +294,8 @@ def widen_scores(base: torch.Tensor, experts: list[torch.Tensor], t: float, s: f
     paper="Yu et al. 2024, Extend model merging from fine-tuned to pre-trained large language "
           "models via weight disentanglement, arXiv:2408.03092",
     needs_base=True,
+    reduce=widen_sums,
+    row_local=True,
     params=(
         Param("above_average_value_ratio", default=1.0, minimum=0.0,
               doc="t: a column whose ranked shift exceeds t × its model's mean gets score s"),
@@ -153,22 +310,25 @@ def widen(
     above_average_value_ratio: float = 1.0,
     score_calibration_value: float = 1.0,
     ctx: TensorContext | None = None,
+    stats: WidenSums | None = None,
 ) -> torch.Tensor:
     """θ = θ0 + Σi τi ⊙ scores_i, scores per column of a matrix (`widen_scores`; token
     embeddings per row, as the code transposes them). Tensors that are not matrices (norms,
     biases, 0-dim scalars) are scored per entry on the raw shift |τi| without ranking, as the
-    code does vectors."""
+    code does vectors. The sums over the whole tensor come from the engine's reduce pass
+    (`stats`; for a chunk of rows, `ctx.offset` says where it starts), or else are taken here."""
     t, s = above_average_value_ratio, score_calibration_value
+    stats = stats if stats is not None else widen_sums(base, experts)
     taus = task_vectors(base, experts)
     if base.ndim != 2:
         shifts = torch.stack(taus).reshape(len(taus), -1).abs()  # a 0-dim tensor: one entry
-        scores = calibrated_scores(shifts, t, s).view(len(taus), *base.shape)
+        mean = (stats.columns / stats.count).float().to(shifts.device)[:, None]
+        scores = calibrated_scores(shifts, t, s, mean).view(len(taus), *base.shape)
+    elif ctx is not None and TOKEN_EMBEDDING.search(ctx.name) is not None:
+        first = ctx.offset // base.shape[1]
+        scores = stats.scores(True, t, s)[:, first:first + base.shape[0], None]
     else:
-        by_row = ctx is not None and TOKEN_EMBEDDING.search(ctx.name) is not None
-        if by_row:
-            scores = widen_scores(base.T, [x.T for x in experts], t, s)[:, :, None]
-        else:
-            scores = widen_scores(base, experts, t, s)[:, None, :]
+        scores = stats.scores(False, t, s)[:, None, :]
     merged = base.clone()
     for tau, score in zip(taus, scores):
         merged.add_(tau * score)

@@ -43,7 +43,8 @@ Stitching (He et al. 2024, Localize-and-Stitch, §3.2; authors' code yifei-he/Lo
 `Stitcher`): θ = θ0 + Σ wi γi ⊙ τi, γi = mi / Σj mj where masks overlap (`overlap: average`) or
 γi = mi (`sum`). Without masks, their dataless localization: mi = the top-`density` fraction of
 |τi|, per tensor here (their code ranks |τ| over all trainable tensors at once, 5% for language
-models), ties with the cut kept.
+models), ties with the cut kept. That cut streams as TIES' does (sparse.py: `cut_sums`, two
+counting passes of an exact radix select), so the masks need no whole tensor.
 """
 
 from __future__ import annotations
@@ -52,13 +53,12 @@ import torch
 
 from mergesmith.methods.blocks import (
     float_below,
-    keep_topk_mask,
     kth_largest,
     task_vectors,
     topk_count,
 )
 from mergesmith.methods.registry import Param, TensorContext, get_method, register
-from mergesmith.methods.sparse import as_rows, row_blocks
+from mergesmith.methods.sparse import as_rows, band, cut_passes, cut_sums, finish_cuts, row_blocks
 
 FISHER_PAPER = ("Matena & Raffel 2022, Merging models with Fisher-weighted averaging (NeurIPS), "
                 "arXiv:2111.09832")
@@ -457,6 +457,31 @@ def overlap_shares(masks: list[torch.Tensor]) -> list[torch.Tensor]:
     return [mask / claims for mask in masks]
 
 
+def stitch_sums(base: torch.Tensor, experts: list[torch.Tensor], *, density: float,
+                stats=None, **_) -> torch.Tensor:
+    """One chunk's counts for the dataless masks' cuts: TIES' trim at one density for all."""
+    return cut_sums(base, experts, densities=[density] * len(experts), stats=stats)
+
+
+def finish_stitch(stats, sums: torch.Tensor, *, density: float, **_):
+    return finish_cuts(stats, sums, densities=[density] * sums.shape[0])
+
+
+def stitch_passes(params: dict) -> int:
+    return cut_passes({"densities": [params["density"]]})
+
+
+def stitch_cuts(base: torch.Tensor, experts: list[torch.Tensor], density: float
+                ) -> list[tuple[float, float]]:
+    """Each τi's cut (the k-th largest |τi|, k = topk_count(n, d)) over a whole tensor: the
+    engine's passes, run here."""
+    stats = None
+    for _ in range(stitch_passes({"density": density})):
+        stats = finish_stitch(stats, stitch_sums(base, experts, density=density, stats=stats),
+                              density=density)
+    return stats or [band(base.numel(), density, [])] * len(experts)
+
+
 @register(
     "stitch",
     summary="Localize-and-Stitch: each task vector kept only on its localized entries (its "
@@ -472,6 +497,9 @@ def overlap_shares(masks: list[torch.Tensor]) -> list[torch.Tensor]:
     ),
     statistics=("mask",),
     optional_statistics=True,
+    reduce=stitch_sums,
+    passes=stitch_passes,
+    finish=finish_stitch,
 )
 def stitch(
     base: torch.Tensor,
@@ -482,8 +510,10 @@ def stitch(
     density: float = 0.05,
     mask: list[torch.Tensor] | None = None,
     ctx: TensorContext | None = None,
+    stats: list[tuple[float, float]] | None = None,
 ) -> torch.Tensor:
-    """θ = θ0 + Σ wi γi ⊙ τi, γi = mi / Σj mj (average) or mi (sum)."""
+    """θ = θ0 + Σ wi γi ⊙ τi, γi = mi / Σj mj (average) or mi (sum). Without masks,
+    mi = |τi| ≥ its cut, from the engine's counting passes (`stats`) or found here."""
     if overlap not in ("average", "sum"):
         raise ValueError(f"overlap must be average or sum, got {overlap!r}")
     taus = task_vectors(base, experts)
@@ -491,7 +521,8 @@ def stitch(
         _check_statistics("mask", mask, experts)
         masks = binary_masks(mask)
     else:
-        masks = [keep_topk_mask(tau, density).float() for tau in taus]
+        cuts = stats or stitch_cuts(base, experts, density)
+        masks = [(tau.abs() >= low).float() for tau, (low, _) in zip(taus, cuts)]
     shares = overlap_shares(masks) if overlap == "average" else masks
     merged = base.clone()
     for tau, share, weight in zip(taus, shares, weights):

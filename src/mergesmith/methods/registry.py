@@ -311,8 +311,9 @@ class MethodSpec:
                 and not (self.whole_tensor_when and self.whole_tensor_when(params)))
 
     def tiles(self, params: dict[str, Any]) -> bool:
-        """Whether a row block may be split further into flat tiles, which cut rows."""
-        return self.chunkable and self.streams(params)
+        """Whether a row block may be split further into flat tiles, which cut rows: not for a
+        row-local method, even one with reduce passes (WIDEN's per-column and per-row sums)."""
+        return self.chunkable and not self.row_local and self.streams(params)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

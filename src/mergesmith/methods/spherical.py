@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from mergesmith.methods.blocks import gram64, task_vectors, unit, weighted_sum
+from mergesmith.methods.blocks import gram64, task_vectors, weighted_sum
 from mergesmith.methods.registry import Param, TensorContext, register
 
 DOT_THRESHOLD = 0.9995
@@ -232,6 +234,70 @@ def nuslerp_rounded(a: torch.Tensor, b: torch.Tensor, t: float, dim: int,
     return mixed.reshape(shape)
 
 
+# --------------------------------------------------------------------------------------------
+# Multi-SLERP and the Karcher mean stream: every norm and dot product they take over the whole
+# tensor is one of the Gram matrix of the models (of their task vectors, given a base), which a
+# reduce pass adds up over chunks; the merge is then, entry by entry, a combination of the
+# models with scalars found from it. The Karcher mean's iterates all lie in the span of the
+# unit models, so its fixed-point iteration runs on their coefficients, from the Gram matrix
+# alone: one pass, however many iterations. The Gram matrix is summed in float64 from exact
+# products, so its entries differ between chunkings only far below fp32's precision; the
+# scalars are those of a whole-tensor fp32 evaluation up to that evaluation's own rounding.
+
+GRAM_ELEMENTS = 1 << 16  # entries per model whose float64 products are summed at once
+
+
+def gram_sums(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """G[i, j] = Σ vi·vj over all entries, in float64 from exact products of the fp32 values."""
+    flat = [v.reshape(-1) for v in vectors]
+    gram = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device)
+    for start in range(0, flat[0].numel(), GRAM_ELEMENTS):
+        block = torch.stack([v[start:start + GRAM_ELEMENTS] for v in flat]).double()
+        gram += block @ block.T
+    return gram
+
+
+def sphere_points(base: torch.Tensor | None, experts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The points on whose sphere Multi-SLERP interpolates: the models, or their task vectors."""
+    return [x if base is None else x - base for x in experts]
+
+
+def multislerp_sums(base: torch.Tensor | None, experts: list[torch.Tensor], **_) -> torch.Tensor:
+    return gram_sums(sphere_points(base, experts))
+
+
+@dataclass(frozen=True)
+class SlerpScalars:
+    """What Multi-SLERP knows about the whole tensor (fp32, as a whole-tensor evaluation holds
+    them): the weights w, the norms |pi|, |m| of the weighted mean m = Σ wi ui of the unit
+    points ui = pi / (|pi| + ε), each ui·m̂, and the tangent step's angle |t| + ε."""
+
+    weights: torch.Tensor
+    norms: torch.Tensor
+    mean_norm: torch.Tensor
+    dots: torch.Tensor
+    angle: torch.Tensor
+
+
+def finish_multislerp(stats, gram: torch.Tensor, *, weights: list[float],
+                      normalize_weights: bool = True, eps: float = 1e-8, **_) -> SlerpScalars:
+    """The scalars from the Gram matrix G of the points: ui·uj = Gij / ((|pi| + ε)(|pj| + ε)).
+    The tangent t = Σ wi (ui − (ui·m̂) m̂) = m − |m| m̂ is zero in exact arithmetic, |t| =
+    ||m| − Σ wi ui·m̂|; a whole-tensor evaluation's |t| is its rounding, far below where
+    cos(|t| + ε) and sin(|t| + ε)/(|t| + ε) leave 1 in fp32."""
+    w = torch.tensor(weights, dtype=torch.float32, device=gram.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = gram.diagonal().sqrt().float()
+    scale = (norms + eps).double()
+    units = gram / scale[:, None] / scale[None, :]
+    along = units @ w.double()  # ui·m
+    mean_norm = along.dot(w.double()).clamp_min(0).sqrt()
+    dots = along / mean_norm if mean_norm > 0 else torch.zeros_like(along)
+    angle = (mean_norm - dots.dot(w.double())).abs().float() + eps
+    return SlerpScalars(w, norms, mean_norm.float(), dots.float(), angle)
+
+
 @register(
     "multislerp",
     summary="Barycentric SLERP of any number of models (around the base's origin when given).",
@@ -245,6 +311,9 @@ def nuslerp_rounded(a: torch.Tensor, b: torch.Tensor, t: float, dim: int,
         Param("eps", default=1e-8, minimum=0.0, doc="numerical floor for norms"),
     ),
     compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
+    reduce=multislerp_sums,
+    finish=finish_multislerp,
+    whole_tensor_when=lambda params: params.get("compute_dtype") is not None,
 )
 def multislerp(
     base: torch.Tensor | None,
@@ -255,35 +324,84 @@ def multislerp(
     eps: float = 1e-8,
     ctx: TensorContext | None = None,
     compute_dtype: torch.dtype | None = None,
+    stats: SlerpScalars | None = None,
 ) -> torch.Tensor:
     """Project unit vectors onto the tangent space at their weighted mean, average, map back.
     Where the weighted mean of the directions is zero, two models are interpolated linearly (as
     mergekit does); more are refused. A scalar's "sphere" is {−1, 1}: same-signed scalars give
-    their weighted mean. With `compute_dtype`, as mergekit evaluates it (`multislerp_rounded`)."""
+    their weighted mean. The sums over the whole tensor come from the engine's reduce pass
+    (`stats`), or else are taken here. With `compute_dtype`, as mergekit evaluates it
+    (`multislerp_rounded`, whole tensors)."""
     if compute_dtype is not None:
         return multislerp_rounded(base, experts, weights, normalize_weights, eps, compute_dtype)
+    if stats is None:
+        stats = finish_multislerp(None, multislerp_sums(base, experts), weights=weights,
+                                  normalize_weights=normalize_weights, eps=eps)
     # reshape, not flatten(1): a 0-dim tensor (CLIP's logit_scale) stacks to one dimension only
-    points = torch.stack([x if base is None else x - base for x in experts])
-    points = points.reshape(len(experts), -1)
-    w = torch.tensor(weights, dtype=points.dtype, device=points.device)
-    if normalize_weights:
-        w = w / w.sum()
-    norms = torch.linalg.vector_norm(points, dim=1, keepdim=True)
+    points = torch.stack(sphere_points(base, experts)).reshape(len(experts), -1)
+    w, norms = stats.weights, stats.norms[:, None]
     units = points / (norms + eps)
     if bool((norms <= eps).all()):  # every model sits at the origin (e.g. a tensor no expert tuned)
         return experts[0].clone() if base is None else base.clone()
-    mean = (units * w[:, None]).sum(0)
-    if torch.linalg.vector_norm(mean) < eps:
+    if stats.mean_norm < eps:
         if len(experts) == 2:
             result = (points * w[:, None]).sum(0).view(experts[0].shape)
             return result if base is None else result + base
         raise ValueError("the weighted mean of the models' directions is zero (antipodal inputs)")
-    mean = mean / torch.linalg.vector_norm(mean)
-    tangent = ((units - (units @ mean)[:, None] * mean) * w[:, None]).sum(0)
-    angle = torch.linalg.vector_norm(tangent) + eps
+    mean = (units * w[:, None]).sum(0) / stats.mean_norm
+    tangent = ((units - stats.dots[:, None] * mean) * w[:, None]).sum(0)
+    angle = stats.angle
     result = (mean * torch.cos(angle) + tangent * (torch.sin(angle) / angle)) * (norms[:, 0] @ w)
     result = result.view(experts[0].shape)
     return result if base is None else result + base
+
+
+def karcher_sums(base: None, experts: list[torch.Tensor], **_) -> torch.Tensor:
+    return gram_sums(experts)
+
+
+def karcher_coefficients(gram: torch.Tensor, *, weights: list[float] | None = None,
+                         max_iter: int = 10, tol: float = 1e-5, **_) -> np.ndarray:
+    """c with Σ ci xi the weighted Karcher mean × Σ ŵi |xi| (none: every model is ~0). The
+    iteration of `karcher`, on coefficients over the models: vectors a = Σ ai xi, with
+    a·b = aᵀ G b, G the models' Gram matrix."""
+    weights = [1.0] * len(gram) if weights is None else weights
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("karcher weights must sum to a positive number")
+    g = gram.double().cpu().numpy()
+    alphas = [w / total for w in weights]
+    norms = np.sqrt(np.maximum(np.diag(g), 0))
+    scale = sum(a * n for a, n in zip(alphas, norms))
+
+    def dot(a, b):
+        return float(a @ g @ b)
+
+    def unit(a):  # blocks.unit's x / |x|, zero where |x| ≤ 1e-8
+        norm = math.sqrt(max(dot(a, a), 0.0))
+        return (a / norm if norm > 1e-8 else np.zeros_like(a)), norm
+
+    basis = np.eye(len(g))
+    live = [(a, unit(basis[i])[0]) for i, a in enumerate(alphas) if norms[i] > tol and a != 0]
+    if not live:
+        return np.zeros(0)
+    live_total = sum(a for a, _ in live)
+    live = [(a / live_total, u) for a, u in live]
+    mean, norm = unit(sum(a * u for a, u in live))
+    if norm < tol:
+        mean = live[0][1].copy()
+    for _ in range(max_iter):
+        tangent = np.zeros_like(mean)
+        for a, u in live:
+            cos = min(1.0, max(-1.0, dot(mean, u)))
+            theta = math.acos(cos)
+            if theta > tol:
+                tangent += a * (theta / math.sin(theta)) * (u - cos * mean)
+        step = math.sqrt(max(dot(tangent, tangent), 0.0))
+        if step < tol:
+            break
+        mean, _ = unit(math.cos(step) * mean + math.sin(step) * (tangent / step))
+    return mean * scale
 
 
 @register(
@@ -298,6 +416,9 @@ def multislerp(
         Param("tol", default=1e-5, minimum=0.0, doc="stop when the tangent step is this small"),
     ),
     compat=lambda params, compute_dtype: dict(params, compute_dtype=compute_dtype),
+    reduce=karcher_sums,
+    finish=lambda stats, gram, **params: karcher_coefficients(gram, **params),
+    whole_tensor_when=lambda params: params.get("compute_dtype") is not None,
 )
 def karcher(
     base: torch.Tensor | None,
@@ -308,35 +429,17 @@ def karcher(
     tol: float = 1e-5,
     ctx: TensorContext | None = None,
     compute_dtype: torch.dtype | None = None,
+    stats: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """argmin_m Σ ŵi d(m, x̂i)² on the unit sphere by Riemannian gradient steps; × Σ ŵi ||xi||.
-    With `compute_dtype`, as mergekit evaluates it (`karcher_rounded`: equal weights)."""
+    """argmin_m Σ ŵi d(m, x̂i)² on the unit sphere by Riemannian gradient steps; × Σ ŵi ||xi||
+    (`karcher_coefficients`, from the models' Gram matrix: the engine's reduce pass, or taken
+    here; the engine's `stats` are the coefficients). With `compute_dtype`, as mergekit
+    evaluates it (`karcher_rounded`: equal weights, whole tensors)."""
     if compute_dtype is not None:
         return karcher_rounded([x.to(compute_dtype) for x in experts], max_iter, tol)
-    weights = [1.0] * len(experts) if weights is None else weights
-    total = sum(weights)
-    if total <= 0:
-        raise ValueError("karcher weights must sum to a positive number")
-    alphas = [w / total for w in weights]
-    pairs = [unit(x) for x in experts]
-    scale = sum(a * float(n) for a, (_, n) in zip(alphas, pairs))
-    live = [(a, u) for a, (u, n) in zip(alphas, pairs) if n > tol and a != 0]
-    if not live:
+    if stats is None:
+        stats = karcher_coefficients(karcher_sums(None, experts), weights=weights,
+                                     max_iter=max_iter, tol=tol)
+    if not len(stats):
         return torch.zeros_like(experts[0])
-    live_total = sum(a for a, _ in live)
-    live = [(a / live_total, u) for a, u in live]
-    mean, norm = unit(sum(a * u for a, u in live))
-    if norm < tol:
-        mean = live[0][1].clone()
-    for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for a, u in live:
-            cos = torch.clamp(torch.sum(mean * u), -1.0, 1.0)
-            theta = torch.arccos(cos)
-            if theta > tol:
-                tangent += a * (theta / torch.sin(theta)) * (u - cos * mean)
-        step = torch.linalg.vector_norm(tangent)
-        if step < tol:
-            break
-        mean, _ = unit(torch.cos(step) * mean + torch.sin(step) * (tangent / step))
-    return mean * scale
+    return weighted_sum(experts, [float(c) for c in stats])
