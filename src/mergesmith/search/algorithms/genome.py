@@ -68,7 +68,8 @@ def succession(velocity, x, personal_best, global_best, global_worst, r, phi) ->
     return sum(w * t for w, t in zip(weights, terms)) / weights.sum()
 
 
-def tournament_select(fitness: np.ndarray, count: int, size: int, rng: np.random.Generator) -> list[int]:
+def tournament_select(fitness: np.ndarray, count: int, size: int,
+                      rng: np.random.Generator) -> list[int]:
     """Indices of `count` tournament winners, each removed from the pool once chosen."""
     pool, chosen = list(range(len(fitness))), []
     while len(chosen) < count and pool:
@@ -93,13 +94,13 @@ class Genome:
         self.log = Log()
 
     def ask(self) -> list[np.ndarray]:
-        if self.generation == 0 or not self.population:
-            rng = generation_rng(self.seed, NAME, self.generation)
-            fresh = [rng.random(self.dim) for _ in range(self.size)]  # every candidate so far failed
-            points = self.first if self.generation == 0 else fresh
-            self.pending = [Individual(x) for x in points]
+        rng = generation_rng(self.seed, NAME, self.generation)
+        if self.generation == 0:
+            self.pending = [Individual(x) for x in self.first]
+        elif not self.population:  # every candidate so far failed: start afresh
+            self.pending = [Individual(rng.random(self.dim)) for _ in range(self.size)]
         else:
-            self.pending = self._offspring(generation_rng(self.seed, NAME, self.generation))
+            self.pending = self._offspring(rng)
         return [ind.x.copy() for ind in self.pending]
 
     def _offspring(self, rng: np.random.Generator) -> list[Individual]:

@@ -109,12 +109,11 @@ class M2N2:
         self.log = Log()
 
     def ask(self) -> list[np.ndarray]:
-        if self.generation == 0 or len(self.archive_x) < 2:
-            if self.generation == 0:
-                return [x.copy() for x in self.first]
-            rng = generation_rng(self.seed, NAME, self.generation)
-            return [rng.random(self.dim) for _ in range(self.children)]
+        if self.generation == 0:
+            return [x.copy() for x in self.first]
         rng = generation_rng(self.seed, NAME, self.generation)
+        if len(self.archive_x) < 2:  # (nearly) every candidate so far failed: start afresh
+            return [rng.random(self.dim) for _ in range(self.children)]
         scores = self._columns(np.vstack(self.archive_s))
         return [self._child(scores, rng) for _ in range(self.children)]
 
