@@ -229,7 +229,7 @@ class _Loop:
                   "error": error,
                   "seconds": float(evaluation.seconds),
                   "per_example": evaluation.per_example}
-        self.log.write(json.dumps(record) + "\n")
+        self.log.write(json.dumps(record, default=float) + "\n")  # numpy numbers as floats
         self.log.flush()
         os.fsync(self.log.fileno())
         if self.bar:

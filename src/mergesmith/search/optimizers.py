@@ -66,7 +66,7 @@ def optimizer_names() -> list[str]:
 
 
 def get_optimizer(name: str) -> Factory:
-    """The factory registered as `name`; its `objectives` attribute says single, multi or any."""
+    """The factory registered as `name` (optimizer_objectives(name) says how many objectives)."""
     return _entry(name)[0]
 
 
@@ -202,6 +202,7 @@ class _Deferred:
         if scores.max() > FAILED_SCORE:
             self.ready = True
             self._setup(scores.shape[1], xs, scores)
+            self.pending = []
 
     def done(self) -> bool:
         return False
@@ -289,7 +290,6 @@ class TPE(_Deferred):
             values = row if row.max() > FAILED_SCORE else np.full(k, FAILED_SCORE)
             self.study.add_trial(optuna.trial.create_trial(
                 params=self._params(x), distributions=self.space, values=list(values)))
-        self.pending = []
 
     def _params(self, x: np.ndarray) -> dict[str, float]:
         return {f"x{i}": float(v) for i, v in enumerate(x)}
