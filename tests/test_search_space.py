@@ -264,3 +264,36 @@ def test_a_base_model_folder_named_base_is_a_model():
     recipe = load_recipe({"merge_method": "ties", "base_model": "base", "tokenizer_source": "base",
                           "models": [{"model": "math"}]})
     assert recipe.model_refs() == ["base", "math"]
+
+
+def test_ends_give_embeddings_and_head_their_own_values(zoo, tmp_path):
+    """The paper's genome (evo_merge_ps): one TIES weight and DARE density per expert for every
+    layer plus the input and output embeddings. With every density 1 and the weights e_k, the
+    merge is expert k (METHODS evo_merge_ps test (1); TIES with one non-zero weight, normalized)."""
+    models = zoo("llama")
+    data = search_recipe(zoo, parameters={
+        "weight": {"low": 0.0, "high": 1.0, "per_model": True, "layer_groups": 4, "ends": True},
+        "density": {"low": 0.1, "high": 1.0, "per_model": True, "layer_groups": 4, "ends": True}})
+    data["merge_method"] = "dare_ties"
+    space = load_search(data).space
+    e1 = data["models"][0]["model"]
+    assert len(space) == 2 * 2 * (4 + 2)
+    assert space.names[4:6] == [f"density[{e1}]@embeddings", f"density[{e1}]@head"]
+    values = {n: (1.0 if n.startswith("density") or n.startswith(f"weight[{e1}]") else 0.0)
+              for n in space.names}
+    values[f"weight[{e1}]@head"] = 0.5  # a different value at the head: it must land there
+    recipe = space.recipe(space.encode(values))
+    assert recipe.models[0].parameters["weight"] == [
+        {"filter": "model.embed_tokens.weight", "value": 1.0},
+        {"filter": "lm_head.weight", "value": 0.5}, {"filter": "model.norm.weight", "value": 0.5},
+        {"value": [1.0, 1.0, 1.0, 1.0]}]
+    got = merged(recipe, tmp_path / "k")
+    want, base = read_tensors(models["e1"]), read_tensors(models["base"])
+    for name in ("lm_head.weight", "model.norm.weight"):  # the head: θ0 + 0.5·τ1
+        want[name] = base[name] + 0.5 * (want[name] - base[name])
+    assert got.keys() == want.keys()
+    for name in want:  # θ0 + τ1 in fp32 (dare_ties sums, unnormalized): e1 but at the head
+        assert torch.allclose(got[name], want[name], rtol=0, atol=1e-6), name
+    # the start reads the recipe's own values at the ends: e1's weight 0.7 (the global 1.0 for e2)
+    start = space.decode(space.start())
+    assert start[f"weight[{e1}]@embeddings"] == 0.7 and start[f"density[{e1}]@head"] == 0.5

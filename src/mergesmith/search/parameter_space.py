@@ -10,7 +10,7 @@ gradient gives them. `filters` write conditionals, first match wins, with a catc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ class _Target:
     model: int | None  # index into recipe.models, None for the global parameters
     spec: Range
     dims: tuple  # ((filter or None, group names...), ...) per filter set
+    ends: tuple = ()  # (the embeddings' dimension, the head's) with `ends`
 
 
 class ParameterSpace(SearchSpace):
@@ -43,6 +44,7 @@ class ParameterSpace(SearchSpace):
             self.dimensions.append(Dimension("merge_method", 0, len(self.methods) - 1,
                                              kind="choice", choices=tuple(self.methods)))
         self.layers = 0
+        self.outside: tuple[list[str], list[str]] | None = None  # tensors before, after the layers
         self.targets: list[_Target] = []
         # by name, not as written: a copy of the section dumped with sorted keys is the same space
         for name, spec in sorted(section.parameters.items()):
@@ -100,14 +102,16 @@ class ParameterSpace(SearchSpace):
         if spec.per_model and not param.per_model:
             raise RecipeError(f"{where}: {name} is one value for the whole merge, not per model",
                               hint="leave per_model out")
-        if (spec.per_model or spec.layer_groups > 1) and not self.base.models:
-            raise RecipeError(f"{where}: per_model and layer_groups need a recipe with models:",
+        if (spec.per_model or spec.layer_groups > 1 or spec.ends) and not self.base.models:
+            raise RecipeError(f"{where}: per_model, layer_groups and ends need a recipe with models:",
                               hint="write the recipe with models: rather than slices:")
         if spec.layer_groups > 1:
             self.layers = self.layers or count_layers(self.base)
             if spec.layer_groups > self.layers:
                 raise RecipeError(f"{self.base.where(*at, 'layer_groups')}: {spec.layer_groups} "
                                   f"groups, but the models have {self.layers} layers")
+        if spec.ends:
+            self.outside = self.outside or outside_tensors(self.base)
         sets = [*(spec.filters or []), None] if spec.filters else [None]
         groups = self._group_names(spec)
         owners = [(i, f"[{self.base.models[i].model}]") for i in self._experts()] if spec.per_model else [(None, "")]
@@ -128,7 +132,9 @@ class ParameterSpace(SearchSpace):
                     else:
                         self.dimensions.append(Dimension(dim_name, spec.low, spec.high, spec.scale, kind))
                 dims.append((filt, names))
-            self.targets.append(_Target(name, model, spec, tuple(dims)))
+            ends = (f"{name}{label}@embeddings", f"{name}{label}@head") if spec.ends else ()
+            self.dimensions += [replace(self.dimensions[-1], name=dim_name) for dim_name in ends]
+            self.targets.append(_Target(name, model, spec, tuple(dims), ends))
 
     def _group_names(self, spec: Range) -> list[str]:
         n = spec.layer_groups
@@ -175,9 +181,16 @@ class ParameterSpace(SearchSpace):
             return [v for v, (a, b) in zip(group, bounds) for _ in range(a, b)]
 
         if not target.spec.filters:
-            return per_layer(target.dims[0][1])
-        return [({"filter": filt, "value": per_layer(names)} if filt is not None
-                 else {"value": per_layer(names)}) for filt, names in target.dims]
+            setting = per_layer(target.dims[0][1])
+        else:
+            setting = [({"filter": filt, "value": per_layer(names)} if filt is not None
+                        else {"value": per_layer(names)}) for filt, names in target.dims]
+        if not target.ends:
+            return setting
+        # the ends by their full names first (first match wins), then the layers' setting
+        ends = [{"filter": tensor, "value": _plain(values[dim])}
+                for tensors, dim in zip(self.outside, target.ends) for tensor in tensors]
+        return ends + (setting if isinstance(setting, list) and target.spec.filters else [{"value": setting}])
 
     def given(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -205,6 +218,9 @@ class ParameterSpace(SearchSpace):
                         except ValueError:
                             value = None
                     out[dim_name] = value
+            for tensors, dim_name in zip(self.outside or (), target.ends):
+                value = lookup(target.param, levels, tensors[0], 0.0) if tensors else None
+                out[dim_name] = value if value is not None else param.default if not param.required else None
         return out
 
 
@@ -230,6 +246,22 @@ def layer_groups(layers: int, groups: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def outside_tensors(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """The tensors of the recipe's first model before its layers (embeddings) and after them
+    (final norm, head), by full name."""
+    from mergesmith.engine import layers as L
+    from mergesmith.io import Checkpoint, resolve_model
+
+    ref = recipe.models[0].model
+    names = sorted(n for n in Checkpoint(resolve_model(ref), label=ref).tensors if L.layer_of(n) is None)
+    before = [n for n in names if L.is_before_layers(n)]
+    after = [n for n in names if not L.is_before_layers(n)]
+    if not before or not after:
+        raise RecipeError(f"{recipe.where('models', 0)}: {ref} has no tensors before or after its "
+                          "layers to give their own values", hint="leave ends out")
+    return before, after
 
 
 def count_layers(recipe: Recipe, refs: list[str] | None = None) -> int:

@@ -135,6 +135,8 @@ class Range(_Strict):
     layer_groups: StrictInt = Field(default=1, ge=1)
     smooth: StrictBool = False  # one value per group at evenly spaced anchors, interpolated between
     filters: Optional[list[StrictStr]] = Field(default=None, min_length=1)
+    # own values for the tensors before the layers (embeddings) and after them (final norm, head)
+    ends: StrictBool = False
 
     @model_validator(mode="after")
     def _bounds(self) -> "Range":
