@@ -87,10 +87,10 @@ def test_candidates_equal_the_merged_folder_bit_for_bit_and_read_inputs_once(
         assert_same(merger.tensors(path), written)
         module, tokenizer = merger.merge(path)  # the one model, overwritten candidate by candidate
         assert dict(counted_reads) == before, f"{name} read its inputs again"
-        with torch.no_grad():
+        if name in ("linear", "slerp", "slices"):  # the first model, its last values, a deeper one
             loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        assert_same(module.state_dict(), loaded.state_dict())  # what evaluate loads from the folder
-        assert tokenizer("w1 w2")["input_ids"] == [3, 4]
+            assert_same(module.state_dict(), loaded.state_dict())  # as evaluate loads the folder
+            assert tokenizer("w1 w2")["input_ids"] == [3, 4]
     # the kept inputs were not changed by any merge (methods get views of them)
     for ck in (Checkpoint(models[k]) for k in ("base", "e1", "e2")):
         for name in ck.tensors:
@@ -258,3 +258,59 @@ def test_worker_scores_candidates_and_fails_nan_or_raising_fitness(world):
         failed = SearchWorker(problem(world, {"callable": fn}))(Candidate(5, [0.5], fidelity=0.5))
         assert failed.scores is None and failed.id == 5 and failed.fidelity == 0.5
         assert failed.error.startswith(error)
+
+
+def test_demo_task_names_are_the_demos_tasks_with_their_heads(tmp_path, monkeypatch):
+    from mergesmith.demo import run
+
+    fitness = load_fitness({"tasks": ["sentiment"], "demo": {"fast": True, "cache": str(tmp_path)}})
+    monkeypatch.setattr(run, "prepare_expert", lambda *args: None)  # the tasks alone, not trained
+    demo = run.prepare_demo(fast=True, cache=tmp_path, progress=False)
+    assert fitness.parts[0].task.path == demo.tasks["sentiment"]
+    assert fitness.parts[0].task.head is not None
+
+
+def test_lm_eval_fitness_on_a_local_task_scores_its_validation_split(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="the optional extra [eval] (lm-eval) is not installed")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergesmith.toy import default_tokens
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = build_model(tmp_path / "llama", "llama", seed=3)
+    tokens = default_tokens()
+    tokens[2] = "[EOS]"  # lm-eval conditions an empty context on EOS; the toy vocabulary has none
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(folder)
+    texts = ["w3 w4 w5", "w6 w7", "w8 w9 w10 w11", "w12 w13", "w14 w15 w16", "w17"]
+    rows = [{"context": texts[i], "choices": [texts[(i + 1) % 6], texts[(i + 3) % 6]], "label": i % 2}
+            for i in range(6)]
+    (tmp_path / "mc").mkdir()
+    (tmp_path / "mc" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mc" / "task.yaml").write_text(
+        "name: mc\nkind: multiple_choice\ndata: {validation: validation.jsonl}\n")
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    body = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: "
+            f"{tmp_path / 'mc' / 'validation.jsonl'}\noutput_type: multiple_choice\n"
+            'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (harness / "toy_mc.yaml").write_text("task: toy_mc\nvalidation_split: validation\n" + body)
+    (harness / "toy_test.yaml").write_text("task: toy_test\ntest_split: validation\n" + body)
+    options = {"include_path": "harness", "include_defaults": False, "batch_size": 4}
+    with pytest.raises(RecipeError, match="'toy_test' scores its test split"):
+        load_fitness({"lm_eval": ["toy_test"], "lm_eval_options": options}, tmp_path)
+    fitness = load_fitness({"lm_eval": ["toy_mc"], "lm_eval_options": options, "objectives": "each"},
+                           tmp_path)
+    model, tokenizer = CandidateMerger({"merge_method": "linear", "models": [{"model": str(folder)}]}).merge(
+        {"merge_method": "linear", "models": [{"model": str(folder), "parameters": {"weight": 1.0}}]})
+    ours = evaluate_model((model, tokenizer), load_task(tmp_path / "mc"), "validation")
+    result = fitness(model, tokenizer)
+    assert fitness.objectives == ["toy_mc"] and result.scores == [pytest.approx(ours.score)]
+    assert result.per_example == ours.per_example.tolist()
+    half = fitness(model, tokenizer, fidelity=0.5)  # lm-eval's limit: the first documents
+    assert half.per_example == ours.per_example.tolist()[:3]

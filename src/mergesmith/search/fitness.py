@@ -57,16 +57,16 @@ def load_fitness(spec: dict | Callable, base: Path | None = None) -> "Fitness":
         spec = {"callable": spec}
     if not isinstance(spec, dict) or not any(spec.get(key) for key in SCORED):
         raise RecipeError("search.fitness: says nothing to score",
-                           hint="give tasks:, lm_eval:, perplexity: or callable:")
+                          hint="give tasks:, lm_eval:, perplexity: or callable:")
     unknown = sorted(set(spec) - KEYS)
     if unknown:
         raise RecipeError(f"search.fitness.{unknown[0]}: unknown key",
-                           hint=f"keys: {', '.join(sorted(KEYS))}")
+                          hint=f"keys: {', '.join(sorted(KEYS))}")
     split = spec.get("split", "validation")
     if split == "test":
         raise RecipeError("search.fitness.split: test: a search never scores on the test split "
-                           "(what it tunes on would no longer measure it)",
-                           hint="score on validation; keep test for the final comparison")
+                          "(what it tunes on would no longer measure it)",
+                          hint="score on validation; keep test for the final comparison")
     objectives = spec.get("objectives", "mean")
     if objectives not in ("mean", "each"):
         raise RecipeError(f"search.fitness.objectives: {objectives!r}", hint="mean or each")
@@ -116,7 +116,8 @@ class SearchFitness:
                                       f"expected {len(part.names)}",
                                       hint="name a callable's scores with fitness.names")
             scores += [float(s) for s in got]
-            per_example = per_example + examples if per_example is not None and examples is not None else None
+            # per example only when every part has them (M2N2's score matrix needs them all)
+            per_example = per_example + examples if per_example is not None and examples else None
         if self.mode == "mean":
             scores = [float(np.mean(scores))]
         return FitnessResult(scores, per_example)
@@ -147,7 +148,7 @@ def _demo_task(name: str, options: dict) -> Path:
 
     if name not in TASKS:
         raise RecipeError(f"search.fitness.tasks: {name!r} is neither a task file or folder nor "
-                           "a demo task", hint=f"demo tasks: {', '.join(TASKS)}")
+                          "a demo task", hint=f"demo tasks: {', '.join(TASKS)}")
     fast, seed = bool(options.get("fast", False)), int(options.get("seed", 0))
     root = cache_dir(Path(options["cache"]) if options.get("cache") else None)
     settings = (FAST if fast else SETTINGS).with_seed(seed)
@@ -291,11 +292,11 @@ def _validation_only(name: str, config: dict) -> None:
     """An lm-eval task scores its test split when its config names one: refused."""
     if config.get("test_split"):
         raise RecipeError(f"search.fitness.lm_eval: task {name!r} scores its test split "
-                           f"{config['test_split']!r}", hint=f"give {{task: {name}, test_split: "
-                           "null}: lm-eval then scores its validation_split")
+                          f"{config['test_split']!r}", hint=f"give {{task: {name}, test_split: "
+                          "null}: lm-eval then scores its validation_split")
     if not config.get("validation_split"):
         raise RecipeError(f"search.fitness.lm_eval: task {name!r} names no validation_split",
-                           hint="give validation_split")
+                          hint="give validation_split")
 
 
 # --- a Python function ------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def _import(target: str, base: Path) -> Callable:
     where, _, name = target.rpartition(":")
     if not where or not name:
         raise RecipeError(f"search.fitness.callable: {target!r}",
-                           hint="write module:function or file.py:function")
+                          hint="write module:function or file.py:function")
     try:
         if where.endswith(".py"):
             file = base / where

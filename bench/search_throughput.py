@@ -1,0 +1,162 @@
+"""Candidates per minute of one search worker: in memory against merge-to-folder-then-evaluate.
+
+    .venv/bin/python bench/search_throughput.py                  # the demo's experts (cached)
+    .venv/bin/python bench/search_throughput.py --fidelity 0.1 --candidates 12
+
+Both paths score the same candidates (random points of a per-model weight and λ space over the
+demo's base and four experts, task arithmetic by default) with the same fitness: mean accuracy
+on the demo's four tasks, validation split (800 examples, or a fixed share with --fidelity).
+- in memory: `SearchWorker` (search/candidates.py): the inputs were read once at start; each
+  candidate is merged into the one model's parameters and scored.
+- on disk: as mergekit-evolve's on-disk strategy: each candidate is merged to a folder
+  (`mergesmith merge`), loaded from it and scored, then the folder is deleted.
+The scores of the two paths must agree exactly (the merges are bit-identical); the script
+checks that. `--toy` replaces the experts by seeded perturbations of the demo's base (the
+same shape) when training them would take too long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mergesmith.demo.run import TASKS
+
+
+def experts(toy: bool, cache: Path | None) -> tuple[Path, list[Path]]:
+    from mergesmith.demo import prepare_demo
+    from mergesmith.demo.assets import base_model_folder, cache_dir
+
+    if not toy:
+        setup = prepare_demo(cache=cache)
+        return setup.base, [setup.experts[name] for name in TASKS]
+    from transformers import AutoModel, AutoTokenizer
+
+    base = base_model_folder(cache)
+    folders = []
+    for i, name in enumerate(TASKS):
+        folder = cache_dir(cache) / "bench" / f"toy-expert-{name}"
+        if not (folder / "config.json").is_file():
+            model = AutoModel.from_pretrained(base, dtype=torch.float32)
+            generator = torch.Generator().manual_seed(i + 1)
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.add_(1e-3 * torch.randn(param.shape, generator=generator))
+            model.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+        folders.append(folder)
+    return base, folders
+
+
+def problem(base: Path, folders: list[Path], method: str, fidelity_seed: int, cache) -> dict:
+    recipe = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(f), "parameters": {"weight": 0.25}} for f in folders],
+              "parameters": {"lambda": 1.0} if method == "task_arithmetic" else {"density": 0.5}}
+    demo = {"cache": str(cache)} if cache else {}
+    search = {"parameters": {"weight": {"low": 0.0, "high": 1.0, "per_model": True}},
+              "fitness": {"tasks": list(TASKS), "seed": fidelity_seed, "demo": demo}}
+    if method == "task_arithmetic":
+        search["parameters"]["lambda"] = {"low": 0.2, "high": 1.5}
+    return {**recipe, "search": search}
+
+
+def in_memory(worker, points, fidelity: float) -> tuple[float, list[float]]:
+    from mergesmith.search.candidates import Candidate
+
+    started = time.perf_counter()
+    scores = []
+    for i, x in enumerate(points):
+        evaluation = worker(Candidate(i, list(x), fidelity))
+        if evaluation.scores is None:
+            sys.exit(f"candidate {i} failed: {evaluation.error}")
+        scores.append(evaluation.scores[0])
+    return time.perf_counter() - started, scores
+
+
+def on_disk(worker, points, fidelity: float, scratch: Path) -> tuple[float, list[float]]:
+    from mergesmith.evaluate.run import load_model
+    from mergesmith.pipeline import merge
+
+    task = worker.fitness.parts[0].task  # every demo task loads the same encoder
+    started = time.perf_counter()
+    scores = []
+    for i, x in enumerate(points):
+        folder = merge(worker.space.recipe(x), scratch / f"candidate-{i}")
+        module, tokenizer = load_model(folder, task)
+        scores.append(worker.fitness(module.eval(), tokenizer, fidelity=fidelity).scores[0])
+        shutil.rmtree(folder)
+    return time.perf_counter() - started, scores
+
+
+def build_only(worker, points, scratch: Path) -> tuple[float, float]:
+    """Seconds to build the candidates' models without scoring them: merged in place, against
+    merged to a folder and loaded from it."""
+    from mergesmith.evaluate.run import load_model
+    from mergesmith.pipeline import merge
+
+    recipes = [worker.space.recipe(x) for x in points]
+    started = time.perf_counter()
+    for recipe in recipes:
+        worker.merger.merge(recipe)
+    memory_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for i, recipe in enumerate(recipes):
+        folder = merge(recipe, scratch / f"build-{i}")
+        load_model(folder, worker.fitness.parts[0].task)
+        shutil.rmtree(folder)
+    return memory_s, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--fidelity", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument("--method", default="task_arithmetic")
+    parser.add_argument("--toy", action="store_true", help="experts of the demo's shape, untrained")
+    parser.add_argument("--cache", type=Path, default=None, help="the demo's cache folder")
+    parser.add_argument("--scratch", type=Path, default=None, help="where candidate folders go")
+    args = parser.parse_args()
+
+    from mergesmith.search.candidates import Candidate, SearchWorker
+
+    base, folders = experts(args.toy, args.cache)
+    spec = problem(base, folders, args.method, 0, args.cache)
+    started = time.perf_counter()
+    worker = SearchWorker(spec)
+    setup = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    points = rng.random((args.candidates + 1, len(worker.space)))
+    worker(Candidate(-1, list(points[0])))
+    points = points[1:]  # the first candidate built the model and loaded the tokenizer: not timed
+    print(f"{'toy' if args.toy else 'demo'} experts, {args.method}, {len(worker.space)} dimensions, "
+          f"torch threads {torch.get_num_threads()}; worker setup {setup:.1f} s (inputs read once: "
+          f"{worker.merger.inputs.nbytes / 2**20:.0f} MiB kept)")
+    print("| fidelity | examples | in memory (cand/min) | on disk (cand/min) | ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    scratch = Path(tempfile.mkdtemp(prefix="search-throughput-", dir=args.scratch))
+    try:
+        memory_s, disk_s = build_only(worker, points, scratch)
+        print(f"| merge only | 0 | {60 * len(points) / memory_s:.1f} | {60 * len(points) / disk_s:.1f} "
+              f"| {disk_s / memory_s:.2f}x |", flush=True)
+        for fidelity in args.fidelity:
+            memory_s, memory_scores = in_memory(worker, points, fidelity)
+            disk_s, disk_scores = on_disk(worker, points, fidelity, scratch)
+            if memory_scores != disk_scores:
+                sys.exit(f"the paths disagree: {memory_scores} against {disk_scores}")
+            examples = sum(len(p.subset(fidelity).examples("validation")) for p in worker.fitness.parts)
+            per_min = [60 * len(points) / s for s in (memory_s, disk_s)]
+            print(f"| {fidelity:g} | {examples} | {per_min[0]:.1f} | {per_min[1]:.1f} | "
+                  f"{per_min[0] / per_min[1]:.2f}x |", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
