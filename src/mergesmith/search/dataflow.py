@@ -10,7 +10,8 @@ a recipe can express exactly is the part the layer's first linear maps see, so W
 the weight matrices of layer j's attention input projections (q, k, v; their biases are not
 scaled): their inputs are multiplied by W_ij. W is indexed by the absolute layers (i, j), not by
 path positions (`scaling: pair`, M² genes, the paper's); `scaling: layer` gives one gene per
-layer j (M genes), `none` no scaling. The first layer of the path has no predecessor: W = 1.
+layer j (M genes), `none` no scaling. Under `pair` the path's first layer, which has no
+predecessor, is not scaled.
 Embeddings come with the path's first layer's model, the final norm and head with its last's
 (passthrough slices take them from the first and last slice).
 """
