@@ -314,3 +314,18 @@ def test_lm_eval_fitness_on_a_local_task_scores_its_validation_split(tmp_path, m
     assert result.per_example == ours.per_example.tolist()
     half = fitness(model, tokenizer, fidelity=0.5)  # lm-eval's limit: the first documents
     assert half.per_example == ours.per_example.tolist()[:3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunk", [FINE, 8 << 20])
+def test_cuda_candidates_equal_the_cuda_merge(tmp_path, zoo, chunk):
+    models = zoo("llama")
+    merger = CandidateMerger(recipe(models, "task_arithmetic", {}), "cuda", chunk_bytes=chunk)
+    for name, spec in cases(models).items():
+        path = write_recipe(tmp_path / f"{name}.yaml", spec)
+        folder = mergesmith.merge(path, tmp_path / name, chunk_size=chunk, device="cuda")
+        assert_same(merger.tensors(path), read_tensors(folder))
+        module, _ = merger.merge(path)
+        assert all(p.device.type == "cuda" for p in module.parameters())
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert_same({k: v.cpu() for k, v in module.state_dict().items()}, loaded.state_dict())
