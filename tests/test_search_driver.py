@@ -276,6 +276,33 @@ def test_resume_ends_where_the_uninterrupted_search_ends(tmp_path, kill):
     assert resumed.best == whole.best
 
 
+def test_killed_twice_and_a_line_cut_by_the_crash_still_resume_exactly(tmp_path):
+    settings = dict(evaluations=30, population=7)
+    run(tmp_path, "whole", problem(**settings))
+    with pytest.raises(Killed):
+        run(tmp_path, "cut", problem(**settings), worker=Worker(near_a, kill=10))
+    with open(tmp_path / "cut" / "candidates.jsonl", "a") as log:
+        log.write('{"id": 9, "generation": 1, "fid')  # the crash cut the last line short
+    with pytest.raises(Killed):  # reuses the 9 logged, runs 3 more and dies in generation 2
+        run(tmp_path, "cut", problem(**settings), worker=Worker(near_a, kill=4), resume=True)
+    assert len(read_log(tmp_path / "cut" / "candidates.jsonl")) == 12
+    last = Worker(near_a)
+    run(tmp_path, "cut", problem(**settings), worker=last, resume=True)
+    assert last.calls == 30 - 12
+    assert log_of(tmp_path / "cut") == log_of(tmp_path / "whole")
+
+
+def test_a_smaller_budget_on_resume_drops_what_the_longer_run_logged(tmp_path):
+    with pytest.raises(Killed):  # checkpointed after 21 candidates, 24 logged
+        run(tmp_path, "cut", problem(evaluations=30, population=7), worker=Worker(near_a, kill=25))
+    with pytest.raises(MergesmithError, match="evaluated 21 candidates, more than 10"):
+        run(tmp_path, "cut", problem(evaluations=10, population=7), resume=True)
+    run(tmp_path, "cut", problem(evaluations=22, population=7), resume=True)
+    run(tmp_path, "short", problem(evaluations=22, population=7))
+    assert log_of(tmp_path / "cut") == log_of(tmp_path / "short")
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["candidates"] == 22
+
+
 def test_a_larger_budget_on_resume_continues_as_if_given_at_the_start(tmp_path):
     run(tmp_path, "short", problem(evaluations=25, population=10))  # cuts generation 3 at 5
     assert len(read_log(tmp_path / "short" / "candidates.jsonl")) == 25

@@ -7,8 +7,9 @@ summary.json (see search/outputs.py).
 
 Resume: state.pkl holds the optimizer as it was after its last complete generation; asked
 again it proposes the same points, and evaluations that candidates.jsonl already holds for
-them (a generation cut short by a crash or a budget) are reused, not run again. So a resumed
-search ends where the uninterrupted one ends, and a resume with a larger budget continues it.
+them (a generation cut short by a crash or a budget) are reused, not run again (and stay in
+the log where they are). So a resumed search ends where the uninterrupted one ends, and a
+resume with a larger budget continues it.
 
 Budgets: `evaluations` counts candidates (a re-score at full fidelity is not a new candidate),
 and is never exceeded: the last generation is cut to what is left. `seconds` is checked before
@@ -102,6 +103,9 @@ def search(problem, out: str | Path, *, workers: int = 1, ray_address: str | Non
         if own:
             executor.close()
     records = read_log(out / LOG)
+    if loop.pending:  # logged by a longer run than this one (its budget was cut on resume)
+        records = [r for r in records if (r["id"], r["fidelity"]) not in loop.pending]
+        _atomic_write(out / LOG, "".join(json.dumps(r) + "\n" for r in records).encode())
     return write_outputs(problem, out, records, seconds=loop.elapsed(), stopped=stopped,
                          generations=state.generation)
 
@@ -186,9 +190,10 @@ class _Loop:
             reused = self._reuse(c)
             if reused is None:
                 todo.append(i)
-            else:
+            else:  # already in the log
                 results[i] = reused
-                self._record(c, reused)
+                if self.bar:
+                    self.bar.add(reused.scores if c.fidelity == 1.0 else None, c.id + 1)
         if todo and self._out_of_time():
             return None
 
@@ -330,10 +335,18 @@ def _resume(problem, out: Path, spec: dict) -> tuple[_State, dict]:
     except Exception as exc:
         raise OutputError(f"{out / STATE}: unreadable checkpoint ({type(exc).__name__})",
                           hint="start the search again in a new OUT") from None
-    records = read_log(out / LOG)
-    kept = [r for r in records if r["id"] < state.next_id]
-    pending = {(r["id"], r["fidelity"]): r for r in records if r["id"] >= state.next_id}
-    _atomic_write(out / LOG, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    budget = problem.settings.evaluations
+    if budget is not None and budget < state.next_id:
+        raise OutputError(f"{out}: the search there has evaluated {state.next_id} candidates, "
+                          f"more than {budget}", hint=f"resume with at least {state.next_id} "
+                          "evaluations, or start a new search in another OUT")
+    text = (out / LOG).read_text() if (out / LOG).exists() else ""
+    if not text.endswith("\n"):  # a line cut by the crash: new records start on a line of their own
+        _atomic_write(out / LOG, text[:text.rfind("\n") + 1].encode())
+    pending = {}
+    for r in read_log(out / LOG):
+        if r["id"] >= state.next_id:
+            pending.setdefault((r["id"], r["fidelity"]), r)
     return state, pending
 
 
