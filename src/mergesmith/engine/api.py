@@ -80,7 +80,7 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
     if spread:
         from mergesmith.engine import distributed
 
-        distributed.refuse_side_outputs(the_plan, SIDE_STORES)
+        distributed.refuse(the_plan, SIDE_STORES, compute)
     output = OutputFolder(Path(out), fingerprint(the_plan, chunk_bytes, compute),
                           resume=resume, overwrite=overwrite, inputs=_inputs(the_plan))
     writes = stream

@@ -48,7 +48,11 @@ class ShardJob:
     env: dict[str, str]  # the hub cache and mergesmith's own settings
 
 
-def refuse_side_outputs(the_plan: Plan, side_methods) -> None:
+def refuse(the_plan: Plan, side_methods, device: torch.device) -> None:
+    """What --ray does not do yet, refused before anything is written."""
+    if device.type != "cpu":
+        raise MergesmithError(f"merge --ray computes on the workers' CPUs, not on {device}",
+                              hint="drop --device, or merge on the GPU without --ray")
     if the_plan.method.name in side_methods:
         raise MergesmithError(f"merge --ray: {the_plan.method.name} writes side outputs beside "
                               "the weights, which --ray does not spread over workers",
@@ -68,12 +72,15 @@ class ShardWorker:
     def __init__(self, job: ShardJob):
         from mergesmith.engine.api import fingerprint
 
+        host = socket.gethostname()
+        if not Path(job.cwd).is_dir():
+            raise OutputError(f"the worker on {host} has no folder {job.cwd} (the driver's "
+                              "working folder)", hint=SHARED_HINT)
         os.chdir(job.cwd)
         os.environ.update(job.env)
         self.job = job
         self.device = torch.device(job.device)
         self.plan = build_plan(job.recipe, **job.plan_options)
-        host = socket.gethostname()
         if fingerprint(self.plan, job.chunk_bytes, self.device) != job.fingerprint:
             raise OutputError(f"the worker on {host} sees other inputs than the driver "
                               "(model paths, sizes or modification times)", hint=SHARED_HINT)
