@@ -22,6 +22,7 @@ from mergesmith.search.candidates import Evaluation
 from mergesmith.search.driver import _halving, candidate_seed, read_log, search
 from mergesmith.search.optimizers import (FAILED_SCORE, get_optimizer, non_dominated,
                                           optimizer_names)
+from test_search_run import TARGET_WEIGHTS, toy_search  # noqa: F401 (test_search_algorithms.py's)
 
 
 # --- a synthetic problem: points of [0, 1]^d, scored by a known function -----------------------
