@@ -69,10 +69,16 @@ class Fails:
 @pytest.fixture(scope="module")
 def runtime():
     """One local runtime for these tests (an executor joins a runtime already started, and
-    leaves it running)."""
+    leaves it running). A new local runtime turns on Ray's token authentication for the whole
+    process (RAY_AUTH_MODE): taken back after, so later tests' subprocesses do not inherit it."""
+    mode = os.environ.get("RAY_AUTH_MODE")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = mode
 
 
 def test_one_worker_runs_here_without_ray():
