@@ -20,6 +20,7 @@ from mergesmith.methods.fusion import arcee_fusion, nearswap
 from mergesmith.methods.sce_merging import sce
 from mergesmith.methods.ram_merging import ram, ramplus_tl
 from mergesmith.methods.subspace import iso_c, iso_cts, tsv_m
+from mergesmith.methods.doge import doge_ta
 from mergesmith.methods.competition import pcb, widen
 from mergesmith.methods.sparse import breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, ties  # noqa: E501
 from mergesmith.methods.consensus import consensus_ta, consensus_ties, magmax
@@ -27,6 +28,7 @@ from mergesmith.methods.emr import emr
 from mergesmith.methods.twin import twin
 from mergesmith.methods.curvature import ffg, fisher, ota, regmean, stitch
 from mergesmith.methods import adaptive, adaptive_masks  # noqa: F401,E402  (learned merges)
+from mergesmith.methods import frank_wolfe  # noqa: F401,E402  (FW-Merging, learned)
 
 __all__ = [
     "MethodSpec", "Param", "TensorContext", "all_methods", "get_method", "register",
