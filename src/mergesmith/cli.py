@@ -125,7 +125,7 @@ def merge(
     ray: bool = typer.Option(False, "--ray", help="Write the output's shards on Ray workers "
                              "(a local Ray runtime unless --ray-address): the same bytes."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray workers, one CPU "
-                                          "each (with --ray) [default: every CPU here]."),
+                                          "each (with --ray; default: every CPU here)."),
     ray_address: Optional[str] = typer.Option(
         None, "--ray-address", help="Join this Ray cluster (implies --ray); the models and "
         "OUTPUT must be on a filesystem every node shares."),
