@@ -391,3 +391,6 @@ def test_bad_settings_are_refused(tmp_path):
         run(tmp_path, "y", problem(evaluations=10), score=two_wells)
     with pytest.raises(MergesmithError, match="fidelity"):
         run(tmp_path, "z", problem(fidelity={"start": 1.5}))
+    with pytest.raises(MergesmithError, match="unknown optimizer"):
+        run(tmp_path, "w", problem(optimizer="cmaes"))
+    assert not any((tmp_path / name).exists() for name in "xzw")  # OUT untouched: run again

@@ -86,6 +86,7 @@ def search(problem, out: str | Path, *, workers: int = 1, ray_address: str | Non
     if settings.evaluations is None and settings.seconds is None:
         raise MergesmithError("search: no budget", hint="set search.evaluations or search."
                               "seconds in the recipe (or --evaluations / --seconds)")
+    _fidelity(settings)  # every settings error before OUT is touched
     out = Path(out)
     state, pending = _open(problem, out, resume)
     own = executor is None
@@ -312,12 +313,12 @@ def _open(problem, out: Path, resume: bool) -> tuple[_State, dict]:
                               "it, or choose another OUT")
         if (out / STATE).exists():
             return _resume(problem, out, spec)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PROBLEM).write_text(yaml.safe_dump(spec, sort_keys=False))
-    (out / LOG).write_text("")
     settings = problem.settings
     optimizer = get_optimizer(settings.optimizer)(problem.space, settings, settings.seed)
     state = _State(optimizer)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PROBLEM).write_text(yaml.safe_dump(spec, sort_keys=False))
+    (out / LOG).write_text("")
     _save_state(out, state)
     return state, {}
 
