@@ -100,6 +100,31 @@ def sce(models):
     }
 
 
+def arcee_fusion(models):
+    return {
+        "merge_method": "arcee_fusion",
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models["expert1"])}],
+        "dtype": "bfloat16",
+    }
+
+
+def _variant_of(build, name, **fields):
+    """`build`'s recipe with top-level `fields` (`compat: mergekit`) or, under `parameters`,
+    the rest (`rescale: true`: mergekit's L1 rescale)."""
+
+    top = {key: fields.pop(key) for key in ("compat",) if key in fields}
+
+    def recipe(models):
+        out = dict(build(models), **top)
+        if fields:
+            out.setdefault("parameters", {}).update(fields)
+        return out
+
+    recipe.__name__ = name
+    return recipe
+
+
 def _subspace(method):
     def build(models):
         return {
@@ -108,6 +133,21 @@ def _subspace(method):
             "models": _experts(models),
             "dtype": "bfloat16",
         }
+    return build
+
+
+def _weighted(method, base=True, **params):
+    """A method of weighted experts (base + 3, or the 3 experts alone) with its parameters."""
+
+    def build(models):
+        recipe = {"merge_method": method, "models": _experts(models), "dtype": "bfloat16"}
+        if base:
+            recipe["base_model"] = str(models["base"])
+        if params:
+            recipe["parameters"] = dict(params)
+        return recipe
+
+    build.__name__ = method
     return build
 
 
@@ -122,9 +162,19 @@ METHODS = {
     "model_stock": model_stock,
     "nuslerp": nuslerp,
     "sce": sce,
+    "arcee_fusion": arcee_fusion,
+    # mergekit's exact-count cuts (whole tensors) and its L1 rescale (streamed, a third pass)
+    "ties_compat": _variant_of(ties, "ties_compat", compat="mergekit"),
+    "breadcrumbs_compat": _variant_of(breadcrumbs, "breadcrumbs_compat", compat="mergekit"),
+    "ties_l1": _variant_of(ties, "ties_l1", rescale=True),
     "tsv_m": _subspace("tsv_m"),
     "iso_c": _subspace("iso_c"),
     "iso_cts": _subspace("iso_cts"),
+    "pcb": _weighted("pcb", density=0.5),
+    "widen": _weighted("widen"),
+    "stitch": _weighted("stitch", density=0.05),
+    "multislerp": _weighted("multislerp"),
+    "karcher": _weighted("karcher", base=False),
 }
 
 

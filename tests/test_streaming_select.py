@@ -19,8 +19,8 @@ from mergesmith.engine.run import units
 from mergesmith.methods import kth, sparse
 from mergesmith.methods.blocks import disjoint_mean, elect_sign, kth_largest, topk_count
 from mergesmith.methods.fusion import row_kl
-from mergesmith.methods.sce_merging import energy_weights
-from mergesmith.methods.streamed import exact_sum, exact_total, exponent_sums
+from mergesmith.methods.sce_merging import energy_weights, variance
+from mergesmith.methods.streamed import exact_total, exponent_sums
 
 CHUNK = 1024  # bytes: a few rows of the toy models per chunk, so every tensor streams
 
@@ -42,11 +42,20 @@ def test_exact_sums_are_correctly_rounded_whatever_the_chunks():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20011, generator=g) * torch.exp(torch.randn(20011, generator=g) * 10)
     x[:6] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38])
-    exact = float(sum(Fraction(v) for v in x.double().tolist()))
-    assert exact_sum(x) == exact
+    exact = float(sum(Fraction(abs(v)) for v in x.double().tolist()))  # Σ|x|, then rounded
+    assert exact_total(exponent_sums(x)) == exact
     assert exact_total(sum(exponent_sums(c) for c in x.split(613))) == exact
-    # a float64 sum in another order is off in its last bits
-    assert float(x.double().sum()) != exact or float(x.double().flip(0).sum()) != exact
+
+
+@pytest.mark.parametrize("experts", (2, 3, 5))
+def test_sce_variance_is_torch_var_bit_for_bit(experts):
+    g = torch.Generator().manual_seed(experts)
+    tvs = [awkward_magnitudes(50_000, torch.float32, seed=experts * 10 + i)
+           * torch.exp(torch.randn(50_000, generator=g) * 8) for i in range(experts)]
+    for tv in tvs[1:]:
+        tv[:500] = tvs[0][:500]  # variance 0 where all agree
+    expected = torch.var(torch.stack(tvs), dim=0, unbiased=False)
+    assert torch.equal(variance(tvs), expected)
 
 
 def run(recipe: dict, out, passes: int) -> tuple[dict, list]:

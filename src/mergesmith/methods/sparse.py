@@ -409,8 +409,8 @@ def l1_sums(base: torch.Tensor, experts: list[torch.Tensor], sparsifiers: list[S
     for rows in row_blocks(base):
         for i, (expert, sparsify) in enumerate(zip(experts, sparsifiers)):
             tau = expert[rows].float() - base[rows].float()
-            sums[i, 0] += exponent_sums(tau.abs())
-            sums[i, 1] += exponent_sums(sparsify(tau, rows.start * cols).abs_())
+            sums[i, 0] += exponent_sums(tau)  # of |τ|
+            sums[i, 1] += exponent_sums(sparsify(tau, rows.start * cols))
     return sums
 
 

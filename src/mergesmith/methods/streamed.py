@@ -21,14 +21,17 @@ SCALE_BITS = 149  # the smallest subnormal is 2^-149
 
 
 def exponent_sums(x: torch.Tensor) -> torch.Tensor:
-    """Σ ±m per fp32 exponent over the entries of x (int64, EXPONENTS): the exact sum of x as
-    integers to be scaled by 2^(max(e, 1) − 150). Exact as long as one call sees fewer than 2^29
-    entries (each |m| < 2^24, a float64 bincount weight's integers are exact below 2^53)."""
-    bits = x.float().reshape(-1).view(torch.int32)
-    exponent = (bits >> SIGNIFICAND_BITS) & 0xFF
-    significand = (bits & 0x7FFFFF) | ((exponent > 0).int() << SIGNIFICAND_BITS)
-    signed = torch.where(bits < 0, -significand, significand).double()
-    return torch.bincount(exponent, weights=signed, minlength=EXPONENTS).long()
+    """Σ m per fp32 exponent over the entries of |x| (int64, EXPONENTS): the exact sum of |x|
+    as integers to be scaled by 2^(max(e, 1) − 150). Exact as long as one call sees fewer
+    than 2^29 entries (each m < 2^24; a float64 bincount weight's integers are exact below
+    2^53). As the stored fraction and, for normal numbers, its implicit 2^23 times a count."""
+    bits = x.float().reshape(-1).view(torch.int32) & 0x7FFFFFFF
+    exponent = bits >> SIGNIFICAND_BITS
+    fraction = (bits & 0x7FFFFF).double()
+    sums = torch.bincount(exponent, weights=fraction, minlength=EXPONENTS).long()
+    implicit = torch.bincount(exponent, minlength=EXPONENTS)[1:] << SIGNIFICAND_BITS
+    sums[1:] += implicit
+    return sums
 
 
 def exact_total(sums: torch.Tensor) -> float:
@@ -40,13 +43,6 @@ def exact_total(sums: torch.Tensor) -> float:
     # Python's int / int is correctly rounded
     scaled = sum(s << (max(e, 1) - 1) for e, s in enumerate(counts[:-1]) if s)
     return scaled / (1 << SCALE_BITS)
-
-
-def exact_sum(x: torch.Tensor, block: int = 1 << 24) -> float:
-    """The correctly rounded float64 sum of x's entries as fp32."""
-    flat = x.reshape(-1)
-    return exact_total(sum((exponent_sums(flat[a:a + block]) for a in range(0, flat.numel(), block)),
-                           torch.zeros(EXPONENTS, dtype=torch.int64)))
 
 
 def reduce_in_parts(reduce: Callable[..., Any], finish: Callable[..., Any], passes: int,
