@@ -202,3 +202,34 @@ def test_side_outputs_and_stray_workers_are_refused(zoo, tmp_path, monkeypatch, 
     code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, tmp_path / "out", "--workers",
                            "2")
     assert code == 1 and "--workers sets the number of Ray workers: it goes with --ray" in err
+
+
+def test_data_aware_merge_on_workers(zoo, tmp_path, monkeypatch):
+    """RegMean's statistics stores, collected by the driver, are what the shard workers read
+    (here in this process: a serial executor of the same workers, no Ray)."""
+    from mergesmith import merge
+    from mergesmith.engine import distributed
+    from mergesmith.parallel import SerialExecutor
+
+    models = zoo("llama")
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"text": f"the {name} cat sat on mat {i}"}) + "\n" for i in range(8)))
+    recipe = write_recipe(tmp_path / "regmean.yaml", {
+        "merge_method": "regmean", "base_model": str(models["base"]), "dtype": "float32",
+        "models": [{"model": str(models["e1"]), "calibration": {"data": "a.jsonl"}},
+                   {"model": str(models["e2"]), "calibration": {"data": "b.jsonl"}}],
+        "calibration": {"samples": 8, "max_length": 16, "batch_size": 4,
+                        "cache": str(tmp_path / "cache")},
+        "parameters": {"alpha": 0.9}})
+    local = merge(recipe, tmp_path / "local", shard_size=SHARDS)
+    given = []
+
+    def serial_executor(factory, workers, address):
+        given.append(workers)
+        return SerialExecutor(factory)
+
+    monkeypatch.setattr(distributed, "make_executor", serial_executor)
+    spread = merge(recipe, tmp_path / "spread", shard_size=SHARDS, workers=2)
+    assert given == [2]
+    same_files(local, spread)
