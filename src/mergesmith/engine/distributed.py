@@ -87,7 +87,6 @@ class ShardWorker:
         if not Path(job.partial).is_dir():
             raise OutputError(f"the worker on {host} cannot see the output folder "
                               f"{job.partial}", hint=SHARED_HINT)
-        self.shards = {s.filename: s for s in self.plan.shards}
 
     def __call__(self, filename: str) -> int:
         view = ShardView(Path(self.job.partial), [filename])
