@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,6 +109,7 @@ def test_two_node_cluster_gives_the_local_bytes(merged, tmp_path):
         left = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout
         for pid in left.split():  # our session's processes only (their command lines name it)
             os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
         assert not left, f"Ray processes left running: {left}"
 
 
