@@ -206,3 +206,13 @@ def test_multislerp_and_karcher_match_a_whole_tensor_fp32_evaluation(models):
         got = karcher.fn(None, experts, weights=[1.0] * 3, max_iter=50, tol=1e-7)
         torch.testing.assert_close(got, karcher_rounded(experts, 50, 1e-7), rtol=1e-5,
                                    atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,params", CASES)
+def test_streamed_passes_on_the_gpu_give_the_cpu_merge(tmp_path, models, method, params):
+    recipe = {**recipe_for(method, models, **params), "out_dtype": "float32"}
+    cpu = read_tensors(merge(recipe, tmp_path / "cpu", chunk_size=2048))
+    gpu = read_tensors(merge(recipe, tmp_path / "gpu", chunk_size=2048, device="cuda"))
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-5, msg=name)

@@ -16,6 +16,7 @@ import torch
 from mergesmith.methods import kth
 from mergesmith.methods.blocks import task_vectors
 from mergesmith.methods.registry import Param, TensorContext, register
+from mergesmith.methods.sparse import row_blocks
 
 # Token-embedding tables, by name (the engine's layers.INPUT_EMBEDDINGS; methods may not import
 # the engine). WIDEN treats their rows, one per token, as the columns of a linear layer.
@@ -34,7 +35,9 @@ def min_max(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Ten
 # PCB streams: its order statistics (each task's clip quantiles of |τi|, the cut and the max of
 # its scores β) are exact k-th values over the whole tensor, found by kth.py's radix select in
 # counting passes, chunk by chunk; given them, every entry is merged from its own column of τ.
-# So the same values as a selection over the whole tensor, the same bytes.
+# Norm's min and max over a row need nothing more: |τi| clipped to [low, high] has min low and
+# max high, and max(βi, cut) has min cut and max βi's max, all values the row attains. So the
+# same values as a selection and amin/amax over the whole tensor, the same bytes.
 
 PCB_PASSES = 4  # |τi|'s high counts, their low counts; then the same for the scores β
 
@@ -223,6 +226,8 @@ def calibrated_scores(significance: torch.Tensor, above_average_value_ratio: flo
 # ranks then follow the exact norms and cosines (exact ties, such as the columns a fine-tune did
 # not touch, stay exact ties, whatever the chunks), where a single fp32 reduction over the whole
 # tensor ordered columns within its rounding. Given the scores, every row merges on its own.
+# Both passes read the stored 16-bit rows and cast a block of rows at a time, so that every
+# temporary is block-sized.
 
 SUM_BLOCK_ELEMENTS = 1 << 16  # entries whose float64 products are summed at once: in cache
 COSINE_EPS = 1e-8  # torch.cosine_similarity's floor for each norm
@@ -255,15 +260,15 @@ class WidenSums:
 def widen_sums(base: torch.Tensor, experts: list[torch.Tensor], **_) -> WidenSums:
     """One chunk of rows' sums (`WidenSums`)."""
     if base.ndim != 2:
-        shifts = torch.stack([(x - base).abs().sum(dtype=torch.float64) for x in experts])
-        return WidenSums(shifts, None, base.numel())
-    rows, cols = base.shape
-    step = max(1, SUM_BLOCK_ELEMENTS // max(cols, 1))
-    columns = torch.zeros(1 + 2 * len(experts), cols, dtype=torch.float64, device=base.device)
+        theta0 = base.float()
+        shifts = [(x.float() - theta0).abs().sum(dtype=torch.float64) for x in experts]
+        return WidenSums(torch.stack(shifts), None, base.numel())
+    columns = torch.zeros(1 + 2 * len(experts), base.shape[1], dtype=torch.float64,
+                          device=base.device)
     along = []
-    for start in range(0, rows, step):
-        b = base[start:start + step].double()
-        xs = [x[start:start + step].double() for x in experts]
+    for rows in row_blocks(base, SUM_BLOCK_ELEMENTS):
+        b = base[rows].double()
+        xs = [x[rows].double() for x in experts]
         products = torch.stack([b * b, *(x * x for x in xs), *(x * b for x in xs)])
         columns += products.sum(dim=1)
         along.append(products.sum(dim=2))
@@ -296,6 +301,7 @@ def widen_scores(sums: torch.Tensor, t: float, s: float) -> torch.Tensor:
     needs_base=True,
     reduce=widen_sums,
     row_local=True,
+    stored_dtype_inputs=True,
     params=(
         Param("above_average_value_ratio", default=1.0, minimum=0.0,
               doc="t: a column whose ranked shift exceeds t × its model's mean gets score s"),
@@ -319,17 +325,28 @@ def widen(
     (`stats`; for a chunk of rows, `ctx.offset` says where it starts), or else are taken here."""
     t, s = above_average_value_ratio, score_calibration_value
     stats = stats if stats is not None else widen_sums(base, experts)
-    taus = task_vectors(base, experts)
     if base.ndim != 2:
-        shifts = torch.stack(taus).reshape(len(taus), -1).abs()  # a 0-dim tensor: one entry
+        theta0, experts = base.float(), [x.float() for x in experts]
+        shifts = torch.stack(task_vectors(theta0, experts)).reshape(len(experts), -1).abs()
         mean = (stats.columns / stats.count).float().to(shifts.device)[:, None]
-        scores = calibrated_scores(shifts, t, s, mean).view(len(taus), *base.shape)
-    elif ctx is not None and TOKEN_EMBEDDING.search(ctx.name) is not None:
+        scores = calibrated_scores(shifts, t, s, mean).view(len(experts), *base.shape)
+        return add_scored(theta0, experts, scores)
+    if ctx is not None and TOKEN_EMBEDDING.search(ctx.name) is not None:
         first = ctx.offset // base.shape[1]
         scores = stats.scores(True, t, s)[:, first:first + base.shape[0], None]
     else:
-        scores = stats.scores(False, t, s)[:, None, :]
+        scores = stats.scores(False, t, s)[:, None, :].expand(-1, base.shape[0], -1)
+    merged = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    for rows in row_blocks(base, SUM_BLOCK_ELEMENTS):  # of the stored rows, cast block by block
+        merged[rows] = add_scored(base[rows].float(), [x[rows].float() for x in experts],
+                                  scores[:, rows])
+    return merged
+
+
+def add_scored(base: torch.Tensor, experts: list[torch.Tensor], scores: torch.Tensor
+               ) -> torch.Tensor:
+    """θ0 + Σi τi ⊙ scores_i."""
     merged = base.clone()
-    for tau, score in zip(taus, scores):
-        merged.add_(tau * score)
+    for expert, score in zip(experts, scores):
+        merged.add_((expert - base) * score)
     return merged
