@@ -58,23 +58,30 @@ def score_ranks(n: int, density: float) -> list[int]:
     return selection_ranks(n, [int(n * (1 - density)) + 1, n])
 
 
-def key_counts(rows: torch.Tensor, found: list | None = None) -> torch.Tensor:
-    """Per row: its `kth.order_keys` counted by their top 16 bits (rows × ORDER_HIGH_BINS), or,
-    given where each wanted rank lies (`found`, per row [(high bin, rank in it)]), by their low
-    16 bits within each such bin (rows × ranks × LOW_BINS)."""
+def key_counts(rows: torch.Tensor, found: list | None = None, signed: bool = True
+               ) -> torch.Tensor:
+    """Per row: its values' keys (`kth.order_keys`, or |x|'s `kth.magnitude_bits` unless
+    `signed`: half the bins, and cheaper) counted by their top 16 bits (rows × bins), or, given
+    where each wanted rank lies (`found`, per row [(high bin, rank in it)]), by their low 16
+    bits within each such bin (rows × ranks × LOW_BINS)."""
     counts = []
     for i, row in enumerate(rows):
-        keys = kth.order_keys(row)
+        keys = kth.order_keys(row) if signed else kth.magnitude_bits(row)
         if found is None:
-            counts.append(kth.high_histogram(keys, kth.ORDER_HIGH_BINS))
+            counts.append(kth.high_histogram(keys, kth.ORDER_HIGH_BINS if signed
+                                             else kth.HIGH_BINS))
         else:
             counts.append(torch.stack([kth.low_histogram(keys, high) for high, _ in found[i]]))
     return torch.stack(counts)
 
 
-def found_values(found: list, lows: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+def found_values(found: list, lows: torch.Tensor, device, signed: bool = True
+                 ) -> tuple[torch.Tensor, ...]:
     """The values the second counting pass pins down, as one (rows, 1) fp32 column per rank."""
-    values = [[kth.key_value((high << 16) | kth.locate(lows[i, j], rank)[0])
+    def value(high: int, low: int) -> float:
+        return kth.key_value((high << 16) | low) if signed else kth.bits_value(high, low)
+
+    values = [[value(high, kth.locate(lows[i, j], rank)[0])
                for j, (high, rank) in enumerate(row)] for i, row in enumerate(found)]
     table = torch.tensor(values, dtype=torch.float32, device=device)
     return tuple(table[:, j:j + 1] for j in range(table.shape[1]))
@@ -111,8 +118,8 @@ def pcb_sums(base: torch.Tensor, experts: list[torch.Tensor], *, stats: PcbStats
              **_) -> torch.Tensor:
     """One chunk's counts for the pass after `stats`: |τi|'s, then β's, high then low counts."""
     taus = task_rows(base, experts)
-    if stats is None or stats.clips is None:
-        return key_counts(taus.abs(), stats.clip_found if stats else None)
+    if stats is None or stats.clips is None:  # |τi|
+        return key_counts(taus, stats.clip_found if stats else None, signed=False)
     scores = balance(taus, stats.clips)[1]
     return key_counts(scores, stats.score_found or None)
 
@@ -122,7 +129,8 @@ def finish_pcb(stats: PcbStats | None, sums: torch.Tensor, *, density: float, **
         n = int(sums[0].sum())
         return PcbStats(n, clip_found=[[kth.locate(row, k) for k in clip_ranks(n)] for row in sums])
     if stats.clips is None:
-        return replace(stats, clips=found_values(stats.clip_found, sums, sums.device))
+        return replace(stats, clips=found_values(stats.clip_found, sums, sums.device,
+                                                 signed=False))
     if not stats.score_found:
         ranks = score_ranks(stats.numel, density)
         return replace(stats, score_found=[[kth.locate(row, k) for k in ranks] for row in sums])
