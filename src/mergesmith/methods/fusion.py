@@ -12,11 +12,14 @@ import torch
 from mergesmith.methods import kth
 from mergesmith.methods.blocks import task_vectors
 from mergesmith.methods.registry import Param, TensorContext, register
+from mergesmith.methods.sparse import row_blocks
 from mergesmith.methods.streamed import reduce_in_parts
 
 KL_EPS = 1e-8
 QUARTILES = (0.25, 0.5, 0.75)
-SLAB_ELEMENTS = 1 << 21  # rows per slab of a tensor given whole: its scratch stays a few MB
+# Entries per block of rows: the importance's dozen temporaries (and the keys', int64) stay in
+# cache, and the memory of a chunk of rows stays that of its inputs.
+BLOCK_ELEMENTS = 1 << 17
 
 
 def row_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,11 +57,18 @@ def importance_counts(base: torch.Tensor, experts: list[torch.Tensor], *,
                       compute_dtype: torch.dtype | None = None, **_) -> torch.Tensor:
     """A chunk of whole rows' counts for the radix select of the quartiles of s: its high
     histogram (first pass), or each quartile's low histogram in the bin found for it (second,
-    3 × LOW_BINS)."""
-    keys = kth.order_keys(importance(base, experts[0], compute_dtype)[1])
-    if stats is None:
-        return kth.high_histogram(keys, kth.ORDER_HIGH_BINS)
-    return torch.stack([kth.low_histogram(keys, high) for high, _ in stats.found])
+    3 × LOW_BINS); block of rows by block of rows."""
+    rows, other = as_rows(base), as_rows(experts[0])
+    counts = 0
+    for block in row_blocks(rows, BLOCK_ELEMENTS):
+        keys = kth.order_keys(importance(rows[block], other[block], compute_dtype)[1])
+        if stats is None:
+            counts = counts + kth.high_histogram(keys, kth.ORDER_HIGH_BINS)
+        else:
+            highs = {high for high, _ in stats.found}  # quartiles may share a bin
+            lows = {high: kth.low_histogram(keys, high) for high in highs}
+            counts = counts + torch.stack([lows[high] for high, _ in stats.found])
+    return counts
 
 
 def finish_quartiles(stats: QuartileSearch | None, sums: torch.Tensor, **_
@@ -104,16 +114,18 @@ def arcee_fusion(
     threshold are computed there, as mergekit does (so in bf16 for bf16 recipes), and
     θ0 + τ·mask in fp32 (mergekit's mask is fp32)."""
     if stats is None:
-        rows, other = as_rows(base), as_rows(experts[0])
-        step = max(1, SLAB_ELEMENTS // rows.shape[1])
-        slabs = [slice(a, a + step) for a in range(0, rows.shape[0], step)]
-        stats = reduce_in_parts(importance_counts, finish_quartiles, 2,
-                                [(rows[s], [other[s]]) for s in slabs],
+        stats = reduce_in_parts(importance_counts, finish_quartiles, 2, [(base, experts)],
                                 compute_dtype=compute_dtype)
-    tau, scores = importance(base, experts[0], compute_dtype)
-    q1, median, q3 = (torch.tensor(q, dtype=scores.dtype, device=scores.device) for q in stats)
-    keep = scores >= median + 1.5 * (q3 - q1)
-    return base + tau.float() * keep
+    dtype = compute_dtype or base.dtype  # the importance's
+    q1, median, q3 = (torch.tensor(q, dtype=dtype, device=base.device) for q in stats)
+    threshold = median + 1.5 * (q3 - q1)
+    rows, other = as_rows(base), as_rows(experts[0])
+    out = torch.empty(rows.shape, dtype=torch.promote_types(base.dtype, torch.float32),
+                      device=base.device)
+    for block in row_blocks(rows, BLOCK_ELEMENTS):
+        tau, scores = importance(rows[block], other[block], compute_dtype)
+        torch.add(rows[block], tau.float() * (scores >= threshold), out=out[block])
+    return out.view(base.shape)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
