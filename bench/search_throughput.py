@@ -122,7 +122,11 @@ def main() -> None:
     parser.add_argument("--toy", action="store_true", help="experts of the demo's shape, untrained")
     parser.add_argument("--cache", type=Path, default=None, help="the demo's cache folder")
     parser.add_argument("--scratch", type=Path, default=None, help="where candidate folders go")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads: one worker per core is how a search runs (and on a "
+                             "busy machine a second thread's hand-offs cost more than its work)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     from mergesmith.search.candidates import Candidate, SearchWorker
 
