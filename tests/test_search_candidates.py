@@ -90,7 +90,9 @@ def test_candidates_equal_the_merged_folder_bit_for_bit_and_read_inputs_once(
         if name in ("linear", "slerp", "slices"):  # the first model, its last values, a deeper one
             loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
             assert_same(module.state_dict(), loaded.state_dict())  # as evaluate loads the folder
-            assert tokenizer("w1 w2")["input_ids"] == [3, 4]
+            ids = torch.tensor([tokenizer("w1 w2 w3 w4")["input_ids"]])
+            with torch.no_grad():  # also the buffers no state dict holds (rotary frequencies)
+                assert torch.equal(module(ids).logits, loaded(ids).logits)
     # the kept inputs were not changed by any merge (methods get views of them)
     for ck in (Checkpoint(models[k]) for k in ("base", "e1", "e2")):
         for name in ck.tensors:
@@ -103,6 +105,21 @@ def test_candidate_equals_the_cli_merge_at_its_default_chunk_size(tmp_path, zoo,
     code, _, err = run_cli(monkeypatch, capsys, "merge", path, tmp_path / "out")
     assert code == 0, err
     assert_same(CandidateMerger(path).tensors(path), read_tensors(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gpt2"])
+def test_candidate_models_compute_what_the_merged_folder_computes(tmp_path, zoo, arch):
+    """Built without random init, with the tied head tied (gemma) and GPT-2's own buffers."""
+    from mergesmith.toy import model_class
+
+    models = zoo(arch)
+    spec = recipe(models, "task_arithmetic", {"lambda": 0.9})
+    module, _ = CandidateMerger(spec).merge(spec)
+    loaded = model_class(arch).from_pretrained(mergesmith.merge(spec, tmp_path / "out"),
+                                               dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(module(ids).logits, loaded(ids).logits)
 
 
 @pytest.mark.parametrize("method", sorted(DATA_FREE))

@@ -123,6 +123,7 @@ def build_model(the_plan: Plan, device: str = "cpu"):
     """(module, tokenizer): an untrained model of the plan's output config, in float32, in
     eval mode, with the tokenizer of the model the config comes from."""
     import transformers as tf
+    from transformers.initialization import no_init_weights
 
     from mergesmith.evaluate.run import quiet_transformers
 
@@ -136,8 +137,13 @@ def build_model(the_plan: Plan, device: str = "cpu"):
         raise MergesmithError(f"{the_plan.config_source.label}: config.json names no known "
                               "architecture, which in-memory merging needs to build the model",
                               hint="merge it to a folder (drop --in-memory)")
+    # every parameter is overwritten by the merge (model_targets checks it): no random init,
+    # which costs more than the merge when a layer-stacking search builds a model per depth
     with quiet_transformers():
-        module = cls(cls.config_class.from_dict(config)).to(device)
+        with no_init_weights():
+            module = cls(cls.config_class.from_dict(config))
+        module.tie_weights()  # an output head that is the input embedding (skipped with the init)
+        module = module.to(device)
     tokenizer = tf.AutoTokenizer.from_pretrained(the_plan.config_source.path)
     return module.eval(), tokenizer
 
