@@ -138,6 +138,25 @@ def test_every_data_free_method_merges_in_memory_as_on_disk(tmp_path, zoo, metho
     assert_same(merger.tensors(path), written)  # a second candidate sees unchanged inputs
 
 
+def test_a_data_aware_candidate_equals_its_merged_folder(tmp_path, zoo):
+    """Fisher's statistics are collected once (the pipeline's cache) and kept with the inputs."""
+    models = zoo("llama")
+    texts = tmp_path / "data.txt"
+    texts.write_text("".join(f"w{i} w{i + 1} w{i + 3} w{i + 7}\n" for i in range(2, 30)))
+    spec = {**recipe(models, "fisher", {}), "dtype": "float32",
+            "calibration": {"data": str(texts), "samples": 8, "max_length": 16,
+                            "cache": str(tmp_path / "cache")}}
+    del spec["parameters"]
+    path = write_recipe(tmp_path / "fisher.yaml", spec)
+    written = read_tensors(mergesmith.merge(path, tmp_path / "out"))
+    merger = CandidateMerger(path)
+    assert_same(merger.tensors(path), written)
+    kept = merger.inputs.reads
+    assert_same(merger.tensors(path), written)
+    assert merger.inputs.reads == kept  # the statistics too were read once
+    assert any("fisher" in key[0] or "::fisher" in key[2] for key in merger.inputs.tensors)
+
+
 # -- fitness ---------------------------------------------------------------------------------
 
 
