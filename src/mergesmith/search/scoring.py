@@ -3,8 +3,9 @@
 A candidate is a recipe. Its merged folder is kept under `<dir>/merges/<key>` and its scores under
 `<dir>/scores/<key>/`, where the key is the recipe's fingerprint and the seed, so a rerun reuses
 both; scores are also keyed by each task's own fingerprint (definition and data), so editing a
-task re-scores only that task. With `in_memory`, candidates are merged into a model built once
-and never written: for small models merged many times.
+task re-scores only that task. With `in_memory`, candidates are merged into a model built once,
+from inputs read once, and never written (search/candidates.py): for small models merged many
+times.
 """
 
 from __future__ import annotations
