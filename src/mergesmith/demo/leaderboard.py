@@ -32,10 +32,11 @@ from mergesmith.search.sweep import with_parameters
 
 # What `mergesmith demo` runs without --all: plain averaging and task arithmetic (the baselines),
 # the sparsifying family (TIES, DARE-TIES, breadcrumbs), the spectral methods (TSV-M, Iso-C), EMR
-# (one model per task), and one statistics-based (RegMean) and one learned (AdaMerging) merge.
-# Chosen for the story at the smallest cost: each runs 1-3 grid points.
+# (one model per task), one statistics-based (RegMean) and one learned (AdaMerging) merge, and
+# a time-bounded search (demo/search_row.py). Chosen for the story at the smallest cost: each
+# method runs 1-3 grid points.
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "tsv_m", "iso_c",
-                   "emr", "regmean", "adamerging")
+                   "emr", "regmean", "adamerging", search_row.NAME)
 # The grid each method is tuned over (its other parameters keep their defaults). A method that is
 # not listed runs once, with its defaults. The default set's grids keep the points that won on
 # the full grids (README's --all run) and one neighbour to show the choice is made on validation.
@@ -121,7 +122,7 @@ def demo_methods(methods: list[str] | None = None, every: bool = False) -> list[
                               hint="give one of them")
     if methods:
         return list(methods)
-    return [spec.name for spec in all_methods()] if every else list(DEFAULT_METHODS)
+    return [spec.name for spec in all_methods()] + [search_row.NAME] if every else list(DEFAULT_METHODS)
 
 
 def skip_reason(spec: MethodSpec, experts: int) -> str | None:
