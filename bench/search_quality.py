@@ -98,7 +98,11 @@ def main() -> None:
         print(f"{label}: {result.candidates} candidates in {result.seconds:.0f} s, best "
               f"validation mean accuracy {result.best['scores'][0]:.4f}", flush=True)
 
-    results = {name: scorer.score_recipe(recipe, "test") for name, recipe in chosen.items()}
+    results = {}
+    for name, recipe in chosen.items():
+        started = time.perf_counter()
+        results[name] = scorer.score_recipe(recipe, "test")
+        print(f"{name}: scored on test ({time.perf_counter() - started:.0f} s)", flush=True)
     results.update({"base": scorer.references("test")[str(setup.base)]})
     for task in TASKS:
         results[f"expert:{task}"] = scorer.references("test")[str(setup.experts[task])]
