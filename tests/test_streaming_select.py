@@ -19,7 +19,7 @@ from mergesmith.engine.run import units
 from mergesmith.methods import kth, sparse
 from mergesmith.methods.blocks import disjoint_mean, elect_sign, kth_largest, topk_count
 from mergesmith.methods.fusion import row_kl
-from mergesmith.methods.sce_merging import energy_weights, variance
+from mergesmith.methods.sce_merging import energy_weights, finish_sce, variance
 from mergesmith.methods.streamed import exact_total, exponent_sums
 
 CHUNK = 1024  # bytes: a few rows of the toy models per chunk, so every tensor streams
@@ -56,6 +56,14 @@ def test_sce_variance_is_torch_var_bit_for_bit(experts):
         tv[:500] = tvs[0][:500]  # variance 0 where all agree
     expected = torch.var(torch.stack(tvs), dim=0, unbiased=False)
     assert torch.equal(variance(tvs), expected)
+
+
+def test_sce_counts_its_top_k_as_the_whole_tensor_did():
+    """k = int(torch.count_nonzero(variance) * d) is an fp32 product: for 47485069 varying
+    entries and d = 0.1, 4748507 (a float64 product gives 4748506)."""
+    sums = torch.zeros(kth.HIGH_BINS + 1, dtype=torch.int64)
+    sums[12345], sums[-1] = 47485069 + 100, 100  # 100 entries that do not vary
+    assert finish_sce(None, sums, select_topk=0.1).k == 4748507 != int(47485069 * 0.1)
 
 
 def run(recipe: dict, out, passes: int) -> tuple[dict, list]:

@@ -92,7 +92,8 @@ def finish_sce(stats: Select | None, sums: torch.Tensor, *, select_topk: float, 
     """After each pass, the next `Select`; after the last, (threshold, ηi)."""
     if select_topk < 1 and stats is None:
         n, zeros = int(sums[:-1].sum()), int(sums[-1])
-        k = int((n - zeros) * select_topk)  # as int(torch.count_nonzero(variance) * d)
+        # as int(torch.count_nonzero(variance) * d) counts, in fp32 (mergekit's count too)
+        k = int(torch.tensor(n - zeros) * select_topk)
         return Select(k, kth.locate(sums[:-1], k)) if k else Select(0, threshold=float("inf"))
     if select_topk < 1 and stats.threshold is None:
         high, rank = stats.found
