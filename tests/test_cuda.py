@@ -132,3 +132,20 @@ def compat_against_mergekit(tmp_path, models: dict, case: str, dtype: str, devic
 def test_cuda_compat_merge_is_within_one_rounding_of_mergekit_on_cpu(tmp_path, stored_as, case,
                                                                       dtype):
     compat_against_mergekit(tmp_path, stored_as(dtype), case, dtype, "cuda")
+
+
+@pytest.mark.parametrize("case, dtype", COMPAT_CASES)
+def test_cuda_compat_merge_is_within_one_rounding_of_the_cpu_compat_merge(tmp_path, stored_as, case,
+                                                                          dtype):
+    """For GPU machines without mergekit: the CPU compat merge is mergekit's bytes
+    (test_compat_mergekit.py), and the CUDA one is within one rounding of it."""
+    from test_compat_mergekit import case_recipe
+    from test_parity import compare
+
+    spec = case_recipe(case, stored_as(dtype), dtype)
+    if dtype == "float16":
+        spec["out_dtype"] = "float16"
+    path = write_recipe(tmp_path / "r.yaml", spec)
+    cpu = mergesmith.merge(path, tmp_path / "cpu", compat="mergekit", device="cpu")
+    cuda = mergesmith.merge(path, tmp_path / "cuda", compat="mergekit", device="cuda")
+    compare(cpu, cuda, max_ulps=1, dtype=DTYPES[dtype])
