@@ -69,6 +69,19 @@ class Log:
         return [self.xs[i].copy() for i in non_dominated(values)]
 
 
+class SeedAlgorithm:
+    """best() from the Log of what the algorithm was told; no stopping rule of its own unless
+    it overrides done() (MAP stops after scoring its front), so the driver's budgets end it."""
+
+    log: Log
+
+    def done(self) -> bool:
+        return False
+
+    def best(self) -> list[np.ndarray]:
+        return self.log.best()
+
+
 def start_points(space, count: int, rng: np.random.Generator) -> list[np.ndarray]:
     """space.start() (the recipe's own values) first, then uniform points: a first generation."""
     d = len(space)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 from mergesmith.errors import MergesmithError, RecipeError
-from mergesmith.search.algorithms.common import (Log, clip, generation_rng, read_options, scores_of,
-                                                 start_points)
+from mergesmith.search.algorithms.common import (Log, SeedAlgorithm, clip, generation_rng,
+                                                 read_options, scores_of, start_points)
 from mergesmith.search.optimizers import register_optimizer
 
 NAME = "cycleqd"
@@ -68,7 +68,7 @@ def linear_crossover(parents: list[np.ndarray], rng: np.random.Generator, mu: fl
                           hint="search.options.mu must not be -1 with a sigma of 0")
 
 
-class CycleQD:
+class CycleQD(SeedAlgorithm):
     def __init__(self, space, settings, seed: int):
         self.options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
         low, high = self.options["bc_range"]
@@ -135,12 +135,6 @@ class CycleQD:
             key = cell(scores, k, low, high, int(self.options["bins"]))
             if key not in archive or archive[key][0] < scores[k]:
                 archive[key] = (float(scores[k]), x)
-
-    def done(self) -> bool:
-        return False
-
-    def best(self) -> list[np.ndarray]:
-        return self.log.best()
 
 
 @register_optimizer(NAME, objectives="multi")

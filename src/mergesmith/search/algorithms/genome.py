@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mergesmith.search.algorithms.common import (Log, clip, generation_rng, read_options, scores_of,
-                                                 start_points)
+from mergesmith.search.algorithms.common import (Log, SeedAlgorithm, clip, generation_rng,
+                                                 read_options, scores_of, start_points)
 from mergesmith.search.optimizers import register_optimizer
 
 NAME = "genome"
@@ -80,7 +80,7 @@ def tournament_select(fitness: np.ndarray, count: int, size: int,
     return chosen
 
 
-class Genome:
+class Genome(SeedAlgorithm):
     def __init__(self, space, settings, seed: int):
         self.options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
         self.dim, self.seed = len(space), seed
@@ -162,12 +162,6 @@ class Genome:
         chosen = tournament_select(np.array([ind.fitness for ind in rest]), self.size - len(elites),
                                    int(self.options["tournament"]), rng)
         return elites + [rest[i] for i in chosen]
-
-    def done(self) -> bool:
-        return False
-
-    def best(self) -> list[np.ndarray]:
-        return self.log.best()
 
 
 @register_optimizer(NAME, objectives="any")

@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from mergesmith.errors import RecipeError
-from mergesmith.search.algorithms.common import (Log, clip, generation_rng, read_options, scores_of,
-                                                 start_points)
+from mergesmith.search.algorithms.common import (Log, SeedAlgorithm, clip, generation_rng,
+                                                 read_options, scores_of, start_points)
 from mergesmith.search.optimizers import register_optimizer
 
 NAME = "m2n2"
@@ -91,7 +91,7 @@ def _normalised(weights: np.ndarray) -> np.ndarray:
     return weights / total if total > 0 else np.full(len(weights), 1.0 / len(weights))
 
 
-class M2N2:
+class M2N2(SeedAlgorithm):
     def __init__(self, space, settings, seed: int):
         self.options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
         if self.options["crossover"] not in ("slerp", "linear"):
@@ -158,12 +158,6 @@ class M2N2:
         """Resource competition needs scores >= 0: shift a column that has negatives to min 0."""
         low = scores.min(axis=0)
         return scores - np.minimum(low, 0.0)[None, :]
-
-    def done(self) -> bool:
-        return False
-
-    def best(self) -> list[np.ndarray]:
-        return self.log.best()
 
 
 @register_optimizer(NAME, objectives="any")

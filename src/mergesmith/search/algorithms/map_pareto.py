@@ -28,7 +28,8 @@ import itertools
 import numpy as np
 
 from mergesmith.errors import MergesmithError, RecipeError
-from mergesmith.search.algorithms.common import Log, generation_rng, read_options, scores_of
+from mergesmith.search.algorithms.common import (Log, SeedAlgorithm, generation_rng, read_options,
+                                                 scores_of)
 from mergesmith.search.optimizers import SEARCH_EXTRA, non_dominated, register_optimizer
 
 NAME = "map"
@@ -187,7 +188,7 @@ def spread(points: np.ndarray, count: int, objectives: int) -> np.ndarray:
     return np.vstack([head, rest[np.unique(take)]])
 
 
-class MAP:
+class MAP(SeedAlgorithm):
     def __init__(self, space, settings, seed: int):
         self.options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
         if self.options["algorithm"] not in ("nsga2", "nsga3"):
@@ -255,9 +256,6 @@ class MAP:
 
     def done(self) -> bool:
         return self.finished
-
-    def best(self) -> list[np.ndarray]:
-        return self.log.best()
 
 
 @register_optimizer(NAME, objectives="any")
