@@ -68,3 +68,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def lm_eval_ready_llama(folder: Path, seed: int = 3) -> Path:
+    """A toy Llama with a word-level tokenizer that has an EOS token, which lm-eval needs (it
+    conditions an empty context on EOS; the toy vocabulary has none)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    build_model(folder, "llama", seed=seed)
+    tokens = default_tokens()
+    tokens[2] = "[EOS]"
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(folder)
+    return folder

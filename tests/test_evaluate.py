@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_model, run_cli
+from conftest import build_model, lm_eval_ready_llama, run_cli
 from safetensors.torch import save_file
 
 from mergesmith.errors import MergesmithError, TaskError
@@ -347,21 +347,11 @@ def test_cli_evaluate(tmp_path, monkeypatch, capsys, llama):
 
 def test_lm_eval_adapter_on_a_local_task_agrees_with_our_multiple_choice(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval", reason="the optional extra [eval] (lm-eval) is not installed")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from mergesmith.evaluate.lm_eval import run_lm_eval
-    from mergesmith.toy import default_tokens
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = build_model(tmp_path / "llama", "llama", seed=3)
-    tokens = default_tokens()
-    tokens[2] = "[EOS]"  # lm-eval conditions an empty context on EOS; the toy vocabulary has none
-    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                            eos_token="[EOS]").save_pretrained(folder)
+    folder = lm_eval_ready_llama(tmp_path / "llama")
     rows = [{"context": TEXTS[i], "choices": [TEXTS[(i + 1) % 6], TEXTS[(i + 3) % 6]], "label": i % 2}
             for i in range(6)]
     ours = write_task(tmp_path / "ours", "name: mc\nkind: multiple_choice\ndata: {data}\n", {"test": rows})

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import build_model, read_tensors, run_cli, write_recipe
+from conftest import build_model, lm_eval_ready_llama, read_tensors, run_cli, write_recipe
 from safetensors.torch import save_file
 from test_cuda import RECIPES as DATA_FREE  # every data-free method, with working parameters
 from transformers import AutoModelForCausalLM
@@ -308,20 +308,9 @@ def test_demo_task_names_are_the_demos_tasks_with_their_heads(tmp_path, monkeypa
 
 def test_lm_eval_fitness_on_a_local_task_scores_its_validation_split(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval", reason="the optional extra [eval] (lm-eval) is not installed")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from mergesmith.toy import default_tokens
-
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = build_model(tmp_path / "llama", "llama", seed=3)
-    tokens = default_tokens()
-    tokens[2] = "[EOS]"  # lm-eval conditions an empty context on EOS; the toy vocabulary has none
-    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                            eos_token="[EOS]").save_pretrained(folder)
+    folder = lm_eval_ready_llama(tmp_path / "llama")
     texts = ["w3 w4 w5", "w6 w7", "w8 w9 w10 w11", "w12 w13", "w14 w15 w16", "w17"]
     rows = [{"context": texts[i], "choices": [texts[(i + 1) % 6], texts[(i + 3) % 6]], "label": i % 2}
             for i in range(6)]
