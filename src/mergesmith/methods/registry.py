@@ -279,6 +279,10 @@ class MethodSpec:
     # `dtype`, else the inputs' own. None: mergekit computes what the method does already.
     compat: Callable[[dict[str, Any], torch.dtype], dict[str, Any]] | None = None
     aliases: tuple[str, ...] = field(default=())
+    # "adapter": the method merges LoRA adapters into one adapter (engine/adapters.py), one
+    # module at a time: fn(Bs, As, scalings, *, weights, ctx, **params) -> (B, A[, info]), the
+    # output's scaling 1; "tensor": a merge of full tensors as above.
+    output: str = "tensor"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
