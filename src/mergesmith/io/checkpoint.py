@@ -141,6 +141,16 @@ class Checkpoint:
         self._lock = threading.Lock()
         self._scan()
 
+    @classmethod
+    def of_file(cls, file: Path, label: str, config: dict) -> Checkpoint:
+        """One weights file read the same lazy way, without a model folder's config.json (a PEFT
+        adapter's adapter_model.safetensors)."""
+        self = cls.__new__(cls)
+        self.path, self.label, self.config = Path(file).parent, label, config
+        self.tensors, self._pickled, self._lock = {}, {}, threading.Lock()
+        self._add_file(Path(file))
+        return self
+
     def _read_config(self) -> dict:
         config = self.path / "config.json"
         if not config.is_file():
