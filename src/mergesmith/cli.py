@@ -393,6 +393,31 @@ def soup(
               f"{', '.join(str(f) for f in result.files.values())}", highlight=False)
 
 
+@app.command()
+def average(
+    run: Path = typer.Argument(..., help="A training run's output_dir (its checkpoint-* folders)."),
+    output: Path = typer.Argument(..., help="Folder to write: a model, or an adapter for a PEFT run."),
+    by: str = typer.Option("uniform", help="uniform, step (w ∝ step^p) or loss (w ∝ loss^-p, "
+                           "the training loss in each trainer_state.json)."),
+    penalty: float = typer.Option(1.0, min=0.0, help="MWA's penalty p: 0 is uniform, larger "
+                                  "favours the best checkpoint more (inf: only it)."),
+    adapter_mode: str = typer.Option("factors", help="Adapters: factors (A and B averaged "
+                                     "separately, the paper's) or delta (ΔW averaged exactly, rank Σ r)."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
+) -> None:
+    """Average the checkpoints of one training run (MWA: metrics-weighted averaging)."""
+    from mergesmith.engine.checkpoints_average import average_run
+
+    done = average_run(run, output, by=by, penalty=penalty, adapter_mode=adapter_mode,
+                       overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        for c, w in zip(done.checkpoints, done.weights):
+            loss = f", loss {c.loss:.4g}" if c.loss is not None else ""
+            err.print(f"  {c.path.name} (step {c.step}{loss}): weight {w:.4f}", highlight=False)
+        err.print(f"wrote {done.path}", highlight=False)
+
+
 @app.command("search")
 def search_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML with a search: section."),
