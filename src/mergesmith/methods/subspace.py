@@ -6,21 +6,8 @@ as in both papers' code, the merge is the mean task vector, θ = θ0 + λ·mean(
 and output matrices are 2-D and are merged by SVD like every other matrix, as in the papers'
 code (which leaves out only CLIP's text projection).
 
-Singular values and vectors come from the eigendecomposition of the smaller Gram matrix (x xᵀ
-for a wide x, xᵀx for a tall one), formed and solved in float64 on the tensor's device, never
-from an SVD. On one CPU core that costs at most what an fp32 SVD does (2048×5632: 0.85 s for
-the Gram matrix and 2.8 s for its eigh, against 6 s for the SVD; 2048²: 0.3 + 2.8 s against 3.4),
-and it is exact where the SVD is not: merges land within the fp32 rounding of the output of the
-authors' code run in float64 (4e-8 of the largest entry, against 1e-5 to 1e-4 through fp32
-SVDs), and eigh never fails to converge (MKL's gesdd does on Iso-CTS's stacked bases, whose
-singular values are mostly exactly 1, depending on the data and the thread count). A
-randomized SVD does not pay here: TSV-M keeps 1/T of each spectrum (a third for 3 tasks),
-and torch.svd_lowrank with 10 extra vectors and 2 power iterations takes 0.6× the time for a
-rank-k part 1 to 4 % off.
-
-Singular values at the fp32 noise floor (σ ≤ σ1·max(m, n)·eps32) are left out: their singular
-vectors are arbitrary, and keeping them would add random directions to a low-rank update (a
-LoRA fine-tune, an untouched matrix). On full-rank task vectors this changes nothing.
+Singular values and vectors come from methods/lowrank.py's exact path (an eigh of the smaller
+Gram matrix in float64, singular values at the fp32 noise floor left out; see there why).
 Results are computed in float64 and rounded to the inputs' dtype once, at the end.
 
 Iso-C's and Iso-CTS's flat spectrum is the mean of all r = min(m, n) singular values, zeros
@@ -35,86 +22,18 @@ out, and on the span of Σ τi the merge equals that code's output projected ont
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
 import torch
 
 from mergesmith.methods.blocks import task_vectors, weighted_sum
+from mergesmith.methods.lowrank import gram, gram_svd, noise_floor, top_singular_triplets
 from mergesmith.methods.registry import Param, TensorContext, register
 
 WEIGHT = Param("weight", default=1.0, per_model=True, arg="weights",
                doc="factor on the model's task vector before its SVD")
 LAMBDA = Param("lambda", default=1.0, arg="lambda_",
                doc="scale of the merged task vector (the papers' α)")
-
-NOISE_EPS = torch.finfo(torch.float32).eps  # the precision of the checkpoints' values
-
-
-def noise_floor(sigma1: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """σ1·max(m, n)·eps32: an fp32 matrix's singular values below this are rounding noise."""
-    return sigma1 * max(shape) * NOISE_EPS
-
-
-class GramSVD(NamedTuple):
-    """x's SVD seen from its smaller side: a = x, or xᵀ when x is tall (`flipped`), in float64;
-    a = Q diag(σ) Wᵀ with σ (descending) and Q from the eigendecomposition a aᵀ = Q diag(σ²) Qᵀ.
-    Q is a whole orthonormal basis: its columns past the rank span the complement of a's
-    column space. σ at the noise floor is 0."""
-
-    a: torch.Tensor
-    sigma: torch.Tensor
-    q: torch.Tensor
-    flipped: bool
-
-    @property
-    def rank(self) -> int:
-        return int(torch.count_nonzero(self.sigma))
-
-    def top(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x's k largest singular triplets (U_k, σ_k, V_kᵀ) above the floor; all when k is None."""
-        k = self.rank if k is None else min(k, self.rank)
-        left, s = self.q[:, :k], self.sigma[:k]
-        right = (left.mT @ self.a).div_(s[:, None])  # a = Q Σ Wᵀ  ⇒  Wᵀ = Σ⁻¹ Qᵀ a
-        return (right.mT, s, left.mT) if self.flipped else (left, s, right)
-
-
-GRAM_BLOCKS = 4
-
-
-def gram(a: torch.Tensor) -> torch.Tensor:
-    """a aᵀ, computed in row blocks with each block above the diagonal mirrored below it: 10 of
-    the 16 block products (a single matmul cannot use the symmetry; 2048×5632 in float64: 0.85 s
-    against 1.15 s on one core)."""
-    step = -(-a.shape[0] // GRAM_BLOCKS)
-    rows = a.split(step)
-    g = a.new_empty(a.shape[0], a.shape[0])
-    for i, top in enumerate(rows):
-        for j in range(i, len(rows)):
-            block = top @ rows[j].mT
-            g[i * step:(i + 1) * step, j * step:(j + 1) * step] = block
-            if j > i:
-                g[j * step:(j + 1) * step, i * step:(i + 1) * step] = block.mT
-    return g
-
-
-def gram_svd(x: torch.Tensor, floor: float | torch.Tensor = 0.0) -> GramSVD:
-    """x's singular values and its smaller side's singular vectors, from an eigh of the smaller
-    Gram matrix in float64. σ at or below the noise floor, or below `floor`, is set to 0."""
-    flipped = x.shape[0] > x.shape[1]
-    a = (x.mT if flipped else x).to(torch.float64)
-    eigenvalues, q = torch.linalg.eigh(gram(a))
-    sigma = eigenvalues.flip(0).clamp_(min=0).sqrt_()
-    sigma[(sigma <= noise_floor(sigma[:1], x.shape)) | (sigma <= floor)] = 0
-    return GramSVD(a, sigma, q.flip(1), flipped)
-
-
-def top_singular_triplets(x: torch.Tensor, k: int | None = None,
-                          floor: float | torch.Tensor = 0.0
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x ≈ U_k diag(σ_k) V_kᵀ: the k largest singular triplets (all when k is None), without
-    those at the noise floor (or below `floor`). Returns (U_k, σ_k, V_kᵀ) in float64."""
-    return gram_svd(x, floor).top(k)
-
 
 def polar(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x = U Σ Vᵀ ↦ (U Vᵀ, σ): the matrix with orthonormal columns (or rows, if wide) nearest
