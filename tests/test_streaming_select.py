@@ -20,7 +20,10 @@ from mergesmith.methods import kth, sparse
 from mergesmith.methods.blocks import disjoint_mean, elect_sign, kth_largest, topk_count
 from mergesmith.methods.fusion import row_kl
 from mergesmith.methods.sce_merging import energy_weights, finish_sce, variance
-from mergesmith.methods.streamed import exact_total, exponent_sums
+from mergesmith.methods.sparse import (
+    band_passes, band_sums, finish_bands, keep_band, l1_scales, magnitude_cuts,
+)
+from mergesmith.methods.streamed import exact_total, exponent_sums, reduce_in_parts
 
 CHUNK = 1024  # bytes: a few rows of the toy models per chunk, so every tensor streams
 
@@ -164,7 +167,7 @@ def l1_whole_tensor(method: str, base: torch.Tensor, experts: list[torch.Tensor]
 def test_l1_rescale_streams_with_the_whole_tensor_bytes(tmp_path, awkward_models, method,
                                                         gamma, dtype):
     """`rescale: true` (mergekit's L1 rescale for TIES and breadcrumbs), as published recipes
-    say: a third pass of sums after the cuts' two."""
+    say: the L1 norms' exact sums taken in the cuts' own two passes."""
     base, *experts = awkward_models(dtype)
     densities, weights = [0.3, 0.5, 0.55], [1.0, 0.5, 0.7]
     extra = {"gamma": gamma} if method == "breadcrumbs" else {}
@@ -172,13 +175,38 @@ def test_l1_rescale_streams_with_the_whole_tensor_bytes(tmp_path, awkward_models
               "parameters": {"rescale": True},
               "models": [{"model": str(e), "parameters": {"weight": w, "density": d, **extra}}
                          for e, w, d in zip(experts, weights, densities)]}
-    got, jobs = run(recipe, tmp_path / "out", 3)
+    got, jobs = run(recipe, tmp_path / "out", 2)
     inputs = inputs_of((base, *experts))
     for job in jobs:
         name = job.out.name
         ins = [tensors[name] for tensors in inputs]
         expected = l1_whole_tensor(method, ins[0], ins[1:], densities, gamma, weights)
         assert torch.equal(got[name], expected.to(got[name].dtype)), name
+
+
+@pytest.mark.parametrize("densities,gamma", [
+    ([0.3, 1.0, 0.0], 0.0),  # one τi kept whole, one dropped whole: no cut bins
+    ([0.3, 0.4, 0.2], 0.1),  # a band whose two cuts fall in one high bin
+    ([0.6, 0.5, 0.3], 0.25),
+])
+def test_l1_scales_from_the_cut_passes_equal_the_whole_tensor_ones(densities, gamma):
+    """The kept entries' L1 sums rebuilt from the cut bins' histograms and the sums between
+    them (two passes over chunks) equal the sums over the kept entries of the whole tensor."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(96, 64, generator=g)
+    # |τ| in [1, 1 + 2^-8): every entry in one or two high bins, so both cuts may share one
+    experts = [base + (1 + torch.rand(96, 64, generator=g) / 256) * torch.randn(96, 64, generator=g).sign()
+               for _ in range(3)]
+    experts[2] = base + torch.randn(96, 64, generator=g) * torch.exp(torch.randn(96, 64, generator=g) * 4)
+    params = {"densities": densities, "gammas": [gamma] * 3, "rescale": True}
+    parts = [(base[r:r + 17], [e[r:r + 17] for e in experts]) for r in range(0, 96, 17)]
+    streamed = reduce_in_parts(band_sums, finish_bands, band_passes(params), parts, **params)
+    bands = magnitude_cuts(base, experts, densities, [gamma] * 3, unbiased=False)
+    assert streamed.scales == l1_scales(base, experts, bands)
+    whole = [keep_band(lo, hi) for lo, hi in streamed.bands]
+    for i in range(3):
+        tau = experts[i] - base
+        assert torch.equal(whole[i](tau.clone(), 0), bands[i](tau.clone(), 0))
 
 
 GPU_CASES = {

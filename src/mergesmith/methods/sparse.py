@@ -42,8 +42,10 @@ entries those draws keep, so they stay as above under compat.
 
 How it runs: the cuts of TIES and breadcrumbs need two k-th largest |τi| of the whole tensor,
 which two counting passes find exactly (`cut_sums`: histograms of |τi|'s fp32 bits, added over
-chunks); with mergekit's L1 rescale (`rescale: true`), a third pass adds up each τi's L1 norms
-before and after its cut (`l1_sums`: exact sums, so the same whatever the chunks). The engine
+chunks); with mergekit's L1 rescale (`rescale: true`), the same two passes add up each τi's L1
+norms before and after its cut (exact sums, so the same whatever the chunks: all |τi| in the
+first; in the second those strictly between the cut bins, the cut bins' kept entries then
+summed from their histograms, `kept_sums`). The engine
 streams those passes and then the merge in chunks of rows, re-reading the inputs for each.
 Under compat the exact-count cuts go whole: torch's sort is not stable, so which of the entries
 tied at a cut it keeps depends on the whole tensor's layout, and no count over chunks gives it
@@ -84,7 +86,9 @@ from mergesmith.methods.blocks import (
 )
 from mergesmith.methods import kth
 from mergesmith.methods.registry import Param, RandomStream, TensorContext, register
-from mergesmith.methods.streamed import EXPONENTS, exact_total, exponent_sums
+from mergesmith.methods.streamed import (
+    EXPONENTS, bits_exponent_sums, exact_total, exponent_sums, repeated_exponent_sums,
+)
 
 # (rows of τi, the row-major index of their first entry) -> their kept part
 Sparsify = Callable[[torch.Tensor, int], torch.Tensor]
@@ -166,11 +170,22 @@ class CutSearch:
     found: list[list[tuple[int, int]]]
 
 
+@dataclass(frozen=True)
+class L1CutSearch(CutSearch):
+    """`CutSearch` for a merge with the L1 rescale: also each τi's exact Σ|τi| (`totals`,
+    experts × EXPONENTS), taken in the first pass."""
+
+    totals: torch.Tensor
+
+
 def cut_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list[float],
-             stats: CutSearch | None = None, **_) -> torch.Tensor:
+             stats: CutSearch | None = None, l1: bool = False, **_) -> torch.Tensor:
     """One chunk's counts for the radix select of the cuts: in the first pass (no `stats`), each
     τi's high histogram (experts × HIGH_BINS); in the second, each cut's low histogram within
     the bin the first found for it (experts × 2 × LOW_BINS, zero where τi has fewer cuts).
+    With `l1`, each row also ends with EXPONENTS exact sums (`streamed.py`) for the L1 rescale:
+    of all |τi| in the first pass, of the |τi| strictly between its cut bins in the second
+    (the cut bins' own kept entries are summed from their low histograms: `kept_sums`).
     Counting is compute-bound: the blocks are shared out among the intra-op threads allowed
     (`in_parallel`; one while the engine streams)."""
     base_rows, expert_rows = as_rows(base), [as_rows(e) for e in experts]
@@ -178,7 +193,8 @@ def cut_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list
     parts = []  # one per thread
 
     def count(blocks: list[slice]) -> None:
-        counts = torch.zeros(len(experts), bins, dtype=torch.int64, device=base.device)
+        counts = torch.zeros(len(experts), bins + EXPONENTS * l1, dtype=torch.int64,
+                             device=base.device)
         for rows in blocks:
             theta0 = base_rows[rows].float()
             for i, expert in enumerate(expert_rows):
@@ -186,15 +202,50 @@ def cut_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list
                     continue
                 bits = kth.magnitude_bits(expert[rows].float() - theta0)
                 if stats is None:
-                    counts[i] += kth.high_histogram(bits)
-                for j, (high, _) in enumerate(stats.found[i] if stats else []):
+                    counts[i, :bins] += kth.high_histogram(bits)
+                    if l1:
+                        counts[i, bins:] += bits_exponent_sums(bits)
+                    continue
+                for j, (high, _) in enumerate(stats.found[i]):
                     lows = counts[i, j * kth.LOW_BINS:(j + 1) * kth.LOW_BINS]
                     lows += kth.low_histogram(bits, high)
+                if l1:
+                    counts[i, bins:] += bits_exponent_sums(between_bins(bits, stats.found[i]))
         parts.append(counts)
 
     in_parallel(count, row_blocks(base_rows, COUNT_BLOCK_ELEMENTS))
     counts = sum(parts)
-    return counts if stats is None else counts.view(len(experts), 2, kth.LOW_BINS)
+    if stats is None or l1:
+        return counts
+    return counts.view(len(experts), 2, kth.LOW_BINS)
+
+
+def between_bins(bits: torch.Tensor, found: list[tuple[int, int]]) -> torch.Tensor:
+    """`bits` with 0 in place of those whose high bin is not strictly between the band's cut
+    bins (above the lower cut's; below the upper cut's, where the band has one)."""
+    high = bits >> 16
+    inside = high > found[0][0]
+    if len(found) > 1:
+        inside &= high < found[1][0]
+    return torch.where(inside, bits, 0)
+
+
+def kept_sums(found: list[tuple[int, int]], lows: torch.Tensor, between: torch.Tensor
+              ) -> torch.Tensor:
+    """The exact sums (EXPONENTS) of the |τ| a band keeps, from its cut bins' low histograms
+    (`lows`, 2 × LOW_BINS) and the sums of the entries strictly between them: every entry of
+    one low bin has the same value, so a cut bin's kept entries sum to Σ count × value."""
+    low_bits = torch.arange(kth.LOW_BINS, dtype=torch.int64, device=lows.device)
+    cuts = [kth.locate(lows[j], rank)[0] for j, (_, rank) in enumerate(found)]
+    (low_high, low_cut), upper = (found[0][0], cuts[0]), found[1:]
+    keep = low_bits >= low_cut
+    if upper and upper[0][0] == low_high:  # both cuts in one bin: its entries between them
+        keep &= low_bits <= cuts[1]
+    elif upper:
+        upper_keep = low_bits <= cuts[1]
+        between = between + repeated_exponent_sums((upper[0][0] << 16) | low_bits,
+                                                   lows[1] * upper_keep)
+    return between + repeated_exponent_sums((low_high << 16) | low_bits, lows[0] * keep)
 
 
 def finish_cuts(stats: CutSearch | None, sums: torch.Tensor, *, densities: list[float],
@@ -587,36 +638,49 @@ class RescaledBands:
 
 
 def band_passes(params: dict) -> int:
-    """The cuts' counting passes, then one for the L1 norms when the rescale is l1."""
-    return cut_passes(params) + l1_cut_rescale(params)
+    """The cuts' counting passes, which also take the L1 norms when the rescale is l1; one pass
+    for the norms alone where there is no cut."""
+    return cut_passes(params) or int(l1_cut_rescale(params))
 
 
-def found_bands(stats, densities: list[float]) -> list[tuple[float, float]] | None:
-    """The bands once the cuts' passes are done (then comes the L1 pass), else None."""
-    if isinstance(stats, list):
-        return stats
-    if stats is None and not cut_passes(dict(densities=densities)):
-        return [band(1, d, []) for d in densities]  # each τi kept whole or dropped whole
-    return None
+def whole_bands(densities: list[float]) -> list[tuple[float, float]] | None:
+    """The bands when every τi is kept whole or dropped whole (no cut to find), else None."""
+    if cut_passes(dict(densities=densities)):
+        return None
+    return [band(1, d, []) for d in densities]
 
 
 def band_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list[float],
               stats=None, **params) -> torch.Tensor:
-    """A chunk's sums for the pass at hand: the cuts' counts (`cut_sums`), then the L1 norms
-    before and after the bands (`l1_sums`)."""
-    bands = found_bands(stats, densities)
+    """A chunk's sums for the pass at hand: the cuts' counts (`cut_sums`, with the L1 norms'
+    sums when the rescale is l1), or where there is no cut, the L1 norms (`l1_sums`)."""
+    bands = whole_bands(densities)
     if bands is None:
-        return cut_sums(base, experts, densities=densities, stats=stats)
+        return cut_sums(base, experts, densities=densities, stats=stats,
+                        l1=l1_cut_rescale(params))
     return l1_sums(as_rows(base), [as_rows(e) for e in experts],
                    [keep_band(low, high) for low, high in bands])
 
 
 def finish_bands(stats, sums: torch.Tensor, *, densities: list[float], **params):
-    """The bands after the cuts' passes, then with the L1 pass's scales (`RescaledBands`)."""
-    bands = found_bands(stats, densities)
-    if bands is None:
+    """After each pass: the cuts' search, then the bands; with the l1 rescale, the bands with
+    their scales (`RescaledBands`), from the exact sums of all |τi| (first pass) and of the
+    kept |τi| (the entries between the cut bins in the second, and the cut bins' own)."""
+    bands = whole_bands(densities)
+    if bands is not None:  # the one pass of the L1 norms
+        return RescaledBands(bands, finish_l1(sums))
+    if not l1_cut_rescale(params):
         return finish_cuts(stats, sums, densities=densities, **params)
-    return RescaledBands(bands, finish_l1(sums))
+    histograms, exact = sums[:, :-EXPONENTS], sums[:, -EXPONENTS:]
+    if stats is None:
+        search = finish_cuts(None, histograms, densities=densities, **params)
+        return L1CutSearch(search.numel, search.found, exact)
+    lows = histograms.reshape(len(densities), 2, kth.LOW_BINS)
+    bands = finish_cuts(stats, lows, densities=densities, **params)
+    kept = [kept_sums(found, lows[i], exact[i]) if found
+            else stats.totals[i] * (bands[i][0] == 0)  # kept whole, or dropped whole
+            for i, found in enumerate(stats.found)]
+    return RescaledBands(bands, finish_l1(torch.stack([stats.totals, torch.stack(kept)], 1)))
 
 
 def band_stats(stats) -> tuple[list[tuple[float, float]] | None, list[float] | None]:
@@ -627,7 +691,7 @@ def band_stats(stats) -> tuple[list[tuple[float, float]] | None, list[float] | N
 
 
 # TIES' and breadcrumbs' entries are independent given their bands (and L1 scales), found by
-# counting passes and a pass of sums; mergekit's exact counts (compat) keep the ties at a cut
+# two counting passes; mergekit's exact counts (compat) keep the ties at a cut
 # that its sort happens to put first (torch's sort is not stable: no count gives them), so
 # they go whole
 CUT_STREAMING = dict(reduce=band_sums, finish=finish_bands, passes=band_passes,

@@ -25,13 +25,27 @@ def exponent_sums(x: torch.Tensor) -> torch.Tensor:
     as integers to be scaled by 2^(max(e, 1) − 150). Exact as long as one call sees fewer
     than 2^29 entries (each m < 2^24; a float64 bincount weight's integers are exact below
     2^53). As the stored fraction and, for normal numbers, its implicit 2^23 times a count."""
-    bits = x.float().reshape(-1).view(torch.int32) & 0x7FFFFFFF
+    return bits_exponent_sums(x.float().reshape(-1).view(torch.int32) & 0x7FFFFFFF)
+
+
+def bits_exponent_sums(bits: torch.Tensor) -> torch.Tensor:
+    """`exponent_sums` of the fp32 values whose bit patterns of |x| (int32, flat) are `bits`;
+    a 0 pattern adds nothing, so entries to leave out can be set to 0."""
     exponent = bits >> SIGNIFICAND_BITS
     fraction = (bits & 0x7FFFFF).double()
     sums = torch.bincount(exponent, weights=fraction, minlength=EXPONENTS).long()
     implicit = torch.bincount(exponent, minlength=EXPONENTS)[1:] << SIGNIFICAND_BITS
     sums[1:] += implicit
     return sums
+
+
+def repeated_exponent_sums(bits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`exponent_sums` of counts[j] entries whose |x| has the bit pattern bits[j], for each j
+    (int64 tensors of one shape): a histogram of fp32 values summed exactly."""
+    exponent = bits >> SIGNIFICAND_BITS
+    significand = (bits & 0x7FFFFF) + ((exponent > 0).long() << SIGNIFICAND_BITS)
+    sums = torch.zeros(EXPONENTS, dtype=torch.int64, device=bits.device)
+    return sums.scatter_add_(0, exponent.reshape(-1), (counts * significand).reshape(-1))
 
 
 def exact_total(sums: torch.Tensor) -> float:
