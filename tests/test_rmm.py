@@ -1,0 +1,96 @@
+"""Reversible Model Merging (methods/rmm.py): the closed-form basis and coefficients, against
+numpy's SVD and METHODS.md's "rmm" tests (k = N exact; error = discarded σ²)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergesmith.errors import MethodError
+from mergesmith.methods import rmm as R
+from mergesmith.methods.registry import TensorContext
+
+D_OUT, D_IN, RANK, TASKS = 12, 10, 3, 4
+SCALINGS = [0.5, 2.0, 1.5, 1.0]
+
+
+def loras(seed=0, tasks=TASKS):
+    g = torch.Generator().manual_seed(seed)
+    Bs = [torch.randn(D_OUT, RANK, generator=g) for _ in range(tasks)]
+    As = [torch.randn(RANK, D_IN, generator=g) for _ in range(tasks)]
+    return Bs, As
+
+
+def columns(Bs, As, grouping):
+    """The tasks' stacked factors by hand: per module one long vector; per position the rows of
+    s_i B_i and the columns of A_i."""
+    if grouping == "module":
+        return [np.stack([np.concatenate([(s * b.double()).numpy().ravel(), a.double().numpy().ravel()])
+                          for b, a, s in zip(Bs, As, SCALINGS)], axis=1)]
+    rows = [np.stack([(s * b.double())[p].numpy() for b, s in zip(Bs, SCALINGS)], axis=1)
+            for p in range(D_OUT)]
+    return rows + [np.stack([a[:, p].double().numpy() for a in As], axis=1) for p in range(D_IN)]
+
+
+@pytest.mark.parametrize("grouping", R.GROUPINGS)
+def test_as_many_basis_vectors_as_tasks_is_exact(grouping):
+    Bs, As = loras()
+    basis = R.rmm_fit(Bs, As, SCALINGS, basis_size=TASKS, grouping=grouping)
+    for i in range(TASKS):
+        b, a = R.task_factors(basis, i, D_OUT, D_IN, RANK, grouping)
+        torch.testing.assert_close(b, Bs[i] * SCALINGS[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, As[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grouping", R.GROUPINGS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_rebuilt_tasks_are_the_closed_form_and_the_error_is_the_discarded_energy(grouping, k):
+    """Task i's rebuilt factors are U_k U_kᵀ x_i (U_k: numpy's top-k left singular vectors of each
+    X), and Σ_i ‖x_i − x̂_i‖² = Σ_{j>k} σ_j² over every X (Eckart–Young)."""
+    Bs, As = loras(seed=1)
+    basis = R.rmm_fit(Bs, As, SCALINGS, basis_size=k, grouping=grouping)
+    xs = columns(Bs, As, grouping)
+    projected = []
+    discarded = 0.0
+    for x in xs:
+        u, sigma, _ = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+        projected.append(u[:, :k] @ (u[:, :k].T @ x))
+        discarded += float((sigma[k:] ** 2).sum())
+    error = 0.0
+    for i in range(TASKS):
+        b, a = R.task_factors(basis, i, D_OUT, D_IN, RANK, grouping)
+        if grouping == "module":
+            expected = projected[0][:, i]
+            got = np.concatenate([b.numpy().ravel(), a.numpy().ravel()])
+        else:
+            expected = np.concatenate([p[:, i] for p in projected])
+            got = np.concatenate([b.numpy().ravel(), a.mT.numpy().ravel()])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        error += float(((np.concatenate([x[:, i] for x in xs]) - expected) ** 2).sum())
+    assert R.discarded_energy(basis.sigma, k) == pytest.approx(discarded, rel=1e-9)
+    assert error == pytest.approx(discarded, rel=1e-6)
+    assert basis.vectors.shape[-1] == k and basis.coefficients.shape[-2:] == (k, TASKS)
+
+
+def test_merged_adapter_is_the_weighted_sum_of_the_rebuilt_tasks():
+    Bs, As = loras(seed=2)
+    weights = [1.0, -0.5, 0.25, 2.0]
+    ctx = TensorContext(name="layers.0.q_proj.weight")
+    B, A, info = R.rmm(Bs, As, SCALINGS, weights=weights, ctx=ctx, basis_size=2)
+    basis = R.rmm_fit(Bs, As, SCALINGS, basis_size=2)
+    expected = sum(w * (lambda f: f[0].double() @ f[1].double())(
+        R.task_factors(basis, i, D_OUT, D_IN, RANK, "module")) for i, w in enumerate(weights))
+    assert B.shape == (D_OUT, TASKS * RANK)
+    torch.testing.assert_close(B.double() @ A.double(), expected, atol=1e-5, rtol=1e-5)
+    sigma = basis.sigma.double().square()
+    assert info["rmm_relative_error"] == pytest.approx(float(sigma[..., 2:].sum() / sigma.sum()))
+
+
+def test_unequal_ranks_are_refused_naming_the_module():
+    Bs, As = loras()
+    Bs[1], As[1] = Bs[1][:, :2], As[1][:2]
+    with pytest.raises(MethodError, match="q_proj.*") as info:
+        R.rmm(Bs, As, SCALINGS, weights=[1.0] * TASKS,
+              ctx=TensorContext(name="layers.0.q_proj.weight"))
+    assert "ranks 2, 3" in info.value.message and info.value.hint
