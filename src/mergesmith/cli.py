@@ -176,6 +176,10 @@ def merge(
         if not quiet or verbose:
             err.print(f"wrote {path}", highlight=False)
         return
+    from mergesmith.engine.adapters import adapter_method
+
+    if adapter_method(recipe):  # LoRA adapters into one adapter folder (engine/adapters.py)
+        return _merge_adapters(recipe, output, seed, device, resume, overwrite, quiet, verbose)
     the_plan = plan(recipe, seed=seed, shard_size=shard, compat=compat,
                     allow_crimes=allow_crimes)  # every error before any work
     for warning in the_plan.warnings:
@@ -195,6 +199,21 @@ def merge(
     if not quiet or verbose:
         took = f" in {time.perf_counter() - started:.1f} s" if verbose else ""
         err.print(f"wrote {path}{took}", highlight=False)
+
+
+def _merge_adapters(recipe: Path, output: Path, seed: Optional[int], device: str, resume: bool,
+                    overwrite: bool, quiet: bool, verbose: int) -> None:
+    """merge for a method that writes an adapter: the energy each SVD kept, per module with -v."""
+    from mergesmith.engine.adapters import merge_adapters
+
+    def say(line: str) -> None:
+        if line.startswith("warning: ") or (verbose if line.startswith("  ") else not quiet):
+            err.print(line.replace("warning:", "[yellow]warning:[/]", 1), highlight=False)
+
+    done = merge_adapters(recipe, output, seed=seed, device=device, resume=resume,
+                          overwrite=overwrite, log=say)
+    if not quiet or verbose:
+        err.print(f"wrote adapter {done.path}", highlight=False)
 
 
 def _ray_options(ray: bool, workers: int | None, address: str | None) -> dict:
@@ -262,7 +281,7 @@ def check(
     table = Table(show_header=False, box=None)
     table.add_row("method", f"{method.name} — {method.summary}{_data_needs(method)}")
     for ref, ck in the_plan.models.items():
-        table.add_row("model", f"{ref}  ({len(ck.tensors)} tensors)")
+        table.add_row("model", f"{ref}  ({len(ck.tensors)} tensors){': ' + ck.note if ck.note else ''}")
     table.add_row("output tensors", str(len(the_plan.jobs)))
     table.add_row("output size", _bytes(the_plan.total_bytes))
     table.add_row("output shards", str(len(the_plan.shards)))
@@ -555,6 +574,43 @@ def twin_route(
     for text, row in zip(texts, weights.tolist()):
         mix = "  ".join(f"{task}={w:.3f}" for task, w in zip(tasks, row))
         print(f"{mix}  {text[:60]!r}")
+
+
+@app.command("extract-lora")
+def extract_lora(
+    base: str = typer.Argument(..., help="The base model."),
+    finetuned: str = typer.Argument(..., help="The full fine-tune of BASE."),
+    output: Path = typer.Argument(..., help="Adapter folder to write (PeftModel loads it)."),
+    rank: int = typer.Option(128, "--rank", "--max-rank", "-r", min=1, help="Largest rank per module."),
+    energy: Optional[float] = typer.Option(None, min=0, max=1, help="Per module, the smallest rank "
+                                           "keeping this share of ‖τ‖² (at most --rank)."),
+    sv_epsilon: float = typer.Option(0.0, min=0, help="Drop singular values ≤ this (absolute)."),
+    module_rank: list[str] = typer.Option([], help="REGEX=RANK: the largest rank of modules whose "
+                                          "name REGEX finds (first match wins), e.g. 'mlp=32'."),
+    distribute_scale: bool = typer.Option(True, "--distribute-scale/--no-distribute-scale",
+                                          help="√S on both factors (else S on A)."),
+    embed_lora: bool = typer.Option(False, "--embed-lora/--no-embed-lora", help="Embeddings as LoRA "
+                                    "(else saved whole, as when the vocabulary changed)."),
+    save_module: list[str] = typer.Option([], help="Save this module whole (repeatable)."),
+    include_regex: list[str] = typer.Option([], "--include-regex", "-i", help="Only these modules."),
+    exclude_regex: list[str] = typer.Option([], "--exclude-regex", "-e", help="Not these modules."),
+    skip_undecomposable: bool = typer.Option(False, help="Drop norms etc. instead of saving them whole."),
+    randomized: bool = typer.Option(False, help="APPROXIMATE randomized SVD (seeded)."),
+    seed: int = typer.Option(0, help="Seed of --randomized."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """A LoRA adapter from a full fine-tune (truncated SVD of θ_ft − θ_base per matrix), as
+    mergekit-extract-lora writes it; one matrix in memory at a time."""
+    from mergesmith.engine import extract_lora as ex
+
+    rule = ex.RankRule(rank, energy, sv_epsilon, ex.parse_module_ranks(module_rank))
+    options = ex.Options(rule, distribute_scale, embed_lora, tuple(save_module), tuple(include_regex),
+                         tuple(exclude_regex), skip_undecomposable, randomized, seed)
+    result = ex.extract_lora(base, finetuned, output, options, overwrite=overwrite, progress=not quiet)
+    for note in result.notes:
+        err.print(f"note: {note}", highlight=False, markup=False)
+    err.print(ex.summary(result), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
