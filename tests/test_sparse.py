@@ -560,33 +560,60 @@ def test_seeded_merge_is_the_same_bytes_whatever_the_chunk_size(tmp_path, llama)
     assert any(not torch.equal(one[k], other[k]) for k in one)
 
 
-def test_dare_streams_in_chunks_and_tiles_with_the_whole_tensors_draws(tmp_path, llama, monkeypatch):
+def whole_tensor_merge(models: dict, method: str, recipe: dict, seed: int) -> dict:
+    """The method called once per tensor on whole tensors (its own l1 sums, no engine pass)."""
+    from mergesmith.methods.registry import TensorContext
+
+    base, *experts = [read_tensors(models[k]) for k in ("base", "e1", "e2")]
+    params = recipe["parameters"]
+    weights = [m["parameters"]["weight"] for m in recipe["models"]]
+    densities = [m["parameters"]["density"] for m in recipe["models"]]
+    fn = get_method(method).fn
+    return {name: fn(base[name].float(), [e[name].float() for e in experts], weights=weights,
+                     densities=densities, ctx=TensorContext(name, seed=seed),
+                     rescale=params.get("rescale", True))
+            for name in base}
+
+
+@pytest.mark.parametrize("rescale", [True, "l1"])
+def test_dare_streams_in_chunks_and_tiles_with_the_whole_tensors_draws(tmp_path, llama, monkeypatch,
+                                                                       rescale):
     """DARE goes through the engine in row chunks and cache tiles (tiny ones here), each drawing
-    from its entries' place in the stream: the same bytes as whole tensors. mergekit's l1
-    rescale sums over the whole tensor, so it does not stream."""
+    from its entries' place in the stream: the same bytes as whole tensors. With mergekit's l1
+    rescale, a first pass over the chunks sums each τi's L1 norms before and after its drops
+    exactly, so that too streams (but not under compat, whose sums are torch's over the whole
+    tensor in the compute dtype)."""
     from mergesmith.engine import run
 
     spec = get_method("dare_ties")
-    assert spec.streams({"rescale": True}) and not spec.streams({"rescale": "l1"})
-    recipe = write_recipe(tmp_path / "r.yaml", sparse_recipe(llama, "dare_linear", density=0.5))
-    whole = read_tensors(mergesmith.merge(recipe, tmp_path / "whole", seed=3, chunk_size="1GB"))
+    assert spec.streams({"rescale": True}) and spec.streams({"rescale": "l1"})
+    assert spec.reduce_passes({"rescale": "l1"}) == 1 and spec.reduce_passes({"rescale": True}) == 0
+    assert not spec.streams({"rescale": "l1", "compute_dtype": torch.bfloat16})
+    recipe = sparse_recipe(llama, "dare_linear", density=0.5, parameters={"rescale": rescale})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    whole = read_tensors(mergesmith.merge(path, tmp_path / "whole", seed=3, chunk_size="1GB"))
     monkeypatch.setattr(run, "CPU_TILE", 96)
-    tiled = read_tensors(mergesmith.merge(recipe, tmp_path / "tiled", seed=3, chunk_size="2KiB"))
+    tiled = read_tensors(mergesmith.merge(path, tmp_path / "tiled", seed=3, chunk_size="2KiB"))
     assert all(torch.equal(whole[k], tiled[k]) for k in whole)
+    direct = whole_tensor_merge(llama, "dare_linear", recipe, seed=3)
+    assert all(torch.equal(direct[k], tiled[k]) for k in whole)
 
 
-@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("method,rescale", [("della", True), ("della_linear", True),
+                                            ("della", "l1")])
 def test_della_streams_in_chunks_of_whole_rows_with_the_whole_tensors_draws(
-        tmp_path, llama, monkeypatch, method):
+        tmp_path, llama, monkeypatch, method, rescale):
     """DELLA ranks within rows, so the engine gives it blocks of whole rows (never tiles, which
     cut rows; never a split vector, which is one row), each drawing from its entries' place in
-    the stream: the same bytes as whole tensors, at a chunk's memory."""
+    the stream: the same bytes as whole tensors, at a chunk's memory; with the l1 rescale too
+    (a first pass of exact sums)."""
     from mergesmith.engine import run
 
     spec = get_method(method)
-    assert spec.streams({"rescale": True}) and not spec.streams({"rescale": "l1"})
+    assert spec.streams({"rescale": True}) and spec.streams({"rescale": "l1"})
     assert not spec.tiles({"rescale": True})
-    recipe = write_recipe(tmp_path / "r.yaml", sparse_recipe(llama, method, density=0.5))
+    recipe = write_recipe(tmp_path / "r.yaml", sparse_recipe(llama, method, density=0.5,
+                                                             parameters={"rescale": rescale}))
     whole = read_tensors(mergesmith.merge(recipe, tmp_path / "whole", seed=3, chunk_size="1GB"))
     seen = []
     merge_unit = run.merge_unit

@@ -132,7 +132,8 @@ def merge_unit(plan: Plan, unit: Unit, tensors: list[torch.Tensor], device: torc
     size = flat[0].numel()
 
     def reduce_tiles(stats):
-        return sum(_merge_tile(plan, job, "reduce", [f[a:a + tile] for f in flat], device, stats)
+        return sum(_merge_tile(plan, job, "reduce", [f[a:a + tile] for f in flat], device, stats,
+                               start + a)
                    for a in range(0, size, tile))
 
     if unit.phase == "reduce":
@@ -179,11 +180,11 @@ def _merge_tile(plan: Plan, job: TensorJob, phase: str, tensors: list[torch.Tens
     base, experts = (xs[0], xs[1:]) if job.has_base else (None, xs)
     method = plan.method
     extra = {"stats": stats} if stats is not None else {}  # those of the passes before
+    ctx = replace(job.ctx, offset=offset) if offset else job.ctx  # random draws go by entry
     if phase == "reduce":
-        return method.reduce(base, experts, **job.params, **extra)
+        return method.reduce(base, experts, ctx=ctx, **job.params, **extra)
     extra.update(statistics)
     try:
-        ctx = replace(job.ctx, offset=offset) if offset else job.ctx
         result = method.fn(base, experts, ctx=ctx, **job.params, **extra)
     except ValueError as exc:
         raise MethodError(f"{method.name} failed on tensor {job.out.name!r}: {exc}") from None

@@ -59,8 +59,9 @@ Random draws come from one counter-based stream per expert (`ctx.stream(i)`): en
 expert i's task vector gets the j-th draw of the stream of (seed, tensor name, i), whatever the
 blocks or chunks the tensor is merged in. So DARE, whose entries are independent, streams
 through the engine in chunks like task arithmetic, and DELLA, which ranks within rows, in
-chunks of whole rows (except with `rescale: l1`, whose norms need the masks drawn over the whole
-tensor first: such a merge goes whole).
+chunks of whole rows. With `rescale: l1` a first pass over the chunks draws the same masks and
+adds up each τi's L1 norms before and after exactly (`l1_sums`); under compat, where mergekit
+sums the whole τi in its compute dtype, such a merge goes whole.
 """
 
 from __future__ import annotations
@@ -725,20 +726,60 @@ def l1_rescale(params: dict) -> bool:
     return rescale_mode(params["rescale"], "1/density") == "l1"
 
 
+def streamed_l1(params: dict) -> bool:
+    """The l1 rescale's norms as exact sums, in a pass over the chunks before the merge; not
+    under compat, where they are torch sums of the whole τi in the compute dtype."""
+    return l1_rescale(params) and params.get("compute_dtype") is None
+
+
+def dare_drops(ctx: TensorContext | None, device: torch.device, densities: list[float],
+               unbiased: bool) -> list[Sparsify]:
+    streams = expert_streams(ctx, device, len(densities))
+    return [random_drop(d, g, unbiased) for d, g in zip(densities, streams)]
+
+
+def della_drops(ctx: TensorContext | None, base: torch.Tensor, densities: list[float],
+                epsilons: list[float], unbiased: bool) -> list[Sparsify]:
+    check_della({"densities": densities, "epsilons": epsilons})
+    streams = expert_streams(ctx, base.device, len(densities))
+    cols = as_rows(base).shape[1]
+    return [rank_drop(cols, d, eps, g, unbiased)
+            for d, eps, g in zip(densities, epsilons, streams)]
+
+
+def dare_l1_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list[float],
+                 ctx: TensorContext, **_) -> torch.Tensor:
+    """A chunk's exact L1 sums before and after DARE's drops, drawn at the chunk's offset
+    (`ctx`) as the merge pass draws them."""
+    drops = dare_drops(ctx, base.device, densities, unbiased=False)
+    return l1_sums(as_rows(base), [as_rows(e) for e in experts], drops)
+
+
+def della_l1_sums(base: torch.Tensor, experts: list[torch.Tensor], *, densities: list[float],
+                  ctx: TensorContext, epsilons: list[float] | None = None, **_) -> torch.Tensor:
+    """`dare_l1_sums` for DELLA's drops."""
+    drops = della_drops(ctx, base, densities, epsilons or [EPSILON.default] * len(experts),
+                        unbiased=False)
+    return l1_sums(as_rows(base), [as_rows(e) for e in experts], drops)
+
+
 # DARE's entries are independent given their draws, so it streams in chunks and tiles; DELLA's
-# rows are, given theirs, so it streams in chunks of rows.
-DARE_STREAMING = dict(elementwise=True, whole_tensor_when=l1_rescale)
-DELLA_STREAMING = dict(row_local=True, whole_tensor_when=l1_rescale)
+# rows are, given theirs, so it streams in chunks of rows. With the l1 rescale, a pass of
+# exact sums over the chunks first gives each τi's scale (`stats`).
+L1_PASS = dict(finish=lambda stats, sums, **_: finish_l1(sums),
+               passes=lambda params: int(streamed_l1(params)),
+               whole_tensor_when=lambda params: l1_rescale(params) and not streamed_l1(params))
+DARE_STREAMING = dict(elementwise=True, reduce=dare_l1_sums, **L1_PASS)
+DELLA_STREAMING = dict(row_local=True, reduce=della_l1_sums, **L1_PASS)
 
 
 def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx, consensus,
-               sign_ties="zero", compute_dtype=None):
+               sign_ties="zero", compute_dtype=None, stats=None):
     mode = rescale_mode(rescale, true_means="1/density")
-    streams = expert_streams(ctx, base.device, len(experts))
-    drops = [random_drop(d, g, mode == "1/density") for d, g in zip(densities, streams)]
+    drops = dare_drops(ctx, base.device, densities, mode == "1/density")
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1",
-                        sign_ties=sign_ties, compute_dtype=compute_dtype)
+                        sign_ties=sign_ties, compute_dtype=compute_dtype, scales=stats)
 
 
 @register("dare_ties", compat=mergekit_compat(consensus=True),
@@ -747,11 +788,11 @@ def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale
           needs_base=True, stored_dtype_inputs=True, **DARE_STREAMING,
           params=family_params(normalize=False, rescale=True))
 def dare_ties(base, experts, *, weights, densities, lambda_=1.0, normalize=False, rescale=True,
-              int8_mask=False, ctx=None, sign_ties="zero", compute_dtype=None):
+              int8_mask=False, ctx=None, sign_ties="zero", compute_dtype=None, stats=None):
     """θ = θ0 + λ · disjoint_mean(drop(τi)/d, s)."""
     return dare_merge(base, experts, weights=weights, densities=densities, lambda_=lambda_,
                       normalize=normalize, rescale=rescale, ctx=ctx, consensus=True,
-                      sign_ties=sign_ties, compute_dtype=compute_dtype)
+                      sign_ties=sign_ties, compute_dtype=compute_dtype, stats=stats)
 
 
 @register("dare_linear", compat=mergekit_compat(consensus=False),
@@ -760,11 +801,11 @@ def dare_ties(base, experts, *, weights, densities, lambda_=1.0, normalize=False
           needs_base=True, stored_dtype_inputs=True, **DARE_STREAMING,
           params=family_params(normalize=False, rescale=True))
 def dare_linear(base, experts, *, weights, densities, lambda_=1.0, normalize=False, rescale=True,
-                int8_mask=False, ctx=None, compute_dtype=None):
+                int8_mask=False, ctx=None, compute_dtype=None, stats=None):
     """θ = θ0 + λ · Σ wi drop(τi)/d."""
     return dare_merge(base, experts, weights=weights, densities=densities, lambda_=lambda_,
                       normalize=normalize, rescale=rescale, ctx=ctx, consensus=False,
-                      compute_dtype=compute_dtype)
+                      compute_dtype=compute_dtype, stats=stats)
 
 
 def breadcrumbs_merge(base, experts, *, weights, densities, gammas, lambda_, normalize, rescale,
@@ -815,17 +856,13 @@ def breadcrumbs_ties(base, experts, *, weights, densities, gammas=None, lambda_=
 
 
 def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normalize, rescale, ctx,
-                consensus, sign_ties="zero", compute_dtype=None):
-    check_della({"densities": densities, "epsilons": epsilons})
+                consensus, sign_ties="zero", compute_dtype=None, stats=None):
     mode = rescale_mode(rescale, true_means="1/density")
-    streams = expert_streams(ctx, base.device, len(experts))
-    cols = as_rows(base).shape[1]
-    drops = [rank_drop(cols, d, eps, g, mode == "1/density")
-             for d, eps, g in zip(densities, epsilons, streams)]
+    drops = della_drops(ctx, base, densities, epsilons, mode == "1/density")
     return merge_sparse(base, experts, drops, weights=weights, consensus=consensus,
                         normalize=normalize, lambda_=lambda_, l1=mode == "l1", threads=True,
                         block_elements=RANKED_BLOCK_ELEMENTS, sign_ties=sign_ties,
-                        compute_dtype=compute_dtype)
+                        compute_dtype=compute_dtype, scales=stats)
 
 
 @register("della", compat=mergekit_compat(consensus=True),
@@ -835,12 +872,13 @@ def della_merge(base, experts, *, weights, densities, epsilons, lambda_, normali
           params=family_params(normalize=True, rescale=True, extra=(EPSILON,)),
           validate=check_della, **DELLA_STREAMING)
 def della(base, experts, *, weights, densities, epsilons=None, lambda_=1.0, normalize=True,
-          rescale=True, int8_mask=False, ctx=None, sign_ties="zero", compute_dtype=None):
+          rescale=True, int8_mask=False, ctx=None, sign_ties="zero", compute_dtype=None,
+          stats=None):
     """θ = θ0 + λ · disjoint_mean(magprune(τi), s)."""
     return della_merge(base, experts, weights=weights, densities=densities,
-                       epsilons=epsilons or [0.15] * len(experts), lambda_=lambda_,
+                       epsilons=epsilons or [EPSILON.default] * len(experts), lambda_=lambda_,
                        normalize=normalize, rescale=rescale, ctx=ctx, consensus=True,
-                       sign_ties=sign_ties, compute_dtype=compute_dtype)
+                       sign_ties=sign_ties, compute_dtype=compute_dtype, stats=stats)
 
 
 @register("della_linear", compat=mergekit_compat(consensus=False),
@@ -849,9 +887,10 @@ def della(base, experts, *, weights, densities, epsilons=None, lambda_=1.0, norm
           params=family_params(normalize=False, rescale=True, extra=(EPSILON,)),
           validate=check_della, **DELLA_STREAMING)
 def della_linear(base, experts, *, weights, densities, epsilons=None, lambda_=1.0,
-                 normalize=False, rescale=True, int8_mask=False, ctx=None, compute_dtype=None):
+                 normalize=False, rescale=True, int8_mask=False, ctx=None, compute_dtype=None,
+                 stats=None):
     """θ = θ0 + λ · Σ wi magprune(τi)."""
     return della_merge(base, experts, weights=weights, densities=densities,
-                       epsilons=epsilons or [0.15] * len(experts), lambda_=lambda_,
+                       epsilons=epsilons or [EPSILON.default] * len(experts), lambda_=lambda_,
                        normalize=normalize, rescale=rescale, ctx=ctx, consensus=False,
-                       compute_dtype=compute_dtype)
+                       compute_dtype=compute_dtype, stats=stats)
