@@ -15,7 +15,8 @@ Conventions for README authors (keep new snippets inside them):
     any of them merge together): `base`, `math`, `code`,
     `merged`, `ta`, `experts/<task>`, `runs/<name>`, and every `model:` / `base_model:` value
     written anywhere in the block (a hub id such as `org/a` becomes the local folder `org/a`);
-    `./x` and `x/` name the same folder as `x`;
+    `./x` and `x/` name the same folder as `x`, and `x+adapter` names `x` (the block writes the
+    adapter);
   - tasks `tasks/<name>` for the demo's task names (sentiment, topic, language,
     part_of_speech): the demo's task cut to a few rows per split, with a head for the toy models;
   - recipes `recipe.yaml` (task arithmetic of ./math and ./code on ./base) and `<method>.yaml`
@@ -104,7 +105,8 @@ def outputs(block: Block) -> set[str]:
 
 
 def models_named(block: Block) -> set[str]:
-    names = {_name(ref) for ref in MODEL_REF.findall(block.text)}
+    # `BASE+ADAPTER` names the model BASE; the block makes the adapter itself
+    names = {_name(ref.partition("+")[0]) for ref in MODEL_REF.findall(block.text)}
     if block.lang == "bash":
         for argv in commands(block.text):
             for arg in argv[1:]:

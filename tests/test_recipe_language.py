@@ -1,7 +1,7 @@
 """Recipe shapes mergekit 0.1.5 runs, run by mergesmith with the same result.
 
 The `tokenizer:` section, named and automatic chat templates, multi-document (multi-stage)
-recipes, `modules:` for multimodal checkpoints, and the model+adapter form (refused, clearly).
+recipes and `modules:` for multimodal checkpoints (the model+adapter form: test_adapter_inputs.py).
 Each case merges tiny models with both tools from one recipe file and compares every tensor
 bitwise and the tokenizer files byte for byte.
 """
@@ -238,20 +238,6 @@ def test_unknown_chat_template_is_a_plan_error(chat_models, tmp_path):
         mergesmith.plan(recipe)
     assert info.value.message.startswith(f"{recipe}:10: chat_template: unknown chat template 'chatmll'")
     assert "chatml" in info.value.hint and "auto" in info.value.hint
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. model+adapter: not supported yet, said as such
-
-
-def test_adapter_form_is_refused_with_its_line(tmp_path, monkeypatch, capsys):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("merge_method: linear\nmodels:\n  - model: org/base\n"
-                      "  - model: org/base+org/lora-adapter\n")
-    code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, tmp_path / "out")
-    assert code != 0
-    assert f"{recipe}:4: models[1].model: 'org/base+org/lora-adapter' is mergekit's model+adapter" in err
-    assert "not support" in err and "no such folder" not in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def check(
     table = Table(show_header=False, box=None)
     table.add_row("method", f"{method.name} — {method.summary}{_data_needs(method)}")
     for ref, ck in the_plan.models.items():
-        table.add_row("model", f"{ref}  ({len(ck.tensors)} tensors)")
+        table.add_row("model", f"{ref}  ({len(ck.tensors)} tensors){': ' + ck.note if ck.note else ''}")
     table.add_row("output tensors", str(len(the_plan.jobs)))
     table.add_row("output size", _bytes(the_plan.total_bytes))
     table.add_row("output shards", str(len(the_plan.shards)))

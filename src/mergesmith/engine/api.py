@@ -132,7 +132,7 @@ def _inputs(the_plan: Plan) -> list[Path]:
     """What the merge reads, which its output must keep clear of: the models' folders, the
     statistics stores, the recipe file and its calibration data files."""
     recipe = the_plan.recipe
-    paths = [ck.path for ck in [*the_plan.models.values(), *the_plan.statistics.values()]]
+    paths = [p for ck in [*the_plan.models.values(), *the_plan.statistics.values()] for p in ck.sources]
     source = Path(recipe.source)
     root = source.parent if source.is_file() else Path.cwd()  # as calibrate/ resolves data paths
     if source.is_file():
@@ -157,7 +157,7 @@ def fingerprint(the_plan: Plan, chunk_bytes: int, device: torch.device) -> str:
     inputs = sorted({
         (str(f), f.stat().st_size, f.stat().st_mtime_ns)
         for ck in [*the_plan.models.values(), *the_plan.statistics.values()]
-        for f in weight_files(ck.path)
+        for folder in ck.sources for f in weight_files(folder)
     })
     blob = json.dumps([__version__, the_plan.recipe.fingerprint(), the_plan.seed, chunk_bytes,
                        device.type, [s.filename for s in the_plan.shards], inputs])

@@ -21,7 +21,8 @@ from mergesmith.engine.modules import module_prefix, set_config_value
 from mergesmith.engine.params import ParamResolver
 from mergesmith.engine.vocab import VocabPlan, chat_template_for, plan_vocab
 from mergesmith.errors import MergesmithError, PlanError, RecipeError
-from mergesmith.io import Checkpoint, OutTensor, Shard, layout_shards, resolve_model
+from mergesmith.io import Checkpoint, OutTensor, Shard, layout_shards
+from mergesmith.io.adapted import open_input
 from mergesmith.methods import MethodSpec, TensorContext, get_method
 from mergesmith.methods.lines import layer_scale
 from mergesmith.recipe import Recipe, load_recipe, lookup
@@ -252,15 +253,10 @@ def check_settings(recipe: Recipe, method: MethodSpec) -> list[str]:
 
 
 def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
-    opened: dict[str, Checkpoint] = {}
-    by_folder: dict[Path, Checkpoint] = {}
-    for ref in recipe.model_refs():
-        folder = resolve_model(ref).resolve()
-        if folder not in by_folder:
-            by_folder[folder] = Checkpoint(folder, label=ref)
-            _check_config_matches_weights(by_folder[folder])
-        opened[ref] = by_folder[folder]
-    return opened
+    """Each reference opened once; `BASE+ADAPTER` and adapter folders as adapted views."""
+    by_folder: dict = {}
+    return {ref: open_input(ref, by_folder, recipe.base_model, _check_config_matches_weights)
+            for ref in recipe.model_refs()}
 
 
 def _check_config_matches_weights(ck: Checkpoint) -> None:

@@ -99,27 +99,30 @@ class Adapter:
 
     def factors(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) in fp32, PEFT's layout: B (d_out, r), A (r, d_in); scaling not folded in."""
-        module = self.modules[weight]
+        return tuple(self._tensor(n).float() for n in self._factor_names(weight))  # type: ignore[return-value]
+
+    def _factor_names(self, weight: str) -> tuple[str, str]:
         stem = weight.removesuffix(".weight")
-        names = ((f"{stem}.lora_embedding_B", f"{stem}.lora_embedding_A") if module.embedding
-                 else (f"{stem}.lora_B.weight", f"{stem}.lora_A.weight"))
-        return tuple(self._tensor(n).float() for n in names)  # type: ignore[return-value]
+        if self.modules[weight].embedding:
+            return f"{stem}.lora_embedding_B", f"{stem}.lora_embedding_A"
+        return f"{stem}.lora_B.weight", f"{stem}.lora_A.weight"
 
     def delta(self, weight: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """s·B·A in fp32 in the base checkpoint's stored layout (ΔWᵀ for fan_in_fan_out and
         embeddings); rows [start, stop) of its first dimension only when rows is given."""
         module = self.modules[weight]
         b, a = self.factors(weight)
-        if module.fan_in_fan_out:
-            b, a = a.T, b.T  # (BA)ᵀ = AᵀBᵀ
-        if rows is not None:
-            b = b[rows[0]:rows[1]]
-        return (b @ a).mul_(module.scaling)
+        start, stop = rows if rows is not None else (None, None)
+        if module.fan_in_fan_out:  # rows of ΔWᵀ are columns of B·A, taken from A as PEFT rounds
+            return (b @ a[:, start:stop]).T.mul_(module.scaling)
+        return (b[start:stop] @ a).mul_(module.scaling)
 
     def apply(self, weight: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """W + ΔW in fp32 for the base tensor (or its rows), DoRA-rescaled where the adapter has
         a magnitude. DoRA with fan_in_fan_out needs the whole tensor: its rows are columns here."""
         module = self.modules[weight]
+        if rows is not None and self.needs_whole(weight):
+            raise ValueError(f"{weight}: DoRA with fan_in_fan_out is applied to the whole tensor")
         merged = base.float() + self.delta(weight, rows)
         if module.magnitude is None:
             return merged
@@ -130,12 +133,28 @@ class Adapter:
             magnitude = magnitude[rows[0]:rows[1]]
         return merged * (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
 
-    def read_saved(self, name: str) -> torch.Tensor:
-        return self._store.read(self.saved[name])
+    def read_saved(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self._store.read(self.saved[name], rows)
+
+    def shape(self, weight: str) -> tuple[int, ...]:
+        """The stored shape of the base tensor `weight` that this adapter's ΔW fits."""
+        b, a = self._factor_names(weight)
+        shape = (self._info(b).shape[0], self._info(a).shape[1])
+        return shape[::-1] if self.modules[weight].fan_in_fan_out else shape
+
+    def saved_shape(self, name: str) -> tuple[int, ...]:
+        return self._info(self.saved[name]).shape
+
+    def needs_whole(self, weight: str) -> bool:
+        """DoRA normalises per output row, which is a column of a fan_in_fan_out tensor."""
+        module = self.modules[weight]
+        return module.magnitude is not None and module.fan_in_fan_out
+
+    def _info(self, name: str):
+        return self._store.tensors[name if name in self._store.tensors else PREFIX + name]
 
     def _tensor(self, name: str) -> torch.Tensor:
-        key = name if name in self._store.tensors else PREFIX + name
-        return self._store.read(key)
+        return self._store.read(self._info(name).name)
 
 
 def _pattern(config: dict, pattern: str, default: str, module: str):

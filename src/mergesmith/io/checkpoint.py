@@ -132,6 +132,13 @@ def read_json_object(path: Path, what: str) -> dict:
 class Checkpoint:
     """One model folder: its config and a lazy view of its tensors."""
 
+    note = ""  # what `check` says of this input besides its name (an adapter view says more)
+
+    @property
+    def sources(self) -> list[Path]:
+        """The folders whose files this input reads."""
+        return [self.path]
+
     def __init__(self, path: Path, label: str | None = None):
         self.path = Path(path)
         self.label = label or str(path)

@@ -61,14 +61,14 @@ def _model_ref(value: str) -> str:
     return value
 
 
-def _no_adapter(value: Optional[str]) -> Optional[str]:
-    # mergekit reads "model+adapter" as a PEFT adapter applied to the model; a folder whose name
-    # holds a "+" is still a folder.
+def _adapter_form(value: Optional[str]) -> Optional[str]:
+    # mergekit reads "model+adapter" as a PEFT adapter applied to the model (the engine opens
+    # it); a folder whose name holds a "+" is still a folder.
     if value and "+" in value and not Path(value).expanduser().exists():
         model, _, adapter = value.partition("+")
-        raise ValueError(f"{value!r} is mergekit's model+adapter form ({adapter!r} applied to "
-                         f"{model!r}), which mergesmith does not support yet; merge the adapter "
-                         "into its model first (peft's merge_and_unload) and give that folder")
+        if not model.strip() or not adapter.strip():
+            raise ValueError(f"{value!r}: mergekit's model+adapter form needs both a model and a "
+                             "PEFT adapter folder, e.g. org/base+./my-lora")
     return value
 
 
@@ -127,7 +127,7 @@ class InputModel(_Strict):
     calibration: Optional[Calibration] = None
 
     _named = field_validator("model")(_model_ref)
-    _plain = field_validator("model")(_no_adapter)
+    _plain = field_validator("model")(_adapter_form)
 
 
 class SliceSource(_Strict):
@@ -138,7 +138,7 @@ class SliceSource(_Strict):
     parameters: Parameters = None
 
     _named = field_validator("model")(_model_ref)
-    _plain = field_validator("model")(_no_adapter)
+    _plain = field_validator("model")(_adapter_form)
 
     @field_validator("layer_range", mode="before")
     @classmethod
@@ -165,7 +165,7 @@ class Slice(_Strict):
     residual_weight: Optional[float] = None
     parameters: Parameters = None
 
-    _plain = field_validator("base_model")(_no_adapter)
+    _plain = field_validator("base_model")(_adapter_form)
 
 
 class Module(_Strict):
@@ -270,7 +270,7 @@ class Recipe(_Strict):
     _text: Optional[str] = PrivateAttr(default=None)  # the YAML as written, for mergekit_config.yml
 
     _normalise_dtype = field_validator("dtype", "out_dtype")(_dtype)
-    _plain = field_validator("base_model", "tokenizer_source")(_no_adapter)
+    _plain = field_validator("base_model", "tokenizer_source")(_adapter_form)
 
     @model_validator(mode="after")
     def _one_input_form(self) -> "Recipe":
