@@ -107,21 +107,33 @@ def _options(settings) -> dict:
     return dict(getattr(settings, "options", None) or {})
 
 
-class _Incumbent:
-    """Keeps the best point told so far (first objective, or the mean of several)."""
+class Front:
+    """The best points told so far, the one keeper behind every optimizer's best(): for one
+    objective the first point with the highest score; for several, the non-dominated set
+    (points with equal scores all stay). Failed candidates (no scores, or FAILED_SCORE) are
+    never kept."""
 
-    def __init__(self):
-        self.x: np.ndarray | None = None
-        self.score = -math.inf
+    def __init__(self) -> None:
+        self.points: list[np.ndarray] = []
+        self.values = np.zeros((0, 1))
 
-    def update(self, xs: list[np.ndarray], scores: np.ndarray) -> None:
+    def add(self, xs: Sequence, scores: Sequence) -> None:
+        """Each x with its row of scores (None for a failed candidate)."""
         for x, row in zip(xs, scores):
-            value = float(np.mean(row))
-            if value > FAILED_SCORE and value > self.score:
-                self.x, self.score = np.array(x, dtype=float), value
+            if row is None or max(row) <= FAILED_SCORE:
+                continue
+            row = np.asarray(row, dtype=float).reshape(1, -1)
+            if row.shape[1] == 1:
+                if not self.points or row[0, 0] > self.values[0, 0]:
+                    self.points, self.values = [np.array(x, dtype=float)], row
+                continue
+            points = self.points + [np.array(x, dtype=float)]
+            values = np.vstack([self.values, row]) if self.points else row
+            keep = non_dominated(values)
+            self.points, self.values = [points[i] for i in keep], values[keep]
 
     def best(self) -> list[np.ndarray]:
-        return [] if self.x is None else [self.x]
+        return [p.copy() for p in self.points]
 
 
 class _Normal:
@@ -157,7 +169,7 @@ class CMAES:
             options["popsize"] = int(settings.population)
         x0 = np.clip(np.asarray(space.start(), dtype=float), 0.0, 1.0)
         self.es = cma.CMAEvolutionStrategy(x0, sigma0, options)
-        self.incumbent = _Incumbent()
+        self.front = Front()
 
     def ask(self) -> list[np.ndarray]:
         return [np.asarray(x, dtype=float) for x in self.es.ask()]
@@ -165,13 +177,13 @@ class CMAES:
     def tell(self, xs: list[np.ndarray], evaluations: list) -> None:
         scores = told_scores(evaluations)
         self.es.tell(xs, list(-scores.mean(axis=1)))
-        self.incumbent.update(xs, scores)
+        self.front.add(xs, scores)
 
     def done(self) -> bool:
         return bool(self.es.stop())
 
     def best(self) -> list[np.ndarray]:
-        return self.incumbent.best()
+        return self.front.best()
 
 
 class _Deferred:
@@ -185,8 +197,7 @@ class _Deferred:
         self.rng = np.random.default_rng(sub_seed(seed, name))
         self.ready = False
         self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # told before set-up
-        self.front: list[np.ndarray] = []
-        self.front_scores = np.zeros((0, 1))
+        self.front = Front()
 
     def ask(self) -> list[np.ndarray]:
         if not self.ready:
@@ -195,7 +206,7 @@ class _Deferred:
 
     def tell(self, xs: list[np.ndarray], evaluations: list) -> None:
         scores = told_scores(evaluations)
-        self._keep_front(xs, scores)
+        self.front.add(xs, scores)
         if self.ready:
             return self._tell(xs, scores)
         self.pending += [(np.asarray(x, dtype=float), row) for x, row in zip(xs, scores)]
@@ -208,16 +219,7 @@ class _Deferred:
         return False
 
     def best(self) -> list[np.ndarray]:
-        return list(self.front)
-
-    def _keep_front(self, xs: list[np.ndarray], scores: np.ndarray) -> None:
-        ok = scores.max(axis=1) > FAILED_SCORE
-        if not ok.any():
-            return
-        points = self.front + [np.asarray(x, dtype=float) for x, good in zip(xs, ok) if good]
-        values = scores[ok] if not self.front else np.vstack([self.front_scores, scores[ok]])
-        keep = non_dominated(values)
-        self.front, self.front_scores = [points[i] for i in keep], values[keep]
+        return self.front.best()
 
 
 def non_dominated(scores: np.ndarray) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from mergesmith.errors import RecipeError
-from mergesmith.search.optimizers import non_dominated
+from mergesmith.search.optimizers import Front
 
 
 def generation_rng(seed: int, name: str, generation: int, stream: int = 0) -> np.random.Generator:
@@ -47,39 +47,17 @@ def clip(x: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
 
 
-class Log:
-    """Every (x, scores) an optimizer was told, for best(); failed candidates are not kept."""
-
-    def __init__(self) -> None:
-        self.xs: list[np.ndarray] = []
-        self.scores: list[np.ndarray] = []
-
-    def add(self, x, scores: np.ndarray | None) -> None:
-        if scores is not None:
-            self.xs.append(clip(x))
-            self.scores.append(scores)
-
-    def best(self) -> list[np.ndarray]:
-        """The incumbent (one objective) or the non-dominated set (several)."""
-        if not self.xs:
-            return []
-        values = np.vstack(self.scores)
-        if values.shape[1] == 1:
-            return [self.xs[int(np.argmax(values[:, 0]))].copy()]
-        return [self.xs[i].copy() for i in non_dominated(values)]
-
-
 class SeedAlgorithm:
-    """best() from the Log of what the algorithm was told; no stopping rule of its own unless
+    """best() from the Front of what the algorithm was told; no stopping rule of its own unless
     it overrides done() (MAP stops after scoring its front), so the driver's budgets end it."""
 
-    log: Log
+    front: Front
 
     def done(self) -> bool:
         return False
 
     def best(self) -> list[np.ndarray]:
-        return self.log.best()
+        return self.front.best()
 
 
 def start_points(space, count: int, rng: np.random.Generator) -> list[np.ndarray]:

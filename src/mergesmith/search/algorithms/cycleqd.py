@@ -26,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from mergesmith.errors import MergesmithError, RecipeError
-from mergesmith.search.algorithms.common import (Log, SeedAlgorithm, clip, generation_rng,
+from mergesmith.search.algorithms.common import (SeedAlgorithm, clip, generation_rng,
                                                  read_options, scores_of, start_points)
-from mergesmith.search.optimizers import register_optimizer
+from mergesmith.search.optimizers import Front, register_optimizer
 
 NAME = "cycleqd"
 DEFAULTS = {"bins": 15, "bc_range": [0.0, 1.0], "mu": 0.0, "sigma": 0.01, "mutation": 0.05,
@@ -86,7 +86,7 @@ class CycleQD(SeedAlgorithm):
                                   generation_rng(seed, NAME, 0))
         self.generation = 0
         self.archives: list[dict[tuple, tuple[float, np.ndarray]]] | None = None
-        self.log = Log()
+        self.front = Front()
 
     def ask(self) -> list[np.ndarray]:
         if self.generation == 0:
@@ -119,7 +119,7 @@ class CycleQD(SeedAlgorithm):
     def tell(self, xs, evaluations) -> None:
         for x, evaluation in zip(xs, evaluations):
             scores = scores_of(evaluation)
-            self.log.add(x, scores)
+            self.front.add([clip(x)], [scores])
             if scores is not None:
                 self._insert(clip(x), scores)
         self.generation += 1

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mergesmith.search.algorithms.common import (Log, SeedAlgorithm, clip, generation_rng,
+from mergesmith.search.algorithms.common import (SeedAlgorithm, clip, generation_rng,
                                                  read_options, scores_of, start_points)
-from mergesmith.search.optimizers import register_optimizer
+from mergesmith.search.optimizers import Front, register_optimizer
 
 NAME = "genome"
 DEFAULTS = {"cross_rate": 0.8, "individual_mutation": 0.3, "gene_mutation": 0.5, "sigma": 0.1,
@@ -91,7 +91,7 @@ class Genome(SeedAlgorithm):
         self.pending: list[Individual] = []
         self.global_best: Individual | None = None
         self.global_worst: Individual | None = None
-        self.log = Log()
+        self.front = Front()
 
     def ask(self) -> list[np.ndarray]:
         rng = generation_rng(self.seed, NAME, self.generation)
@@ -137,7 +137,7 @@ class Genome(SeedAlgorithm):
         pending = self.pending if len(self.pending) == len(xs) else [Individual(x) for x in xs]
         for ind, x, evaluation in zip(pending, xs, evaluations):
             scores = scores_of(evaluation)
-            self.log.add(x, scores)
+            self.front.add([clip(x)], [scores])
             if scores is None:
                 continue
             ind.fitness = float(scores.mean())

@@ -25,9 +25,9 @@ from __future__ import annotations
 import numpy as np
 
 from mergesmith.errors import RecipeError
-from mergesmith.search.algorithms.common import (Log, SeedAlgorithm, clip, generation_rng,
+from mergesmith.search.algorithms.common import (SeedAlgorithm, clip, generation_rng,
                                                  read_options, scores_of, start_points)
-from mergesmith.search.optimizers import register_optimizer
+from mergesmith.search.optimizers import Front, register_optimizer
 
 NAME = "m2n2"
 DEFAULTS = {"archive": 20, "initial": None, "alpha": 1.0, "matchmaker": True, "split_point": True,
@@ -106,7 +106,7 @@ class M2N2(SeedAlgorithm):
         self.generation = 0
         self.archive_x: list[np.ndarray] = []
         self.archive_s: list[np.ndarray] = []  # raw per-example columns (before any shift)
-        self.log = Log()
+        self.front = Front()
 
     def ask(self) -> list[np.ndarray]:
         if self.generation == 0:
@@ -131,7 +131,7 @@ class M2N2(SeedAlgorithm):
     def tell(self, xs, evaluations) -> None:
         for x, evaluation in zip(xs, evaluations):
             scores = scores_of(evaluation)
-            self.log.add(x, scores)
+            self.front.add([clip(x)], [scores])
             if scores is not None:
                 self._insert(clip(x), self._examples(evaluation, scores))
         self.generation += 1

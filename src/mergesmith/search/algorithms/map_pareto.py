@@ -28,9 +28,11 @@ import itertools
 import numpy as np
 
 from mergesmith.errors import MergesmithError, RecipeError
-from mergesmith.search.algorithms.common import (Log, SeedAlgorithm, generation_rng, read_options,
-                                                 scores_of)
-from mergesmith.search.optimizers import SEARCH_EXTRA, non_dominated, register_optimizer
+from mergesmith.search.algorithms.common import (SeedAlgorithm, clip, generation_rng,
+                                                 read_options, scores_of)
+from mergesmith.search.optimizers import (
+    SEARCH_EXTRA, Front, non_dominated, register_optimizer,
+)
 
 NAME = "map"
 DEFAULTS = {"samples": None, "front": None, "algorithm": "nsga3", "generations": 150,
@@ -220,7 +222,7 @@ class MAP(SeedAlgorithm):
         self.rounds_done = 0
         self.proposed = False
         self.finished = False
-        self.log = Log()
+        self.front = Front()
 
     def ask(self) -> list[np.ndarray]:
         rng = generation_rng(self.seed, NAME, self.generation)
@@ -245,7 +247,7 @@ class MAP(SeedAlgorithm):
     def tell(self, xs, evaluations) -> None:
         for x, evaluation in zip(xs, evaluations):
             scores = scores_of(evaluation)
-            self.log.add(x, scores)
+            self.front.add([clip(x)], [scores])
             if scores is not None and not self.proposed:
                 self.points.append(np.asarray(x, dtype=float))
                 self.values.append(scores)
