@@ -207,3 +207,25 @@ def test_adapter_checkpoints_that_differ_are_refused(adapter_run, tmp_path):
     build_model(mixed / "checkpoint-20", "llama", seed=1, layers=2, hidden=16)
     with pytest.raises(MergesmithError, match="holds an adapter but checkpoint-20 a full model"):
         average_run(mixed, tmp_path / "out")
+
+
+def test_adapter_delta_mode_averages_the_updates_exactly(adapter_run, tmp_path):
+    """--adapter-mode delta: ΔW = Σ w_k ΔW_k for every module (rank Σ r_k), which PEFT loads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mergesmith.io.adapter import read_adapter
+
+    base, run = adapter_run
+    done = average_run(run, tmp_path / "delta", by="loss", penalty=1.0, adapter_mode="delta")
+    w = [1 / m for m in LOSSES]
+    w = [x / sum(w) for x in w]
+    inputs = [read_adapter(run / f"checkpoint-{s}") for s in STEPS]
+    merged = read_adapter(done.path)
+    assert set(merged.modules) == set(inputs[0].modules)
+    for weight in merged.modules:
+        assert merged.modules[weight].rank == 2 * len(STEPS)
+        expected = sum(wk * a.delta(weight) for wk, a in zip(w, inputs))
+        torch.testing.assert_close(merged.delta(weight), expected, rtol=1e-5, atol=1e-6)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), done.path)
+    assert json.loads((done.path / "average.json").read_text())["adapter_mode"] == "delta"

@@ -211,14 +211,13 @@ def _same_adapters(folders: list[Path], configs: list[dict], headers: list[dict]
 
 
 def _average_adapter_deltas(kept, out: Path, record: dict, overwrite: bool) -> Path:
-    """ΔW = Σ w_k ΔW_k exactly: lora_combine's `cat` over the checkpoints' adapters."""
-    try:
-        from mergesmith.engine.adapters import merge_adapters
-    except ImportError:
-        raise MergesmithError("--adapter-mode delta needs adapter merging (lora_combine), "
-                              "which this installation lacks",
-                              hint="use --adapter-mode factors") from None
-    recipe = {"merge_method": "lora_combine", "parameters": {"combination_type": "cat"},
+    """ΔW = Σ w_k ΔW_k exactly: lora_combine's `cat` over the checkpoints' adapters (its
+    modules_to_save averaged with the same weights)."""
+    from mergesmith.engine.adapters import merge_adapters
+
+    recipe = {"merge_method": "lora_combine",
+              "parameters": {"combination_type": "cat", "mode": "exact"},
               "models": [{"model": str(c.path), "parameters": {"weight": w}} for c, w in kept]}
-    return merge_adapters(recipe, out, overwrite=overwrite,
-                          notes={RECORD: json.dumps(record, indent=2) + "\n"})
+    path = merge_adapters(recipe, out, overwrite=overwrite).path
+    write_json(path / RECORD, record)  # after the folder is in place: a record, not a weight
+    return path
