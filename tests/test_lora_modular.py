@@ -208,3 +208,60 @@ def test_cross_orthogonality_by_hand():
     c = lm.cross_orthogonality([a1, a2, a3])
     assert c[0, 1] == pytest.approx(1 / np.sqrt(2)) and c[1, 0] == pytest.approx(1 / np.sqrt(2))
     assert c[0, 2] == 0 and c[1, 2] == 0 and c[2, 2] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def llama_adapters(tmp_path_factory):
+    """A toy Llama and two LoRAs of different ranks and scalings on q_proj and v_proj."""
+    pytest.importorskip("peft")
+    from test_adapter_io import make_adapter
+
+    from mergesmith.toy import build_model
+
+    root = tmp_path_factory.mktemp("modular")
+    base = build_model(root / "base", "llama", seed=0)
+    targets = ["q_proj", "v_proj"]
+    return base, [make_adapter(base, root / "a1", "llama", seed=1, r=2, lora_alpha=4,
+                               target_modules=targets),
+                  make_adapter(base, root / "a2", "llama", seed=2, r=3, lora_alpha=3,
+                               target_modules=targets, use_rslora=True)]
+
+
+@pytest.mark.parametrize("method, params", [
+    ("lora_lego", {"rank": 3}),
+    ("knots", {"merge": "ties", "density": 0.5}),
+    ("orthogonal_lora_sum", {}),
+])
+def test_recipe_merges_adapters_into_an_adapter_peft_loads(method, params, llama_adapters,
+                                                           tmp_path, monkeypatch, capsys):
+    """Through `mergesmith merge`: each module of the written adapter is the method's (B, A) on
+    the inputs' factors, and PeftModel's merged weights are the base plus that B·A."""
+    import peft
+    from conftest import run_cli, write_recipe
+
+    from mergesmith.io.adapter import read_adapter
+    from mergesmith.methods import get_method
+    from mergesmith.toy import model_class
+
+    base, paths = llama_adapters
+    weights = [1.0, 0.5]
+    recipe = write_recipe(tmp_path / "recipe.yml", {
+        "merge_method": method,
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, weights)],
+        "parameters": params})
+    code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, tmp_path / "out")
+    assert code == 0, err
+    merged, inputs = read_adapter(tmp_path / "out"), [read_adapter(p) for p in paths]
+    model = peft.PeftModel.from_pretrained(model_class("llama").from_pretrained(base),
+                                           tmp_path / "out").merge_and_unload().state_dict()
+    original = model_class("llama").from_pretrained(base).state_dict()
+    assert set(merged.modules) == set(inputs[0].modules)
+    for weight in merged.modules:
+        Bs, As = zip(*(a.factors(weight) for a in inputs))
+        B, A = get_method(method).fn(list(Bs), list(As), [a.modules[weight].scaling for a in inputs],
+                                     weights=weights, ctx=TensorContext(weight, seed=0), **params)[:2]
+        torch.testing.assert_close(merged.delta(weight), B @ A, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model[weight], original[weight] + B @ A, rtol=1e-5, atol=1e-5)

@@ -94,3 +94,110 @@ def test_unequal_ranks_are_refused_naming_the_module():
         R.rmm(Bs, As, SCALINGS, weights=[1.0] * TASKS,
               ctx=TensorContext(name="layers.0.q_proj.weight"))
     assert "ranks 2, 3" in info.value.message and info.value.hint
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def rmm_inputs(tmp_path_factory):
+    """A toy Llama and three rank-2 LoRAs (one rsLoRA) with their own saved lm_head."""
+    pytest.importorskip("peft")
+    from test_adapter_io import make_adapter
+
+    from mergesmith.toy import build_model
+
+    root = tmp_path_factory.mktemp("rmm")
+    base = build_model(root / "base", "llama", seed=0)
+    lora = dict(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    paths = [make_adapter(base, root / f"t{i}", "llama", seed=i, lora_alpha=alpha,
+                          use_rslora=i == 2, **lora) for i, alpha in enumerate([4, 2, 3])]
+    return base, paths
+
+
+def merge_rmm(paths, folder, monkeypatch, capsys, **params):
+    from conftest import run_cli, write_recipe
+
+    recipe = write_recipe(folder / "recipe.yml", {
+        "merge_method": "rmm", "models": [{"model": str(p)} for p in paths], "parameters": params})
+    code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, folder / "merged")
+    assert code == 0, err
+    return folder / "merged"
+
+
+def test_rmm_apply_with_as_many_basis_vectors_as_tasks_rebuilds_each_adapter(
+        rmm_inputs, tmp_path, monkeypatch, capsys):
+    """k = N: `rmm apply` gives back task i's ΔW and saved head; with --model, the model PEFT's
+    merge_and_unload makes of the original adapter."""
+    import peft
+    from conftest import read_tensors, run_cli
+
+    from mergesmith.io.adapter import read_adapter
+    from mergesmith.toy import model_class
+
+    base, paths = rmm_inputs
+    merged = merge_rmm(paths, tmp_path, monkeypatch, capsys, basis_size=3)
+    assert (merged / "rmm" / "rmm.json").is_file()
+    code, _, err = run_cli(monkeypatch, capsys, "rmm", "apply", merged, str(paths[1]), tmp_path / "t1")
+    assert code == 0, err
+    rebuilt, original = read_adapter(tmp_path / "t1"), read_adapter(paths[1])
+    assert set(rebuilt.modules) == set(original.modules)
+    for weight in original.modules:
+        torch.testing.assert_close(rebuilt.delta(weight), original.delta(weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rebuilt.read_saved("lm_head.weight"), original.read_saved("lm_head.weight"))
+    code, _, err = run_cli(monkeypatch, capsys, "rmm", "apply", merged, "2", tmp_path / "m2",
+                           "--model", base)
+    assert code == 0, err
+    expected = peft.PeftModel.from_pretrained(model_class("llama").from_pretrained(base),
+                                              paths[2]).merge_and_unload().state_dict()
+    got = read_tensors(tmp_path / "m2")
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert (tmp_path / "m2" / "config.json").is_file()
+
+
+def test_rmm_apply_with_a_smaller_basis_is_the_closed_form(rmm_inputs, tmp_path, monkeypatch,
+                                                           capsys):
+    """k = 1: task i's rebuilt factors are U_1 U_1ᵀ x_i, U_1 numpy's top left singular vector of
+    the stacked [vec(s_j B_j); vec(A_j)]; the merged adapter loads in PEFT."""
+    import peft
+    from conftest import run_cli
+
+    from mergesmith.io.adapter import read_adapter
+    from mergesmith.toy import model_class
+
+    base, paths = rmm_inputs
+    merged = merge_rmm(paths, tmp_path, monkeypatch, capsys, basis_size=1)
+    peft.PeftModel.from_pretrained(model_class("llama").from_pretrained(base), merged)
+    code, _, err = run_cli(monkeypatch, capsys, "rmm", "apply", merged, "0", tmp_path / "t0")
+    assert code == 0, err
+    rebuilt, inputs = read_adapter(tmp_path / "t0"), [read_adapter(p) for p in paths]
+    for weight in inputs[0].modules:
+        x = np.stack([np.concatenate([(a.modules[weight].scaling * a.factors(weight)[0].double()).numpy().ravel(),
+                                      a.factors(weight)[1].double().numpy().ravel()]) for a in inputs], axis=1)
+        u = np.linalg.svd(x, full_matrices=False)[0][:, :1]
+        expected = u @ (u.T @ x[:, 0])
+        b, a = rebuilt.factors(weight)
+        assert rebuilt.modules[weight].scaling == 1.0
+        np.testing.assert_allclose(np.concatenate([b.numpy().ravel(), a.numpy().ravel()]),
+                                   expected, atol=1e-5)
+
+
+def test_rmm_refuses_unequal_ranks_before_merging_and_unknown_tasks(rmm_inputs, tmp_path,
+                                                                    monkeypatch, capsys):
+    from conftest import run_cli, write_recipe
+    from test_adapter_io import make_adapter
+
+    base, paths = rmm_inputs
+    other = make_adapter(base, tmp_path / "r3", "llama", seed=5, r=3, lora_alpha=3,
+                         target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    recipe = write_recipe(tmp_path / "bad.yml", {
+        "merge_method": "rmm", "models": [{"model": str(paths[0])}, {"model": str(other)}]})
+    code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, tmp_path / "out")
+    assert code != 0 and "q_proj" in err and "r=3" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    merged = merge_rmm(paths, tmp_path, monkeypatch, capsys)
+    code, _, err = run_cli(monkeypatch, capsys, "rmm", "apply", merged, "7", tmp_path / "t")
+    assert code != 0 and "unknown task" in err and "Traceback" not in err
+    code, _, err = run_cli(monkeypatch, capsys, "rmm", "apply", paths[0], "0", tmp_path / "t")
+    assert code != 0 and "merge_method: rmm" in err

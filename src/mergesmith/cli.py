@@ -557,6 +557,29 @@ def twin_route(
         print(f"{mix}  {text[:60]!r}")
 
 
+rmm_app = typer.Typer(no_args_is_help=True,
+                      help="Reversible Model Merging: rebuild a task's adapter from an rmm merge.")
+app.add_typer(rmm_app, name="rmm")
+
+
+@rmm_app.command("apply")
+def rmm_apply(
+    merged: Path = typer.Argument(..., help="Adapter folder written by a merge with merge_method: rmm."),
+    task: str = typer.Argument(..., help="The task's adapter as the recipe names it, or its index."),
+    output: Path = typer.Argument(..., help="Folder to write; appears only when complete."),
+    model: Optional[Path] = typer.Option(None, help="A base model folder: write the full model with "
+                                         "the rebuilt adapter applied, not the adapter."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
+) -> None:
+    """Write TASK's LoRA adapter, rebuilt from the RMM basis and coefficients in MERGED, to OUTPUT."""
+    from mergesmith.engine.side_outputs.rmm import apply_rmm
+
+    path = apply_rmm(merged, task, output, model=model, overwrite=overwrite)
+    if not quiet:
+        err.print(f"wrote {path}", highlight=False)
+
+
 @app.command("extract-lora")
 def extract_lora(
     base: str = typer.Argument(..., help="The base model."),
