@@ -158,10 +158,11 @@ def test_knots_rules_keep_rank_and_seed(merge, one_thread):
 def test_knots_rank_truncates_to_the_best_rank_k(one_thread):
     Bs, As = loras([3, 3])
     full = delta(*lm.knots(Bs, As, [1.0, 1.0], weights=[1.0, 1.0], ctx=CTX, merge="sum"))
-    B, A = lm.knots(Bs, As, [1.0, 1.0], weights=[1.0, 1.0], ctx=CTX, merge="sum", rank=2)
+    B, A, info = lm.knots(Bs, As, [1.0, 1.0], weights=[1.0, 1.0], ctx=CTX, merge="sum", rank=2)
     assert B.shape[1] == 2
     u, s, vh = torch.linalg.svd(full)
     torch.testing.assert_close(delta(B, A), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5, rtol=1e-5)
+    assert info["energy"] == pytest.approx(float(s[:2].square().sum() / s.square().sum()))
 
 
 # ---------------------------------------------------------------------------- orthogonal
@@ -173,7 +174,9 @@ def test_orthogonal_sum_has_no_crosstalk(one_thread):
     As = lm.orthogonal_down_projections(d_in, ranks, seed=4, module="m")
     Bs, _ = loras(ranks, d_in=d_in)
     scalings, weights = [2.0, 0.5, 1.0], [1.0, -1.0, 0.5]
-    B, A = lm.orthogonal_lora_sum(Bs, As, scalings, weights=weights)
+    B, A, info = lm.orthogonal_lora_sum(Bs, As, scalings, weights=weights)
+    off_diagonal = info["side"] - torch.diag(torch.diagonal(info["side"]))
+    assert float(off_diagonal.abs().max()) < 1e-6
     merged = delta(B, A)
     torch.testing.assert_close(merged, weighted_sum(Bs, As, scalings, weights))
     g = torch.Generator().manual_seed(9)
@@ -265,3 +268,11 @@ def test_recipe_merges_adapters_into_an_adapter_peft_loads(method, params, llama
                                      weights=weights, ctx=TensorContext(weight, seed=0), **params)[:2]
         torch.testing.assert_close(merged.delta(weight), B @ A, rtol=0, atol=1e-6)
         torch.testing.assert_close(model[weight], original[weight] + B @ A, rtol=1e-5, atol=1e-5)
+    if method == "orthogonal_lora_sum":  # the report of how orthogonal the A_i are
+        import json
+
+        report = json.loads((tmp_path / "out" / "cross_orthogonality.json").read_text())
+        worst = max(float(lm.cross_orthogonality([a.factors(w)[1] for a in inputs])[0, 1])
+                    for w in merged.modules)
+        assert report["largest_off_diagonal"] == pytest.approx(worst)
+        assert report["adapters"] == [str(p) for p in paths]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mergesmith.methods.lowrank import noise_floor, top_singular_triplets
+from mergesmith.methods.lowrank import kept_energy, noise_floor, top_singular_triplets
 from mergesmith.methods.registry import Param, TensorContext, register, seeded_generator
 
 KMEANS_ITERATIONS = 100
@@ -256,14 +256,15 @@ def knots(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[float],
           density: float = 0.2, rank: int | None = None,
           lambda_: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ΔW = λ·U·rule({S V_iᵀ}, w): B = U (rank ≤ Σ r_i), A = λ·rule(…); with `rank`, the rank-k
-    truncation of that product."""
+    truncation of that product and the energy it keeps, Σ_{≤k} σ² / ‖ΔW‖_F² (info["energy"])."""
     u, blocks = shared_basis(Bs, As, scalings)
     if not blocks or u.shape[1] == 0:  # every ΔW_i is zero
         return as_output(Bs[0].new_zeros(Bs[0].shape[0], 1), As[0].new_zeros(1, As[0].shape[1]))
     merged = merge_blocks(blocks, weights, merge, density, ctx).to(torch.float64) * lambda_
     if rank is not None and rank < merged.shape[0]:
         left, sigma, right = top_singular_triplets(merged, rank)  # U·merged = (U·left)σ right
-        return as_output(u @ (left * sigma), right)
+        energy = kept_energy(sigma, rank, total=merged.square().sum())
+        return (*as_output(u @ (left * sigma), right), {"energy": energy})
     return as_output(u, merged)
 
 
@@ -285,10 +286,13 @@ def knots(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[float],
 )
 def orthogonal_lora_sum(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[float], *,
                         weights: list[float], ctx: TensorContext | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ΔW = Σ λ_i s_i B_i A_i as B = [B_1 … B_N], A = [λ_1 s_1 A_1; …; λ_N s_N A_N]."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """ΔW = Σ λ_i s_i B_i A_i as B = [B_1 … B_N], A = [λ_1 s_1 A_1; …; λ_N s_N A_N]; under
+    info["side"] the A_i's cross-orthogonality, which the engine reports beside the merge
+    (engine/side_outputs/orthogonality.py)."""
     scaled = [a.to(torch.float64) * (w * s) for a, s, w in zip(As, scalings, weights)]
-    return as_output(*concatenated([b.to(torch.float64) for b in Bs], scaled))
+    b, a = as_output(*concatenated([b.to(torch.float64) for b in Bs], scaled))
+    return b, a, {"side": cross_orthogonality(As)}
 
 
 def cross_orthogonality(As: list[torch.Tensor]) -> torch.Tensor:
