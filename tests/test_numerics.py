@@ -83,12 +83,16 @@ SCALAR = {
 }
 
 
+# methods of full tensors (adapter methods merge LoRA factors: tests/test_lora_combine.py)
+TENSOR_METHODS = [s for s in all_methods() if s.output == "tensor"]
+
+
 def scalar_inputs(spec):
     base = torch.tensor(1.0)
     return base, [torch.tensor(1.5), torch.tensor(0.75)][:expert_count(spec)]
 
 
-@pytest.mark.parametrize("spec", all_methods(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", TENSOR_METHODS, ids=lambda s: s.name)
 def test_every_method_takes_a_0_dim_tensor(spec):
     """CLIP's logit_scale: each method returns a 0-dim result, the same as for the one-entry
     1-D tensor (its own definition on vectors), and the hand-computed value where there is one."""
@@ -101,7 +105,7 @@ def test_every_method_takes_a_0_dim_tensor(spec):
         torch.testing.assert_close(got, torch.tensor(SCALAR[spec.name]), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("spec", all_methods(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", TENSOR_METHODS, ids=lambda s: s.name)
 @pytest.mark.parametrize("shape", [(7,), (3, 2, 2, 2)], ids=["1d", "conv"])
 def test_every_method_takes_vectors_and_conv_kernels(spec, shape):
     gen = torch.Generator().manual_seed(11)
@@ -183,7 +187,7 @@ def engine_inputs(spec, shape, experts: int, poison=None, at=None):
     return models + stats
 
 
-@pytest.mark.parametrize("spec", all_methods(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", TENSOR_METHODS, ids=lambda s: s.name)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
 def test_nan_and_inf_inputs_are_refused_before_any_method_sees_them(spec, poison):
     """The engine's one-line error, naming the tensor and the model, whatever the method

@@ -176,6 +176,10 @@ def merge(
         if not quiet or verbose:
             err.print(f"wrote {path}", highlight=False)
         return
+    from mergesmith.engine.adapters import adapter_method
+
+    if adapter_method(recipe):  # LoRA adapters into one adapter folder (engine/adapters.py)
+        return _merge_adapters(recipe, output, seed, device, resume, overwrite, quiet, verbose)
     the_plan = plan(recipe, seed=seed, shard_size=shard, compat=compat,
                     allow_crimes=allow_crimes)  # every error before any work
     for warning in the_plan.warnings:
@@ -195,6 +199,21 @@ def merge(
     if not quiet or verbose:
         took = f" in {time.perf_counter() - started:.1f} s" if verbose else ""
         err.print(f"wrote {path}{took}", highlight=False)
+
+
+def _merge_adapters(recipe: Path, output: Path, seed: Optional[int], device: str, resume: bool,
+                    overwrite: bool, quiet: bool, verbose: int) -> None:
+    """merge for a method that writes an adapter: the energy each SVD kept, per module with -v."""
+    from mergesmith.engine.adapters import merge_adapters
+
+    def say(line: str) -> None:
+        if line.startswith("warning: ") or (verbose if line.startswith("  ") else not quiet):
+            err.print(line.replace("warning:", "[yellow]warning:[/]", 1), highlight=False)
+
+    done = merge_adapters(recipe, output, seed=seed, device=device, resume=resume,
+                          overwrite=overwrite, log=say)
+    if not quiet or verbose:
+        err.print(f"wrote adapter {done.path}", highlight=False)
 
 
 def _ray_options(ray: bool, workers: int | None, address: str | None) -> dict:

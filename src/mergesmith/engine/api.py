@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from mergesmith import __version__
+from mergesmith.engine.adapters import adapter_method, merge_adapters
 from mergesmith.engine.side_outputs import emr, twin
 from mergesmith.engine.finalize import write_metadata
 from mergesmith.engine.plan import Plan, build_plan
@@ -72,6 +73,9 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
     `workers > 1` or a `ray_address` writes the shards on Ray workers (engine/distributed.py):
     the same bytes; the models and OUT must be on a filesystem every node shares.
     """
+    if adapter_method(recipe):  # LoRA adapters merged into one adapter folder
+        return merge_adapters(recipe, out, seed=seed, device=device, resume=resume,
+                              overwrite=overwrite).path
     the_plan = plan(recipe, seed=seed, shard_size=shard_size, statistics=statistics,
                     compat=compat, allow_crimes=allow_crimes)
     compute = _device(device)

@@ -29,6 +29,7 @@ from mergesmith.methods.twin import twin
 from mergesmith.methods.curvature import ffg, fisher, ota, regmean, stitch
 from mergesmith.methods import adaptive, adaptive_masks  # noqa: F401,E402  (learned merges)
 from mergesmith.methods import frank_wolfe  # noqa: F401,E402  (FW-Merging, learned)
+from mergesmith.methods import lora_combine  # noqa: F401,E402  (adapters into an adapter)
 from mergesmith.methods import lora_modular, rmm  # noqa: F401,E402  (modular LoRA merges)
 
 __all__ = [
