@@ -114,7 +114,7 @@ class Adapter:
         b, a = self.factors(weight)
         start, stop = rows if rows is not None else (None, None)
         if module.fan_in_fan_out:  # rows of ΔWᵀ are columns of B·A, taken from A as PEFT rounds
-            return (b @ a[:, start:stop]).T.mul_(module.scaling)
+            return (b @ a[:, start:stop]).T.contiguous().mul_(module.scaling)
         return (b[start:stop] @ a).mul_(module.scaling)
 
     def apply(self, weight: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -123,7 +123,7 @@ class Adapter:
         module = self.modules[weight]
         if rows is not None and self.needs_whole(weight):
             raise ValueError(f"{weight}: DoRA with fan_in_fan_out is applied to the whole tensor")
-        merged = base.float() + self.delta(weight, rows)
+        merged = self.delta(weight, rows).add_(base)  # in place: one fp32 block, not two
         if module.magnitude is None:
             return merged
         magnitude = self._tensor(module.magnitude).float()
