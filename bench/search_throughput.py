@@ -10,6 +10,9 @@ on the demo's four tasks, validation split (800 examples, or a fixed share with 
   candidate is merged into the one model's parameters and scored.
 - on disk: as mergekit-evolve's on-disk strategy: each candidate is merged to a folder
   (`mergesmith merge`), loaded from it and scored, then the folder is deleted.
+- on disk, mergekit (`--mergekit`): that strategy as mergekit-evolve runs it, the candidate's
+  recipe merged by mergekit's own `run_merge` (what its OnDiskMergeEvaluator calls), then
+  loaded and scored the same way (our scoring, not lm-eval's, which would only add to its time).
 The scores of the two paths must agree exactly (the merges are bit-identical); the script
 checks that. `--toy` replaces the experts by seeded perturbations of the demo's base (the
 same shape) when training them would take too long.
@@ -95,6 +98,47 @@ def on_disk(worker, points, fidelity: float, scratch: Path) -> tuple[float, list
     return time.perf_counter() - started, scores
 
 
+def _patch_mergekit_aliases() -> None:
+    """mergekit 0.1.5 crashes on BERT's optional weights (plan.py adds a list and the tuple of a
+    weight's aliases: TypeError); hand plan_tensor the aliases as a list, nothing else changed."""
+    from mergekit.plan import MergePlanner
+
+    if getattr(MergePlanner.plan_tensor, "patched", False):
+        return
+    original = MergePlanner.plan_tensor
+
+    def plan_tensor(self, weight, weights_in, *args, **kwargs):
+        weights_in = [w.model_copy(update={"aliases": list(w.aliases)}) if w.aliases else w
+                      for w in weights_in]
+        return original(self, weight, weights_in, *args, **kwargs)
+
+    plan_tensor.patched = True
+    MergePlanner.plan_tensor = plan_tensor
+
+
+def mergekit_on_disk(worker, points, fidelity: float, scratch: Path) -> tuple[float, list[float]]:
+    """mergekit-evolve's on-disk strategy: mergekit's run_merge into a folder, load, score."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from mergesmith.evaluate.run import load_model
+
+    _patch_mergekit_aliases()
+    task = worker.fitness.parts[0].task
+    options = MergeOptions(copy_tokenizer=True, lazy_unpickle=False, low_cpu_memory=False)
+    started = time.perf_counter()
+    scores = []
+    for i, x in enumerate(points):
+        config = MergeConfiguration.model_validate(yaml.safe_load(worker.space.recipe(x).to_yaml()))
+        folder = scratch / f"mergekit-{i}"
+        run_merge(config, out_path=str(folder), options=options)
+        module, tokenizer = load_model(folder, task)
+        scores.append(worker.fitness(module.eval(), tokenizer, fidelity=fidelity).scores[0])
+        shutil.rmtree(folder)
+    return time.perf_counter() - started, scores
+
+
 def build_only(worker, points, scratch: Path) -> tuple[float, float]:
     """Seconds to build the candidates' models without scoring them: merged in place, against
     merged to a folder and loaded from it."""
@@ -125,6 +169,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads: one worker per core is how a search runs (and on a "
                              "busy machine a second thread's hand-offs cost more than its work)")
+    parser.add_argument("--mergekit", action="store_true",
+                        help="also time mergekit-evolve's on-disk strategy with mergekit's merge")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -142,8 +188,9 @@ def main() -> None:
     print(f"{'toy' if args.toy else 'demo'} experts, {args.method}, {len(worker.space)} dimensions, "
           f"torch threads {torch.get_num_threads()}; worker setup {setup:.1f} s (inputs read once: "
           f"{worker.merger.inputs.nbytes / 2**20:.0f} MiB kept)")
-    print("| fidelity | examples | in memory (cand/min) | on disk (cand/min) | ratio |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| fidelity | examples | in memory (cand/min) | on disk (cand/min) | ratio |"
+          + (" on disk, mergekit (cand/min) | ratio |" if args.mergekit else ""))
+    print("| --- | --- | --- | --- | --- |" + (" --- | --- |" if args.mergekit else ""))
     scratch = Path(tempfile.mkdtemp(prefix="search-throughput-", dir=args.scratch))
     try:
         memory_s, disk_s = build_only(worker, points, scratch)
@@ -156,8 +203,16 @@ def main() -> None:
                 sys.exit(f"the paths disagree: {memory_scores} against {disk_scores}")
             examples = sum(len(p.subset(fidelity).examples("validation")) for p in worker.fitness.parts)
             per_min = [60 * len(points) / s for s in (memory_s, disk_s)]
-            print(f"| {fidelity:g} | {examples} | {per_min[0]:.1f} | {per_min[1]:.1f} | "
-                  f"{per_min[0] / per_min[1]:.2f}x |", flush=True)
+            row = (f"| {fidelity:g} | {examples} | {per_min[0]:.1f} | {per_min[1]:.1f} | "
+                   f"{per_min[0] / per_min[1]:.2f}x |")
+            if args.mergekit:
+                mk_s, mk_scores = mergekit_on_disk(worker, points, fidelity, scratch)
+                # mergekit computes in its own order: scores may differ where a merged weight's
+                # last bit flips a prediction; report how many candidates differ
+                differ = sum(a != b for a, b in zip(memory_scores, mk_scores))
+                row += (f" {60 * len(points) / mk_s:.1f} | {mk_s / memory_s:.2f}x |"
+                        + (f" ({differ} scores differ)" if differ else ""))
+            print(row, flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
