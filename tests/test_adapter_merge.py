@@ -52,7 +52,8 @@ def merged_state(base: Path, adapter: Path, arch: str) -> dict[str, torch.Tensor
 def recipe_for(tmp_path: Path, folders: list[Path], weights: list[float], **params) -> Path:
     return write_recipe(tmp_path / "adapters.yaml", {
         "merge_method": "lora_combine",
-        "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(folders, weights)],
+        "models": [{"model": str(f), "parameters": {"weight": w}}
+                   for f, w in zip(folders, weights)],
         "parameters": params})
 
 
@@ -197,3 +198,20 @@ def test_a_failed_merge_leaves_no_folder_in_place(zoo, tmp_path, monkeypatch):
     with pytest.raises(MergesmithError, match="stop"):
         engine_adapters.merge_adapters(recipe_for(tmp_path, folders, [1, 1]), tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_check_plans_an_adapter_merge_and_the_tensor_engine_refuses_one(zoo, tmp_path,
+                                                                       monkeypatch, capsys):
+    from mergesmith.errors import PlanError
+    from mergesmith.pipeline import plan
+
+    base = zoo("llama")["base"]
+    folders = [make_adapter(base, tmp_path / n, "llama", seed=s, r=r, lora_alpha=2)
+               for n, s, r in (("a", 1, 4), ("b", 2, 2))]
+    recipe = recipe_for(tmp_path, folders, [1, 1], combination_type="svd")
+    code, out, err = run_cli(monkeypatch, capsys, "check", recipe)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert f"{folders[0]} (rank 4, 8 modules" in text and "one LoRA adapter: 8 modules" in text
+    with pytest.raises(PlanError, match="merges LoRA adapters into an adapter"):
+        plan(recipe)

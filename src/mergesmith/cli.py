@@ -275,6 +275,10 @@ def check(
             out.print(line, highlight=False)
         out.print("[green]ok[/]: every stage is valid")
         return
+    from mergesmith.engine.adapters import adapter_method
+
+    if adapter_method(recipe):  # LoRA adapters into one adapter folder
+        return _check_adapters(recipe)
     loaded = load_recipe(recipe)
     the_plan = plan(loaded, shard_size=shard_size, compat=compat, allow_crimes=allow_crimes)
     method = get_method(loaded.merge_method)
@@ -291,6 +295,26 @@ def check(
     for warning in the_plan.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     out.print("[green]ok[/]: the recipe is valid and the models fit together")
+
+
+def _check_adapters(recipe: Path) -> None:
+    """check for a method that writes an adapter: the adapters, their modules and ranks."""
+    from mergesmith.engine.adapters import plan_adapters
+
+    the_plan = plan_adapters(recipe)
+    table = Table(show_header=False, box=None)
+    table.add_row("method", f"{the_plan.method.name} — {the_plan.method.summary}")
+    for adapter in the_plan.adapters:
+        ranks = sorted({m.rank for m in adapter.modules.values()})
+        table.add_row("adapter", f"{adapter.label}  (rank {'/'.join(map(str, ranks))}, "
+                      f"{len(adapter.modules)} modules, on {adapter.base_model})")
+    table.add_row("output", f"one LoRA adapter: {len(the_plan.params)} modules"
+                  + (f", {len(the_plan.saved)} saved in full" if the_plan.saved else ""))
+    table.add_row("seed", str(the_plan.seed))
+    out.print(table)
+    for warning in the_plan.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    out.print("[green]ok[/]: the recipe is valid and the adapters fit together")
 
 
 @app.command()

@@ -139,6 +139,10 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
         method = get_method(recipe.merge_method)
     except MergesmithError as exc:
         raise RecipeError(f"{recipe.where('merge_method')}: {exc.message}", hint=exc.hint) from None
+    if method.output != "tensor":
+        raise PlanError(f"{recipe.where('merge_method')}: {method.name} merges LoRA adapters into "
+                        "an adapter, not tensors of checkpoints",
+                        hint="run it with `mergesmith merge` or mergesmith.merge (engine/adapters.py)")
     if method.learn is not None:
         raise PlanError(f"{recipe.where('merge_method')}: {method.name} learns its merge from data "
                         "before anything is merged; the engine alone cannot run it",

@@ -182,7 +182,8 @@ def peft_compat(Bs, As, scalings, weights, combination_type, rank, params, ctx,
     return factors, {"energy": energy}
 
 
-def exact(Bs, As, scalings, weights, combination_type, rank, params, ctx, transposed=False) -> tuple:
+def exact(Bs, As, scalings, weights, combination_type, rank, params, ctx,
+          transposed=False) -> tuple:
     """Σ w_i s_i B_i A_i, or the op of the s_i B_i A_i, each scaling applied once."""
     coefficients = [w * s for w, s in zip(weights, scalings)]
     total_rank = sum(A.shape[0] for A in As)
@@ -192,10 +193,11 @@ def exact(Bs, As, scalings, weights, combination_type, rank, params, ctx, transp
     if op == "task_arithmetic":  # a low-rank sum: its SVD from the factors
         U, S, Vh = svd_of_product(*concatenated(Bs, As, coefficients))
     else:
-        deltas = [(B @ A).mul_(s) for B, A, s in zip(Bs, As, scalings)]
-        delta = combine(op, deltas, weights, density=params["density"],
-                        majority_sign_method=params["majority_sign_method"],
-                        drop=stream_drop(params["density"] or 1.0, ctx))
+        # in the base's layout, as PEFT: the random draws follow its entries' order
+        deltas = [transpose((B @ A).mul_(s), transposed) for B, A, s in zip(Bs, As, scalings)]
+        delta = transpose(combine(op, deltas, weights, density=params["density"],
+                                  majority_sign_method=params["majority_sign_method"],
+                                  drop=stream_drop(params["density"] or 1.0, ctx)), transposed)
         U, S, Vh = top_singular_triplets(delta)
     factors, energy = truncate(U, S, Vh, rank, params["svd_clamp"])
     return factors, {"energy": energy}
