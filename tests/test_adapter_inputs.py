@@ -140,3 +140,20 @@ def test_adapter_form_needs_both_parts(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "merge", recipe, tmp_path / "out")
     assert code != 0 and "Traceback" not in err
     assert f"{recipe}:4: models[1].model: 'org/base+': mergekit's model+adapter form needs both" in err
+
+
+def test_same_bytes_as_mergekit_base_plus_adapter(experts, tmp_path):
+    """mergekit 0.1.5 merges each LoRA into its base with PEFT (merge_and_unload), then merges."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from test_parity import compare
+
+    base, adapters, _ = experts
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": f"{base}+{a}", "parameters": {"weight": w}} for a, w in zip(adapters, (0.5, 0.3, 0.2))]})
+    text = recipe.read_text()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mergekit"),
+              options=MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "cache")), config_source=text)
+    compare(tmp_path / "mergekit", mergesmith.merge(recipe, tmp_path / "ours"))
