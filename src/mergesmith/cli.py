@@ -670,6 +670,8 @@ def demo(
     method: Optional[list[str]] = typer.Option(None, help="Only these methods (repeatable); "
                                                "`search` adds a time-bounded CMA-ES search row."),
     every: bool = typer.Option(False, "--all", help="Every method (default: a representative ten)."),
+    adapters: bool = typer.Option(False, "--adapters", help="The experts as LoRA adapters: merged by "
+                                  "the adapter methods and, as base+adapter, by the others."),
 ) -> None:
     """Fine-tune an expert per task from a real pretrained model, merge them with ten
     representative methods (--all: every method), and print the leaderboard (no download: model
@@ -682,12 +684,22 @@ def demo(
     from mergesmith.demo.run import prepare_demo
 
     start = time.perf_counter()
-    methods = demo_methods(method, every)
-    setup = prepare_demo(fast=fast, seed=seed, cache=cache)
-    root = cache_dir(cache) / ("leaderboard-fast" if fast else "leaderboard")
-    board = run_leaderboard(setup.base, setup.experts, setup.tasks, out_dir, cache=root, seed=seed,
-                            methods=methods, say=lambda m: err.print(m, highlight=False, markup=False),
-                            search_seconds=search_row.FAST_SECONDS if fast else search_row.SECONDS)
+
+    def say(message: str) -> None:
+        err.print(message, highlight=False, markup=False)
+
+    if adapters:
+        from mergesmith.demo.adapters import DEFAULT_ADAPTER_METHODS, run_adapter_leaderboard
+
+        methods = demo_methods(method, every, DEFAULT_ADAPTER_METHODS)
+        board = run_adapter_leaderboard(out_dir, fast=fast, seed=seed, cache=cache, methods=methods, say=say)
+    else:
+        methods = demo_methods(method, every)
+        setup = prepare_demo(fast=fast, seed=seed, cache=cache)
+        root = cache_dir(cache) / ("leaderboard-fast" if fast else "leaderboard")
+        board = run_leaderboard(setup.base, setup.experts, setup.tasks, out_dir, cache=root, seed=seed,
+                                methods=methods, say=say,
+                                search_seconds=search_row.FAST_SECONDS if fast else search_row.SECONDS)
     Console(width=max(out.width, 170)).print(rich_table(board))
     err.print(f"report: {board.files['markdown']}  plots: {board.files['plot']}"
               f"{'  ' + str(board.files['sweep']) if 'sweep' in board.files else ''}  "

@@ -72,11 +72,20 @@ GRIDS: dict[str, dict[str, list]] = {
     "localize_stitch": {"steps": [20], "density": [0.05], "lr": [0.5]},
     # routed: each point merges, trains its router and scores every input on its own weights
     "twin": {"lambda": [0.5], "rank_ratio": [0.1, 0.3]},
+    # adapter methods (demo --adapters): each point merges the adapters into one adapter
+    "lora_combine": {"combination_type": ["cat", "svd", "ties"], "density": [0.5]},
+    "knots": {"merge": ["ties"], "density": [0.2, 0.5]},
 }
 # Methods that never apply to "merge these experts into one model".
 NOT_A_MERGE_OF_EXPERTS = {
     "passthrough": "copies layers from one model (frankenmerges)",
     "layer_swap": "needs a per-layer choice of model",
+}
+# Adapter methods that do not apply to the demo's LoRA experts.
+NOT_A_MERGE_OF_ADAPTERS = {
+    "rmm": "keeps a basis and a model per task (`mergesmith rmm apply`), not one merge",
+    "orthogonal_lora_sum": "needs adapters trained with frozen orthogonal A's; on these it is "
+                           "task arithmetic",
 }
 # Methods whose merge is one shared model plus a per-task part: each task is scored with its own
 # rebuilt model (`mergesmith emr apply`).
@@ -114,7 +123,8 @@ class Leaderboard:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def demo_methods(methods: list[str] | None = None, every: bool = False) -> list[str]:
+def demo_methods(methods: list[str] | None = None, every: bool = False,
+                 default: tuple[str, ...] = DEFAULT_METHODS) -> list[str]:
     """The methods a demo run tries: those named, else every registered one with `every`
     (--all), else the default set."""
     if methods and every:
@@ -122,13 +132,18 @@ def demo_methods(methods: list[str] | None = None, every: bool = False) -> list[
                               hint="give one of them")
     if methods:
         return list(methods)
-    return [spec.name for spec in all_methods()] + [search_row.NAME] if every else list(DEFAULT_METHODS)
+    return [spec.name for spec in all_methods()] + [search_row.NAME] if every else list(default)
 
 
-def skip_reason(spec: MethodSpec, experts: int) -> str | None:
-    """Why a method cannot merge `experts` experts of one base, or None if it can."""
+def skip_reason(spec: MethodSpec, experts: int, adapters: bool = False) -> str | None:
+    """Why a method cannot merge `experts` experts of one base (LoRA adapters with `adapters`),
+    or None if it can."""
     if spec.name in NOT_A_MERGE_OF_EXPERTS:
         return NOT_A_MERGE_OF_EXPERTS[spec.name]
+    if spec.output != "tensor" and not adapters:
+        return "merges LoRA adapters into an adapter, not full checkpoints"
+    if spec.name in NOT_A_MERGE_OF_ADAPTERS and adapters:
+        return NOT_A_MERGE_OF_ADAPTERS[spec.name]
     if spec.max_models is not None and experts > spec.max_models:
         return f"merges at most {spec.max_models} model(s) besides the base"
     if experts < spec.min_models:
@@ -171,27 +186,33 @@ def method_recipe(spec: MethodSpec, base: Path, experts: list[Path],
 def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path], out: Path, *,
                     cache: Path, seed: int = 0, methods: list[str] | None = None,
                     say: Callable[[str], None] = print, n_bootstrap: int = 1000,
-                    search_seconds: float = search_row.SECONDS) -> Leaderboard:
+                    search_seconds: float = search_row.SECONDS,
+                    adapters: dict[str, Path] | None = None) -> Leaderboard:
     """Tune every applicable method on validation, score the chosen points and the references
     on test, and write report.md, leaderboard.json and the plots into `out`. `methods` may
-    name `search`: a time-bounded CMA-ES search (demo/search_row.py) becomes a row too."""
+    name `search`: a time-bounded CMA-ES search (demo/search_row.py) becomes a row too.
+    With `adapters` (task -> LoRA adapter folder; `experts` are then those adapters applied,
+    the references), the adapter methods merge the adapters into one adapter, scored as the
+    base plus it, and the full-weight methods merge `base+adapter` inputs."""
     loaded: list[Task] = [load_task(tasks[name]) for name in experts]
     references = dict(experts={t: str(p) for t, p in experts.items()}, base=str(base),
                       in_memory=True, seed=seed, n_bootstrap=n_bootstrap)
     scorer = Scorer(loaded, cache, **references)
     tuner = Scorer(loaded, cache, max_examples=TUNING_EXAMPLES, **references)
-    expert_paths = list(experts.values())
+    expert_paths = list(experts.values()) if adapters is None else \
+        [f"{base}+{adapters[task]}" for task in experts]
     entries, skipped = [], {}
     for spec in all_methods():
         if methods is not None and spec.name not in methods:
             continue
-        reason = skip_reason(spec, len(expert_paths))
+        reason = skip_reason(spec, len(expert_paths), adapters is not None)
         if reason is not None:
             skipped[spec.name] = reason
             continue
         say(f"[{spec.name}] tuning on validation")
+        inputs = [adapters[t] for t in experts] if spec.output == "adapter" else expert_paths
         try:
-            recipe = method_recipe(spec, base, expert_paths, loaded, cache)
+            recipe = method_recipe(spec, base, inputs, loaded, cache)
             entries.append(_tune(spec, recipe, tuner))
         except MergesmithError as exc:  # reported in the table's notes; the other methods go on
             skipped[spec.name] = f"failed: {exc}"

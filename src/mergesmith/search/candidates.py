@@ -26,7 +26,8 @@ from mergesmith.engine.memory import model_targets, merge_tensors
 from mergesmith.engine.plan import Plan
 from mergesmith.engine.run import DEFAULT_CHUNK_BYTES
 from mergesmith.errors import MergesmithError
-from mergesmith.io import Checkpoint, resolve_model
+from mergesmith.io import Checkpoint
+from mergesmith.io.adapted import open_input
 from mergesmith.recipe import Recipe, load_recipe
 
 
@@ -44,7 +45,9 @@ class InputCache:
 
     def __call__(self, ck: Checkpoint, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         info = ck.tensors[name]
-        key = (str(info.file), info.offset, name)
+        # a `base+adapter` input shares its base's files: the adapter is part of where it lives
+        adapter = getattr(ck, "adapter", None)
+        key = (str(info.file), info.offset, name, str(adapter.path) if adapter else None)
         tensor = self.tensors.get(key)
         if tensor is None:
             tensor = self.tensors[key] = ck.read(name)
@@ -72,8 +75,9 @@ class CandidateMerger:
         self.device, self.chunk_bytes, self.seed = device, chunk_bytes, seed
         self.inputs = InputCache()
         self._model: tuple[str, Any, Any, dict] | None = None  # (config key, module, tokenizer, targets)
+        opened: dict = {}
         for ref in pool(recipe):
-            self.inputs.read_all(Checkpoint(resolve_model(ref).resolve(), label=ref))
+            self.inputs.read_all(open_input(ref, opened, recipe.base_model))
 
     def plan(self, recipe: Recipe | str | Path | dict) -> Plan:
         """The candidate's plan (headers only), with a data-aware method's statistics in place

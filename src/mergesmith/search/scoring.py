@@ -17,6 +17,7 @@ from pathlib import Path
 from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import Report, Task, TaskResult, evaluate_models, summarize
 from mergesmith.io.checkpoint import weight_files
+from mergesmith.methods import get_method
 from mergesmith.recipe import Recipe
 
 
@@ -80,9 +81,23 @@ class Scorer:
 
         folder = self.dir / "merges" / self.key(recipe)
         if not (folder / "config.json").is_file():
+            if get_method(recipe.merge_method).output == "adapter":
+                recipe = self._applied(recipe, folder.with_name(f"{folder.name}-adapter"))
             merge(recipe, folder, device=self.device, seed=self.seed, overwrite=folder.exists())
             self.merged += 1
         return folder
+
+    def _applied(self, recipe: Recipe, adapter: Path) -> Recipe:
+        """A merge into an adapter is scored as its base plus that adapter: the recipe that
+        applies it (to the base its adapter_config.json names)."""
+        from mergesmith.pipeline import merge
+        from mergesmith.recipe import load_recipe
+
+        if not (adapter / "adapter_config.json").is_file():
+            merge(recipe, adapter, device=self.device, seed=self.seed, overwrite=adapter.exists())
+        return load_recipe({"merge_method": "linear",
+                            "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}],
+                            "dtype": recipe.dtype or "float32"})
 
     def references(self, split: str) -> dict[str, dict[str, TaskResult]]:
         """The experts' and the base's scores (each folder scored once)."""
@@ -119,10 +134,10 @@ class Scorer:
         return {t.name: results[t.name] for t in self.tasks}
 
     def _materialize(self, recipe: Recipe, key: str):
-        from mergesmith.methods import get_method
-
-        if not self.in_memory or get_method(recipe.merge_method).router:
-            return self.merge_folder(recipe)  # a router is trained on the written model
+        spec = get_method(recipe.merge_method)
+        if not self.in_memory or spec.router or spec.output == "adapter":
+            # a router is trained on the written model; an adapter is written, then applied
+            return self.merge_folder(recipe)
         from mergesmith.search.candidates import CandidateMerger
 
         if self._merger is None:  # the inputs are read once, for every candidate
