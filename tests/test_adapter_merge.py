@@ -62,13 +62,17 @@ def gpt2_base(tmp_path_factory):
     return build_model(tmp_path_factory.mktemp("gpt2") / "base", "gpt2", seed=0, layers=2)
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "svd"), ("llama", "cat"), ("gpt2", "svd")])
+@pytest.mark.parametrize("arch,kind,targets", [
+    ("llama", "svd", None), ("llama", "cat", ["embed_tokens", "q_proj"]), ("gpt2", "svd", None)])
 def test_merged_adapter_loads_in_peft_with_the_logits_of_base_plus_the_weighted_deltas(
-        zoo, gpt2_base, tmp_path, monkeypatch, capsys, arch, kind):
+        zoo, gpt2_base, tmp_path, monkeypatch, capsys, arch, kind, targets):
+    """Llama, GPT-2 (Conv1D: fan_in_fan_out) and a LoRA on the embedding (PEFT also saves the
+    embedding's own weight, which goes back under base_layer, not into modules_to_save)."""
     base = zoo("llama")["base"] if arch == "llama" else gpt2_base
-    folders = [make_adapter(base, tmp_path / "a", arch, seed=1, r=4, lora_alpha=8),
+    lora = {"target_modules": targets} if targets else {}
+    folders = [make_adapter(base, tmp_path / "a", arch, seed=1, r=4, lora_alpha=8, **lora),
                make_adapter(base, tmp_path / "b", arch, seed=2, r=2, lora_alpha=3,
-                            use_rslora=True)]
+                            use_rslora=True, **lora)]
     weights = [0.6, -0.4]
     out = tmp_path / "merged"
     params = {"combination_type": kind} | ({"svd_rank": 6} if kind == "svd" else {})
@@ -78,6 +82,7 @@ def test_merged_adapter_loads_in_peft_with_the_logits_of_base_plus_the_weighted_
     assert ("energy kept: mean 1.0000" in err) == (kind == "svd")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["lora_alpha"] == config["r"] == 6 and not config["use_rslora"]
+    assert config["modules_to_save"] is None
     # expected: W + Σ w_i ΔW_i, each ΔW_i as PEFT merges it
     model = model_class(arch).from_pretrained(base)
     state = model.state_dict()

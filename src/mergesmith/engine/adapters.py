@@ -22,6 +22,8 @@ so a failed merge leaves nothing that looks finished.
 modules_to_save (full tensors, not deltas): copied when every adapter saves the same tensor,
 else averaged with the adapters' weights, Σ w_i M_i / Σ w_i (refused when the weights sum to
 0); refused when only some adapters save it, since the others' value (the base's) is not here.
+A targeted embedding's own weight, which PEFT saves beside its LoRA, is a base weight: written
+back under `base_layer` when the adapters agree on it, refused when they do not.
 The output names the recipe's base_model, else the first adapter's base model; adapters whose
 base_model_name_or_path differ (a local path and a hub id of one model, often) are merged with
 a warning when their shapes agree. Factors are written in fp32 unless the recipe says `dtype`
@@ -123,7 +125,9 @@ def plan_adapters(recipe: Recipe | str | Path | dict, *, seed: int | None = None
     if len(names) > 1 and not recipe.base_model:
         warnings.append(f"the adapters name different base models ({', '.join(map(str, names))});"
                         " their shapes agree, so they are merged")
-    extra = {"task_type": adapters[0].config.get("task_type")}
+    # modules_to_save: the saved tensors' modules, not those of adapted layers' own weights
+    kept = sorted({n.rsplit(".", 1)[0] for n in saved if n not in params})
+    extra = {"task_type": adapters[0].config.get("task_type"), "modules_to_save": kept or None}
     if any(p.get("mode") == "peft_compat" for p in params.values()):
         # PEFT's merged adapter keeps the first adapter's use_rslora: scaling √r, not 1
         extra["use_rslora"] = bool(adapters[0].config.get("use_rslora"))
@@ -226,7 +230,7 @@ def merge_adapters(recipe: Recipe | str | Path | dict, out: str | Path, *, seed:
                 energy[weight] = info["energy"]
                 if log:
                     log(f"  {weight}: energy kept {info['energy']:.4f}")
-        saved = {name: merge_saved(plan, name) for name in plan.saved}
+        saved = {_saved_key(plan, name): merge_saved(plan, name) for name in plan.saved}
         first = plan.adapters[0]
         write_adapter(output.partial, factors, base_model=plan.base_model, saved=saved or None,
                       fan_in_fan_out=bool(first.config.get("fan_in_fan_out")),
@@ -268,6 +272,10 @@ def merge_saved(plan: AdapterPlan, name: str) -> torch.Tensor:
     dtype = tensors[0].dtype
     if all(torch.equal(t, tensors[0]) for t in tensors[1:]):
         return tensors[0]
+    if name in plan.params:
+        raise PlanError(f"{name}: the adapters carry different base weights for this adapted "
+                        "layer (a resized vocabulary?)", hint="adapters merged into one must "
+                        "share their base; merge them as base+adapter instead")
     weights = plan.saved[name] or [1.0] * len(tensors)
     total = sum(w * t.float() for w, t in zip(weights, tensors))
     return (total / sum(weights)).to(dtype)
@@ -280,6 +288,12 @@ def _side_store(plan: AdapterPlan, folder: Path):
 
     module, name = ADAPTER_SIDE_STORES[plan.method.name]
     return getattr(importlib.import_module(module), name)(plan, folder)
+
+
+def _saved_key(plan: AdapterPlan, name: str) -> str:
+    """A saved tensor's name in the output: an adapted layer's own weight (PEFT saves a targeted
+    embedding's) goes back under `base_layer`, where PEFT loads it."""
+    return f"{name.removesuffix('.weight')}.base_layer.weight" if name in plan.params else name
 
 
 def _recipe_file(recipe: Recipe) -> list[Path]:
