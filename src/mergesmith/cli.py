@@ -330,7 +330,7 @@ def methods() -> None:
                   else f"{spec.min_models}+" if spec.max_models is None
                   else f"{spec.min_models}-{spec.max_models}")
         needs = ("base + " if spec.needs_base else "\\[base] + " if spec.optional_base else "") + \
-            f"{models} model(s)" + _data_needs(spec)
+            f"{models} {'adapter' if spec.output == 'adapter' else 'model'}(s)" + _data_needs(spec)
         params = "\n".join(
             f"{p.name}{' (per model)' if p.per_model else ''}"
             f"{'' if p.required else f' = {p.default}'}" for p in spec.params
