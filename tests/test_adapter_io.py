@@ -92,11 +92,19 @@ def test_gpt2_conv1d_fan_in_fan_out_with_rslora_like_peft(bases, tmp_path):
     assert assert_applies_like_peft(bases["gpt2"], adapter, "gpt2", rows=7) == 4 * 4
 
 
-def test_bert_with_modules_to_save_like_peft(bases, tmp_path):
-    adapter = make_adapter(bases["bert"], tmp_path / "a", "bert", r=3, lora_alpha=5,
+def test_bert_with_modules_to_save_and_lora_bias_like_peft(bases, tmp_path):
+    adapter = make_adapter(bases["bert"], tmp_path / "a", "bert", r=3, lora_alpha=5, lora_bias=True,
                            target_modules=["query", "value", "dense"],
                            modules_to_save=["cls.predictions.transform.dense"])
-    assert assert_applies_like_peft(bases["bert"], adapter, "bert", rows=6) > 4 * 2
+    assert "bert.encoder.layer.0.attention.self.query.bias" in read_adapter(adapter).biases
+    # per layer: query, value and 3 dense weights and biases; the head's dense weight and bias
+    assert assert_applies_like_peft(bases["bert"], adapter, "bert", rows=6) == 4 * 10 + 2
+
+
+def test_gpt2_lora_bias_like_peft(bases, tmp_path):
+    adapter = make_adapter(bases["gpt2"], tmp_path / "a", "gpt2", r=2, lora_alpha=3, lora_bias=True,
+                           fan_in_fan_out=True, target_modules=["c_fc"])
+    assert assert_applies_like_peft(bases["gpt2"], adapter, "gpt2", rows=5) == 4 * 2
 
 
 @pytest.mark.parametrize("arch, targets", [("llama", ["q_proj", "up_proj"]), ("gpt2", ["c_attn", "c_fc"])])
@@ -163,8 +171,8 @@ def test_refuses_other_adapter_types_and_variants(bases, tmp_path):
         read_adapter(tmp_path / "ia3", "ia3")
     lora = make_adapter(bases["llama"], tmp_path / "lora", "llama", r=2, target_modules=["q_proj"])
     config = json.loads((lora / "adapter_config.json").read_text())
-    (lora / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
-    with pytest.raises(CheckpointError, match=r"LoRA variant lora_bias=True is not supported"):
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "use_qalora": True}))
+    with pytest.raises(CheckpointError, match=r"LoRA variant use_qalora=True is not supported"):
         read_adapter(lora)
 
 

@@ -33,6 +33,7 @@ class AdaptedCheckpoint:
                      f"on {base.label}{f' ({base_from})' if base_from else ''}")
         self._modules = self._bind(adapter.modules, "target module")
         self._saved = self._bind(adapter.saved, "saved tensor")
+        self._biases = self._bind(adapter.biases, "lora_bias of a module whose bias")
         self._check_shapes()
 
     def _bind(self, names, what: str) -> dict[str, str]:
@@ -50,6 +51,9 @@ class AdaptedCheckpoint:
             self._same_shape(base_name, self.adapter.shape(name), f"module {name!r}")
         for base_name, name in self._saved.items():
             self._same_shape(base_name, self.adapter.saved_shape(name), f"saved tensor {name!r}")
+        for base_name, name in self._biases.items():
+            bias = self.adapter.modules[self.adapter.biases[name]].bias
+            self._same_shape(base_name, self.adapter.tensor_shape(bias), f"lora_bias {bias!r}")
 
     def _same_shape(self, base_name: str, shape: tuple[int, ...], what: str) -> None:
         have = self.tensors[base_name].shape
@@ -68,6 +72,8 @@ class AdaptedCheckpoint:
             base = self.adapter.read_saved(self._saved[name], span)
         else:
             base = self.base.read(name, span)
+        if name in self._biases:
+            return self.adapter.bias_delta(self._biases[name], rows).add_(base).to(dtype)
         if module is None:
             return base.to(dtype)
         merged = self.adapter.apply(module, base, span)

@@ -31,10 +31,10 @@ CONFIG_FILE, WEIGHTS_FILES = "adapter_config.json", ("adapter_model.safetensors"
 # LoRA variants whose merged weight is not W + s·B·A (or DoRA's rescaling of it): refused by name.
 VARIANTS = ("use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "kasa_config",
             "monteclora_config", "velora_config", "layer_replication", "target_parameters",
-            "trainable_token_indices", "lora_bias")
+            "trainable_token_indices")
 FACTOR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A",
                    ".lora_embedding_B": "B", ".lora_magnitude_vector": "m",
-                   ".lora_magnitude_vector.weight": "m"}
+                   ".lora_magnitude_vector.weight": "m", ".lora_B.bias": "bias"}
 
 
 @dataclass
@@ -45,6 +45,7 @@ class LoraModule:
     fan_in_fan_out: bool    # the base stores ΔWᵀ: GPT-2 Conv1D, and every embedding
     magnitude: str | None   # DoRA magnitude tensor name in the adapter file
     embedding: bool = False  # saved as lora_embedding_A/B (A: (r, vocab), B: (dim, r))
+    bias: str | None = None  # lora_bias: lora_B's bias, added (times s) to the base bias
 
 
 class Adapter:
@@ -55,7 +56,7 @@ class Adapter:
         self.base_model: str | None = config.get("base_model_name_or_path") or None
         self.modules: dict[str, LoraModule] = {}
         self.saved: dict[str, str] = {}
-        self._names: dict[str, dict[str, str]] = {}
+        self.biases: dict[str, str] = {}  # lora_bias: base bias name -> the weight it belongs to
         self._index()
 
     def _index(self) -> None:
@@ -64,8 +65,10 @@ class Adapter:
             name = key.removeprefix(PREFIX)
             suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
             if suffix is not None:
-                parts.setdefault(name[: -len(suffix)], {})[FACTOR_SUFFIXES[suffix]] = key
-                parts[name[: -len(suffix)]]["embedding" if "embedding" in suffix else "linear"] = key
+                found = parts.setdefault(name[: -len(suffix)], {})
+                found[FACTOR_SUFFIXES[suffix]] = key
+                if "embedding" in suffix:
+                    found["embedding"] = key
             elif ".lora_" in name:
                 raise CheckpointError(f"{self.label}: tensor {key!r} is not a LoRA A, B or DoRA "
                                       f"magnitude tensor", hint="only plain LoRA and DoRA are read")
@@ -73,6 +76,8 @@ class Adapter:
                 self.saved[name.replace(".base_layer.", ".")] = key
         for module, found in sorted(parts.items()):
             self.modules[f"{module}.weight"] = self._module(module, found)
+            if "bias" in found:
+                self.biases[f"{module}.bias"] = f"{module}.weight"
 
     def _module(self, module: str, found: dict[str, str]) -> LoraModule:
         missing = [p for p in ("A", "B") if p not in found]
@@ -95,7 +100,7 @@ class Adapter:
         scaling = alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
         return LoraModule(f"{module}.weight", rank, float(scaling),
                           embedding or bool(self.config.get("fan_in_fan_out")), found.get("m"),
-                          embedding)
+                          embedding, found.get("bias"))
 
     def factors(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) in fp32, PEFT's layout: B (d_out, r), A (r, d_in); scaling not folded in."""
@@ -133,6 +138,12 @@ class Adapter:
             magnitude = magnitude[rows[0]:rows[1]]
         return merged * (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
 
+    def bias_delta(self, bias: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """s·b of lora_B's bias (lora_bias) for the base bias `bias`, in fp32."""
+        module = self.modules[self.biases[bias]]
+        start, stop = rows if rows is not None else (None, None)
+        return self._tensor(module.bias).float()[start:stop].mul_(module.scaling)
+
     def read_saved(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         return self._store.read(self.saved[name], rows)
 
@@ -144,6 +155,9 @@ class Adapter:
 
     def saved_shape(self, name: str) -> tuple[int, ...]:
         return self._info(self.saved[name]).shape
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self._info(name).shape
 
     def needs_whole(self, weight: str) -> bool:
         """DoRA normalises per output row, which is a column of a fan_in_fan_out tensor."""
