@@ -27,8 +27,8 @@ the blocks S V_iᵀ entrywise (the code's default `s_on_V`: S is folded into the
 they are trimmed); ΔW = U · merged. M is never formed: with the stacked B's = Q R and each
 s_i A_iᵀ = P_i T_i (QR), M = Q [R_i T_iᵀ]_i blockdiag(P_iᵀ), so the SVD of the small core
 [R_i T_iᵀ]_i (≤ Σr_i square) gives U = Q W and S V_iᵀ = Wᵀ R_i T_iᵀ P_iᵀ. Components at the
-fp32 noise floor are dropped (the code: S ≤ 1e-5). Rules (methods/sparse.py's functions on the
-blocks): "ties" (trim to the top-`density` magnitudes of each block, elect signs, disjoint mean),
+fp32 noise floor are dropped (the code: S ≤ 1e-5). Rules (ties, dare_ties and dare_linear on
+the blocks): "ties" (trim to the top-`density` magnitudes of each block, elect signs, disjoint mean),
 "dare_ties", "dare_linear", "mean" (Σ w_i X_i / Σ w_i) and "sum". Differences from the code: it
 trims each task's blocks over the whole model at once (we trim per module), and breaks exact
 sign ties by the majority sign (we leave such entries at zero, as our TIES does).
@@ -148,8 +148,10 @@ def lora_lego(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[flo
               reweight: str = "norm", lambda_: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ΔW = λ Σ_c g_c b̄_c ā_cᵀ over k clusters c of the canonical units; b̄_c, ā_c the centroid's
     parts, g_c its reweighting. With k ≥ Σ r_i each unit is its own cluster: ΔW = λ Σ w_i ΔW_i."""
-    b, a = canonical_units(torch.cat(folded(Bs, scalings, weights), dim=1).mT,
-                           torch.cat([x.to(torch.float64) for x in As], dim=0))
+    # on the CPU whatever the inputs' device: the pool is small, and its order and k-means
+    # draws come from numpy and a CPU generator
+    b, a = canonical_units(torch.cat(folded(Bs, scalings, weights), dim=1).mT.cpu(),
+                           torch.cat([x.to("cpu", torch.float64) for x in As], dim=0))
     points = torch.cat([a, b], dim=1)
     order = lexicographic_order(points)
     points, a, b = points[order], a[order], b[order]
@@ -212,9 +214,9 @@ def shared_basis(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[
 
 def merge_blocks(blocks: list[torch.Tensor], weights: list[float], rule: str, density: float,
                  ctx: TensorContext | None) -> torch.Tensor:
-    """Combine the blocks S V_iᵀ entry by entry with one of the task-vector rules (sparse.py's
-    functions, given a zero base so that their θ0 + merge is the merge)."""
-    from mergesmith.methods import sparse
+    """Combine the blocks S V_iᵀ entry by entry with one of the task-vector rules (TIES' and
+    DARE's functions, given a zero base so that their θ0 + merge is the merge)."""
+    from mergesmith.methods import magnitude_trim, random_drop
 
     blocks = [x.to(torch.float32) for x in blocks]
     if rule == "sum":
@@ -225,11 +227,11 @@ def merge_blocks(blocks: list[torch.Tensor], weights: list[float], rule: str, de
     densities = [density] * len(blocks)
     ctx = ctx or TensorContext(name="")
     if rule == "ties":
-        return sparse.ties(zero, blocks, weights=weights, densities=densities, ctx=ctx)
+        return magnitude_trim.ties(zero, blocks, weights=weights, densities=densities, ctx=ctx)
     if rule == "dare_ties":
-        return sparse.dare_ties(zero, blocks, weights=weights, densities=densities, ctx=ctx,
-                                normalize=True)
-    return sparse.dare_linear(zero, blocks, weights=weights, densities=densities, ctx=ctx)
+        return random_drop.dare_ties(zero, blocks, weights=weights, densities=densities,
+                                     ctx=ctx, normalize=True)
+    return random_drop.dare_linear(zero, blocks, weights=weights, densities=densities, ctx=ctx)
 
 
 @register(
