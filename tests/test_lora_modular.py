@@ -239,7 +239,8 @@ def llama_adapters(tmp_path_factory):
     ("orthogonal_lora_sum", {}),
 ])
 def test_recipe_merges_adapters_into_an_adapter_peft_loads(method, params, llama_adapters,
-                                                           tmp_path, monkeypatch, capsys):
+                                                           tmp_path, monkeypatch, capsys,
+                                                           one_thread):
     """Through `mergesmith merge`: each module of the written adapter is the method's (B, A) on
     the inputs' factors, and PeftModel's merged weights are the base plus that B·A."""
     import peft

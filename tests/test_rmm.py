@@ -126,7 +126,7 @@ def merge_rmm(paths, folder, monkeypatch, capsys, **params):
 
 
 def test_rmm_apply_with_as_many_basis_vectors_as_tasks_rebuilds_each_adapter(
-        rmm_inputs, tmp_path, monkeypatch, capsys):
+        rmm_inputs, tmp_path, monkeypatch, capsys, one_thread):
     """k = N: `rmm apply` gives back task i's ΔW and saved head; with --model, the model PEFT's
     merge_and_unload makes of the original adapter."""
     import peft
@@ -157,7 +157,7 @@ def test_rmm_apply_with_as_many_basis_vectors_as_tasks_rebuilds_each_adapter(
 
 
 def test_rmm_apply_with_a_smaller_basis_is_the_closed_form(rmm_inputs, tmp_path, monkeypatch,
-                                                           capsys):
+                                                           capsys, one_thread):
     """k = 1: task i's rebuilt factors are U_1 U_1ᵀ x_i, U_1 numpy's top left singular vector of
     the stacked [vec(s_j B_j); vec(A_j)]; the merged adapter loads in PEFT."""
     import peft
