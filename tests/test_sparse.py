@@ -1,4 +1,4 @@
-"""TIES, DARE, breadcrumbs, DELLA (methods/sparse.py): hand computations of each definition,
+"""TIES, DARE, breadcrumbs, DELLA (methods/sparse.py, magnitude_trim.py, random_drop.py): hand computations of each definition,
 their documented properties, and parity with mergekit 0.1.5 through the engine.
 
 Definitions (METHODS.md and the papers), τi = θi − θ0:
@@ -36,7 +36,7 @@ from mergesmith.methods import (
     task_arithmetic,
     ties,
 )
-from mergesmith.methods import sparse
+from mergesmith.methods import random_drop, sparse
 from mergesmith.methods.blocks import drop_random, keep_magnitude_band, keep_topk, kth_largest
 from test_parity import compare, input_scale, llama, merge_both, ta_scale, ulp_at  # noqa: F401
 
@@ -369,7 +369,7 @@ def test_della_by_hand():
 def test_della_ranks_by_magnitude_then_column():
     """Ties in |τ| are ranked by column, so a rank never depends on the sort's algorithm."""
     rows = T([[2.0, -1.0, 1.0, 0.0, -2.0], [0.5, 0.25, -0.75, 0.125, 1.0]])
-    assert sparse.magnitude_order(rows).tolist() == [[3, 1, 2, 0, 4], [3, 1, 0, 2, 4]]
+    assert random_drop.magnitude_order(rows).tolist() == [[3, 1, 2, 0, 4], [3, 1, 0, 2, 4]]
 
 
 def test_della_keep_probability_rises_with_rank():
@@ -638,7 +638,7 @@ def test_threads_share_the_blocks_without_changing_a_bit(method):
     """A large tensor's row blocks go to several threads: the same bytes as one thread, and the
     random draws still come from each entry's place in the stream."""
     gen = torch.Generator().manual_seed(5)
-    rows = 2 * sparse.MIN_BLOCKS_PER_THREAD * (sparse.RANKED_BLOCK_ELEMENTS // 256)
+    rows = 2 * sparse.MIN_BLOCKS_PER_THREAD * (random_drop.RANKED_BLOCK_ELEMENTS // 256)
     base = torch.randn(rows, 256, generator=gen)
     experts = [base + 0.01 * torch.randn(rows, 256, generator=gen) for _ in range(3)]
     spec = get_method(method)

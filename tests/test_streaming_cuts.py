@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mergesmith.engine.api import merge, plan
 from mergesmith.engine.run import units
-from mergesmith.methods import kth, sparse
+from mergesmith.methods import kth, magnitude_trim, sparse
 from mergesmith.methods.blocks import kth_largest, topk_count
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -63,11 +63,11 @@ def whole_tensor_reference(method: str, base: torch.Tensor, experts: list[torch.
         keep = topk_count(n, density)
         skip = min(int(gamma * n), n - keep)
         if keep in (0, n):
-            cuts.append(sparse.keep_band(math.inf if keep == 0 else 0.0, math.inf))
+            cuts.append(magnitude_trim.keep_band(math.inf if keep == 0 else 0.0, math.inf))
             continue
         scratch = (expert.float() - base.float()).abs()
         low, *high = kth_largest(scratch, [skip + keep] + ([skip + 1] if skip else []))
-        cuts.append(sparse.keep_band(low, high[0] if high else math.inf))
+        cuts.append(magnitude_trim.keep_band(low, high[0] if high else math.inf))
     consensus, normalize = {"ties": (True, True), "breadcrumbs": (False, False),
                             "breadcrumbs_ties": (True, False)}[method]
     return sparse.merge_sparse(base, experts, cuts, weights=weights, consensus=consensus,

@@ -16,13 +16,14 @@ from test_streaming_cuts import awkward_magnitudes, awkward_models  # noqa: F401
 
 from mergesmith.engine.api import merge, plan
 from mergesmith.engine.run import units
-from mergesmith.methods import kth, sparse
+from mergesmith.methods import kth, magnitude_trim, sparse
 from mergesmith.methods.blocks import disjoint_mean, elect_sign, kth_largest, topk_count
 from mergesmith.methods.fusion import row_kl
 from mergesmith.methods.sce_merging import energy_weights, finish_sce, variance
-from mergesmith.methods.sparse import (
-    band_passes, band_sums, finish_bands, keep_band, l1_scales, magnitude_cuts,
+from mergesmith.methods.magnitude_trim import (
+    band_passes, band_sums, finish_bands, keep_band, magnitude_cuts,
 )
+from mergesmith.methods.sparse import l1_scales
 from mergesmith.methods.streamed import exact_total, exponent_sums, reduce_in_parts
 
 CHUNK = 1024  # bytes: a few rows of the toy models per chunk, so every tensor streams
@@ -153,7 +154,7 @@ def l1_whole_tensor(method: str, base: torch.Tensor, experts: list[torch.Tensor]
         keep = topk_count(n, density)
         skip = min(int(gamma * n), n - keep)
         low, *high = kth_largest(tau.abs(), [skip + keep] + ([skip + 1] if skip else []))
-        cut = sparse.keep_band(low, high[0] if high else math.inf)
+        cut = magnitude_trim.keep_band(low, high[0] if high else math.inf)
         before, after = float(tau.abs().double().sum()), float(cut(tau, 0).abs().double().sum())
         cuts.append(cut)
         scales.append(before / after)

@@ -22,7 +22,8 @@ from mergesmith.methods.ram_merging import ram, ramplus_tl
 from mergesmith.methods.subspace import iso_c, iso_cts, tsv_m
 from mergesmith.methods.doge import doge_ta
 from mergesmith.methods.competition import pcb, widen
-from mergesmith.methods.sparse import breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, ties  # noqa: E501
+from mergesmith.methods.magnitude_trim import breadcrumbs, breadcrumbs_ties, ties
+from mergesmith.methods.random_drop import dare_linear, dare_ties, della, della_linear
 from mergesmith.methods.consensus import consensus_ta, consensus_ties, magmax
 from mergesmith.methods.emr import emr
 from mergesmith.methods.twin import twin

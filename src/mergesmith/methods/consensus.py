@@ -28,7 +28,7 @@ import torch
 
 from mergesmith.methods.blocks import disjoint_mean, elect_sign, task_vectors, weighted_sum
 from mergesmith.methods.registry import Param, TensorContext, register
-from mergesmith.methods.sparse import cut_passes, cut_sums, finish_cuts, magnitude_cuts
+from mergesmith.methods.magnitude_trim import cut_passes, cut_sums, finish_cuts, magnitude_cuts
 
 CONSENSUS_PAPER = ("Wang et al. 2024, Localizing task information for improved model merging and "
                    "compression (ICML), arXiv:2405.07813")
@@ -104,7 +104,7 @@ def consensus_ta(
         Param("normalize", bool, default=True,
               doc="TIES' disjoint mean (true) or disjoint sum (false, the authors' choice)"),
     ),
-    # elementwise once TIES' cuts are known: they stream as TIES' (methods/sparse.py)
+    # elementwise once TIES' cuts are known: they stream as TIES' (methods/magnitude_trim.py)
     reduce=cut_sums, finish=finish_cuts, passes=cut_passes,
 )
 def consensus_ties(

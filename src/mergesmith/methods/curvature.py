@@ -43,7 +43,7 @@ Stitching (He et al. 2024, Localize-and-Stitch, §3.2; authors' code yifei-he/Lo
 `Stitcher`): θ = θ0 + Σ wi γi ⊙ τi, γi = mi / Σj mj where masks overlap (`overlap: average`) or
 γi = mi (`sum`). Without masks, their dataless localization: mi = the top-`density` fraction of
 |τi|, per tensor here (their code ranks |τ| over all trainable tensors at once, 5% for language
-models), ties with the cut kept. That cut streams as TIES' does (sparse.py: `cut_sums`, two
+models), ties with the cut kept. That cut streams as TIES' does (magnitude_trim.py: `cut_sums`, two
 counting passes of an exact radix select), so the masks need no whole tensor.
 """
 
@@ -58,7 +58,8 @@ from mergesmith.methods.blocks import (
     topk_count,
 )
 from mergesmith.methods.registry import Param, TensorContext, get_method, register
-from mergesmith.methods.sparse import as_rows, band, cut_passes, cut_sums, finish_cuts, row_blocks
+from mergesmith.methods.magnitude_trim import band, cut_passes, cut_sums, finish_cuts
+from mergesmith.methods.sparse import as_rows, row_blocks
 
 FISHER_PAPER = ("Matena & Raffel 2022, Merging models with Fisher-weighted averaging (NeurIPS), "
                 "arXiv:2111.09832")

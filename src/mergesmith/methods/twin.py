@@ -22,7 +22,7 @@ import torch
 
 from mergesmith.methods.linear import task_arithmetic
 from mergesmith.methods.registry import Param, TensorContext, register
-from mergesmith.methods.sparse import ties
+from mergesmith.methods.magnitude_trim import ties
 from mergesmith.methods.subspace import top_singular_triplets
 
 TWIN_PAPER = ("Lu et al. 2024, Twin-Merging: dynamic integration of modular expertise in model "
