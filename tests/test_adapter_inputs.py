@@ -157,3 +157,14 @@ def test_same_bytes_as_mergekit_base_plus_adapter(experts, tmp_path):
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mergekit"),
               options=MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "cache")), config_source=text)
     compare(tmp_path / "mergekit", mergesmith.merge(recipe, tmp_path / "ours"))
+
+
+def test_data_aware_methods_refuse_adapters_by_line(experts, tmp_path):
+    base, adapters, _ = experts
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "regmean", "calibration": {"data": "d.jsonl"},
+        "models": [{"model": str(base)}, {"model": f"{base}+{adapters[0]}"}]})
+    with pytest.raises(PlanError) as info:
+        mergesmith.plan(recipe)
+    assert info.value.message == (f"{recipe}:6: models[1].model: {base}+{adapters[0]} is a LoRA "
+                                  f"adapter, and regmean runs full checkpoints on calibration data")

@@ -27,7 +27,7 @@ import torch
 
 from mergesmith.engine import api as engine
 from mergesmith.engine import layers as L
-from mergesmith.errors import MergesmithError, RecipeError
+from mergesmith.errors import MergesmithError, PlanError, RecipeError
 from mergesmith.io import Checkpoint, resolve_model
 from mergesmith.methods import MethodSpec, get_method
 from mergesmith.recipe import Calibration, Recipe, load_recipe
@@ -190,7 +190,22 @@ def _experts(recipe: Recipe) -> list[str]:
         form = "modules" if recipe.modules else "slices"
         raise RecipeError(f"{recipe.where(form)}: data-aware methods take a models: list, "
                           f"not {form}")
+    _no_adapters(recipe)
     return [m.model for m in recipe.models if m.model != recipe.base_model]
+
+
+def _no_adapters(recipe: Recipe) -> None:
+    """Calibration runs each model in transformers from its folder, which an adapter is not."""
+    from mergesmith.io.adapted import is_adapter_ref
+
+    refs = [(("base_model",), recipe.base_model)] + [
+        (("models", i, "model"), m.model) for i, m in enumerate(recipe.models)]
+    at, ref = next(((at, ref) for at, ref in refs if ref and is_adapter_ref(ref)), (None, None))
+    if ref is not None:
+        raise PlanError(f"{recipe.where(*at)}: {ref} is a LoRA adapter, and {recipe.merge_method} "
+                        "runs full checkpoints on calibration data",
+                        hint="merge it into its base first: a linear recipe with the one model "
+                             "BASE+ADAPTER writes that checkpoint")
 
 
 def calibration_for(recipe: Recipe, ref: str, method: MethodSpec) -> Calibration:

@@ -110,6 +110,14 @@ def open_input(ref: str, opened: dict, base_model: str | None, check=lambda ck: 
     return opened[key]
 
 
+def is_adapter_ref(ref: str) -> bool:
+    """`BASE+ADAPTER`, or a local adapter folder (no hub lookup)."""
+    local = Path(ref).expanduser()
+    if "+" in ref and not local.exists():
+        return True
+    return is_adapter_folder(local) and not (local / "config.json").is_file()
+
+
 def _split(ref: str, base_model: str | None) -> tuple[str, str | None, str]:
     """(base reference, adapter reference or None, where the base came from)."""
     if "+" in ref and not Path(ref).expanduser().exists():
