@@ -58,7 +58,7 @@ class DataFlowSpec(_Strict):
 class DataFlowSpace(SearchSpace):
     def __init__(self, recipe: Recipe, raw: dict):
         from mergesmith.engine import layers as L
-        from mergesmith.io import Checkpoint, resolve_model
+        from mergesmith.io.adapted import open_input
 
         at = ("search", "dataflow")
         self.base = recipe
@@ -69,7 +69,7 @@ class DataFlowSpace(SearchSpace):
         self.slots: list[tuple[str, int]] = []  # (model, layer), the M layers in order
         self.projections: dict[str, list[str]] = {}  # model -> its first linears, as filters
         for ref in pool:
-            names = list(Checkpoint(resolve_model(ref), label=ref).tensors)
+            names = list(open_input(ref, {}, recipe.base_model).tensors)
             count = L.num_layers(names)
             if not count:
                 raise RecipeError(f"{recipe.where(*at)}: {ref} has no numbered layers")

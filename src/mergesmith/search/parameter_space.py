@@ -252,10 +252,10 @@ def outside_tensors(recipe: Recipe) -> tuple[list[str], list[str]]:
     """The tensors of the recipe's first model before its layers (embeddings) and after them
     (final norm, head), by full name."""
     from mergesmith.engine import layers as L
-    from mergesmith.io import Checkpoint, resolve_model
+    from mergesmith.io.adapted import open_input
 
-    ref = recipe.models[0].model
-    names = sorted(n for n in Checkpoint(resolve_model(ref), label=ref).tensors if L.layer_of(n) is None)
+    ref = recipe.models[0].model  # a model folder or an adapter on one: the same tensor names
+    names = sorted(n for n in open_input(ref, {}, recipe.base_model).tensors if L.layer_of(n) is None)
     before = [n for n in names if L.is_before_layers(n)]
     after = [n for n in names if not L.is_before_layers(n)]
     if not before or not after:
