@@ -199,3 +199,19 @@ def test_registered_as_an_adapter_method_that_needs_density_to_prune():
     assert spec.equal_ranks_when(params)
     assert not spec.equal_ranks_when({**params, "mode": "exact"})
     assert not spec.equal_ranks_when({**params, "combination_type": "ties_svd"})
+
+
+def test_randomized_svd_solver_is_nearly_as_good_as_the_exact_truncation():
+    """Labelled approximate: its residual ‖ΔW − BA‖_F within 2% of the exact top-r residual
+    (Eckart–Young's optimum), and the energy it reports is that of its own factors."""
+    Bs, As = factors((8, 8), d_out=96, d_in=80, seed=4)
+    kw = dict(weights=[1.0, 0.5], ctx=CTX, combination_type="ties_svd", density=0.3, svd_rank=6)
+    exact = lora_combine(Bs, As, [1.0, 1.0], **kw)
+    fast = lora_combine(Bs, As, [1.0, 1.0], svd_solver="randomized", **kw)
+    delta = lora_combine(Bs, As, [1.0, 1.0], **{**kw, "svd_rank": 80})  # the whole pruned ΔW
+    delta = delta[0] @ delta[1]
+    residual = [torch.linalg.norm(delta - B @ A) for B, A, _ in (exact, fast)]
+    assert residual[0] <= residual[1] * (1 + 1e-6) and residual[1] <= 1.02 * residual[0]
+    total = float(delta.double().square().sum())
+    kept = float((fast[0] @ fast[1]).double().square().sum())
+    assert fast[2]["energy"] == pytest.approx(kept / total, rel=1e-4)

@@ -12,7 +12,12 @@ Two modes:
   truncated to `svd_rank` (default: the largest r_i), found from the factors (QR of the stacked
   B_i and A_iᵀ, then an SVD of a Σr × Σr core: no d_out × d_in matrix). The pruning types
   (ties, dare_*, magnitude_prune) prune the ΔW_i, which have no meaning entry by entry in factor
-  space, and truncate by SVD: `ties` and `ties_svd` are one merge here, and so on.
+  space, and truncate by SVD: `ties` and `ties_svd` are one merge here, and so on. That SVD
+  (of a full d_out × d_in matrix, which pruning makes full-rank) is exact (methods/lowrank.py),
+  or with `svd_solver: randomized` Halko et al.'s sketch: approximate, and far faster at LLM
+  sizes (ties_svd of three rank-16 adapters on a 2048² module, one thread: 11.2 s exact, 0.8 s
+  randomized; `svd` needs neither: its sum is low-rank, 27 ms, where peft_compat's full SVD
+  takes 8.9 s).
 - `peft_compat`: what PEFT 0.21.2 computes, tensor for tensor. Factor-space types (`linear`,
   `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`; equal ranks) combine the A_i with
   weights sign(w_i s_i)·√|w_i s_i| and the B_i with √|w_i s_i| separately, so BA has the cross
@@ -48,7 +53,7 @@ from mergesmith.methods.blocks import (
     kth_largest,
     weighted_sum,
 )
-from mergesmith.methods.lowrank import kept_energy, top_singular_triplets
+from mergesmith.methods.lowrank import kept_energy, randomized_svd, top_singular_triplets
 from mergesmith.methods.registry import Param, TensorContext, register
 
 # combination type -> the op merge_utils applies (to factors, or to the ΔW_i before an SVD)
@@ -121,16 +126,16 @@ def stream_drop(density: float, ctx: TensorContext) -> Drop:
 
 
 def truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int,
-             clamp: float | None) -> tuple[Factors, float]:
+             clamp: float | None, total: torch.Tensor | None = None) -> tuple[Factors, float]:
     """B = U_r diag(S_r), A = Vh_r (PEFT's split: the scale on B), each clipped to [−q, q] with
     q the `clamp` quantile of their entries; and the energy kept, Σ_{k≤r} S_k² / Σ S_k² (S the
-    whole spectrum)."""
+    whole spectrum, or `total` = ‖ΔW‖_F² when S is only its top)."""
     r = min(rank, S.numel())
     B, A = (U[:, :r] @ torch.diag(S[:r])).float(), Vh[:r, :].float()
     if clamp is not None:
         q = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
         B, A = B.clamp(-q, q), A.clamp(-q, q)
-    return (B, A), kept_energy(S, r)
+    return (B, A), kept_energy(S, r, total)
 
 
 def svd_of_product(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -198,6 +203,11 @@ def exact(Bs, As, scalings, weights, combination_type, rank, params, ctx,
         delta = transpose(combine(op, deltas, weights, density=params["density"],
                                   majority_sign_method=params["majority_sign_method"],
                                   drop=stream_drop(params["density"] or 1.0, ctx)), transposed)
+        if params["svd_solver"] == "randomized":  # approximate, seeded per module
+            U, S, Vh = randomized_svd(delta, rank, seed=ctx.generator().initial_seed())
+            total = delta.double().square().sum()
+            return truncate(U, S, Vh, rank, params["svd_clamp"], total)[0], \
+                {"energy": kept_energy(S, rank, total)}
         U, S, Vh = top_singular_triplets(delta)
     factors, energy = truncate(U, S, Vh, rank, params["svd_clamp"])
     return factors, {"energy": energy}
@@ -243,17 +253,20 @@ def check(params: dict) -> None:
               Param("majority_sign_method", str, default="total", choices=("total", "frequency")),
               Param("mode", str, default="exact", choices=MODES,
                     doc="exact: combine the ΔW_i; peft_compat: PEFT 0.21.2's tensors"),
+              Param("svd_solver", str, default="exact", choices=("exact", "randomized"),
+                    doc="exact mode's SVD of a pruned ΔW: exact, or randomized (approximate, "
+                    "fast at large d)"),
           ))
 def lora_combine(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[float], *,
                  weights: list[float], ctx: TensorContext, combination_type: str = "svd",
                  svd_rank: int | None = None, svd_clamp: float | None = None,
                  density: float | None = None, majority_sign_method: str = "total",
-                 mode: str = "exact", transposed: bool = False
+                 mode: str = "exact", svd_solver: str = "exact", transposed: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One module's merged (B, A), scaling 1, and {"energy": kept fraction} for SVD types.
     `transposed`: the base stores ΔWᵀ (fan_in_fan_out, embeddings), where PEFT draws its masks."""
     params = dict(density=density, majority_sign_method=majority_sign_method,
-                  svd_clamp=svd_clamp)
+                  svd_clamp=svd_clamp, svd_solver=svd_solver)
     rank = output_rank([A.shape[0] for A in As], combination_type, svd_rank, mode)
     run = peft_compat if mode == "peft_compat" else exact
     (B, A), info = run([B.float() for B in Bs], [A.float() for A in As], scalings, weights,
