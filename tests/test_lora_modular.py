@@ -34,7 +34,8 @@ def weighted_sum(Bs, As, scalings, weights):
 
 @pytest.mark.parametrize("reweight", ["none", "norm", "sum"])
 def test_lego_full_rank_is_the_sum_of_the_deltas(reweight, one_thread):
-    """k = Σ r_i: every unit is its own cluster, so BA = Σ w_i s_i B_i A_i (negative weights too)."""
+    """k = Σ r_i: every unit is its own cluster, so BA = Σ w_i s_i B_i A_i (negative weights
+    too)."""
     Bs, As = loras([2, 3, 2])
     scalings, weights = [0.5, 2.0, 1.5], [1.0, -0.5, 2.0]
     B, A = lm.lora_lego(Bs, As, scalings, weights=weights, ctx=CTX, rank=7, reweight=reweight)
@@ -265,8 +266,9 @@ def test_recipe_merges_adapters_into_an_adapter_peft_loads(method, params, llama
     assert set(merged.modules) == set(inputs[0].modules)
     for weight in merged.modules:
         Bs, As = zip(*(a.factors(weight) for a in inputs))
-        B, A = get_method(method).fn(list(Bs), list(As), [a.modules[weight].scaling for a in inputs],
-                                     weights=weights, ctx=TensorContext(weight, seed=0), **params)[:2]
+        scalings = [a.modules[weight].scaling for a in inputs]
+        B, A = get_method(method).fn(list(Bs), list(As), scalings, weights=weights,
+                                     ctx=TensorContext(weight, seed=0), **params)[:2]
         torch.testing.assert_close(merged.delta(weight), B @ A, rtol=0, atol=1e-6)
         torch.testing.assert_close(model[weight], original[weight] + B @ A, rtol=1e-5, atol=1e-5)
     if method == "orthogonal_lora_sum":  # the report of how orthogonal the A_i are

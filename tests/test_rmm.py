@@ -26,7 +26,8 @@ def columns(Bs, As, grouping):
     """The tasks' stacked factors by hand: per module one long vector; per position the rows of
     s_i B_i and the columns of A_i."""
     if grouping == "module":
-        return [np.stack([np.concatenate([(s * b.double()).numpy().ravel(), a.double().numpy().ravel()])
+        return [np.stack([np.concatenate([(s * b.double()).numpy().ravel(),
+                                          a.double().numpy().ravel()])
                           for b, a, s in zip(Bs, As, SCALINGS)], axis=1)]
     rows = [np.stack([(s * b.double())[p].numpy() for b, s in zip(Bs, SCALINGS)], axis=1)
             for p in range(D_OUT)]
@@ -138,13 +139,16 @@ def test_rmm_apply_with_as_many_basis_vectors_as_tasks_rebuilds_each_adapter(
     base, paths = rmm_inputs
     merged = merge_rmm(paths, tmp_path, monkeypatch, capsys, basis_size=3)
     assert (merged / "rmm" / "rmm.json").is_file()
-    code, _, err = run_cli(monkeypatch, capsys, "rmm", "apply", merged, str(paths[1]), tmp_path / "t1")
+    code, _, err = run_cli(monkeypatch, capsys, "rmm", "apply", merged, str(paths[1]),
+                           tmp_path / "t1")
     assert code == 0, err
     rebuilt, original = read_adapter(tmp_path / "t1"), read_adapter(paths[1])
     assert set(rebuilt.modules) == set(original.modules)
     for weight in original.modules:
-        torch.testing.assert_close(rebuilt.delta(weight), original.delta(weight), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rebuilt.read_saved("lm_head.weight"), original.read_saved("lm_head.weight"))
+        torch.testing.assert_close(rebuilt.delta(weight), original.delta(weight), atol=1e-5,
+                                   rtol=1e-5)
+    torch.testing.assert_close(rebuilt.read_saved("lm_head.weight"),
+                               original.read_saved("lm_head.weight"))
     code, _, err = run_cli(monkeypatch, capsys, "rmm", "apply", merged, "2", tmp_path / "m2",
                            "--model", base)
     assert code == 0, err
@@ -154,6 +158,13 @@ def test_rmm_apply_with_as_many_basis_vectors_as_tasks_rebuilds_each_adapter(
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-5, msg=name)
     assert (tmp_path / "m2" / "config.json").is_file()
+
+
+def stacked_factors(adapter, weight):
+    """[vec(s B); vec(A)] of one adapter's module, in float64."""
+    b, a = adapter.factors(weight)
+    scaled = adapter.modules[weight].scaling * b.double()
+    return np.concatenate([scaled.numpy().ravel(), a.double().numpy().ravel()])
 
 
 def test_rmm_apply_with_a_smaller_basis_is_the_closed_form(rmm_inputs, tmp_path, monkeypatch,
@@ -173,8 +184,7 @@ def test_rmm_apply_with_a_smaller_basis_is_the_closed_form(rmm_inputs, tmp_path,
     assert code == 0, err
     rebuilt, inputs = read_adapter(tmp_path / "t0"), [read_adapter(p) for p in paths]
     for weight in inputs[0].modules:
-        x = np.stack([np.concatenate([(a.modules[weight].scaling * a.factors(weight)[0].double()).numpy().ravel(),
-                                      a.factors(weight)[1].double().numpy().ravel()]) for a in inputs], axis=1)
+        x = np.stack([stacked_factors(a, weight) for a in inputs], axis=1)
         u = np.linalg.svd(x, full_matrices=False)[0][:, :1]
         expected = u @ (u.T @ x[:, 0])
         b, a = rebuilt.factors(weight)

@@ -28,7 +28,8 @@ they are trimmed); ΔW = U · merged. M is never formed: with the stacked B's = 
 s_i A_iᵀ = P_i T_i (QR), M = Q [R_i T_iᵀ]_i blockdiag(P_iᵀ), so the SVD of the small core
 [R_i T_iᵀ]_i (≤ Σr_i square) gives U = Q W and S V_iᵀ = Wᵀ R_i T_iᵀ P_iᵀ. Components at the
 fp32 noise floor are dropped (the code: S ≤ 1e-5). Rules (ties, dare_ties and dare_linear on
-the blocks): "ties" (trim to the top-`density` magnitudes of each block, elect signs, disjoint mean),
+the blocks): "ties" (trim to the top-`density` magnitudes of each block, elect signs, disjoint
+mean),
 "dare_ties", "dare_linear", "mean" (Σ w_i X_i / Σ w_i) and "sum". Differences from the code: it
 trims each task's blocks over the whole model at once (we trim per module), and breaks exact
 sign ties by the majority sign (we leave such entries at zero, as our TIES does).
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from mergesmith.methods.lowrank import kept_energy, noise_floor, top_singular_triplets
-from mergesmith.methods.registry import Param, TensorContext, register, seeded_generator
+from mergesmith.methods.registry import Param, TensorContext, get_method, register, seeded_generator
 
 KMEANS_ITERATIONS = 100
 
@@ -54,12 +55,14 @@ KMEANS_ITERATIONS = 100
 # shared
 
 
-def folded(Bs: list[torch.Tensor], scalings: list[float], weights: list[float]) -> list[torch.Tensor]:
+def folded(Bs: list[torch.Tensor], scalings: list[float],
+           weights: list[float]) -> list[torch.Tensor]:
     """w_i·s_i·B_i in float64: each LoRA's whole coefficient on its B."""
     return [b.to(torch.float64) * (w * s) for b, s, w in zip(Bs, scalings, weights)]
 
 
-def concatenated(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def concatenated(Bs: list[torch.Tensor],
+                 As: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[B_1 … B_N], [A_1; …; A_N]: the LoRA whose BA is Σ B_i A_i exactly (rank Σ r_i)."""
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
@@ -195,8 +198,9 @@ def _rescaled(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 
 def shared_basis(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[float]
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """U (d_out × R') and the blocks S V_iᵀ (R' × d_in) of the SVD of M = [s_1 B_1 A_1 … s_N B_N A_N],
-    so that U S V_iᵀ = s_i B_i A_i, in float64, M never formed (module docstring)."""
+    """U (d_out × R') and the blocks S V_iᵀ (R' × d_in) of the SVD of
+    M = [s_1 B_1 A_1 … s_N B_N A_N], so that U S V_iᵀ = s_i B_i A_i, in float64; M is never
+    formed (module docstring)."""
     q, r = torch.linalg.qr(torch.cat([b.to(torch.float64) for b in Bs], dim=1))
     cores, rows = [], []
     start = 0
@@ -214,24 +218,17 @@ def shared_basis(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[
 
 def merge_blocks(blocks: list[torch.Tensor], weights: list[float], rule: str, density: float,
                  ctx: TensorContext | None) -> torch.Tensor:
-    """Combine the blocks S V_iᵀ entry by entry with one of the task-vector rules (TIES' and
-    DARE's functions, given a zero base so that their θ0 + merge is the merge)."""
-    from mergesmith.methods import magnitude_trim, random_drop
-
+    """Combine the blocks S V_iᵀ entry by entry with one of the task-vector rules (the registered
+    ties, dare_ties, dare_linear functions, given a zero base so that their θ0 + merge is the
+    merge; dare_ties divides by the agreeing weights, as KnOTS' disjoint mean does)."""
     blocks = [x.to(torch.float32) for x in blocks]
-    if rule == "sum":
-        return sum(x * w for x, w in zip(blocks, weights))
-    if rule == "mean":
-        return sum(x * w for x, w in zip(blocks, weights)) / sum(weights)
-    zero = torch.zeros_like(blocks[0])
-    densities = [density] * len(blocks)
-    ctx = ctx or TensorContext(name="")
-    if rule == "ties":
-        return magnitude_trim.ties(zero, blocks, weights=weights, densities=densities, ctx=ctx)
-    if rule == "dare_ties":
-        return random_drop.dare_ties(zero, blocks, weights=weights, densities=densities,
-                                     ctx=ctx, normalize=True)
-    return random_drop.dare_linear(zero, blocks, weights=weights, densities=densities, ctx=ctx)
+    if rule in ("sum", "mean"):
+        total = sum(x * w for x, w in zip(blocks, weights))
+        return total / sum(weights) if rule == "mean" else total
+    options = {"normalize": True} if rule == "dare_ties" else {}
+    return get_method(rule).fn(torch.zeros_like(blocks[0]), blocks, weights=weights,
+                               densities=[density] * len(blocks),
+                               ctx=ctx or TensorContext(name=""), **options)
 
 
 @register(
@@ -244,7 +241,8 @@ def merge_blocks(blocks: list[torch.Tensor], weights: list[float], rule: str, de
     params=(
         Param("weight", default=1.0, per_model=True, arg="weights",
               doc="the LoRA's weight in the merge rule"),
-        Param("merge", str, default="ties", choices=("ties", "dare_ties", "dare_linear", "mean", "sum"),
+        Param("merge", str, default="ties",
+              choices=("ties", "dare_ties", "dare_linear", "mean", "sum"),
               doc="rule applied to the aligned blocks S V_iᵀ"),
         Param("density", default=0.2, minimum=0.0, maximum=1.0,
               doc="fraction of each block's entries kept (ties: by magnitude, dare: at random)"),
