@@ -163,6 +163,22 @@ def test_written_adapter_loads_in_peft_with_the_factors_logits(bases, tmp_path):
         torch.testing.assert_close(back.factors(name), (b, a), rtol=0, atol=0)
 
 
+def test_read_then_written_adapter_merges_as_the_original_in_peft(bases, tmp_path):
+    """An embedding LoRA whose base weight PEFT saved too (save_embedding_layers), a saved head,
+    mixed ranks: written back with the scalings folded in, PEFT merges it to the same model."""
+    original = make_adapter(bases["llama"], tmp_path / "a", "llama", r=4, lora_alpha=8,
+                            target_modules=["embed_tokens", "v_proj"], rank_pattern={"v_proj": 2},
+                            modules_to_save=["lm_head"])
+    read = read_adapter(original)
+    assert set(read.saved) == {"lm_head.weight", "model.embed_tokens.weight"}
+    factors = {w: (b * m.scaling, a) for w, m in read.modules.items() for b, a in [read.factors(w)]}
+    write_adapter(tmp_path / "w", factors, base_model=None, saved={n: read.read_saved(n) for n in read.saved},
+                  embeddings={w for w, m in read.modules.items() if m.embedding})
+    want, got = (merged_by_peft(bases["llama"], folder, "llama") for folder in (original, tmp_path / "w"))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_refuses_other_adapter_types_and_variants(bases, tmp_path):
     ia3 = peft.get_peft_model(model_class("llama").from_pretrained(bases["llama"]),
                               peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))

@@ -253,8 +253,14 @@ def write_adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Ten
             ("lora_B.weight", "lora_A.weight")
         tensors[f"{PREFIX}{module}.{kind[0]}"] = b.contiguous()
         tensors[f"{PREFIX}{module}.{kind[1]}"] = a.contiguous()
+    to_save = set()
     for name, tensor in (saved or {}).items():
-        tensors[PREFIX + name] = tensor.contiguous()
+        module, leaf = name.rsplit(".", 1)
+        if module in modules:  # a targeted module's own weight, as PEFT's save_embedding_layers
+            tensors[f"{PREFIX}{module}.base_layer.{leaf}"] = tensor.contiguous()
+        else:
+            tensors[PREFIX + name] = tensor.contiguous()
+            to_save.add(module)
     r = max((rank for rank, _ in modules.values()), default=1)
     alpha = float(r)
     config = {
@@ -264,7 +270,7 @@ def write_adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Ten
         "alpha_pattern": {m: _number(al) for m, (_, al) in modules.items() if al != alpha},
         "fan_in_fan_out": fan_in_fan_out, "bias": "none", "lora_dropout": 0.0,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in saved}) if saved else None,
+        "modules_to_save": sorted(to_save) or None,
         **(extra_config or {}),
     }
     folder.mkdir(parents=True, exist_ok=True)
