@@ -255,7 +255,7 @@ def write_adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Ten
         tensors[f"{PREFIX}{module}.{kind[1]}"] = a.contiguous()
     to_save = set()
     for name, tensor in (saved or {}).items():
-        module, leaf = name.rsplit(".", 1)
+        module, leaf = name.replace(".base_layer.", ".").rsplit(".", 1)
         if module in modules:  # a targeted module's own weight, as PEFT's save_embedding_layers
             tensors[f"{PREFIX}{module}.base_layer.{leaf}"] = tensor.contiguous()
         else:
