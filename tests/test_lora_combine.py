@@ -215,3 +215,9 @@ def test_randomized_svd_solver_is_nearly_as_good_as_the_exact_truncation():
     total = float(delta.double().square().sum())
     kept = float((fast[0] @ fast[1]).double().square().sum())
     assert fast[2]["energy"] == pytest.approx(kept / total, rel=1e-4)
+
+
+def test_adapters_that_cancel_give_a_zero_adapter_of_rank_one():
+    Bs, As = factors((3,))
+    B, A, info = lora_combine(Bs * 2, As * 2, [1.0, 1.0], weights=[1.0, -1.0], ctx=CTX)
+    assert B.shape == (12, 1) and A.shape == (1, 10) and not (B @ A).any()

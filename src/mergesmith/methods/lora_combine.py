@@ -53,7 +53,8 @@ from mergesmith.methods.blocks import (
     kth_largest,
     weighted_sum,
 )
-from mergesmith.methods.lowrank import kept_energy, randomized_svd, top_singular_triplets
+from mergesmith.methods.lowrank import (NOISE_EPS, kept_energy, randomized_svd,
+                                        top_singular_triplets)
 from mergesmith.methods.registry import Param, TensorContext, register
 
 # combination type -> the op merge_utils applies (to factors, or to the ΔW_i before an SVD)
@@ -131,6 +132,8 @@ def truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int,
     q the `clamp` quantile of their entries; and the energy kept, Σ_{k≤r} S_k² / Σ S_k² (S the
     whole spectrum, or `total` = ‖ΔW‖_F² when S is only its top)."""
     r = min(rank, S.numel())
+    if r == 0:  # ΔW = 0 (the adapters cancel): one zero rank, since PEFT needs r ≥ 1
+        return (U.new_zeros(U.shape[0], 1).float(), Vh.new_zeros(1, Vh.shape[1]).float()), 1.0
     B, A = (U[:, :r] @ torch.diag(S[:r])).float(), Vh[:r, :].float()
     if clamp is not None:
         q = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
@@ -143,7 +146,9 @@ def svd_of_product(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, ...]
     R × R core (methods/lowrank.py, float64): no d_out × d_in matrix."""
     Qb, Rb = torch.linalg.qr(B.double())
     Qa, Ra = torch.linalg.qr(A.T.double())
-    u, S, vh = top_singular_triplets(Rb @ Ra.T)
+    # below fp32's precision of the terms (‖B‖_F‖A‖_F bounds them all): rounding, not signal
+    floor = NOISE_EPS * float(torch.linalg.norm(Rb) * torch.linalg.norm(Ra))
+    u, S, vh = top_singular_triplets(Rb @ Ra.T, floor=floor)
     return Qb @ u, S, vh @ Qa.T
 
 
