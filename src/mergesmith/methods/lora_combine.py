@@ -12,7 +12,8 @@ Two modes:
   truncated to `svd_rank` (default: the largest r_i), found from the factors (QR of the stacked
   B_i and A_iᵀ, then an SVD of a Σr × Σr core: no d_out × d_in matrix). The pruning types
   (ties, dare_*, magnitude_prune) prune the ΔW_i, which have no meaning entry by entry in factor
-  space, and truncate by SVD: `ties` and `ties_svd` are one merge here, and so on. That SVD
+  space, and truncate by SVD: `ties` and `ties_svd` are one merge here, and so on (DARE's
+  masks from mergesmith's per-adapter streams, as methods/sparse.py draws them). That SVD
   (of a full d_out × d_in matrix, which pruning makes full-rank) is exact (methods/lowrank.py),
   or with `svd_solver: randomized` Halko et al.'s sketch: approximate, and far faster at LLM
   sizes (ties_svd of three rank-16 adapters on a 2048² module, one thread: 11.2 s exact, 0.8 s
@@ -24,8 +25,10 @@ Two modes:
   terms Σ_{i≠j} b_i a_j B_i A_j (PEFT issue #3004); SVD types combine the ΔW_i (scaling once:
   0.21.2 no longer multiplies the weights by s_i again) and take a full SVD of the d_out × d_in
   result; one adapter is always `linear`. Random pruning draws torch.bernoulli from a generator
-  seeded like PEFT's global one would be (`ctx.generator()`), A's then B's, adapter by adapter:
-  seeded alike, a single module's draws are PEFT's. PEFT's new adapter also inherits
+  seeded like PEFT's global one would be (`ctx.generator()`), A's then B's, adapter by adapter,
+  each ΔW_i in its base's layout: seeded alike, a module's draws are PEFT's (PEFT's global
+  generator runs on across modules and its new adapter's own initialisation, which no seed per
+  module reproduces for a whole model). PEFT's new adapter also inherits
   `use_rslora` from the first adapter, so its scaling is √r, not 1: the engine writes that
   config too under this mode (engine/adapters.py).
 
