@@ -17,6 +17,9 @@ Conventions for README authors (keep new snippets inside them):
     written anywhere in the block (a hub id such as `org/a` becomes the local folder `org/a`);
     `./x` and `x/` name the same folder as `x`, and `x+adapter` names `x` (the block writes the
     adapter);
+  - training runs `trainer-runs/<name>`: a transformers Trainer output_dir of full checkpoints,
+    `checkpoint-100`, `-200`, `-300` (each `base` plus its own delta), whose trainer_state.json
+    logged the training losses 1.9, 1.2 and 1.4;
   - tasks `tasks/<name>` for the demo's task names (sentiment, topic, language,
     part_of_speech): the demo's task cut to a few rows per split, with a head for the toy models;
   - recipes `recipe.yaml` (task arithmetic of ./math and ./code on ./base) and `<method>.yaml`
@@ -53,7 +56,8 @@ MARKER = re.compile(r"^<!--\s*not run:\s*(\S.*?)\s*-->$")
 MODEL_REF = re.compile(r"\b(?:base_model|model)\s*:\s*['\"]?([A-Za-z0-9_.@/+-]+)")
 DATA_REF = re.compile(r"\bdata\s*:\s*['\"]?([A-Za-z0-9_./-]+\.(?:jsonl|txt))")
 FIXED_MODELS = ("base", "math", "code", "merged", "ta")
-MODEL_PREFIXES = ("experts/", "runs/")
+MODEL_PREFIXES = ("experts/", "runs/", "trainer-runs/")
+TRAINER_RUN = {100: 1.9, 200: 1.2, 300: 1.4}  # step -> training loss logged at it
 TOY = dict(hidden=16)
 LAYERS = {"models": 4, "deep": 32}  # deep: for blocks that cut layer ranges (SOLAR's 0-24 + 8-32)
 ROWS_PER_LABEL = 3  # in each split of a toy task
@@ -137,7 +141,8 @@ def world(tmp_path_factory) -> Path:
         config["max_position_embeddings"] = 4096  # rotary: no tensor depends on it; snippets use real lengths
         (base / "config.json").write_text(json.dumps(config, indent=2))
         for seed, name in enumerate(sorted(names[family] - {"base"}), 1):
-            _fine_tune(base, root / family / name, seed)
+            make = _trainer_run if name.startswith("trainer-runs/") else _fine_tune
+            make(base, root / family / name, seed)
     for seed, name in enumerate(sorted(data)):
         words = torch.randint(2, len(tokens), (160, 12), generator=torch.Generator().manual_seed(seed))
         rows = [{"text": " ".join(tokens[w] for w in row)} for row in words.tolist()]
@@ -163,6 +168,15 @@ def _fine_tune(base: Path, target: Path, seed: int, delta: float = 0.02) -> None
     tensors = {name: t + delta * torch.randn(t.shape, generator=generator)
                for name, t in sorted(load_file(base / "model.safetensors").items())}
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+
+
+def _trainer_run(base: Path, target: Path, seed: int) -> None:
+    """checkpoint-<step>/ folders as transformers' Trainer saves them, losses in log_history."""
+    for i, step in enumerate(TRAINER_RUN):
+        _fine_tune(base, target / f"checkpoint-{step}", 100 * seed + i)
+        history = [{"loss": loss, "step": s} for s, loss in TRAINER_RUN.items() if s <= step]
+        (target / f"checkpoint-{step}" / "trainer_state.json").write_text(
+            json.dumps({"global_step": step, "log_history": history}))
 
 
 def _toy_task(source: Path, target: Path) -> None:
