@@ -202,3 +202,42 @@ def test_cli_writes_the_adapter(toy, tmp_path, monkeypatch, capsys):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["rank_pattern"]["model.layers.0.self_attn.k_proj"] == 2
     assert "saved whole: embed_tokens" in err and not list(tmp_path.glob(".lora*"))
+
+
+def test_bf16_models_with_data_dependent_ranks(tmp_path):
+    """bf16 factors (mergekit stores τ's dtype) and ranks known only after each SVD: the header
+    written last must still describe the file exactly."""
+    base = build_model(tmp_path / "base", "llama", seed=0, dtype=torch.bfloat16, layers=1)
+    ft = build_model(tmp_path / "ft", "llama", seed=1, base=base, dtype=torch.bfloat16, layers=1)
+    out = tmp_path / "adapter"
+    result = extract_lora(base, ft, out, Options(RankRule(32, energy=0.6)))
+    tensors = load_file(out / "adapter_model.safetensors")  # safetensors checks every offset
+    module = "model.layers.0.mlp.up_proj"
+    a, b = tensors[f"{PREFIX}{module}.lora_A.weight"], tensors[f"{PREFIX}{module}.lora_B.weight"]
+    assert a.dtype == torch.bfloat16 and 0 < a.shape[0] == result.ranks[module] < 32
+    tau = load_file(ft / "model.safetensors")[f"{module}.weight"].float() \
+        - load_file(base / "model.safetensors")[f"{module}.weight"].float()
+    f = lora_factors(tau, RankRule(32, energy=0.6))
+    assert torch.allclose(b.float() @ a.float(), f.b @ f.a, atol=2e-2 * float(tau.abs().max()))
+
+
+def test_reserved_header_room(tmp_path):
+    """Shapes may shrink after the room is reserved; a header that would not fit (a longer dtype
+    name than the layout's) fails loudly instead of overwriting the first tensor's bytes."""
+    from mergesmith.engine.extract_lora import ReservedShard
+    from mergesmith.io import OutTensor
+
+    layout = [OutTensor(f"t{i}", torch.bfloat16, (64, 1000)) for i in range(12)]
+    file = ReservedShard(tmp_path / "a.safetensors", layout)
+    written = {f"t{i}": torch.randn(i + 1, 1000).bfloat16() for i in range(12)}
+    for name, tensor in written.items():
+        file.write(name, tensor)
+    file.close()
+    back = load_file(tmp_path / "a.safetensors")
+    assert all(torch.equal(back[n], t) for n, t in written.items())
+    file = ReservedShard(tmp_path / "b.safetensors", [OutTensor(f"t{i}", torch.float64, (1, 1))
+                                                      for i in range(12)])
+    for i in range(12):
+        file.write(f"t{i}", torch.zeros(1, 1, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="outgrew"):
+        file.close()

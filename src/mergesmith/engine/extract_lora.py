@@ -37,6 +37,8 @@ from mergesmith.io.adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILES
 from mergesmith.methods.lowrank import gram, kept_energy, randomized_svd, select_rank
 
 SUBSET_FRACTION = 0.5  # below this share of the spectrum, compute only the eigenvectors wanted
+BLOCK = 512  # columns of τ converted to float64 at a time
+CHUNK_BYTES = 16 << 20  # rows of each model read at a time for τ
 
 
 # ---------------------------------------------------------------- the factorization (pure)
@@ -81,13 +83,14 @@ def lora_factors(tau: torch.Tensor, rule: RankRule, module: str = "", *,
     if randomized:
         return _randomized(tau, rule, module, distribute_scale, seed)
     flipped = tau.shape[0] > tau.shape[1]
-    a = (tau.mT if flipped else tau).to(torch.float64)  # the smaller side first: a aᵀ is small
-    g = gram(a)
+    a = tau.mT if flipped else tau  # the smaller side first: a aᵀ is small
+    g = _gram64(a)
     total = float(g.diagonal().sum())
     sigma_sq, q = _top_eigh(g, rule, module)
+    del g
     sigma = sigma_sq.clamp(min=0).sqrt()
     inv = torch.where(sigma > 0, 1 / sigma, torch.zeros_like(sigma))
-    other = q.mT @ a  # a = Q diag(S) Wᵀ, so Qᵀa = diag(S) Wᵀ: no division by a small S
+    other = _project(q, a)  # a = Q diag(S) Wᵀ, so Qᵀa = diag(S) Wᵀ: no division by a small S
     if flipped:  # τ = W S Qᵀ: U = (Qᵀa)ᵀ S⁻¹, Vᵀ = Qᵀ
         b = other.mT * (inv.sqrt() if distribute_scale else inv)
         a_factor = q.mT * (sigma.sqrt() if distribute_scale else sigma)[:, None]
@@ -96,6 +99,28 @@ def lora_factors(tau: torch.Tensor, rule: RankRule, module: str = "", *,
         a_factor = other * inv.sqrt()[:, None] if distribute_scale else other
     return Factors(b.to(torch.float32).contiguous(), a_factor.to(torch.float32).contiguous(),
                    kept_energy(sigma, len(sigma), total))
+
+
+def _blocks(a: torch.Tensor):
+    """a's columns in float64, BLOCK at a time: never a whole float64 copy of τ."""
+    for start in range(0, a.shape[1], BLOCK):
+        yield start, a[:, start:start + BLOCK].to(torch.float64)
+
+
+def _gram64(a: torch.Tensor) -> torch.Tensor:
+    """a aᵀ in float64, summed over column blocks."""
+    g = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device)
+    for _, block in _blocks(a):
+        g += gram(block)
+    return g
+
+
+def _project(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Qᵀa in float64, by column blocks of a."""
+    out = q.new_empty(q.shape[1], a.shape[1])
+    for start, block in _blocks(a):
+        out[:, start:start + block.shape[1]] = q.mT @ block
+    return out
 
 
 def _top_eigh(g: torch.Tensor, rule: RankRule, module: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +139,10 @@ def _top_eigh(g: torch.Tensor, rule: RankRule, module: str) -> tuple[torch.Tenso
         return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
     import scipy.linalg
 
-    values, vectors = scipy.linalg.eigh(g.numpy(), subset_by_index=[n - rank, n - 1],
-                                        driver="evx", check_finite=False)
+    # g is symmetric, so its transpose is the same matrix in the Fortran order LAPACK takes:
+    # no copy, and overwritten in place
+    values, vectors = scipy.linalg.eigh(g.numpy().T, subset_by_index=[n - rank, n - 1],
+                                        driver="evx", overwrite_a=True, check_finite=False)
     return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
 
 
@@ -300,13 +327,15 @@ def extract_lora(base: str | Path, finetuned: str | Path, out: str | Path,
     output = OutputFolder(Path(out), hashlib.sha256(blob.encode()).hexdigest(),
                           overwrite=overwrite, inputs=[base_ck.path, ft_ck.path])
     try:
-        file = ReservedShard(output.path(WEIGHTS_FILES[0]), _largest(targets, ft_ck, options.rule))
+        file = ReservedShard(output.path(WEIGHTS_FILES[0]), _largest(targets, base_ck, ft_ck, options.rule))
         result = Extraction(output.target, {}, {}, [], [])
         try:
             for target in _bar(targets, progress):
                 _write_target(target, base_ck, ft_ck, options, file, result)
-        finally:
-            file.close()
+        except BaseException:
+            file.abort()
+            raise
+        file.close()
         config = adapter_config(str(base), targets, result, ft_ck.config)
         (output.partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         result.saved = config["modules_to_save"] or []
@@ -320,12 +349,12 @@ def extract_lora(base: str | Path, finetuned: str | Path, out: str | Path,
 def _write_target(t: Target, base: Checkpoint, ft: Checkpoint, options: Options,
                   file: ReservedShard, result: Extraction) -> None:
     if t.kind == "save":  # PEFT maps base_model.model.<tensor> into the module's saved copy
-        file.write(PREFIX + f"{t.module}.weight", ft.read(t.weight))
+        file.copy(PREFIX + f"{t.module}.weight", ft, t.weight)
         if t.bias is not None:
-            file.write(PREFIX + f"{t.module}.bias", ft.read(t.bias))
+            file.copy(PREFIX + f"{t.module}.bias", ft, t.bias)
         return
-    dtype = torch.promote_types(base.tensors[t.weight].dtype, ft.tensors[t.weight].dtype)
-    tau = ft.read(t.weight).float().sub_(base.read(t.weight).float())
+    dtype = _factor_dtype(t, base, ft)
+    tau = _task_vector(base, ft, t.weight)
     factors = lora_factors(tau.mT if t.transposed else tau, options.rule, t.module,
                            distribute_scale=options.distribute_scale,
                            randomized=options.randomized, seed=options.seed)
@@ -333,9 +362,7 @@ def _write_target(t: Target, base: Checkpoint, ft: Checkpoint, options: Options,
     result.ranks[t.module], result.energy[t.module] = factors.rank, factors.energy
     if factors.rank == 0:
         return  # τ = 0 here (as the rule sees it): PEFT takes no rank 0, so the module is excluded
-    a_name, b_name = ((f"{t.module}.lora_embedding_A", f"{t.module}.lora_embedding_B")
-                      if t.kind == "embedding" else
-                      (f"{t.module}.lora_A.weight", f"{t.module}.lora_B.weight"))
+    a_name, b_name = _factor_names(t)
     file.write(PREFIX + a_name, factors.a.to(dtype))
     file.write(PREFIX + b_name, factors.b.to(dtype))
     if t.bias is not None:
@@ -343,31 +370,55 @@ def _write_target(t: Target, base: Checkpoint, ft: Checkpoint, options: Options,
                    (ft.read(t.bias).to(dtype) - base.read(t.bias).to(dtype)))
 
 
-def _largest(targets: list[Target], ft: Checkpoint, rule: RankRule) -> list[OutTensor]:
+def _task_vector(base: Checkpoint, ft: Checkpoint, name: str) -> torch.Tensor:
+    """θ_ft − θ0 in float32, read a few rows of each at a time."""
+    info = ft.tensors[name]
+    tau = torch.empty(info.shape, dtype=torch.float32)
+    step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
+    for start in range(0, info.shape[0], step):
+        rows = (start, min(start + step, info.shape[0]))
+        tau[rows[0]:rows[1]] = ft.read(name, rows)
+        tau[rows[0]:rows[1]] -= base.read(name, rows)
+    return tau
+
+
+def _largest(targets: list[Target], base: Checkpoint, ft: Checkpoint,
+             rule: RankRule) -> list[OutTensor]:
     """Every tensor the file may hold, at its largest rank: the room its header may need."""
     tensors = []
     for t in targets:
-        dtype = ft.tensors[t.weight].dtype
         if t.kind == "save":
             names = [(f"{t.module}.weight", t.weight)] + ([(f"{t.module}.bias", t.bias)] if t.bias else [])
             tensors += [OutTensor(PREFIX + n, ft.tensors[s].dtype, tuple(ft.tensors[s].shape))
                         for n, s in names]
             continue
+        dtype = _factor_dtype(t, base, ft)
         m, n = t.shape[::-1] if t.transposed else t.shape
         r = min(rule.cap(t.module), m, n)
-        a, b = ("lora_embedding_A", "lora_embedding_B") if t.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
-        tensors += [OutTensor(PREFIX + f"{t.module}.{a}", torch.float64, (r, n)),
-                    OutTensor(PREFIX + f"{t.module}.{b}", torch.float64, (m, r))]
+        a, b = _factor_names(t)
+        tensors += [OutTensor(PREFIX + a, dtype, (r, n)), OutTensor(PREFIX + b, dtype, (m, r))]
         if t.bias is not None:
-            tensors.append(OutTensor(PREFIX + f"{t.module}.lora_B.bias", torch.float64, (m,)))
+            tensors.append(OutTensor(PREFIX + f"{t.module}.lora_B.bias", dtype, (m,)))
     return tensors
+
+
+def _factor_dtype(t: Target, base: Checkpoint, ft: Checkpoint) -> torch.dtype:
+    """mergekit's: that of θ_ft − θ0 (the factors are computed in fp32, stored in this)."""
+    return torch.promote_types(base.tensors[t.weight].dtype, ft.tensors[t.weight].dtype)
+
+
+def _factor_names(t: Target) -> tuple[str, str]:
+    if t.kind == "embedding":
+        return f"{t.module}.lora_embedding_A", f"{t.module}.lora_embedding_B"
+    return f"{t.module}.lora_A.weight", f"{t.module}.lora_B.weight"
 
 
 class ReservedShard:
     """One safetensors file written front to back while its tensors' shapes may still shrink:
     room for the header is reserved at its largest (`largest`: every tensor at its largest
     shape and widest dtype), the data is appended as it comes, and the true header goes into the
-    room at the end, padded with spaces (as the format allows; the data stays 8-byte aligned)."""
+    room at the end, padded with spaces (as the format allows; the data stays 8-byte aligned).
+    A shape that shrinks never lengthens the header; the names and dtypes must be those given."""
 
     def __init__(self, path: Path, largest: list[OutTensor]):
         self.room = len(Shard("", largest).header())
@@ -381,13 +432,25 @@ class ReservedShard:
         if tensor.numel():
             self.file.write(tensor.view(-1).view(torch.uint8).numpy().data)
 
+    def copy(self, name: str, ck: Checkpoint, source: str) -> None:
+        """A checkpoint's tensor as stored, a few rows at a time (embeddings are large)."""
+        info = ck.tensors[source]
+        self.written.append(OutTensor(name, info.dtype, tuple(info.shape)))
+        step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
+        for start in range(0, info.shape[0] if info.shape else 1, step):
+            rows = (start, min(start + step, info.shape[0])) if info.shape else None
+            self.file.write(ck.read(source, rows).contiguous().view(-1).view(torch.uint8).numpy().data)
+
     def close(self) -> None:
-        if self.file.closed:
-            return
-        header = Shard("", self.written).header()[8:]
-        header += b" " * (self.room - 8 - len(header))
-        self.file.seek(0)
-        self.file.write(len(header).to_bytes(8, "little") + header)
+        with self.file:
+            header = Shard("", self.written).header()[8:]
+            if len(header) > self.room - 8:
+                raise RuntimeError(f"{self.file.name}: the header outgrew the room reserved for it")
+            header += b" " * (self.room - 8 - len(header))
+            self.file.seek(0)
+            self.file.write(len(header).to_bytes(8, "little") + header)
+
+    def abort(self) -> None:
         self.file.close()
 
 
