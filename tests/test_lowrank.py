@@ -124,3 +124,30 @@ def test_kept_energy_is_the_tail_complement():
     total = torch.linalg.matrix_norm(x) ** 2
     assert kept_energy(sk, k, total) == pytest.approx(kept)
     assert float(residual / total) == pytest.approx(1 - kept, rel=1e-9)
+
+
+# ---------------------------------------------------------------- the subspace methods' fast paths
+
+@pytest.mark.parametrize("extra_rank", [None, 3])
+def test_iso_cts_tall_residual_triplets_match_an_svd_of_the_projected_matrix(extra_rank):
+    """τ − U Uᵀτ from its n×n Gram matrix equals the float64 SVD of the explicit residual, on a
+    full-rank τ and on one whose part off U has rank 3 (the rest is rounding noise, left out)."""
+    from mergesmith.methods.subspace import tall_residual_triplets
+
+    m, n, k = 120, 40, 25
+    u, _ = torch.linalg.qr(random((m, k), 5))
+    if extra_rank is None:
+        tau = random((m, n), 6)
+    else:  # mostly inside span(U), plus a rank-3 part outside it
+        tau = u @ random((k, n), 6) + low_rank((m, n), extra_rank, 7)
+    tau = tau.float()
+    residual = tau.double() - u @ (u.T @ tau.double())
+    ref_u, ref_s, ref_vh = torch.linalg.svd(residual, full_matrices=False)
+    got_u, got_s, got_vh = tall_residual_triplets(tau.double(), u, 10, torch.tensor(0.0))
+    expect = 10 if extra_rank is None else extra_rank
+    assert len(got_s) == expect
+    torch.testing.assert_close(got_s, ref_s[:expect], rtol=1e-9, atol=0)
+    torch.testing.assert_close(got_u * got_s @ got_vh, ref_u[:, :expect] * ref_s[:expect]
+                               @ ref_vh[:expect], rtol=0, atol=1e-9)
+    torch.testing.assert_close(u.T @ got_u, torch.zeros(k, expect, dtype=u.dtype),
+                               rtol=0, atol=1e-10)  # left vectors off the common subspace

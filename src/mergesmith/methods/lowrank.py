@@ -87,10 +87,18 @@ def gram_svd(x: torch.Tensor, floor: float | torch.Tensor = 0.0) -> GramSVD:
     Gram matrix in float64. σ at or below the noise floor, or below `floor`, is set to 0."""
     flipped = x.shape[0] > x.shape[1]
     a = (x.mT if flipped else x).to(torch.float64)
-    eigenvalues, q = torch.linalg.eigh(gram(a))
+    sigma, q = spectrum_of_gram(gram(a), x.shape, floor)
+    return GramSVD(a, sigma, q, flipped)
+
+
+def spectrum_of_gram(g: torch.Tensor, shape: torch.Size, floor: float | torch.Tensor = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ descending, Q) of a matrix of `shape` whose smaller Gram matrix g = Q diag(σ²) Qᵀ is
+    given; σ at or below the noise floor, or below `floor`, set to 0."""
+    eigenvalues, q = torch.linalg.eigh(g)
     sigma = eigenvalues.flip(0).clamp_(min=0).sqrt_()
-    sigma[(sigma <= noise_floor(sigma[:1], x.shape)) | (sigma <= floor)] = 0
-    return GramSVD(a, sigma, q.flip(1), flipped)
+    sigma[(sigma <= noise_floor(sigma[:1], shape)) | (sigma <= floor)] = 0
+    return sigma, q.flip(1)
 
 
 def top_singular_triplets(x: torch.Tensor, k: int | None = None,
