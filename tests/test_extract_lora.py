@@ -224,8 +224,8 @@ def test_bf16_models_with_data_dependent_ranks(tmp_path):
 def test_reserved_header_room(tmp_path):
     """Shapes may shrink after the room is reserved; a header that would not fit (a longer dtype
     name than the layout's) fails loudly instead of overwriting the first tensor's bytes."""
-    from mergesmith.engine.extract_lora import ReservedShard
     from mergesmith.io import OutTensor
+    from mergesmith.io.writer import ReservedShard
 
     layout = [OutTensor(f"t{i}", torch.bfloat16, (64, 1000)) for i in range(12)]
     file = ReservedShard(tmp_path / "a.safetensors", layout)

@@ -7,17 +7,18 @@ weight τ = θ_ft − θ0 in fp32, its top-r singular triplets, A = diag(√S)V�
 are saved whole in modules_to_save, or dropped with `skip_undecomposable`; config r = largest
 rank, lora_alpha = r, rank_pattern = alpha_pattern for smaller ranks (scaling 1 everywhere).
 Beyond mergekit: an energy rank rule and per-module ranks; GPT-2's Conv1D weights, which mergekit
-saves whole, are decomposed (fan_in_fan_out) when every decomposed module is one.
+saves whole, are factored (fan_in_fan_out). Which module goes where: engine/extract_targets.py.
 
 The top-r triplets come from the Gram matrix of τ's smaller side, formed and solved in float64
 (lowrank.gram): exact to fp32 rounding, and for r ≪ min(m, n) only the r eigenvectors wanted are
 computed (LAPACK's bisection + inverse iteration, scipy's `evx`): 2048×5632 at rank 64 costs
-0.8 + 0.4 s on one core against 5.5 s for the fp32 thin SVD mergekit takes. `randomized` asks for
+0.8 + 0.4 s on one core against 5.5 s for the fp32 thin SVD mergekit takes. Neither τ nor
+anything of its size is ever copied to float64: the Gram matrix is summed over column blocks. `randomized` asks for
 lowrank.randomized_svd instead: an approximation, labelled so.
 
 One tensor at a time: both models' rows are read for one matrix, factored, written; the adapter
-file's header space is reserved up front (its size at the largest ranks) and filled in at the
-end, so no factor waits in memory and nothing is copied twice.
+file's header space is reserved up front (io.writer.ReservedShard, its size at the largest
+ranks) and filled in at the end, so no factor waits in memory and nothing is copied twice.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from typing import NamedTuple
 
 import torch
 
-from mergesmith.errors import MergesmithError, PlanError
-from mergesmith.io import Checkpoint, OutputFolder, OutTensor, Shard, resolve_model
+from mergesmith.errors import MergesmithError
+from mergesmith.engine.extract_targets import Target, plan_targets
+from mergesmith.io import Checkpoint, OutputFolder, OutTensor, resolve_model
 from mergesmith.io.adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILES
+from mergesmith.io.writer import ReservedShard
 from mergesmith.methods.lowrank import gram, kept_energy, randomized_svd, select_rank
 
 SUBSET_FRACTION = 0.5  # below this share of the spectrum, compute only the eigenvectors wanted
@@ -138,11 +141,14 @@ def _top_eigh(g: torch.Tensor, rule: RankRule, module: str) -> tuple[torch.Tenso
         values, vectors = torch.linalg.eigh(g)
         return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
     import scipy.linalg
+    from threadpoolctl import threadpool_limits
 
     # g is symmetric, so its transpose is the same matrix in the Fortran order LAPACK takes:
-    # no copy, and overwritten in place
-    values, vectors = scipy.linalg.eigh(g.numpy().T, subset_by_index=[n - rank, n - 1],
-                                        driver="evx", overwrite_a=True, check_finite=False)
+    # no copy, and overwritten in place. One BLAS thread: the reduction is memory-bound, and
+    # OpenBLAS's spinning threads on a busy machine took 2.2 s where one takes 0.07 (768²)
+    with threadpool_limits(1, user_api="blas"):
+        values, vectors = scipy.linalg.eigh(g.numpy().T, subset_by_index=[n - rank, n - 1],
+                                            driver="evx", overwrite_a=True, check_finite=False)
     return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
 
 
@@ -159,7 +165,7 @@ def _randomized(tau: torch.Tensor, rule: RankRule, module: str, distribute_scale
                    kept_energy(s, r, total))
 
 
-# ---------------------------------------------------------------- which tensors go where
+# ---------------------------------------------------------------- options
 
 @dataclass(frozen=True)
 class Options:
@@ -174,131 +180,6 @@ class Options:
     skip_undecomposable: bool = False
     randomized: bool = False
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Target:
-    """One module of the fine-tune: `kind` "lora" (τ factored), "embedding" or "conv1d" (τᵀ
-    factored: PEFT's layout for those), or "save" (its tensors copied whole). `weight`/`bias`
-    name the checkpoint tensors (a tied weight's source)."""
-
-    module: str
-    kind: str
-    weight: str
-    bias: str | None
-    shape: tuple[int, ...]
-
-    @property
-    def transposed(self) -> bool:
-        return self.kind in ("embedding", "conv1d")
-
-
-def plan_targets(base: Checkpoint, ft: Checkpoint, options: Options) -> list[Target]:
-    """mergekit's walk over the model's modules, from its structure on the meta device."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    model = _meta_model(ft)
-    source = _sources(model, ft)
-    embeds = (model.get_input_embeddings(), model.get_output_embeddings())
-    embed_lora = options.embed_lora and not _vocab_changed(base, ft, model, source)
-    save = list(options.save_modules)
-    targets = []
-    for name, module in model.named_modules():
-        weight = source.get(f"{name}.weight") if "weight" in module._parameters else None
-        if weight is None:
-            continue
-        bias = source.get(f"{name}.bias") if "bias" in module._parameters else None
-        key = name.rsplit(".", 1)[-1]
-        embedding = any(module is e for e in embeds) or isinstance(module, nn.Embedding)
-        if embedding and not embed_lora and not _matches(options.exclude, name) and key not in save:
-            save.append(key)
-        if name in save or key in save:
-            kind = "save"
-        elif not _wanted(options, name):
-            continue
-        elif len(ft.tensors[weight].shape) == 2 and isinstance(module, (nn.Linear, nn.Embedding, Conv1D)):
-            kind = ("embedding" if isinstance(module, nn.Embedding) else
-                    "conv1d" if isinstance(module, Conv1D) else "lora")
-        elif options.skip_undecomposable:
-            continue
-        else:  # a norm, or another module PEFT cannot adapt: whole, as mergekit does
-            kind = "save"
-            if key not in save:
-                save.append(key)
-        targets.append(Target(name, kind, weight, bias, tuple(ft.tensors[weight].shape)))
-    _check_shapes(base, ft, targets)
-    return targets
-
-
-def _wanted(options: Options, name: str) -> bool:
-    """mergekit's --include-regex / --exclude-regex (re.search on the module name)."""
-    if options.include and not _matches(options.include, name):
-        return False
-    return not _matches(options.exclude, name)
-
-
-def _meta_model(ck: Checkpoint) -> torch.nn.Module:
-    """The model's modules from config.json alone (no weight read): their types decide."""
-    import transformers as tf
-
-    names = list(ck.config.get("architectures") or [])
-    cls = next((getattr(tf, n) for n in names if hasattr(tf, n)), None)
-    if cls is None:
-        raise PlanError(f"{ck.label}: config.json names no transformers architecture ({names}), "
-                        "so which tensors are Linear, Embedding or norms is unknown",
-                        hint="set `architectures` in config.json (e.g. LlamaForCausalLM)")
-    verbosity = tf.logging.get_verbosity()
-    tf.logging.set_verbosity_error()
-    try:
-        with torch.device("meta"):
-            return cls(tf.AutoConfig.from_pretrained(ck.path))
-    finally:
-        tf.logging.set_verbosity(verbosity)
-
-
-def _sources(model: torch.nn.Module, ck: Checkpoint) -> dict[str, str]:
-    """Parameter name -> the checkpoint tensor holding it; a tied parameter (an LM head tied to
-    the embeddings) is read from the tensor of the name the checkpoint has."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    found = {}
-    for names in groups.values():
-        stored = next((n for n in names if n in ck.tensors), None)
-        if stored is not None:
-            found.update(dict.fromkeys(names, stored))
-    return found
-
-
-def _vocab_changed(base: Checkpoint, ft: Checkpoint, model: torch.nn.Module,
-                   source: dict[str, str]) -> bool:
-    """A resized vocabulary: mergekit then saves the embeddings whole, whatever embed_lora says."""
-    embed = model.get_input_embeddings()
-    name = next(n for n, m in model.named_modules() if m is embed)
-    stored = source.get(f"{name}.weight")
-    return bool(stored and stored in base.tensors
-                and base.tensors[stored].shape[0] != ft.tensors[stored].shape[0])
-
-
-def _matches(patterns: tuple[str, ...], name: str) -> bool:
-    return any(re.search(p, name) for p in patterns)
-
-
-def _check_shapes(base: Checkpoint, ft: Checkpoint, targets: list[Target]) -> None:
-    """Every factored tensor must be in the base with the fine-tune's shape (before any compute)."""
-    for t in targets:
-        for name in (t.weight, t.bias) if t.kind != "save" else ():
-            if name is None:
-                continue
-            if name not in base.tensors:
-                raise PlanError(f"tensor {name!r} of {ft.label} is missing from {base.label}",
-                                hint="extract against the base model this fine-tune started from")
-            if base.tensors[name].shape != ft.tensors[name].shape:
-                raise PlanError(f"tensor {name!r}: {ft.label} has shape "
-                                f"{list(ft.tensors[name].shape)}, {base.label} "
-                                f"{list(base.tensors[name].shape)}",
-                                hint="extract against the base model this fine-tune started from")
 
 
 # ---------------------------------------------------------------- streaming it out
@@ -411,47 +292,6 @@ def _factor_names(t: Target) -> tuple[str, str]:
     if t.kind == "embedding":
         return f"{t.module}.lora_embedding_A", f"{t.module}.lora_embedding_B"
     return f"{t.module}.lora_A.weight", f"{t.module}.lora_B.weight"
-
-
-class ReservedShard:
-    """One safetensors file written front to back while its tensors' shapes may still shrink:
-    room for the header is reserved at its largest (`largest`: every tensor at its largest
-    shape and widest dtype), the data is appended as it comes, and the true header goes into the
-    room at the end, padded with spaces (as the format allows; the data stays 8-byte aligned).
-    A shape that shrinks never lengthens the header; the names and dtypes must be those given."""
-
-    def __init__(self, path: Path, largest: list[OutTensor]):
-        self.room = len(Shard("", largest).header())
-        self.file = open(path, "wb")
-        self.file.seek(self.room)
-        self.written: list[OutTensor] = []
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.contiguous()
-        self.written.append(OutTensor(name, tensor.dtype, tuple(tensor.shape)))
-        if tensor.numel():
-            self.file.write(tensor.view(-1).view(torch.uint8).numpy().data)
-
-    def copy(self, name: str, ck: Checkpoint, source: str) -> None:
-        """A checkpoint's tensor as stored, a few rows at a time (embeddings are large)."""
-        info = ck.tensors[source]
-        self.written.append(OutTensor(name, info.dtype, tuple(info.shape)))
-        step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
-        for start in range(0, info.shape[0] if info.shape else 1, step):
-            rows = (start, min(start + step, info.shape[0])) if info.shape else None
-            self.file.write(ck.read(source, rows).contiguous().view(-1).view(torch.uint8).numpy().data)
-
-    def close(self) -> None:
-        with self.file:
-            header = Shard("", self.written).header()[8:]
-            if len(header) > self.room - 8:
-                raise RuntimeError(f"{self.file.name}: the header outgrew the room reserved for it")
-            header += b" " * (self.room - 8 - len(header))
-            self.file.seek(0)
-            self.file.write(len(header).to_bytes(8, "little") + header)
-
-    def abort(self) -> None:
-        self.file.close()
 
 
 def adapter_config(base_ref: str, targets: list[Target], result: Extraction,

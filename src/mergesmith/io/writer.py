@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.io.checkpoint import DTYPE_CODES
+from mergesmith.io.checkpoint import DTYPE_CODES, Checkpoint
 
 
 @dataclass(frozen=True)
@@ -188,3 +188,47 @@ def _open_direct(path: Path) -> int | None:
         if exc.errno == errno.EINVAL:  # this filesystem has no direct I/O
             return None
         raise
+
+
+COPY_CHUNK_BYTES = 16 << 20  # rows of a tensor copied at a time by ReservedShard.copy
+
+
+class ReservedShard:
+    """One safetensors file written front to back while its tensors' shapes may still shrink:
+    room for the header is reserved at its largest (`largest`: every tensor in its dtype, at its
+    largest shape), the data is appended as it comes, and the true header goes into the
+    room at the end, padded with spaces (as the format allows; the data stays 8-byte aligned).
+    A shape that shrinks never lengthens the header; the names and dtypes must be those given."""
+
+    def __init__(self, path: Path, largest: list[OutTensor]):
+        self.room = len(Shard("", largest).header())
+        self.file = open(path, "wb")
+        self.file.seek(self.room)
+        self.written: list[OutTensor] = []
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        self.written.append(OutTensor(name, tensor.dtype, tuple(tensor.shape)))
+        if tensor.numel():
+            self.file.write(tensor.view(-1).view(torch.uint8).numpy().data)
+
+    def copy(self, name: str, ck: Checkpoint, source: str) -> None:
+        """A checkpoint's tensor as stored, a few rows at a time (embeddings are large)."""
+        info = ck.tensors[source]
+        self.written.append(OutTensor(name, info.dtype, tuple(info.shape)))
+        step = max(1, COPY_CHUNK_BYTES // max(info.row_bytes, 1))
+        for start in range(0, info.shape[0] if info.shape else 1, step):
+            rows = (start, min(start + step, info.shape[0])) if info.shape else None
+            self.file.write(ck.read(source, rows).contiguous().view(-1).view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        with self.file:
+            header = Shard("", self.written).header()[8:]
+            if len(header) > self.room - 8:
+                raise RuntimeError(f"{self.file.name}: the header outgrew the room reserved for it")
+            header += b" " * (self.room - 8 - len(header))
+            self.file.seek(0)
+            self.file.write(len(header).to_bytes(8, "little") + header)
+
+    def abort(self) -> None:
+        self.file.close()
