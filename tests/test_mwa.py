@@ -111,6 +111,7 @@ def test_averaged_full_checkpoints_equal_the_weighted_sum(full_run, tmp_path, mo
 def test_infinite_penalty_copies_the_best_checkpoint(full_run, tmp_path):
     done = average_run(full_run, tmp_path / "best", by="loss", penalty=math.inf)
     assert done.weights == [0.0, 1.0, 0.0]
+    assert json.loads((tmp_path / "best" / "average.json").read_text())["penalty"] == "inf"
     best = read_tensors(full_run / "checkpoint-20")
     for name, tensor in read_tensors(tmp_path / "best").items():
         assert torch.equal(tensor, best[name])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,8 @@ def average_run(run: Path, out: Path, *, by: str = "uniform", penalty: float = 1
                               hint=f"one of {', '.join(ADAPTER_MODES)}")
     checkpoints = read_run(run)
     weights = weights_for(checkpoints, by, penalty)
-    record = {"by": by, "penalty": penalty, "checkpoints": [
+    # JSON has no infinity: p = inf is written as the string "inf"
+    record = {"by": by, "penalty": penalty if math.isfinite(penalty) else str(penalty), "checkpoints": [
         {"path": str(c.path), "step": c.step, "loss": c.loss, "weight": w}
         for c, w in zip(checkpoints, weights)]}
     # a zero weight (p = inf) reads nothing
