@@ -159,7 +159,7 @@ def test_bad_inputs_are_refused_by_name_before_anything_is_written(zoo, gpt2_bas
     # factor-space linear (PEFT's) adds factors entry by entry: one rank
     err = refused(monkeypatch, capsys, tmp_path, recipe_for(
         tmp_path, [four, two], [1, 1], combination_type="linear", mode="peft_compat"))
-    assert "model.layers.0.self_attn.q_proj.weight" in err and "needs one rank" in err
+    assert "model.layers.0.self_attn.q_proj.weight" in err and "needs adapters of one rank" in err
     assert f"{four}: r=4" in err and f"{two}: r=2" in err
     # an adapter trained on another base: its shapes differ
     other = build_model(tmp_path / "wide", "llama", seed=0, layers=4, hidden=48)

@@ -115,11 +115,12 @@ def plan_adapters(recipe: Recipe | str | Path | dict, *, seed: int | None = None
     params = {w: resolver.resolve(group, sources, w, 0.0) for w in modules}
     for weight, p in params.items():
         ranks = [a.modules[weight].rank for a in adapters]
-        if method.equal_ranks_when and method.equal_ranks_when(p) and len(set(ranks)) > 1:
+        why = method.equal_ranks_when(p) if method.equal_ranks_when else None
+        if why and len(set(ranks)) > 1:
             which = ", ".join(f"{a.label}: r={r}" for a, r in zip(adapters, ranks))
-            raise PlanError(f"{weight}: {method.name} with these parameters adds the factors "
-                            f"entry by entry and needs one rank, got {which}",
-                            hint="use an SVD-based or cat combination, or mode: exact")
+            raise PlanError(f"{weight}: {method.name} needs adapters of one rank ({why}), got "
+                            f"{which}", hint="give adapters of one rank, or a method that "
+                            "takes mixed ranks")
     saved = _check_saved(recipe, adapters, resolver, group, sources)
     names = {a.base_model for a in adapters}
     if len(names) > 1 and not recipe.base_model:

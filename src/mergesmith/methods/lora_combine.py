@@ -232,9 +232,12 @@ def output_rank(ranks: list[int], combination_type: str, svd_rank: int | None, m
     return svd_rank or max(ranks)
 
 
-def needs_equal_ranks(params: dict) -> bool:
+def needs_equal_ranks(params: dict) -> str | None:
     """PEFT's factor-space types add the A_i (and the B_i) entry by entry: one rank for all."""
-    return params["mode"] == "peft_compat" and params["combination_type"] in FACTOR_SPACE
+    if params["mode"] == "peft_compat" and params["combination_type"] in FACTOR_SPACE:
+        return (f"{params['combination_type']} under mode: peft_compat adds the factors entry by "
+                "entry (use an SVD-based or cat combination, or mode: exact)")
+    return None
 
 
 def check(params: dict) -> None:

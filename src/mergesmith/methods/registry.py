@@ -283,9 +283,9 @@ class MethodSpec:
     # module at a time: fn(Bs, As, scalings, *, weights, ctx, **params) -> (B, A[, info]), the
     # output's scaling 1; "tensor": a merge of full tensors as above.
     output: str = "tensor"
-    # Adapter methods that add factors entry by entry (PEFT's factor-space types): with these
-    # parameters, every adapter must have the same rank in each module (checked when planning).
-    equal_ranks_when: Callable[[dict[str, Any]], bool] | None = None
+    # Adapter methods that need every adapter at one rank in each module (with these
+    # parameters): why, as a short clause for the plan-time error, else None.
+    equal_ranks_when: Callable[[dict[str, Any]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -115,7 +115,7 @@ def rmm_fit(Bs: list[torch.Tensor], As: list[torch.Tensor], scalings: list[float
     needs_base=False,
     output="adapter",
     min_models=2,
-    equal_ranks_when=lambda params: True,
+    equal_ranks_when=lambda params: "its basis stacks the tasks' factors position by position",
     params=(
         Param("weight", default=1.0, per_model=True, arg="weights",
               doc="the rebuilt task's factor in the merged adapter"),
