@@ -50,8 +50,7 @@ def test_adapter_leaderboard_end_to_end(setup, tmp_path):
                                     methods=["task_arithmetic", "lora_combine", "rmm"],
                                     say=lambda m: None, n_bootstrap=200, progress=False)
     by_method = {e.method: e for e in board.entries}
-    assert set(by_method) == {"task_arithmetic", "lora_combine"}, board.skipped
-    assert "rmm" in board.skipped  # one model per task, not one merge: said why
+    assert set(by_method) == {"task_arithmetic", "lora_combine", "rmm"}, board.skipped
     # the full-weight method merges base+adapter inputs; the adapter method the adapter folders
     adapters = [str(e.adapter) for e in setup.experts.values()]
     assert [m.model for m in by_method["task_arithmetic"].recipe.models] == \
@@ -90,6 +89,32 @@ def test_exact_cat_of_the_adapters_scores_as_task_arithmetic_over_base_plus_adap
         assert torch.equal(in_memory[name], tensor), name
     base = read_tensors(setup.base)
     assert any(not torch.equal(base[n], t) for n, t in folder.items() if n in base)
+
+
+def test_rmm_scores_each_task_with_its_rebuilt_model(setup, tmp_path):
+    """With as many basis vectors as tasks RMM rebuilds every adapter exactly: each task's
+    rebuilt model (base + its adapter, `rmm apply`) predicts as that task's expert does."""
+    from mergesmith.demo.leaderboard import _score_per_task
+
+    tasks = [load_task(p) for p in setup.tasks.values()]
+    scorer = Scorer(tasks, tmp_path, experts={t: str(e.merged) for t, e in setup.experts.items()},
+                    max_examples=32)
+    recipe = with_parameters(method_recipe(get_method("rmm"), setup.base,
+                                           [e.adapter for e in setup.experts.values()]),
+                             {"basis_size": len(tasks)})
+    rebuilt = _score_per_task(recipe, scorer, tasks, setup.base, "validation")
+    merged = scorer.adapter_folder(recipe)
+    base = read_tensors(setup.base)
+    for task, expert in zip(tasks, setup.experts.values()):
+        own = scorer.score_folder(expert.merged, "validation")[task.name]
+        torch.testing.assert_close(rebuilt[task.name].predictions, own.predictions)
+        # the model scored is the expert's weights (the adapters were trained: not the base's)
+        weights = read_tensors(merged.parent / f"{merged.name}-{task.name}")
+        expected = read_tensors(expert.merged)
+        changed = [n for n, t in expected.items() if not torch.equal(t, base[n])]
+        assert changed
+        for name in changed:
+            torch.testing.assert_close(weights[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
 def test_adapter_methods_apply_only_to_the_adapters_variant():

@@ -59,7 +59,8 @@ def prepare_adapter_expert(task_file: Path, base: Path, cache_root: Path, settin
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    log(f"{task.name}: training the LoRA expert (rank {lora.rank}, {settings.steps} steps; cached afterwards)")
+    log(f"{task.name}: training the LoRA expert (rank {lora.rank}, {settings.steps} steps; "
+        "cached afterwards)")
     encoder, tokenizer = load_encoder(base)
     model = get_peft_model(encoder, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
                                                target_modules=list(lora.targets), lora_dropout=0.0))
@@ -113,9 +114,10 @@ def prepare_adapter_demo(fast: bool = False, seed: int = 0, cache: Path | None =
 
 
 # What `mergesmith demo --adapters` runs without --method/--all: the adapter methods (PEFT's
-# combination types, KnOTS, LoRA-LEGO) beside the full-weight baselines given `base+adapter`.
+# combination types, KnOTS, LoRA-LEGO, and RMM's model per task) beside the full-weight
+# baselines given `base+adapter`.
 DEFAULT_ADAPTER_METHODS = ("linear", "task_arithmetic", "ties", "tsv_m", "lora_combine", "knots",
-                           "lora_lego")
+                           "lora_lego", "rmm")
 
 
 def run_adapter_leaderboard(out: Path, *, fast: bool = False, seed: int = 0, cache: Path | None = None,

@@ -83,13 +83,12 @@ NOT_A_MERGE_OF_EXPERTS = {
 }
 # Adapter methods that do not apply to the demo's LoRA experts.
 NOT_A_MERGE_OF_ADAPTERS = {
-    "rmm": "keeps a basis and a model per task (`mergesmith rmm apply`), not one merge",
     "orthogonal_lora_sum": "needs adapters trained with frozen orthogonal A's; on these it is "
                            "task arithmetic",
 }
 # Methods whose merge is one shared model plus a per-task part: each task is scored with its own
-# rebuilt model (`mergesmith emr apply`).
-PER_TASK_MODELS = {"emr"}
+# rebuilt model (`mergesmith emr apply`, `mergesmith rmm apply`).
+PER_TASK_MODELS = {"emr", "rmm"}
 # Validation examples per task used to pick each method's parameters (the test split is scored
 # whole): enough to rank grid points, and it halves the demo's tuning time.
 TUNING_EXAMPLES = 100
@@ -232,7 +231,7 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
                   if e.method not in PER_TASK_MODELS}
     for entry in entries:
         if entry.method in PER_TASK_MODELS:
-            candidates[entry.method] = _score_per_task(entry.recipe, scorer, loaded, experts, "test")
+            candidates[entry.method] = _score_per_task(entry.recipe, scorer, loaded, base, "test")
     references = scorer.references("test")
     names = {e.method: e.method for e in entries}
     names["base (pretrained + task heads)"] = str(base)
@@ -256,17 +255,23 @@ def run_leaderboard(base: Path, experts: dict[str, Path], tasks: dict[str, Path]
     return board
 
 
-def _score_per_task(recipe: Recipe, scorer: Scorer, tasks: list[Task], experts: dict[str, Path],
+def _score_per_task(recipe: Recipe, scorer: Scorer, tasks: list[Task], base: Path,
                     split: str) -> dict:
-    """Each task scored by its own model, rebuilt from the shared merge (EMR's masks and scales)."""
+    """Each task scored by its own model, rebuilt from the shared merge: EMR's masks and scales,
+    or RMM's basis and the task's coefficients (an adapter, applied to the base)."""
     from mergesmith.engine.side_outputs.emr import apply_emr
+    from mergesmith.engine.side_outputs.rmm import apply_rmm
 
-    merged = scorer.merge_folder(recipe)
+    rmm = recipe.merge_method == "rmm"
+    merged = scorer.adapter_folder(recipe) if rmm else scorer.merge_folder(recipe)
     results = {}
     for index, task in enumerate(tasks):
         rebuilt = merged.parent / f"{merged.name}-{task.name}"
         if not (rebuilt / "config.json").is_file():
-            apply_emr(merged, index, rebuilt, overwrite=rebuilt.exists())
+            if rmm:
+                apply_rmm(merged, index, rebuilt, model=base, overwrite=rebuilt.exists())
+            else:
+                apply_emr(merged, index, rebuilt, overwrite=rebuilt.exists())
         single = Scorer([task], scorer.dir, device=scorer.device, batch_size=scorer.batch_size,
                         max_examples=scorer.max_examples, seed=scorer.seed)
         results[task.name] = single.score_folder(rebuilt, split)[task.name]

@@ -18,7 +18,7 @@ from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import Report, Task, TaskResult, evaluate_models, summarize
 from mergesmith.io.checkpoint import weight_files
 from mergesmith.methods import get_method
-from mergesmith.recipe import Recipe
+from mergesmith.recipe import Recipe, load_recipe
 
 
 def recipe_key(recipe: Recipe, seed: int | None = None) -> str:
@@ -82,22 +82,22 @@ class Scorer:
         folder = self.dir / "merges" / self.key(recipe)
         if not (folder / "config.json").is_file():
             if get_method(recipe.merge_method).output == "adapter":
-                recipe = self._applied(recipe, folder.with_name(f"{folder.name}-adapter"))
+                # scored as its base plus the merged adapter (the base its config names)
+                recipe = load_recipe({"merge_method": "linear", "dtype": recipe.dtype or "float32",
+                                      "models": [{"model": str(self.adapter_folder(recipe)),
+                                                  "parameters": {"weight": 1.0}}]})
             merge(recipe, folder, device=self.device, seed=self.seed, overwrite=folder.exists())
             self.merged += 1
         return folder
 
-    def _applied(self, recipe: Recipe, adapter: Path) -> Recipe:
-        """A merge into an adapter is scored as its base plus that adapter: the recipe that
-        applies it (to the base its adapter_config.json names)."""
+    def adapter_folder(self, recipe: Recipe) -> Path:
+        """The adapter a merge into an adapter wrote, merged now unless a previous run left it."""
         from mergesmith.pipeline import merge
-        from mergesmith.recipe import load_recipe
 
-        if not (adapter / "adapter_config.json").is_file():
-            merge(recipe, adapter, device=self.device, seed=self.seed, overwrite=adapter.exists())
-        return load_recipe({"merge_method": "linear",
-                            "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}],
-                            "dtype": recipe.dtype or "float32"})
+        folder = self.dir / "merges" / f"{self.key(recipe)}-adapter"
+        if not (folder / "adapter_config.json").is_file():
+            merge(recipe, folder, device=self.device, seed=self.seed, overwrite=folder.exists())
+        return folder
 
     def references(self, split: str) -> dict[str, dict[str, TaskResult]]:
         """The experts' and the base's scores (each folder scored once)."""
