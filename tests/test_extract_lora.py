@@ -241,3 +241,14 @@ def test_reserved_header_room(tmp_path):
         file.write(f"t{i}", torch.zeros(1, 1, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="outgrew"):
         file.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])  # gemma: the head is tied
+def test_decoders_walked_from_their_tensors_as_from_the_built_model(arch, tmp_path):
+    from mergesmith.engine.extract_targets import _decoder_modules, _meta_modules
+    from mergesmith.io import Checkpoint
+
+    ck = Checkpoint(build_model(tmp_path / arch, arch, seed=0, layers=2))
+    from_tensors = _decoder_modules(ck)
+    assert from_tensors is not None
+    assert set(from_tensors) == set(_meta_modules(ck))
