@@ -40,7 +40,7 @@ from mergesmith.io.writer import ReservedShard
 from mergesmith.methods.lowrank import gram, kept_energy, randomized_svd, select_rank
 
 SUBSET_FRACTION = 0.5  # below this share of the spectrum, compute only the eigenvectors wanted
-BLOCK = 512  # columns of τ converted to float64 at a time
+BLOCK_BYTES = 32 << 20  # of τ's columns converted to float64 at a time (few, large matmuls)
 CHUNK_BYTES = 16 << 20  # rows of each model read at a time for τ
 
 
@@ -105,9 +105,10 @@ def lora_factors(tau: torch.Tensor, rule: RankRule, module: str = "", *,
 
 
 def _blocks(a: torch.Tensor):
-    """a's columns in float64, BLOCK at a time: never a whole float64 copy of τ."""
-    for start in range(0, a.shape[1], BLOCK):
-        yield start, a[:, start:start + BLOCK].to(torch.float64)
+    """a's columns in float64, BLOCK_BYTES at a time: never a whole float64 copy of τ."""
+    step = max(1, BLOCK_BYTES // (8 * a.shape[0]))
+    for start in range(0, a.shape[1], step):
+        yield start, a[:, start:start + step].to(torch.float64)
 
 
 def _gram64(a: torch.Tensor) -> torch.Tensor:
