@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     reference = totals["task_arithmetic"]
     print(f"\n{args.size} ({args.mode}): task_arithmetic {reference:.2f} s")
     for name in args.methods:
-        print(f"  {name:8} {totals[name]:9.2f} s  = {totals[name] / reference:7.1f}x task_arithmetic")
+        ratio = totals[name] / reference
+        print(f"  {name:8} {totals[name]:9.2f} s  = {ratio:7.1f}x task_arithmetic")
     if args.json and args.mode == "tensors":
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                          "torch": torch.__version__, **result}, indent=1))

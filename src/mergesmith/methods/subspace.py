@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from mergesmith.methods.blocks import task_vectors, weighted_sum
+from mergesmith.methods.blocks import weighted_sum
 from mergesmith.methods.lowrank import (gram, gram_svd, noise_floor, spectrum_of_gram,
                                         top_singular_triplets)
 from mergesmith.methods.registry import Param, TensorContext, register
