@@ -252,3 +252,20 @@ def test_decoders_walked_from_their_tensors_as_from_the_built_model(arch, tmp_pa
     from_tensors = _decoder_modules(ck)
     assert from_tensors is not None
     assert set(from_tensors) == set(_meta_modules(ck))
+
+
+def test_a_resized_vocabulary_keeps_the_embeddings_whole(toy, tmp_path):
+    """mergekit: a vocabulary size change forces the embeddings into modules_to_save, even with
+    embed_lora (their τ has no meaning: the new rows have no base)."""
+    grown = tmp_path / "grown"
+    shutil.copytree(toy["ft"], grown)
+    tensors = load_file(grown / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], torch.randn(4, 32)])
+    save_file(tensors, grown / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "adapter"
+    extract_lora(toy["base"], grown, out, Options(embed_lora=True))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert {"embed_tokens", "lm_head"} <= set(config["modules_to_save"])
+    saved = load_file(out / "adapter_model.safetensors")[f"{PREFIX}model.embed_tokens.weight"]
+    assert torch.equal(saved, tensors["model.embed_tokens.weight"])
