@@ -269,3 +269,23 @@ def test_a_resized_vocabulary_keeps_the_embeddings_whole(toy, tmp_path):
     assert {"embed_tokens", "lm_head"} <= set(config["modules_to_save"])
     saved = load_file(out / "adapter_model.safetensors")[f"{PREFIX}model.embed_tokens.weight"]
     assert torch.equal(saved, tensors["model.embed_tokens.weight"])
+
+
+def test_an_unchanged_module_is_left_out_and_peft_still_loads(toy, tmp_path):
+    """τ = 0 gives rank 0 under an energy rule; PEFT takes no rank 0, so the module goes to
+    exclude_modules and keeps the base's weight."""
+    same = tmp_path / "same"
+    shutil.copytree(toy["ft"], same)
+    tensors = load_file(same / "model.safetensors")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name] = load_file(toy["base"] / "model.safetensors")[name]
+    save_file(tensors, same / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "adapter"
+    result = extract_lora(toy["base"], same, out, Options(RankRule(32, energy=0.999)))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert result.ranks["model.layers.1.self_attn.o_proj"] == 0
+    assert config["exclude_modules"] == ["model.layers.1.self_attn.o_proj"]
+    got = merged_state(toy["base"], out)
+    assert torch.equal(got[name], tensors[name])
+    assert not torch.equal(got["model.layers.0.self_attn.o_proj.weight"],
+                           state(toy["base"])["model.layers.0.self_attn.o_proj.weight"])
