@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -152,13 +150,17 @@ def test_gpt2_conv1d_weights_are_factored_with_fan_in_fan_out(tmp_path):
         assert torch.allclose(got[name], want[name], atol=1e-6), name
 
 
-def test_parity_with_mergekit_extract_lora(toy, tmp_path):
+@pytest.mark.parametrize("flags", [(), ("--embed-lora", "--no-distribute-scale")])
+def test_parity_with_mergekit_extract_lora(toy, tmp_path, flags):
+    from mergekit.scripts.extract_lora import main as mergekit_extract_lora
+
     mk = tmp_path / "mergekit"
-    cli = Path(sys.executable).with_name("mergekit-extract-lora")
-    subprocess.run([str(cli), "--model", str(toy["ft"]), "--base-model", str(toy["base"]),
-                    "--out-path", str(mk), "--max-rank", "8"], check=True, capture_output=True)
+    mergekit_extract_lora([  # in process: no second interpreter to start
+        "--model", str(toy["ft"]), "--base-model", str(toy["base"]), "--out-path", str(mk),
+        "--max-rank", "8", *flags], standalone_mode=False)
     ours = tmp_path / "ours"
-    extract_lora(toy["base"], toy["ft"], ours, Options(RankRule(8)))
+    extract_lora(toy["base"], toy["ft"], ours, Options(RankRule(8), embed_lora=bool(flags),
+                                                       distribute_scale=not flags))
     theirs_cfg, ours_cfg = (json.loads((p / "adapter_config.json").read_text()) for p in (mk, ours))
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "task_type"):
         assert ours_cfg[key] == theirs_cfg[key], key
@@ -166,12 +168,14 @@ def test_parity_with_mergekit_extract_lora(toy, tmp_path):
         assert sorted(ours_cfg[key]) == sorted(theirs_cfg[key]), key
     theirs, mine = load_file(mk / "adapter_model.safetensors"), load_file(ours / "adapter_model.safetensors")
     assert set(mine) == set(theirs)
+    assert any("lora_embedding_A" in name for name in mine) == bool(flags)
     for name in theirs:
-        if ".lora_A." in name:  # signs of singular vector pairs are free: compare B·A and √S
-            b = name.replace(".lora_A.", ".lora_B.")
+        if name.endswith(("lora_A.weight", "lora_embedding_A")):
+            # signs of singular vector pairs are free: compare B·A and A's row norms (√S or S)
+            b = name.replace("_A", "_B")
             assert torch.allclose(mine[b] @ mine[name], theirs[b] @ theirs[name], atol=2e-6), name
             assert torch.allclose(mine[name].norm(dim=1), theirs[name].norm(dim=1), rtol=1e-4), name
-        elif ".lora_B." not in name:
+        elif not name.endswith(("lora_B.weight", "lora_embedding_B")):
             assert torch.equal(mine[name], theirs[name]), name
 
 
