@@ -150,7 +150,11 @@ def test_gpt2_conv1d_weights_are_factored_with_fan_in_fan_out(tmp_path):
         assert torch.allclose(got[name], want[name], atol=1e-6), name
 
 
-@pytest.mark.parametrize("flags", [(), ("--embed-lora", "--no-distribute-scale")])
+EMBED = ("--embed-lora", "--no-distribute-scale")
+SKIP = ("--skip-undecomposable", "-e", "mlp")  # mergekit's --save-module crashes (tuple.append)
+
+
+@pytest.mark.parametrize("flags", [(), EMBED, SKIP])
 def test_parity_with_mergekit_extract_lora(toy, tmp_path, flags):
     from mergekit.scripts.extract_lora import main as mergekit_extract_lora
 
@@ -159,8 +163,10 @@ def test_parity_with_mergekit_extract_lora(toy, tmp_path, flags):
         "--model", str(toy["ft"]), "--base-model", str(toy["base"]), "--out-path", str(mk),
         "--max-rank", "8", *flags], standalone_mode=False)
     ours = tmp_path / "ours"
-    extract_lora(toy["base"], toy["ft"], ours, Options(RankRule(8), embed_lora=bool(flags),
-                                                       distribute_scale=not flags))
+    skip = flags == SKIP
+    extract_lora(toy["base"], toy["ft"], ours, Options(
+        RankRule(8), embed_lora=flags == EMBED, distribute_scale=flags != EMBED,
+        skip_undecomposable=skip, exclude=("mlp",) if skip else ()))
     theirs_cfg, ours_cfg = (json.loads((p / "adapter_config.json").read_text()) for p in (mk, ours))
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "task_type"):
         assert ours_cfg[key] == theirs_cfg[key], key
@@ -168,7 +174,8 @@ def test_parity_with_mergekit_extract_lora(toy, tmp_path, flags):
         assert sorted(ours_cfg[key]) == sorted(theirs_cfg[key]), key
     theirs, mine = load_file(mk / "adapter_model.safetensors"), load_file(ours / "adapter_model.safetensors")
     assert set(mine) == set(theirs)
-    assert any("lora_embedding_A" in name for name in mine) == bool(flags)
+    assert any("lora_embedding_A" in name for name in mine) == (flags == EMBED)
+    assert any("mlp" in name or "norm" in name for name in mine) != skip
     for name in theirs:
         if name.endswith(("lora_A.weight", "lora_embedding_A")):
             # signs of singular vector pairs are free: compare B·A and A's row norms (√S or S)
@@ -201,10 +208,15 @@ def test_bad_inputs_name_the_tensor_and_the_model(toy, tmp_path, monkeypatch, ca
 def test_cli_writes_the_adapter(toy, tmp_path, monkeypatch, capsys):
     out = tmp_path / "lora"
     code, _, err = run_cli(monkeypatch, capsys, "extract-lora", toy["base"], toy["ft"], out,
-                           "--rank", "4", "--energy", "0.99", "--module-rank", "k_proj=2", "-q")
+                           "--rank", "4", "--energy", "0.99", "--module-rank", "k_proj=2", "-q",
+                           "--save-module", "o_proj")
     assert code == 0, err
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["rank_pattern"]["model.layers.0.self_attn.k_proj"] == 2
+    assert "o_proj" in config["modules_to_save"] and "o_proj" not in config["target_modules"]
+    name = "model.layers.3.self_attn.o_proj.weight"
+    assert torch.equal(load_file(out / "adapter_model.safetensors")[PREFIX + name],
+                       load_file(toy["ft"] / "model.safetensors")[name])
     assert "saved whole: embed_tokens" in err and not list(tmp_path.glob(".lora*"))
 
 
