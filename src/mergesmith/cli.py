@@ -650,7 +650,9 @@ def extract_lora(
     """A LoRA adapter from a full fine-tune (truncated SVD of θ_ft − θ_base per matrix), as
     mergekit-extract-lora writes it; one matrix in memory at a time."""
     from mergesmith.engine import extract_lora as ex
+    from mergesmith.engine.allocator import return_freed_memory
 
+    return_freed_memory()  # few, varied buffers: kept, they fragment (see the function)
     rule = ex.RankRule(rank, energy, sv_epsilon, ex.parse_module_ranks(module_rank))
     options = ex.Options(rule, distribute_scale, embed_lora, tuple(save_module), tuple(include_regex),
                          tuple(exclude_regex), skip_undecomposable, randomized, seed)
