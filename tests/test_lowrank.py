@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mergesmith.methods.lowrank import (kept_energy, randomized_svd, select_rank,
-                                        top_singular_triplets)
+                                        top_eigenpairs, top_singular_triplets)
 
 
 def random(shape, seed=0, dtype=torch.float64):
@@ -151,3 +151,16 @@ def test_iso_cts_tall_residual_triplets_match_an_svd_of_the_projected_matrix(ext
                                @ ref_vh[:expect], rtol=0, atol=1e-9)
     torch.testing.assert_close(u.T @ got_u, torch.zeros(k, expect, dtype=u.dtype),
                                rtol=0, atol=1e-10)  # left vectors off the common subspace
+
+
+@pytest.mark.parametrize("rank", [3, 40])  # the subset solver's path, then the full eigh's
+def test_top_eigenpairs_are_the_largest_of_a_full_eigh(rank):
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(64, 48, generator=g, dtype=torch.float64)
+    gram_matrix = x.mT @ x
+    values, vectors = torch.linalg.eigh(gram_matrix)
+    got_values, got_vectors = top_eigenpairs(gram_matrix.clone(), rank)
+    assert torch.allclose(got_values, values.flip(0)[:rank], rtol=1e-12, atol=1e-10)
+    # eigenvectors up to sign: compare the projectors
+    expected = vectors.flip(1)[:, :rank]
+    assert torch.allclose(got_vectors @ got_vectors.mT, expected @ expected.mT, atol=1e-10)

@@ -37,9 +37,10 @@ from mergesmith.engine.extract_targets import Target, plan_targets
 from mergesmith.io import Checkpoint, OutputFolder, OutTensor, resolve_model
 from mergesmith.io.adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILES
 from mergesmith.io.writer import ReservedShard
-from mergesmith.methods.lowrank import gram, kept_energy, randomized_svd, select_rank
+from mergesmith.methods.lowrank import (
+    gram, kept_energy, randomized_svd, select_rank, top_eigenpairs,
+)
 
-SUBSET_FRACTION = 0.5  # below this share of the spectrum, compute only the eigenvectors wanted
 BLOCK_BYTES = 8 << 20  # of τ's columns converted to float64 at a time (as fast as 32 MB, 52 MB less)
 CHUNK_BYTES = 16 << 20  # rows of each model read at a time for τ
 
@@ -128,9 +129,7 @@ def _project(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def _top_eigh(g: torch.Tensor, rule: RankRule, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The r largest eigenpairs of the Gram matrix g, descending: through a full eigh when r is
-    a large share of the spectrum (or off the CPU), else only those r, by LAPACK's bisection and
-    inverse iteration (2048² at r = 64: 0.4 s against 2.1 s for the whole eigh)."""
+    """The r largest eigenpairs of the Gram matrix g, descending, r from the module's rule."""
     n = g.shape[0]
     rank = min(rule.cap(module), n)
     if rule.needs_spectrum:
@@ -138,19 +137,7 @@ def _top_eigh(g: torch.Tensor, rule: RankRule, module: str) -> tuple[torch.Tenso
         rank = select_rank(sigma, rank=rank, epsilon=rule.epsilon, energy=rule.energy)
     if rank <= 0:
         return g.new_zeros(0), g.new_zeros(n, 0)
-    if rank > SUBSET_FRACTION * n or g.device.type != "cpu":
-        values, vectors = torch.linalg.eigh(g)
-        return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
-    import scipy.linalg
-    from threadpoolctl import threadpool_limits
-
-    # g is symmetric, so its transpose is the same matrix in the Fortran order LAPACK takes:
-    # no copy, and overwritten in place. One BLAS thread: the reduction is memory-bound, and
-    # OpenBLAS's spinning threads on a busy machine took 2.2 s where one takes 0.07 (768²)
-    with threadpool_limits(1, user_api="blas"):
-        values, vectors = scipy.linalg.eigh(g.numpy().T, subset_by_index=[n - rank, n - 1],
-                                            driver="evx", overwrite_a=True, check_finite=False)
-    return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
+    return top_eigenpairs(g, rank)
 
 
 def _randomized(tau: torch.Tensor, rule: RankRule, module: str, distribute_scale: bool,

@@ -109,6 +109,31 @@ def top_singular_triplets(x: torch.Tensor, k: int | None = None,
     return gram_svd(x, floor).top(k)
 
 
+# Below this share of the spectrum, LAPACK's subset solver computes only the eigenvectors wanted
+SUBSET_FRACTION = 0.5
+
+
+def top_eigenpairs(g: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` largest eigenpairs of the symmetric g (values descending, vectors as columns):
+    exact, through a full eigh when `rank` is a large share of the spectrum (or off the CPU),
+    else only those, by LAPACK's bisection and inverse iteration (2048² at rank 64: 0.4 s
+    against 2.1 s for the whole eigh). Modifies g on the CPU path."""
+    n = g.shape[0]
+    if rank > SUBSET_FRACTION * n or g.device.type != "cpu":
+        values, vectors = torch.linalg.eigh(g)
+        return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
+
+    # g is symmetric, so its transpose is the same matrix in the Fortran order LAPACK takes:
+    # no copy, and overwritten in place. One BLAS thread: the reduction is memory-bound, and
+    # OpenBLAS's spinning threads on a busy machine took 2.2 s where one takes 0.07 (768²)
+    with threadpool_limits(1, user_api="blas"):
+        values, vectors = scipy.linalg.eigh(g.numpy().T, subset_by_index=[n - rank, n - 1],
+                                            driver="evx", overwrite_a=True, check_finite=False)
+    return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
+
+
 def randomized_svd(x: torch.Tensor, k: int, *, oversample: int = 10, power_iterations: int = 2,
                    seed: int = 0, dtype: torch.dtype | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
