@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, write_recipe
+from test_adapter_io import make_adapter as make_any_adapter, merged_by_peft as merged_state
 from mergesmith.engine import adapters as engine_adapters
 from mergesmith.errors import MergesmithError
 from mergesmith.toy import build_model, model_class
@@ -23,30 +24,14 @@ TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
 
 def make_adapter(base: Path, folder: Path, arch: str, *, seed: int, **lora) -> Path:
-    torch.manual_seed(seed)
     lora.setdefault("target_modules", TARGETS[arch])
-    model = model_class(arch).from_pretrained(base)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(
-        init_lora_weights=False, fan_in_fan_out=arch == "gpt2", **lora))
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
-            elif "modules_to_save" in name:
-                param.add_(torch.randn_like(param))
-    wrapped.save_pretrained(folder)
-    return folder
+    return make_any_adapter(base, folder, arch, seed=seed, fan_in_fan_out=arch == "gpt2", **lora)
 
 
 def logits(model) -> torch.Tensor:
     ids = torch.arange(12).reshape(2, 6) % 90 + 2
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def merged_state(base: Path, adapter: Path, arch: str) -> dict[str, torch.Tensor]:
-    model = peft.PeftModel.from_pretrained(model_class(arch).from_pretrained(base), adapter)
-    return model.merge_and_unload().state_dict()
 
 
 def recipe_for(tmp_path: Path, folders: list[Path], weights: list[float], **params) -> Path:
