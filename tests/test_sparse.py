@@ -656,3 +656,20 @@ def test_threads_share_the_blocks_without_changing_a_bit(method):
     low = [x.bfloat16() for x in (base, *experts)]
     assert torch.equal(spec.fn(low[0], low[1:], **kwargs),
                        spec.fn(low[0].float(), [x.float() for x in low[1:]], **kwargs))
+
+
+@pytest.mark.parametrize("method,threads", [("della", 2), ("dare_ties", 1)])
+def test_della_keeps_the_threads_it_shares_its_blocks_among(tmp_path, llama, method, threads):
+    """DELLA's per-row sorts are compute-bound and it splits its blocks among the intra-op
+    threads itself; the engine runs other chunkable methods' cache-sized work on one thread.
+    (DELLA's l1 pass made it chunkable, which had cost it its second thread: 54 → 75 s at 1B.)"""
+    from mergesmith.engine.run import merge_threads
+
+    the_plan = mergesmith.plan(write_recipe(tmp_path / "r.yaml", sparse_recipe(llama, method)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with merge_threads(the_plan, torch.device("cpu")):
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

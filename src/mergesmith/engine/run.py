@@ -307,7 +307,7 @@ def stream(plan: Plan, output: OutputFolder, *, device: torch.device, chunk_byte
 def merge_threads(plan: Plan, device: torch.device) -> Iterator[None]:
     """The thread count every merge of the plan runs with (in memory too, so the bytes match)."""
     threads = torch.get_num_threads()
-    if device.type == "cpu" and plan.method.chunkable:
+    if device.type == "cpu" and plan.method.chunkable and not plan.method.own_threads:
         # cache-sized tiles are too small to split across cores: the split costs more than it
         # saves (several times more on a busy machine), and the reader and writer threads use
         # the other cores

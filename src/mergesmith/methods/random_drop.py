@@ -155,7 +155,7 @@ L1_PASS = dict(finish=lambda stats, sums, **_: finish_l1(sums),
                passes=lambda params: int(streamed_l1(params)),
                whole_tensor_when=lambda params: l1_rescale(params) and not streamed_l1(params))
 DARE_STREAMING = dict(elementwise=True, reduce=dare_l1_sums, **L1_PASS)
-DELLA_STREAMING = dict(row_local=True, reduce=della_l1_sums, **L1_PASS)
+DELLA_STREAMING = dict(row_local=True, own_threads=True, reduce=della_l1_sums, **L1_PASS)
 
 
 def dare_merge(base, experts, *, weights, densities, lambda_, normalize, rescale, ctx, consensus,

@@ -230,8 +230,12 @@ class MethodSpec:
     elementwise: bool = False
     # The same for parts made of whole rows (the first dimension against the rest) only: each
     # row is merged from that row alone (DELLA's per-row ranks). The engine streams it in row
-    # chunks, never in tiles, and leaves it the intra-op threads to share its rows out.
+    # chunks, never in tiles.
     row_local: bool = False
+    # The method shares its row blocks out among the intra-op threads itself (DELLA's
+    # compute-bound per-row sorts): the engine leaves it those threads, where it otherwise runs
+    # a chunkable method's cache-sized work on one.
+    own_threads: bool = False
     # For methods that are elementwise once a few whole-tensor sums are known (SLERP's norms and
     # dot product): `reduce(base_chunk, expert_chunks, **params)` returns float64 partial sums,
     # which the engine adds over chunks and passes to `fn` as `stats=`.
