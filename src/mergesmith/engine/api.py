@@ -78,6 +78,22 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
                               overwrite=overwrite).path
     the_plan = plan(recipe, seed=seed, shard_size=shard_size, statistics=statistics,
                     compat=compat, allow_crimes=allow_crimes)
+    return write_plan(the_plan, out, device=device, resume=resume, overwrite=overwrite,
+                      chunk_size=chunk_size, progress=progress, notes=notes, finish=finish,
+                      copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                      workers=workers, ray_address=ray_address, rebuild=dict(
+                          shard_bytes=parse_size(shard_size), statistics=statistics,
+                          compat=compat, allow_crimes=allow_crimes))
+
+
+def write_plan(the_plan: Plan, out: str | Path, *, device: str = "cpu", resume: bool = False,
+               overwrite: bool = False, chunk_size: str | int = DEFAULT_CHUNK_BYTES,
+               progress: bool = False, notes: dict[str, str] | None = None,
+               finish: Callable[[Path], None] | None = None, copy_tokenizer: bool = True,
+               write_model_card: bool = True, workers: int = 1, ray_address: str | None = None,
+               rebuild: dict | None = None) -> Path:
+    """Stream a plan into a model folder at `out` (see `merge`). `rebuild` holds the options
+    Ray workers need to plan the same recipe again."""
     compute = _device(device)
     chunk_bytes = parse_size(chunk_size)
     spread = workers > 1 or ray_address is not None
@@ -89,9 +105,7 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
                           resume=resume, overwrite=overwrite, inputs=_inputs(the_plan))
     writes = stream
     if spread:
-        job = distributed.shard_job(the_plan, output, dict(
-            shard_bytes=parse_size(shard_size), statistics=statistics, compat=compat,
-            allow_crimes=allow_crimes), compute, chunk_bytes)
+        job = distributed.shard_job(the_plan, output, rebuild or {}, compute, chunk_bytes)
         writes = partial(distributed.stream_on_workers, job=job, workers=workers,
                          address=ray_address)
     try:
@@ -163,7 +177,8 @@ def fingerprint(the_plan: Plan, chunk_bytes: int, device: torch.device) -> str:
         for ck in [*the_plan.models.values(), *the_plan.statistics.values()]
         for folder in ck.sources for f in weight_files(folder)
     })
-    blob = json.dumps([__version__, the_plan.recipe.fingerprint(), the_plan.seed, chunk_bytes,
+    recipe = the_plan.program.key() if the_plan.program is not None else the_plan.recipe.fingerprint()
+    blob = json.dumps([__version__, recipe, the_plan.seed, chunk_bytes,
                        device.type, [s.filename for s in the_plan.shards], inputs])
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -53,6 +53,9 @@ def refuse(the_plan: Plan, side_methods, device: torch.device) -> None:
     if device.type != "cpu":
         raise MergesmithError(f"merge --ray computes on the workers' CPUs, not on {device}",
                               hint="drop --device, or merge on the GPU without --ray")
+    if the_plan.program is not None:
+        raise MergesmithError(f"--ray spreads recipe merges; {the_plan.program.title} is built "
+                              "on one machine", hint="run it without --ray")
     if the_plan.method.name in side_methods:
         raise MergesmithError(f"merge --ray: {the_plan.method.name} writes side outputs beside "
                               "the weights, which --ray does not spread over workers",

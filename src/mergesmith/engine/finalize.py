@@ -35,7 +35,12 @@ def write_metadata(plan: Plan, folder: Path, *, copy_tokenizer: bool = True,
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, folder / name)
-    if write_model_card:
+    if write_model_card and plan.program is not None:
+        (folder / "README.md").write_text(program_card(plan))
+        if plan.program.record:
+            name, text = plan.program.record
+            (folder / name).write_text(text)
+    elif write_model_card:
         (folder / "README.md").write_text(model_card(plan))
         # as mergekit does: the recipe as written, to run again with either tool
         (folder / CONFIG_FILE).write_text(recipe_text(plan.recipe))
@@ -90,6 +95,30 @@ Merged with mergesmith {__version__} using **{method.name}**: {method.summary}
 {recipe_text(recipe).rstrip()}
 ```
 """
+
+
+def program_card(plan: Plan) -> str:
+    """The card of a model built by a program (engine/program.py): what it is, from what."""
+    program, hub = plan.program, hub_ids(plan)
+    front = {"library_name": "transformers", "tags": ["merge", "mergesmith"]}
+    inputs = "\n".join(f"| {f'[{hub[ref]}](https://huggingface.co/{hub[ref]})' if ref in hub else f'`{ref}`'} |"
+                       for ref in plan.models)
+    record = ""
+    if program.record:
+        name, text = program.record
+        record = f"\n## Configuration (`{name}`)\n\n```yaml\n{text.rstrip()}\n```\n"
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + f"""---
+
+# {program.title}
+
+Built with mergesmith {__version__}: {program.summary} Seed: {plan.seed}.
+
+## Inputs
+
+| model |
+|---|
+{inputs}
+{record}"""
 
 
 def _compat_note(recipe) -> str:

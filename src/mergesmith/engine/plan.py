@@ -94,6 +94,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     statistics: dict[str, Checkpoint] = field(default_factory=dict)  # reference -> its store
     chat_template: str | None = None  # the recipe's chat_template as Jinja text
+    program: Any = None  # engine/program.py's Program, when the plan was not built from a recipe
 
     @property
     def total_bytes(self) -> int:
