@@ -320,7 +320,7 @@ def _check_adapters(recipe: Path) -> None:
 @app.command()
 def methods() -> None:
     """List every merge method with what it needs and its parameters."""
-    from mergesmith.methods import all_methods
+    from mergesmith.methods import all_methods, all_operations
 
     table = Table(title="merge methods", show_lines=True)
     for column in ("method", "needs", "parameters", "what it does"):
@@ -337,6 +337,13 @@ def methods() -> None:
         )
         table.add_row(spec.name, needs, params or "-", f"{spec.summary}\n[dim]{spec.paper}[/]")
     out.print(table)
+    built = Table(title="methods with their own command (MoE, alignment)", show_lines=True)
+    for column in ("method", "needs", "command", "what it does"):
+        built.add_column(column)
+    for op in all_operations():
+        built.add_row(op.name, op.needs, op.command, f"{op.summary}\n[dim]{op.paper}[/]")
+    if built.row_count:
+        out.print(built)
 
 
 def _data_needs(spec) -> str:

@@ -6,11 +6,14 @@
 
 from mergesmith.methods.registry import (
     MethodSpec,
+    Operation,
     Param,
     TensorContext,
     all_methods,
+    all_operations,
     get_method,
     register,
+    register_operation,
 )
 from mergesmith.methods.linear import linear, task_arithmetic
 from mergesmith.methods.passthrough import layer_swap, passthrough
@@ -34,6 +37,7 @@ from mergesmith.methods import lora_combine  # noqa: F401,E402  (adapters into a
 from mergesmith.methods import lora_modular, rmm  # noqa: F401,E402  (modular LoRA merges)
 
 __all__ = [
-    "MethodSpec", "Param", "TensorContext", "all_methods", "get_method", "register",
+    "MethodSpec", "Operation", "Param", "TensorContext", "all_methods", "all_operations", "get_method",
+    "register", "register_operation",
     "linear", "task_arithmetic", "slerp", "multislerp", "karcher", "passthrough", "layer_swap",
 ]

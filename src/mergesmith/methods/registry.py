@@ -358,3 +358,30 @@ def all_methods() -> list[MethodSpec]:
     for spec in _REGISTRY.values():
         seen.setdefault(spec.name, spec)
     return list(seen.values())
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A method that builds a model by its own command rather than through a merge recipe
+    (MoE assembly and compression, permutation alignment): listed by `mergesmith methods`
+    beside the merge methods, with the command that runs it."""
+
+    name: str
+    command: str  # e.g. "mergesmith moe CONFIG OUT (gate_mode: hidden)"
+    summary: str
+    paper: str
+    needs: str  # e.g. "dense experts + prompts", "an MoE + calibration data"
+
+
+_OPERATIONS: dict[str, Operation] = {}
+
+
+def register_operation(name: str, *, command: str, summary: str, paper: str, needs: str) -> Operation:
+    if name in _OPERATIONS or name in _REGISTRY:
+        raise RuntimeError(f"method {name!r} registered twice")
+    _OPERATIONS[name] = Operation(name, command, summary, paper, needs)
+    return _OPERATIONS[name]
+
+
+def all_operations() -> list[Operation]:
+    return list(_OPERATIONS.values())
