@@ -76,3 +76,55 @@ def build_model(folder: Path, arch: str, *, seed: int, base: Path | None = None,
     model.to(dtype).save_pretrained(folder)
     save_tokenizer(folder, tokens or default_tokens(vocab))
     return folder
+
+
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def tiny_moe_config(arch: str, *, experts: int = 4, layers: int = 2, hidden: int = 32, top_k: int = 2,
+                    vocab: int = VOCAB, norm_topk_prob: bool | None = None):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=top_k, max_position_embeddings=64,
+                  tie_word_embeddings=False)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=hidden + hidden // 2, num_local_experts=experts)
+    qwen = dict(common, intermediate_size=2 * hidden, moe_intermediate_size=hidden + hidden // 2,
+                num_experts=experts, norm_topk_prob=bool(norm_topk_prob))
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**qwen, shared_expert_intermediate_size=2 * hidden)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**qwen, head_dim=hidden // 4)
+    raise ValueError(f"unknown MoE architecture {arch!r}; toy MoEs: {', '.join(MOE_ARCHS)}")
+
+
+def build_moe(folder: Path, arch: str = "mixtral", *, experts: int = 4, seed: int = 0, layers: int = 2,
+              hidden: int = 32, top_k: int = 2, vocab: int = VOCAB, norm_topk_prob: bool | None = None,
+              router_scale: float = 1.0, fused: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+    """A random tiny transformers MoE with a word-level tokenizer. `save_pretrained` writes the
+    per-expert layout (experts.{e}.w1/w2/w3 or gate/up/down_proj); `fused=True` writes the
+    3-D tensors the modules hold instead (experts.gate_up_proj [E, 2I, H], experts.down_proj
+    [E, H, I]), the other layout an MoE checkpoint may come in. `router_scale` multiplies the
+    router rows: at the default initialisation (std 0.02) routing is close to uniform."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    config = tiny_moe_config(arch, experts=experts, layers=layers, hidden=hidden, top_k=top_k, vocab=vocab,
+                             norm_topk_prob=norm_topk_prob)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.02 * router_scale)  # Qwen-MoE initialises its router to zeros
+    model = model.to(dtype)
+    if fused:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(folder) / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        model.save_pretrained(folder)
+    save_tokenizer(folder, default_tokens(vocab))
+    return folder
