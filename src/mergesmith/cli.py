@@ -468,6 +468,37 @@ def average(
         err.print(f"wrote {done.path}", highlight=False)
 
 
+@app.command("align")
+def align_command(
+    paths: list[str] = typer.Argument(..., help="MODEL MODEL [MODEL ...] OUT: models of one "
+                                      "architecture (folders or hub ids), then the output folder."),
+    method: str = typer.Option("weight_matching", help="weight_matching (Git Re-Basin) or pleas."),
+    reference: Optional[str] = typer.Option(None, help="The model the others are aligned to "
+                                            "(default: the first); it is not rewritten."),
+    units: str = typer.Option("mlp,heads,residual", help="Weight matching: the units to permute."),
+    scheme: str = typer.Option("mean", help="3+ models: mean (each against the others' mean, "
+                               "until nothing changes) or reference (each against the reference)."),
+    max_sweeps: int = typer.Option(100, min=1, help="Weight matching: most coordinate-descent sweeps."),
+    seed: int = typer.Option(0, help="Seed of the sweeps' permutation order."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
+    overwrite: bool = typer.Option(False, help="Replace existing output folders."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
+) -> None:
+    """Permute models' units onto a reference model, so that they can be merged: each other
+    model is written, computing the same function, to OUT/<its folder name>."""
+    from mergesmith.engine.align import align
+
+    if len(paths) < 3:
+        raise typer.BadParameter("give two models or more, then the output folder")
+    log = None if quiet else (lambda line: err.print(line, highlight=False))
+    written = align(paths[:-1], Path(paths[-1]), method=method, reference=reference,
+                    units=tuple(u.strip() for u in units.split(",") if u.strip()), scheme=scheme,
+                    max_sweeps=max_sweeps, seed=seed, shard_size=shard_size, overwrite=overwrite,
+                    progress=not quiet, log=log)
+    if not quiet:
+        err.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
 @app.command("search")
 def search_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML with a search: section."),

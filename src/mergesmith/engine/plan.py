@@ -149,6 +149,10 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                         "before anything is merged; the engine alone cannot run it",
                         hint="run it with `mergesmith merge` or mergesmith.merge, with a calibration: section")
     opened = _open_models(recipe)
+    if recipe.align is not None:
+        from mergesmith.engine.align import align_recipe_models  # lazily: it builds on this module
+
+        opened = align_recipe_models(recipe, opened, method)
     stores = _open_statistics(recipe, method, opened, statistics or {})
     groups = _groups(recipe, opened, method)
     slices = [out_slice for _, _, group in groups for out_slice in group]

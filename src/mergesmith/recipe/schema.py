@@ -243,6 +243,20 @@ class LayerScaling(_Strict):
     beta: float = Field(allow_inf_nan=False)
 
 
+class AlignSection(_Strict):
+    """`align:` permute the merged models' units onto one reference model before merging, for
+    models trained from different initialisations (engine/align.py). Weight matching holds
+    every model's tensors in memory while it solves, at plan time."""
+
+    method: Literal["weight_matching"] = "weight_matching"
+    reference: Optional[StrictStr] = None  # a model of the recipe; default base_model, else the first
+    units: list[Literal["mlp", "heads", "residual"]] = Field(
+        default=["mlp", "heads", "residual"], min_length=1)
+    scheme: Literal["mean", "reference"] = "mean"  # 3+ models: against the others' mean, or the reference
+    max_sweeps: StrictInt = Field(default=100, ge=1)
+    seed: StrictInt = 0
+
+
 class Recipe(_Strict):
     """A whole merge recipe."""
 
@@ -264,6 +278,7 @@ class Recipe(_Strict):
     # "mergekit": reproduce mergekit 0.1.5's arithmetic (its compute dtype, sign ties, L1
     # rescale, selections) for the methods both have; none (unset): the papers' definitions
     compat: Optional[Literal["none", "mergekit"]] = None
+    align: Optional[AlignSection] = None
 
     _source: str = PrivateAttr(default=NO_FILE)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)

@@ -1,0 +1,161 @@
+"""Weight matching (Git Re-Basin): the permutation spec, the alignment, `mergesmith align`, `align:`."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import mergesmith
+from conftest import read_tensors, run_cli, write_recipe
+from mergesmith.engine.align import align, aligned_view, align_models, permutation_spec
+from mergesmith.engine.program import Output, Program, write_program
+from mergesmith.errors import PlanError
+from mergesmith.io import Checkpoint
+from mergesmith.methods.permutation import objective, weight_matching
+from mergesmith.toy import build_model
+
+
+def _random_perms(spec, seed):
+    """A random permutation per unit set, never the identity (so every family really moves)."""
+    generator = torch.Generator().manual_seed(seed)
+    perms = {}
+    for name, n in spec.sizes.items():
+        perm = torch.randperm(n, generator=generator)
+        perms[name] = perm.roll(1) if torch.equal(perm, torch.arange(n)) else perm
+    return perms
+
+
+def _permuted_copy(folder, perms, out):
+    ck = Checkpoint(folder)
+    view = aligned_view(ck, permutation_spec(ck), perms)
+    program = Program([Output(n, [(view, n)]) for n in sorted(view.tensors)], ck.config, ck, "t", "s.")
+    return write_program(program, out)
+
+
+def _logits(folder):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(torch.tensor([[3, 5, 7, 11, 2, 9, 4]])).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_permuting_units_leaves_the_logits_unchanged(arch, tmp_path):
+    """Random permutations of every MLP's units, every layer's heads (GQA groups) and the
+    residual stream: the function is the same (the spec moves every axis it must), the tensors
+    are not. The model is base + noise, so norms and (qwen2) q/k/v biases are not constants."""
+    base = build_model(tmp_path / "base", arch, seed=0, layers=2)
+    model = build_model(tmp_path / "model", arch, seed=1, base=base, layers=2)
+    spec = permutation_spec(Checkpoint(model))
+    assert {p.split(".")[0] for p in spec.sizes} == {"mlp", "heads", "residual"}
+    out = _permuted_copy(model, _random_perms(spec, 3), tmp_path / "permuted")
+    torch.testing.assert_close(_logits(out), _logits(model), rtol=0, atol=1e-5)
+    got, want = read_tensors(out), read_tensors(model)
+    assert sum(not torch.equal(got[n], want[n]) for n in want) >= len(spec.axes) - 1
+
+
+def test_weight_matching_recovers_the_permutation_and_the_merge_returns_the_model(
+        zoo, tmp_path, monkeypatch, capsys):
+    model = zoo("llama")["e1"]
+    spec = permutation_spec(Checkpoint(model))
+    perms = _random_perms(spec, 7)
+    permuted = _permuted_copy(model, perms, tmp_path / "permuted")
+    code, _, err = run_cli(monkeypatch, capsys, "align", model, permuted, tmp_path / "aligned")
+    assert code == 0, err
+    aligned = tmp_path / "aligned" / "permuted"
+    got, want = read_tensors(aligned), read_tensors(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    found = json.loads((aligned / "alignment.json").read_text())["permutations"]
+    # the permuted copy is model[σ]; aligning it back takes σ⁻¹
+    assert found == {p: torch.argsort(perms[p]).tolist() for p in perms}
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(model), "parameters": {"weight": 1.0}},
+        {"model": str(aligned), "parameters": {"weight": 1.0}}]})
+    merged = read_tensors(mergesmith.merge(recipe, tmp_path / "merged"))
+    assert all(torch.equal(merged[n], want[n]) for n in want)
+
+
+def test_objective_never_decreases_and_singular_values_are_unchanged(tmp_path, one_thread):
+    """Two models from different initialisations: coordinate descent raises Σ⟨W_A, π(W_B)⟩
+    sweep by sweep, the returned permutations are the ones applied, and a permutation changes
+    no singular value of any matrix."""
+    a = Checkpoint(build_model(tmp_path / "a", "llama", seed=0, layers=2))
+    b = Checkpoint(build_model(tmp_path / "b", "llama", seed=1, layers=2))
+    spec = permutation_spec(a)
+    ta = {n: a.read(n).float() for n in spec.axes}
+    tb = {n: b.read(n).float() for n in spec.axes}
+    matching = weight_matching(spec, ta, tb, max_sweeps=100, seed=0)
+    history = matching.objective
+    assert len(history) >= 3 and history[-1] > history[0]
+    assert all(later >= earlier - 1e-9 * abs(earlier) for earlier, later in zip(history, history[1:]))
+    view = aligned_view(b, spec, matching.perms)
+    by_hand = sum(float((ta[n].double() * view.read(n).double()).sum()) for n in spec.axes)
+    assert by_hand == pytest.approx(history[-1], rel=1e-9)
+    moved = 0
+    for name in b.tensors:
+        before, after = b.read(name), view.read(name)
+        moved += not torch.equal(before, after)
+        if before.dim() == 2:
+            torch.testing.assert_close(torch.linalg.svdvals(after), torch.linalg.svdvals(before),
+                                       rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(after.sort().values, before.sort().values)
+    assert moved > len(b.tensors) // 2
+
+
+def test_three_models_each_recover_their_permutation(zoo, tmp_path):
+    model = zoo("llama")["e2"]
+    spec = permutation_spec(Checkpoint(model))
+    perms = [_random_perms(spec, seed) for seed in (11, 12)]
+    copies = [_permuted_copy(model, p, tmp_path / f"p{k}") for k, p in enumerate(perms)]
+    written = align([model, *copies], tmp_path / "aligned")
+    assert [p.name for p in written] == ["p0", "p1"]
+    want = read_tensors(model)
+    for folder, p in zip(written, perms):
+        got = read_tensors(folder)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        found = json.loads((folder / "alignment.json").read_text())["permutations"]
+        assert found == {name: torch.argsort(perm).tolist() for name, perm in p.items()}
+
+
+def test_a_recipe_with_align_merges_the_aligned_models(tmp_path):
+    """`align:` in a recipe equals aligning the folders first, then merging them."""
+    a = build_model(tmp_path / "a", "llama", seed=0, layers=2)
+    b = build_model(tmp_path / "b", "llama", seed=1, layers=2)
+    [aligned] = align([a, b], tmp_path / "aligned", units=("mlp", "residual"), max_sweeps=5)
+    models = lambda second: [{"model": str(a), "parameters": {"weight": 0.5}},  # noqa: E731
+                             {"model": str(second), "parameters": {"weight": 0.5}}]
+    recipe = {"merge_method": "linear", "dtype": "float32"}
+    in_recipe = write_recipe(tmp_path / "in.yml", {**recipe, "models": models(b), "align": {
+        "units": ["mlp", "residual"], "max_sweeps": 5, "reference": str(a)}})
+    folders = write_recipe(tmp_path / "folders.yml", {**recipe, "models": models(aligned)})
+    plain = write_recipe(tmp_path / "plain.yml", {**recipe, "models": models(b)})
+    got = read_tensors(mergesmith.merge(in_recipe, tmp_path / "m1"))
+    want = read_tensors(mergesmith.merge(folders, tmp_path / "m2"))
+    unaligned = read_tensors(mergesmith.merge(plain, tmp_path / "m3"))
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert not all(torch.equal(got[n], unaligned[n]) for n in want)
+    heads = "model.layers.0.self_attn.k_proj.weight"  # heads were not asked for: their order stays
+    b_k, a_k = Checkpoint(b).read(heads), Checkpoint(aligned).read(heads)
+    assert torch.equal(a_k.sort(dim=1).values, b_k.sort(dim=1).values) and a_k.shape == b_k.shape
+
+
+def test_refusals_name_the_model_and_the_reason(zoo, tmp_path, monkeypatch, capsys):
+    llama, qwen = zoo("llama")["base"], zoo("qwen2")["base"]
+    with pytest.raises(PlanError, match="different models.*architectures"):
+        align_models([Checkpoint(llama), Checkpoint(qwen)])
+    wide = build_model(tmp_path / "wide", "llama", seed=0, hidden=48)
+    with pytest.raises(PlanError, match="different models.*hidden_size"):
+        align([llama, wide], tmp_path / "out")
+    bert = zoo("bert")["base"]
+    code, _, err = run_cli(monkeypatch, capsys, "align", bert, zoo("bert")["e1"], tmp_path / "out")
+    assert code == 1 and "no permutation spec for architecture 'bert'" in err and "hint:" in err
+    with pytest.raises(PlanError, match="unknown unit family 'neurons'"):
+        align([llama, llama], tmp_path / "out", units=("neurons",))
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(llama), "parameters": {"weight": 1.0}},
+        {"model": str(zoo("llama")["e1"]), "parameters": {"weight": 1.0}}],
+        "align": {"reference": "elsewhere"}})
+    with pytest.raises(PlanError, match=r"r\.yml:\d+: align\.reference: 'elsewhere' is not a model"):
+        mergesmith.plan(recipe)
+    assert not (tmp_path / "out").exists()
