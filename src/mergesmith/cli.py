@@ -358,6 +358,62 @@ def _data_needs(spec) -> str:
     return ""
 
 
+@app.command("flexolmo")
+def flexolmo_command(
+    public: str = typer.Argument(..., help="The public dense OLMo-2 model (with --drop/--append: a FlexOlmo MoE)."),
+    experts: Optional[list[str]] = typer.Argument(None, help="Experts: 2-expert FlexOlmo MoEs (public FFN, "
+                                                  "own FFN) or dense OLMo-2 models; in router order 1..N."),
+    output: Path = typer.Option(..., "--out", "-o", help="Folder to write; appears only when complete."),
+    texts: list[str] = typer.Option([], "--texts", help="I=FILE: domain texts of expert I (0: the public "
+                                    "model; .txt one per line, .jsonl, .csv, .parquet); its router row "
+                                    "becomes their mean embedding. Repeat."),
+    embedder: Optional[str] = typer.Option(None, help="Model whose mean-pooled last hidden states embed "
+                                           "the texts (default: the public model; same hidden size)."),
+    samples: int = typer.Option(128, min=1, help="Texts drawn from each --texts file."),
+    experts_per_token: int = typer.Option(2, "--experts-per-token", "-k", min=1, help="Top-k of the router."),
+    drop: Optional[str] = typer.Option(None, help="I,J,...: opt-out, write the MoE PUBLIC without these experts."),
+    append: bool = typer.Option(False, "--append", help="Opt-in: add EXPERTS to the FlexOlmo MoE PUBLIC."),
+    seed: int = typer.Option(0, help="Seed of the text samples."),
+    device: str = typer.Option("cpu", help="Where to embed the texts: cpu, cuda, cuda:1."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run into OUTPUT."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """FlexOlmo: a public model and experts trained beside its frozen FFN -> one MoE (router rows
+    public, 1..N); --drop and --append leave experts out of, or add them to, a built one."""
+    from mergesmith.calibrate.data import load_examples
+    from mergesmith.engine.moe import flexolmo as fo
+    from mergesmith.recipe import Calibration
+
+    experts = experts or []
+    write = dict(shard_size=shard_size, resume=resume, overwrite=overwrite)
+    if drop is not None:
+        if experts or append or texts:
+            raise MergesmithError("--drop takes only the MoE: no experts, --append or --texts")
+        parts = [i.strip() for i in drop.split(",")]
+        if not all(i.isdigit() for i in parts):
+            raise MergesmithError(f"--drop {drop!r}: expected expert numbers, e.g. 2 or 1,3")
+        indices = [int(i) for i in parts]
+        path = fo.drop_experts(public, indices, output, progress=not quiet, **write)
+    else:
+        by_member: dict[int, list[str]] = {}
+        for item in texts:
+            index, sep, file = item.partition("=")
+            if not sep or not index.isdigit() or int(index) > len(experts) or (append and index == "0"):
+                raise MergesmithError(f"--texts {item!r}: expected I=FILE, I in 0..{len(experts)}"
+                                      + (" (1.. with --append)" if append else ""))
+            cal = Calibration(data=file, samples=samples, seed=seed)
+            by_member[int(index)] = [e.text for e in load_examples(cal, Path.cwd())]
+        per_expert = [by_member.get(i) for i in range(1, len(experts) + 1)]
+        options = dict(texts=per_expert, embedder=embedder, device=device, progress=not quiet, **write)
+        path = fo.add_experts(public, experts, output, **options) if append else \
+            fo.flexolmo(public, experts, output, public_texts=by_member.get(0),
+                        experts_per_token=experts_per_token, **options)
+    if not quiet:
+        err.print(f"wrote {path}", highlight=False)
+
+
 TASKS_HELP = "A task.yaml (or its folder); repeat for more tasks."
 EXPERT_HELP = "TASK=MODEL: the task's expert, to normalize scores by; repeat for each task."
 

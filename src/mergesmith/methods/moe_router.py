@@ -96,5 +96,5 @@ def degenerate_layers(rows: torch.Tensor, threshold: float = DEGENERATE_COND) ->
 register_operation(
     "flexolmo", command="mergesmith flexolmo PUBLIC EXPERT... -o OUT",
     summary="FlexOlmo: a public dense model and experts trained beside its frozen FFN -> one MoE "
-            "(rows [public, 1..N], domain-embedding router; experts can be dropped or appended)",
+            "(router rows public, 1..N from domain embeddings; experts can be dropped or appended)",
     paper=FLEXOLMO_PAPER, needs="public model + 2-expert MoE or dense experts (+ domain texts)")
