@@ -717,6 +717,53 @@ def rmm_apply(
         err.print(f"wrote {path}", highlight=False)
 
 
+@app.command("moe")
+def moe(
+    config: Optional[Path] = typer.Argument(None, help="mergekit-moe YAML config (none with --upcycle)."),
+    output: Optional[Path] = typer.Argument(None, help="Folder to write; appears only when complete."),
+    upcycle: Optional[str] = typer.Option(None, "--upcycle", help="Upcycle this dense model "
+                                          "(AquilaMoE scale-out): its MLP in every expert, random router."),
+    experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Experts, with --upcycle."),
+    experts_per_token: int = typer.Option(2, min=1, help="Top-k, with --upcycle."),
+    noise_scale: Optional[float] = typer.Option(None, min=0, help="With --upcycle: N(0, σ²) noise "
+                                                "on each expert's weights (seeded), to break symmetry."),
+    architecture: Optional[str] = typer.Option(None, help="With --upcycle: mixtral, qwen2_moe, qwen3_moe."),
+    dtype: Optional[str] = typer.Option(None, help="With --upcycle: output dtype."),
+    seed: int = typer.Option(0, help="With --upcycle: seed of the router rows and noise."),
+    device: str = typer.Option("cpu", help="Where to run the prompts and copy: cpu, cuda, cuda:1."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
+    resume: bool = typer.Option(False, help="Continue an interrupted build into OUTPUT."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    allow_identical_experts: bool = typer.Option(
+        False, "--allow-identical-experts", "--i-understand-this-is-not-useful-without-training",
+        help="Build an MoE whose experts are all one model (to train it afterwards)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Assemble dense experts into a Mixtral / Qwen-MoE (mergekit-moe's YAML), or upcycle one
+    dense model into N experts; router rows from the experts' prompts."""
+    from mergesmith.engine.moe.assemble import build_moe, upcycle as upcycle_model
+
+    options = dict(device=device, shard_size=shard_size, resume=resume, overwrite=overwrite,
+                   progress=not quiet)
+    if upcycle is not None:
+        if experts is None or config is None or output is not None:
+            raise MergesmithError("--upcycle MODEL takes --experts N and one OUTPUT, no CONFIG",
+                                  hint="mergesmith moe --upcycle MODEL --experts 8 OUT")
+        path = upcycle_model(upcycle, experts, config, noise_scale=noise_scale, seed=seed,
+                             experts_per_token=experts_per_token, architecture=architecture,
+                             dtype=dtype, **options)
+    else:
+        if config is None or output is None:
+            raise MergesmithError("mergesmith moe takes CONFIG and OUTPUT (or --upcycle MODEL "
+                                  "--experts N OUTPUT)")
+        from mergesmith.recipe.moe import load_moe_config
+
+        path = build_moe(load_moe_config(config), output,
+                         allow_identical_experts=allow_identical_experts, **options)
+    if not quiet:
+        err.print(f"wrote {path}", highlight=False)
+
+
 @app.command("extract-lora")
 def extract_lora(
     base: str = typer.Argument(..., help="The base model."),
