@@ -173,3 +173,15 @@ def test_degenerate_layers_are_warned():
     rows[1, 1] = torch.tensor([1.0, 0.01, 0, 0])  # nearly the same as row 0
     with pytest.warns(DegenerateRoutersWarning, match="layer 1 "):
         assert warn_degenerate(rows) == [1]
+
+
+def test_a_prompted_shared_expert_gets_the_last_row(base):
+    """Qwen-MoE's shared_expert_gate row comes after the experts' rows, made like theirs (as
+    mergekit-moe's need_gates); without prompts (and not random) it gets none."""
+    experts = [{"positive_prompts": ["w3"]}, {"positive_prompts": ["w4"]}]
+    rows = gate_rows(config(base, experts, mode="cheap_embed", shared=[{"positive_prompts": ["w5 w6"]}]),
+                     Checkpoint(base))
+    embed = Checkpoint(base).read("model.embed_tokens.weight").float()
+    assert rows.shape == (3, 3, 32)
+    torch.testing.assert_close(rows[1, 2], unit(embed[2] + embed[7] + embed[8]))
+    assert gate_rows(config(base, experts, mode="cheap_embed", shared=[{}]), Checkpoint(base)).shape == (3, 2, 32)
