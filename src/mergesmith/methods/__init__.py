@@ -36,6 +36,7 @@ from mergesmith.methods import frank_wolfe  # noqa: F401,E402  (FW-Merging, lear
 from mergesmith.methods import lora_combine  # noqa: F401,E402  (adapters into an adapter)
 from mergesmith.methods import lora_modular, rmm  # noqa: F401,E402  (modular LoRA merges)
 from mergesmith.methods import permutation  # noqa: F401,E402  (weight matching, by mergesmith align)
+from mergesmith.methods import pleas  # noqa: F401,E402  (PLeaS, by mergesmith align --method pleas)
 from mergesmith.methods import moe_assemble  # noqa: F401,E402  (dense experts into an MoE, by mergesmith moe)
 from mergesmith.methods import moe_router  # noqa: F401,E402  (router rows; FlexOlmo, by mergesmith flexolmo)
 
