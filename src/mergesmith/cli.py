@@ -358,6 +358,43 @@ def _data_needs(spec) -> str:
     return ""
 
 
+@app.command("moe-compress")
+def moe_compress(
+    moe: Path = typer.Argument(..., help="The MoE folder (Mixtral, Qwen2-MoE, Qwen3-MoE)."),
+    output: Path = typer.Argument(..., help="Folder to write; appears only when complete."),
+    method: str = typer.Option(..., help="mc_smoe, hc_smoe or sub_moe."),
+    experts: int = typer.Option(..., "--experts", help="K: experts per layer in the result."),
+    data: Path = typer.Option(..., help="Calibration texts: .txt (one per line), .jsonl, .csv, .parquet."),
+    samples: int = typer.Option(128, min=1, help="Calibration examples drawn from --data."),
+    max_length: Optional[int] = typer.Option(None, min=2, help="Cut examples to this many tokens."),
+    batch_size: int = typer.Option(8, min=1, help="Examples per forward pass."),
+    linkage: str = typer.Option("ward", help="hc_smoe: ward, average, complete or single."),
+    rank: Optional[int] = typer.Option(None, min=1, help="mc_smoe: rank of its low-rank + sparse "
+                                       "compression (training-free); sub_moe: rank of the joint basis."),
+    sparse: float = typer.Option(0.0, help="mc_smoe with --rank: share of the residual kept (sparse part)."),
+    align: Optional[bool] = typer.Option(None, "--align/--no-align", help="Permute members' hidden "
+                                         "units onto their group's most used expert (default: mc_smoe only)."),
+    keep_router: bool = typer.Option(False, "--keep-router", help="Keep all E expert slots, each its "
+                                     "group's merge, and the router unchanged (MC-SMoE's form)."),
+    seed: int = typer.Option(0, help="Seed of the calibration sample and sub_moe's k-means."),
+    device: str = typer.Option("cpu", help="Where to run the calibration: cpu, cuda, cuda:1."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run into OUTPUT."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Shrink an MoE to K experts per layer by merging experts (MC-SMoE, HC-SMoE, Sub-MoE),
+    from routing statistics over calibration data; router rows merged to match."""
+    from mergesmith.engine.moe.compress import compress_moe
+
+    path = compress_moe(moe, output, method=method, experts=experts, data=data, samples=samples,
+                        max_length=max_length, batch_size=batch_size, linkage=linkage, rank=rank,
+                        sparse=sparse, align=align, keep_router=keep_router, seed=seed, device=device,
+                        shard_size=shard_size, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        err.print(f"wrote {path}", highlight=False)
+
+
 @app.command("flexolmo")
 def flexolmo_command(
     public: str = typer.Argument(..., help="The public dense OLMo-2 model (with --drop/--append: a FlexOlmo MoE)."),

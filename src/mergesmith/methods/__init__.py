@@ -35,10 +35,11 @@ from mergesmith.methods import adaptive, adaptive_masks  # noqa: F401,E402  (lea
 from mergesmith.methods import frank_wolfe  # noqa: F401,E402  (FW-Merging, learned)
 from mergesmith.methods import lora_combine  # noqa: F401,E402  (adapters into an adapter)
 from mergesmith.methods import lora_modular, rmm  # noqa: F401,E402  (modular LoRA merges)
-from mergesmith.methods import permutation  # noqa: F401,E402  (weight matching, by mergesmith align)
-from mergesmith.methods import pleas  # noqa: F401,E402  (PLeaS, by mergesmith align --method pleas)
+from mergesmith.methods import moe_compress  # noqa: F401,E402  (MC-SMoE, HC-SMoE, Sub-MoE, by mergesmith moe-compress)
 from mergesmith.methods import moe_assemble  # noqa: F401,E402  (dense experts into an MoE, by mergesmith moe)
 from mergesmith.methods import moe_router  # noqa: F401,E402  (router rows; FlexOlmo, by mergesmith flexolmo)
+from mergesmith.methods import permutation  # noqa: F401,E402  (weight matching, by mergesmith align)
+from mergesmith.methods import pleas  # noqa: F401,E402  (PLeaS, by mergesmith align --method pleas)
 
 __all__ = [
     "MethodSpec", "Operation", "Param", "TensorContext", "all_methods", "all_operations", "get_method",
