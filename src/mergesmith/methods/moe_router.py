@@ -81,8 +81,8 @@ def random_rows(layers: int, experts: int, hidden: int, seed: int, uniform: bool
 
 
 def mean_embedding(pooled: torch.Tensor) -> torch.Tensor:
-    """FlexOlmo's domain embedding: the mean of the texts' pooled states [n, d] -> [d] (not
-    normalised: the released router rows are the embedder's raw means)."""
+    """FlexOlmo's domain embedding: the mean of the texts' pooled states [n, d] -> [d], not
+    normalised (the paper's mean embedding; whether its script normalises is unconfirmed)."""
     return pooled.float().mean(dim=0)
 
 
