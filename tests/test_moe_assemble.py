@@ -16,7 +16,8 @@ from mergesmith.methods.moe_assemble import gaussian_noise
 from mergesmith.recipe.moe import load_moe_config
 from mergesmith.toy import VOCAB, build_model, default_tokens
 
-PROMPTS = [{"positive_prompts": ["w3 w4 w5", "w6"]}, {"positive_prompts": ["w11 w12"], "negative_prompts": ["w40"]},
+PROMPTS = [{"positive_prompts": ["w3 w4 w5", "w6"]},
+           {"positive_prompts": ["w11 w12"], "negative_prompts": ["w40"]},
            {"positive_prompts": ["w60 w61"]}]
 
 
@@ -36,9 +37,9 @@ def bos_tokenizer(folder):
 def qwen3(folder, seed=0):
     """A tiny dense Qwen3 (mergesmith.toy has none)."""
     torch.manual_seed(seed)
-    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      max_position_embeddings=64, tie_word_embeddings=False)
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return bos_tokenizer(folder)
 
@@ -48,14 +49,15 @@ def dense(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
     base = bos_tokenizer(build_model(root / "base", "llama", seed=0, layers=2))
     return {"base": base,
-            **{f"e{i}": bos_tokenizer(build_model(root / f"e{i}", "llama", seed=i, base=base, layers=2, delta=0.05))
-               for i in (1, 2)},
+            **{f"e{i}": bos_tokenizer(build_model(root / f"e{i}", "llama", seed=i, base=base, layers=2,
+                                                  delta=0.05)) for i in (1, 2)},
             "qwen2": bos_tokenizer(build_model(root / "qwen2", "qwen2", seed=3, layers=2)),
             "qwen3": qwen3(root / "qwen3", seed=4)}
 
 
 def moe_yaml(path, base, experts, **fields):
-    data = {"base_model": str(base), **fields, "experts": [{"source_model": str(m), **extra} for m, extra in experts]}
+    data = {"base_model": str(base), **fields,
+            "experts": [{"source_model": str(m), **extra} for m, extra in experts]}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -69,7 +71,8 @@ def logits(folder, ids):
 IDS = torch.tensor([[2, 5, 9, 13, 40, 61, 7, 3]])
 
 
-@pytest.mark.parametrize("arch, dense_key", [("mixtral", "base"), ("qwen2_moe", "qwen2"), ("qwen3_moe", "qwen3")])
+@pytest.mark.parametrize("arch, dense_key",
+                         [("mixtral", "base"), ("qwen2_moe", "qwen2"), ("qwen3_moe", "qwen3")])
 def test_copies_of_one_dense_model_give_its_logits(dense, tmp_path, arch, dense_key):
     """Three copies of one dense model, top-2 renormalised (Qwen: norm_topk_prob, as mergekit sets
     it): every token's output is the dense MLP's whatever the router; Qwen2-MoE's shared expert
@@ -92,13 +95,15 @@ def test_copies_of_one_dense_model_give_its_logits(dense, tmp_path, arch, dense_
     assert generated.shape == (1, 7)
 
 
-def test_upcycle_cli_without_noise_is_the_dense_model(dense, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("key, arch", [("base", "MixtralForCausalLM"), ("qwen2", "Qwen2MoeForCausalLM")])
+def test_upcycle_cli_without_noise_is_the_dense_model(dense, tmp_path, monkeypatch, capsys, key, arch):
+    """Qwen2's layout needs a shared expert: the model's MLP with a zero down projection."""
     out = tmp_path / "up"
-    code, _, err = run_cli(monkeypatch, capsys, "moe", "--upcycle", dense["base"], "--experts", 4, out, "-q")
+    code, _, err = run_cli(monkeypatch, capsys, "moe", "--upcycle", dense[key], "--experts", 4, out, "-q")
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["num_local_experts"] == 4 and cfg["architectures"] == ["MixtralForCausalLM"]
-    torch.testing.assert_close(logits(out, IDS), logits(dense["base"], IDS), rtol=1e-5, atol=1e-5)
+    assert cfg.get("num_local_experts", cfg.get("num_experts")) == 4 and cfg["architectures"] == [arch]
+    torch.testing.assert_close(logits(out, IDS), logits(dense[key], IDS), rtol=1e-5, atol=1e-5)
 
 
 def test_expert_slots_are_their_sources_bitwise_and_btx_averages(dense, tmp_path):
@@ -179,7 +184,8 @@ def test_tensors_and_config_equal_mergekit_moe(dense, tmp_path, architecture):
             gate_up, down = fused(ours, layer, 3)
             assert torch.equal(theirs.pop(f"model.layers.{layer}.mlp.experts.gate_up_proj"), gate_up)
             assert torch.equal(theirs.pop(f"model.layers.{layer}.mlp.experts.down_proj"), down)
-        ours = {n.replace("block_sparse_moe.gate", "mlp.gate"): t for n, t in ours.items() if ".experts." not in n}
+        ours = {n.replace("block_sparse_moe.gate", "mlp.gate"): t for n, t in ours.items()
+                if ".experts." not in n}
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
@@ -191,7 +197,8 @@ def test_tensors_and_config_equal_mergekit_moe(dense, tmp_path, architecture):
 def test_bad_inputs_are_refused_naming_what_is_wrong(dense, tmp_path, monkeypatch, capsys):
     base = dense["base"]
     cases = [
-        ([(dense["qwen2"], {}), (dense["e1"], {})], {}, PlanError, f"expert {dense['qwen2']} does not match.*architectures"),
+        ([(dense["qwen2"], {}), (dense["e1"], {})], {}, PlanError,
+         f"expert {dense['qwen2']} does not match.*architectures"),
         ([(build_model(tmp_path / "wide", "llama", seed=5, layers=2, hidden=48), {}), (dense["e1"], {})], {},
          PlanError, "hidden_size 32 against 48"),
         ([(build_model(tmp_path / "deep", "llama", seed=5, layers=3), {}), (dense["e1"], {})], {},
@@ -199,7 +206,8 @@ def test_bad_inputs_are_refused_naming_what_is_wrong(dense, tmp_path, monkeypatc
         ([(dense["e1"], {})] * 2, {}, PlanError, "every expert is"),
         ([(dense["e1"], {}), (dense["e2"], {})], {"architecture": "switch"}, PlanError,
          "moe.yml:3: architecture: 'switch' is not an MoE layout"),
-        ([(dense["e1"], {}), (dense["e2"], {})], {"architecture": "mixtral", "shared_experts": [{"source_model": str(base)}]},
+        ([(dense["e1"], {}), (dense["e2"], {})],
+         {"architecture": "mixtral", "shared_experts": [{"source_model": str(base)}]},
          PlanError, "mixtral takes no shared experts; the config gives 1"),
     ]
     for experts, fields, error, match in cases:
@@ -208,22 +216,24 @@ def test_bad_inputs_are_refused_naming_what_is_wrong(dense, tmp_path, monkeypatc
             build_moe(load_moe_config(config), tmp_path / "out")
     config = moe_yaml(tmp_path / "moe.yml", dense["qwen2"], [(dense["qwen2"], {})] * 2, gate_mode="random",
                       allow_identical_experts=True)
-    with pytest.raises(PlanError, match="qwen2 is a qwen2 model, whose MoE layout qwen2_moe takes exactly one shared expert.*gives 0"):
+    with pytest.raises(PlanError, match="qwen2 is a qwen2 model, whose MoE layout qwen2_moe takes "
+                                        "exactly one shared expert.*gives 0"):
         build_moe(load_moe_config(config), tmp_path / "out")
     gpt2 = build_model(tmp_path / "gpt2", "gpt2", seed=0, layers=2)
     config = moe_yaml(tmp_path / "moe.yml", gpt2, [(gpt2, {}), (gpt2, {})], gate_mode="random")
-    code, _, err = run_cli(monkeypatch, capsys, "moe", config, tmp_path / "out", "--allow-identical-experts")
+    code, _, err = run_cli(monkeypatch, capsys, "moe", config, tmp_path / "out",
+                           "--allow-identical-experts")
     assert code == 1 and "is a gpt2 model, which no MoE layout takes" in err and "mixtral from llama" in err
     assert not (tmp_path / "out").exists()
 
     config = moe_yaml(tmp_path / "moe.yml", base, [(dense["e1"], {}), (dense["e2"], {})], gate_mode="random",
                       experts_per_token=3)
-    with pytest.raises(RecipeError, match=r"moe.yml:3: experts_per_token: 3 experts per token, with 2 expert"):
+    with pytest.raises(RecipeError, match=r"moe.yml:3: experts_per_token: 3 experts per token, with 2"):
         load_moe_config(config)
     text = config.read_text().replace("experts_per_token", "expert_per_token")
     config.write_text(text)
-    with pytest.raises(RecipeError, match=r"moe.yml:3: expert_per_token: unknown field 'expert_per_token' \(hint: did you "
-                                          r"mean 'experts_per_token'"):
+    with pytest.raises(RecipeError, match=r"moe.yml:3: expert_per_token: unknown field 'expert_per_token' "
+                                          r"\(hint: did you mean 'experts_per_token'"):
         load_moe_config(config)
     config.write_text(text.replace("expert_per_token: 3\n", "").replace("source_model", "source_modle", 1))
     with pytest.raises(RecipeError, match=r"moe.yml:4: experts\[0\].source_modle: unknown field"):

@@ -73,30 +73,15 @@ def moe_program(config: MoeConfig, *, device: str = "cpu", progress: bool = Fals
     rows = _router_rows(config, base, device, progress)
 
     outputs = _non_expert_outputs(config, layout, base, experts, moe)
-    view = View("experts", moe, {}, [base, *experts, *shared])
-    for layer in range(base.config["num_hidden_layers"]):
-        names = {p: f"model.layers.{layer}.mlp.{p}.weight" for p in PROJECTIONS}
-        slots = [(layout.expert(layer, e, p), ck, spec, names[p], p) for e, (ck, spec) in
-                 enumerate(zip(experts, config.experts)) for p in PROJECTIONS]
-        slots += [(layout.shared_expert(layer, p), ck, spec, names[p], p)
-                  for ck, spec in zip(shared, config.shared_experts or ()) for p in PROJECTIONS]
-        for out_name, ck, spec, name, projection in slots:
-            view.entries[out_name] = _expert_entry(ck, name, out_name, spec, projection == "down_proj",
-                                                   config.seed)
-            outputs.append(Output(out_name, [(view, out_name)], layer=layer))
-        routed = {layout.router(layer): rows[layer, :len(experts)].contiguous()}
-        if shared:
-            routed[layout.shared_gate(layer)] = rows[layer, len(experts):len(experts) + 1].contiguous()
-        for name, tensor in routed.items():
-            view.entries[name] = computed(name, tensor)
-            outputs.append(Output(name, [(view, name)], layer=layer))
-    view.tensors = {name: entry.info for name, entry in view.entries.items()}
+    entries, layer_of = _expert_entries(config, layout, experts, shared, rows)
+    view = View("experts and routers", moe, entries, [base, *experts, *shared])
+    outputs += [Output(name, [(view, name)], layer=layer_of[name]) for name in entries]
 
     source = open_model(config.tokenizer_source) if config.tokenizer_source else base
     what = "the experts' mean" if config.non_expert == "average" else f"{config.base_model}"
     summary = (f"a {layout.name} mixture of {len(experts)} experts ({config.experts_per_token} per "
                f"token{', one shared expert' if shared else ''}) assembled from dense models: each "
-               f"expert is one model's MLP, attention, norms and embeddings are {what}, router rows "
+               f"expert is one model's MLP; attention, norms and embeddings are {what}; router rows "
                f"by gate_mode {config.gate_mode}.")
     return Program(outputs, moe, source, f"MoE of {len(experts)} experts ({layout.name})", summary,
                    record=(RECORD, config._text or config.to_yaml()), dtype=dtype, seed=config.seed,
@@ -190,6 +175,28 @@ def _non_expert_outputs(config: MoeConfig, layout: Layout, base: Checkpoint,
             raise PlanError(f"{base.label} has no tensor {name!r}, which a {layout.name} model holds")
     zeros.tensors = {name: entry.info for name, entry in zeros.entries.items()}
     return outputs
+
+
+def _expert_entries(config: MoeConfig, layout: Layout, experts: list[Checkpoint],
+                    shared: list[Checkpoint], rows: torch.Tensor) -> tuple[dict[str, Entry], dict[str, int]]:
+    """Each layer's expert tensors (slot e = expert e's MLP), shared expert and router rows, in
+    that order, as view entries; and each one's layer."""
+    entries, layer_of = {}, {}
+    specs = [(ck, spec, layout.expert, e) for e, (ck, spec) in enumerate(zip(experts, config.experts))]
+    specs += [(ck, spec, None, 0) for ck, spec in zip(shared, config.shared_experts or ())]
+    for layer in range(rows.shape[0]):
+        for ck, spec, slot, e in specs:
+            for p in PROJECTIONS:
+                name = slot(layer, e, p) if slot else layout.shared_expert(layer, p)
+                entries[name] = _expert_entry(ck, f"model.layers.{layer}.mlp.{p}.weight", name, spec,
+                                              p == "down_proj", config.seed)
+        name = layout.router(layer)
+        entries[name] = computed(name, rows[layer, :len(experts)].contiguous())
+        if shared:
+            name = layout.shared_gate(layer)
+            entries[name] = computed(name, rows[layer, len(experts):len(experts) + 1].contiguous())
+        layer_of.update((name, layer) for name in entries if name not in layer_of)
+    return entries, layer_of
 
 
 def _expert_entry(ck: Checkpoint, name: str, out_name: str, spec: ExpertConfig, down: bool,

@@ -59,10 +59,11 @@ def supported() -> str:
                      for l in LAYOUTS.values())
 
 
-def pick_layout(asked: str | None, model_type: str, shared: int, base_label: str,
+def pick_layout(asked: str | None, model_type: str, shared: int | None, base_label: str,
                 where: str = "architecture") -> Layout:
     """The output layout: `asked` (ours or a prefix of mergekit's name, as mergekit-moe matches
-    it), else mergekit's choice: Mixtral where it fits, else the one layout that takes the model."""
+    it), else mergekit's choice: Mixtral where it fits, else the one layout that takes the model
+    with `shared` shared experts (None: with or without)."""
     if asked is not None:
         key = asked.strip().lower()
         candidates = [l for l in LAYOUTS.values()
@@ -72,7 +73,7 @@ def pick_layout(asked: str | None, model_type: str, shared: int, base_label: str
                             hint=f"supported: {supported()}")
     else:
         candidates = list(LAYOUTS.values())
-    fitting = [l for l in candidates if model_type in l.inputs and l.shared == bool(shared)]
+    fitting = [l for l in candidates if model_type in l.inputs and shared in (None, l.shared)]
     if fitting:
         return fitting[0]
     takes = [l for l in candidates if model_type in l.inputs]
