@@ -205,11 +205,26 @@ def _same(ck: Checkpoint, reference: Checkpoint, names: dict[str, str],
         if name not in ck.tensors:
             raise PlanError(f"{ck.label}: no tensor {name!r} (the public model has {ref_name!r})")
         a, b = ck.tensors[name], reference.tensors[ref_name]
-        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(ck.read(name), reference.read(ref_name)):
+        if a.shape != b.shape or a.dtype != b.dtype or not _equal(ck, name, reference, ref_name):
             raise PlanError(f"{ck.label}: {what.format(name=name)} "
                             f"({list(a.shape)} {a.dtype} against {list(b.shape)} {b.dtype})",
                             hint="FlexOlmo's experts train only their own FFN and router row; "
                                  "everything else must stay the public model's")
+
+
+def _equal(a: Checkpoint, name: str, b: Checkpoint, other: str, block: int = 64 << 20) -> bool:
+    """Bitwise equality of two same-shaped tensors, read in row blocks of about `block` bytes
+    (an embedding matrix need not be held twice)."""
+    def bits(t: torch.Tensor) -> torch.Tensor:  # NaN == NaN, -0.0 != 0.0: bytes, not values
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    info = a.tensors[name]
+    if len(info.shape) < 2:
+        return torch.equal(bits(a.read(name)), bits(b.read(other)))
+    step = max(1, block // max(info.row_bytes, 1))
+    return all(torch.equal(bits(a.read(name, (r, min(r + step, info.shape[0])))),
+                           bits(b.read(other, (r, min(r + step, info.shape[0])))))
+               for r in range(0, info.shape[0], step))
 
 
 # ---- rows and output -------------------------------------------------------------------------
