@@ -185,3 +185,18 @@ def test_a_prompted_shared_expert_gets_the_last_row(base):
     assert rows.shape == (3, 3, 32)
     torch.testing.assert_close(rows[1, 2], unit(embed[2] + embed[7] + embed[8]))
     assert gate_rows(config(base, experts, mode="cheap_embed", shared=[{}]), Checkpoint(base)).shape == (3, 2, 32)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+def test_states_do_not_depend_on_the_batches(base, mode):
+    """Prompts of mixed lengths give the same mean state in batches of 2 as in one batch, and as
+    one at a time: a prompt's state is read at its own positions, never at a pad."""
+    from mergesmith.calibrate.prompt_states import load_prompt_model, prompt_states
+
+    prompts = ["w3", "w4 w5 w6 w7 w8", "w9 w10", "w11 w12 w13", "w14"]
+    whole = prompt_states(load_prompt_model(base, batch_size=8), prompts, mode)
+    pairs = prompt_states(load_prompt_model(base, batch_size=2), prompts, mode)
+    single = load_prompt_model(base, batch_size=1)
+    alone = torch.stack([prompt_states(single, [p], mode) for p in prompts]).mean(0)
+    torch.testing.assert_close(whole, pairs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole, alone, rtol=1e-5, atol=1e-6)
