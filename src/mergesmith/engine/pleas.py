@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from mergesmith.engine.program import Output, Program, write_program
-from mergesmith.errors import PlanError
+from mergesmith.errors import CalibrationError, PlanError
 from mergesmith.io import TensorInfo
 from mergesmith.io.views import Entry, View, computed, reindexed
 from mergesmith.methods.pleas import RIDGE, Blocks, merged_width
@@ -55,6 +55,7 @@ def pleas_align(models, out: str | Path, *, budget: float = 1.5, data: str | Pat
         raise PlanError(f"pleas: budget {budget!r} is out of range",
                         hint="give 1 (width d: every MLP unit merged) to 2 (width 2d: none merged)")
     width = merged_width(units, float(budget))
+    _check_data(data, samples, max_length, batch_size)
     aligned = _weight_matched(a, b, seed)
 
     from mergesmith.calibrate.pleas_activations import merge_layers, token_batches  # data, above us
@@ -162,6 +163,18 @@ def _inputs(models, reference) -> tuple[object, object]:
                             f"can resize{f' (no tensor {missing[0]})' if missing else ''}",
                             hint="supported: Llama, Mistral, Qwen2 (gate/up/down_proj, no MLP bias)")
     return a, b
+
+
+def _check_data(data, samples, max_length, batch_size) -> None:
+    """The calibration settings, checked before anything is computed."""
+    if data is not None and not Path(data).is_file():
+        raise CalibrationError(f"pleas: calibration file {data}: no such file",
+                               hint="a .txt (one text per line), .jsonl, .csv or .parquet file; "
+                                    "or none, for random tokens")
+    for name, value, least in (("samples", samples, 1), ("batch_size", batch_size, 1),
+                               ("max_length", max_length, 2)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise PlanError(f"pleas: {name} must be an integer >= {least}, got {value!r}")
 
 
 def _weight_matched(a, b, seed: int):
