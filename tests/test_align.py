@@ -10,7 +10,7 @@ import mergesmith
 from conftest import read_tensors, run_cli, write_recipe
 from mergesmith.engine.align import align, aligned_view, align_models, permutation_spec
 from mergesmith.engine.program import Output, Program, write_program
-from mergesmith.errors import PlanError
+from mergesmith.errors import OutputError, PlanError
 from mergesmith.io import Checkpoint
 from mergesmith.methods.permutation import objective, weight_matching
 from mergesmith.toy import build_model
@@ -150,6 +150,10 @@ def test_refusals_name_the_model_and_the_reason(zoo, tmp_path, monkeypatch, caps
     bert = zoo("bert")["base"]
     code, _, err = run_cli(monkeypatch, capsys, "align", bert, zoo("bert")["e1"], tmp_path / "out")
     assert code == 1 and "no permutation spec for architecture 'bert'" in err and "hint:" in err
+    (tmp_path / "taken" / "e1").mkdir(parents=True)
+    (tmp_path / "taken" / "e1" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="taken/e1 already exists"):
+        align([llama, zoo("llama")["e1"]], tmp_path / "taken")
     with pytest.raises(PlanError, match="unknown unit family 'neurons'"):
         align([llama, llama], tmp_path / "out", units=("neurons",))
     recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import read_tensors, run_cli
 from mergesmith.calibrate.data import draw
 from mergesmith.calibrate.moe_routing import LayerRouting, RoutingStatistics, routing_statistics
-from mergesmith.engine.moe.compress import compress_moe
+from mergesmith.engine.moe.compress import compress_moe, read_moe
 from mergesmith.errors import CalibrationError, PlanError
 from mergesmith.methods import moe_compress as mc
 from mergesmith.toy import build_model, build_moe
@@ -76,6 +76,10 @@ def test_k_equal_to_the_experts_from_the_fused_layout(data, tmp_path):
             assert torch.equal(got[name.format("up")], gate_up[e, gate_up.shape[1] // 2:])
             assert torch.equal(got[name.format("down")], down[e])
     torch.testing.assert_close(logits(out), logits(src), rtol=0, atol=1e-6)
+    experts = read_moe(src).experts  # rows read by byte range, as the engine reads chunks
+    half = gate_up.shape[1] // 2
+    assert torch.equal(experts.read("model.layers.1.mlp.experts.2.up_proj.weight", (3, 7)),
+                       gate_up[2, half + 3:half + 7])
 
 
 def paired(folder, arch="mixtral"):
@@ -212,6 +216,23 @@ def test_mc_smoe_aligns_a_permuted_copy_back(tmp_path, data):
     assert not torch.allclose(expert(plain, 0), want, atol=1e-3)
 
 
+def test_mc_smoe_adaptive_group_counts(mixtral, tmp_path):
+    """A budget of 4 groups over 2 layers: each layer's top expert first, then the two largest
+    remaining frequencies of both layers together (0.3 and 0.25, both in layer 1)."""
+    f = [torch.tensor([0.4, 0.2, 0.2, 0.2]), torch.tensor([0.35, 0.3, 0.25, 0.1])]
+    assert mc.layer_group_counts(f, 4) == [1, 3]
+    assert mc.layer_group_counts(f, 2) == [1, 1] and mc.layer_group_counts(f, 8) == [4, 4]
+    columns = torch.eye(4, dtype=torch.float64)
+    stats = RoutingStatistics({0: LayerRouting(torch.tensor([40.0, 20, 20, 20], dtype=torch.float64), columns, None),
+                               1: LayerRouting(torch.tensor([35.0, 30, 25, 10], dtype=torch.float64), columns, None)},
+                              top_k=2, examples=5)
+    out = compress_moe(mixtral, tmp_path / "out", method="mc_smoe", experts=2, statistics=stats, keep_router=True,
+                       adaptive=True)
+    assert [len(groups(out, layer)) for layer in (0, 1)] == [1, 3]
+    with pytest.raises(PlanError, match="--keep-router"):
+        compress_moe(mixtral, tmp_path / "o", method="mc_smoe", experts=2, statistics=stats, adaptive=True)
+
+
 def test_low_rank_plus_sparse():
     w = torch.randn(12, 9, generator=torch.Generator().manual_seed(0))
     u, s, vh = np.linalg.svd(w.double().numpy(), full_matrices=False)
@@ -260,7 +281,8 @@ def test_joint_svd_reconstructs_every_member_and_merges_in_the_shared_basis():
 def test_cosine_kmeans_is_seeded_and_finds_clear_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=g)
-    points = centres[[0, 1, 0, 2, 1, 2, 0]] * torch.rand(7, 1, generator=g).add(0.5) + 0.01 * torch.randn(7, 16, generator=g)
+    scale = torch.rand(7, 1, generator=g).add(0.5)
+    points = centres[[0, 1, 0, 2, 1, 2, 0]] * scale + 0.01 * torch.randn(7, 16, generator=g)
     for seed in range(4):
         assert mc.cosine_kmeans_groups(points, 3, seed).tolist() == [0, 1, 0, 2, 1, 2, 0]
     assert mc.cosine_kmeans_groups(points, 7, 0).tolist() == list(range(7))

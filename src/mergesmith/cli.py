@@ -572,22 +572,34 @@ def align_command(
     scheme: str = typer.Option("mean", help="3+ models: mean (each against the others' mean, "
                                "until nothing changes) or reference (each against the reference)."),
     max_sweeps: int = typer.Option(100, min=1, help="Weight matching: most coordinate-descent sweeps."),
-    seed: int = typer.Option(0, help="Seed of the sweeps' permutation order."),
+    seed: int = typer.Option(0, help="Seed of the sweeps' order (weight matching; PLeaS: its data)."),
+    budget: Optional[float] = typer.Option(None, help="PLeaS: MLP width of the merge, 1 (d) to 2 "
+                                           "(2d)  [default: 1.5]"),
+    data: Optional[Path] = typer.Option(None, help="PLeaS: calibration text file (default: "
+                                        "data-free, random tokens)."),
+    device: str = typer.Option("cpu", help="Where to compute: cpu, cuda, cuda:1."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
+    resume: bool = typer.Option(False, help="Continue an interrupted write."),
     overwrite: bool = typer.Option(False, help="Replace existing output folders."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success."),
 ) -> None:
     """Permute models' units onto a reference model, so that they can be merged: each other
-    model is written, computing the same function, to OUT/<its folder name>."""
+    model is written, computing the same function, to OUT/<its folder name>. With --method
+    pleas: A and B merged by PLeaS into OUT."""
     from mergesmith.engine.align import align
 
     if len(paths) < 3:
-        raise typer.BadParameter("give two models or more, then the output folder")
+        raise MergesmithError(f"align: got {len(paths)} path(s)", hint="give two models or more, "
+                              "then the output folder: mergesmith align A B OUT")
+    pleas = {k: v for k, v in (("budget", budget), ("data", data)) if v is not None}
+    if pleas and method != "pleas":
+        raise MergesmithError(f"--{next(iter(pleas))} is an option of PLeaS, not of {method}",
+                              hint="add --method pleas, or leave it out")
     log = None if quiet else (lambda line: err.print(line, highlight=False))
     written = align(paths[:-1], Path(paths[-1]), method=method, reference=reference,
                     units=tuple(u.strip() for u in units.split(",") if u.strip()), scheme=scheme,
                     max_sweeps=max_sweeps, seed=seed, shard_size=shard_size, overwrite=overwrite,
-                    progress=not quiet, log=log)
+                    resume=resume, device=device, progress=not quiet, log=log, **pleas)
     if not quiet:
         err.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 

@@ -79,14 +79,15 @@ class _Collector:
 
 
 def routing_statistics(folder: str | Path, data: str | Path, *, samples: int = 128, max_length: int | None = None,
-                       batch_size: int = 8, seed: int = 0, device: str = "cpu", outputs: bool = False,
-                       progress: bool = False) -> RoutingStatistics:
+                       batch_size: int = 8, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                       outputs: bool = False, progress: bool = False) -> RoutingStatistics:
     """Run the MoE at `folder` over `samples` examples of the calibration file `data` (.txt, .jsonl,
-    .csv, .parquet; see calibrate/data.py) and collect each MoE layer's routing statistics."""
+    .csv, .parquet; see calibrate/data.py) and collect each MoE layer's routing statistics (sums in
+    float64 whatever `dtype` the model runs in)."""
     cal = Calibration(data=str(Path(data).resolve()), samples=samples, max_length=max_length,
                       batch_size=batch_size, seed=seed)
     examples = load_examples(cal, Path.cwd())
-    model = CalibrationModel.load(folder, cal, Path.cwd(), device=device, objective="causal")
+    model = CalibrationModel.load(folder, cal, Path.cwd(), device=device, dtype=dtype, objective="causal")
     top_k = int(model.module.config.num_experts_per_tok)
     collector = _Collector(top_k, outputs)
     handles = [block.gate.register_forward_hook(collector.hook(i, block))

@@ -20,7 +20,7 @@ import yaml
 
 from mergesmith.engine.plan import _check_config_matches_weights, _config_difference
 from mergesmith.engine.program import Output, Program, write_program
-from mergesmith.errors import PlanError
+from mergesmith.errors import OutputError, PlanError
 from mergesmith.io.adapted import open_input
 from mergesmith.io.views import View, reindexed, stored
 from mergesmith.methods.permutation import Axis, Matching, Spec, indices, weight_matching_many
@@ -153,9 +153,10 @@ def _check_same_model(ref, ck) -> None:
 
 
 def align_models(models: list, *, reference: int = 0, units=FAMILIES, max_sweeps: int = 100,
-                 seed: int = 0, scheme: str = "mean",
+                 seed: int = 0, scheme: str = "mean", device: str = "cpu",
                  log: Callable[[str], None] | None = None) -> list[Aligned]:
-    """Weight matching of opened models (checkpoints or views) onto `models[reference]`."""
+    """Weight matching of opened models (checkpoints or views) onto `models[reference]`; the
+    products run on `device`, which holds every model's tensors in float32."""
     if len(models) < 2:
         raise PlanError(f"alignment needs two models or more, got {len(models)}")
     bad = [u for u in units if u not in FAMILIES] or ([] if units else ["(none)"])
@@ -171,7 +172,7 @@ def align_models(models: list, *, reference: int = 0, units=FAMILIES, max_sweeps
     if log:
         log(f"weight matching {len(models) - 1} model(s) onto {ref.label}: "
             f"{len(spec.sizes)} permutations ({', '.join(units)}), tensors held in memory")
-    tensors = [{name: ck.read(name).float() for name in spec.axes} for ck in models]
+    tensors = [{name: ck.read(name).to(device, torch.float32) for name in spec.axes} for ck in models]
     found = weight_matching_many(spec, tensors, reference=reference, scheme=scheme,
                                  max_sweeps=max_sweeps, seed=seed)
     result = []
@@ -180,6 +181,8 @@ def align_models(models: list, *, reference: int = 0, units=FAMILIES, max_sweeps
             log(f"  {ck.label}: {matching.sweeps} sweep(s), objective {matching.objective[0]:.6g} "
                 f"-> {matching.objective[-1]:.6g}")
         view = ck if k == reference else aligned_view(ck, spec, matching.perms)
+        if k != reference:
+            view.note = f"aligned to {ref.label} by weight matching ({matching.sweeps} sweeps)"
         result.append(Aligned(view, matching, ck))
     return result
 
@@ -195,23 +198,29 @@ def align(models: list, out: str | Path, *, method: str = "weight_matching",
           overwrite: bool = False, resume: bool = False, progress: bool = False,
           log: Callable[[str], None] | None = None, **options) -> list[Path]:
     """Align `models` (folders or hub ids) onto the reference (default: the first) and write
-    each other model, permuted, to OUT/<its folder name>. method="pleas" is PLeaS
-    (engine/pleas.py), which takes its own options."""
+    each other model, permuted, to OUT/<its folder name>; returns the folders written.
+    method="pleas" is PLeaS (engine/pleas.py: its own options, e.g. budget, data), which
+    writes one merged model at OUT."""
     if method == "pleas":
         from mergesmith.engine.pleas import pleas_align  # lazily: calibration machinery
 
-        return pleas_align(models, out, reference=reference, shard_size=shard_size, device=device,
-                           overwrite=overwrite, progress=progress, seed=seed, **options)
+        return [pleas_align(models, out, reference=reference, shard_size=shard_size, device=device,
+                            overwrite=overwrite, resume=resume, progress=progress, seed=seed,
+                            **options)]  # one merged model at OUT
     if method != "weight_matching":
         raise PlanError(f"unknown alignment method {method!r}", hint=f"use {' or '.join(METHODS)}")
     if options:
         raise PlanError(f"weight matching takes no option {next(iter(options))!r}")
     refs = [str(m) for m in models]
     index = _reference_index(refs, reference)
-    aligned = align_models(open_models(refs), reference=index, units=units, max_sweeps=max_sweeps,
-                           seed=seed, scheme=scheme, log=log)
-    ref = aligned[index].source
     names = _folder_names(refs)
+    for k, name in enumerate(names):  # before the matching, which may take long
+        target = Path(out) / name
+        if k != index and not overwrite and target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise OutputError(f"output {target} already exists", hint="choose a new folder or pass --overwrite")
+    aligned = align_models(open_models(refs), reference=index, units=units, max_sweeps=max_sweeps,
+                           seed=seed, scheme=scheme, device=device, log=log)
+    ref = aligned[index].source
     written = []
     for k, item in enumerate(aligned):
         if k == index:

@@ -71,6 +71,21 @@ def canonical(labels) -> torch.LongTensor:
     return torch.tensor([order.setdefault(int(x), len(order)) for x in labels], dtype=torch.long)
 
 
+def layer_group_counts(frequencies: list[torch.Tensor], budget: int) -> list[int]:
+    """MC-SMoE's adaptive group counts: `budget` dominant experts over all layers, each layer's
+    most used expert counted first, the rest of the budget to the experts most used over all
+    layers together (ties by layer, then index)."""
+    if not len(frequencies) <= budget <= sum(len(f) for f in frequencies):
+        raise ValueError(f"a budget of {budget} groups for {len(frequencies)} layers of "
+                         f"{[len(f) for f in frequencies]} experts")
+    counts = [1] * len(frequencies)
+    rest = sorted(((-float(f[e]), layer, e) for layer, f in enumerate(frequencies)
+                   for e in range(len(f)) if e != int(f.argmax())))
+    for _, layer, _ in rest[:budget - len(frequencies)]:
+        counts[layer] += 1
+    return counts
+
+
 def dominant_groups(usage: torch.Tensor, similarity: torch.Tensor, k: int) -> torch.LongTensor:
     """MC-SMoE grouping: the k most used experts are dominant (ties by index); every other expert
     joins its most similar dominant expert. An expert whose similarity to an already chosen

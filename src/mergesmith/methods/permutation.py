@@ -90,7 +90,7 @@ class Spec:
 def axis_index(ax: Axis, perm: torch.Tensor) -> torch.Tensor:
     """The index_select index that moves the axis's units by `perm`."""
     n = len(perm)
-    unit = (perm[:, None] * ax.block + torch.arange(ax.block)).reshape(-1)
+    unit = (perm[:, None] * ax.block + torch.arange(ax.block, device=perm.device)).reshape(-1)
     return torch.cat([unit + k * n * ax.block for k in range(ax.parts)])
 
 
@@ -104,7 +104,7 @@ def permute(spec: Spec, perms: dict[str, torch.Tensor], name: str, tensor: torch
     """π(W): `tensor` with every moved axis but `skip` re-indexed by its permutation."""
     for axis, index in indices(spec, perms, name).items():
         if axis != skip:
-            tensor = tensor.index_select(axis, index)
+            tensor = tensor.index_select(axis, index.to(tensor.device))
     return tensor
 
 
@@ -115,22 +115,23 @@ def _units(tensor: torch.Tensor, axis: int, ax: Axis, n: int) -> torch.Tensor:
 
 
 def cost(spec: Spec, perms: dict[str, torch.Tensor], perm: str, a: dict, b: dict) -> torch.Tensor:
-    """C_p = Σ over tensors touching p of W_A (π_{−p}(W_B))ᵀ along p's axis, in float64."""
+    """C_p = Σ over tensors touching p of W_A (π_{−p}(W_B))ᵀ along p's axis (float64 sum of
+    the tensors' products, each in their own dtype: copies of whole models in float64 would
+    double the memory and the time)."""
     n = spec.sizes[perm]
-    total = torch.zeros(n, n, dtype=torch.float64)
+    total = torch.zeros(n, n, dtype=torch.float64, device=perms[perm].device)
     for name, axis in spec.touching(perm):
         ax = spec.axes[name][axis]
-        wa = _units(a[name].double(), axis, ax, n)
-        wb = _units(permute(spec, perms, name, b[name].double(), skip=axis), axis, ax, n)
-        total += wa @ wb.T
+        wa = _units(a[name], axis, ax, n)
+        wb = _units(permute(spec, perms, name, b[name], skip=axis), axis, ax, n)
+        total += (wa @ wb.T).double()
     return total
 
 
 def objective(spec: Spec, perms: dict[str, torch.Tensor], a: dict, b: dict) -> float:
-    """Σ_tensors ⟨W_A, π(W_B)⟩ over the tensors the spec moves."""
-    return float(sum(torch.vdot(a[name].double().reshape(-1),
-                                permute(spec, perms, name, b[name].double()).reshape(-1))
-                     for name in spec.axes))
+    """Σ_tensors ⟨W_A, π(W_B)⟩ over the tensors the spec moves (summed in float64)."""
+    return sum(float((a[name] * permute(spec, perms, name, b[name])).sum(dtype=torch.float64))
+               for name in spec.axes)
 
 
 @dataclass
@@ -146,8 +147,10 @@ def weight_matching(spec: Spec, a: dict[str, torch.Tensor], b: dict[str, torch.T
     """Permutations of b's units maximising Σ ⟨W_A, π(W_B)⟩ by coordinate descent: each sweep
     solves one LAP per permutation, in a seeded random order, holding the others; it stops when
     a sweep changes nothing. Each step can only raise the objective (the old permutation is
-    one of the LAP's candidates)."""
-    perms = {p: t.clone() for p, t in (init or spec.identity()).items()}
+    one of the LAP's candidates). The tensors may live on a GPU (the products are its work);
+    the LAPs are solved on the CPU."""
+    device = next(iter(a.values())).device
+    perms = {p: t.to(device) for p, t in (init or spec.identity()).items()}
     names = sorted(spec.sizes)
     generator = torch.Generator().manual_seed(seed)
     history = [objective(spec, perms, a, b)]
@@ -158,19 +161,19 @@ def weight_matching(spec: Spec, a: dict[str, torch.Tensor], b: dict[str, torch.T
         for i in torch.randperm(len(names), generator=generator).tolist():
             p = names[i]
             c = cost(spec, perms, p, a, b)
-            new = match(c)
+            new = match(c).to(device)
             # a tie (or rounding) must not count as progress, or a sweep could cycle
             if float(c[torch.arange(len(new)), new].sum()) > float(c[torch.arange(len(new)), perms[p]].sum()) + 1e-12:
                 perms[p], changed = new, True
         history.append(objective(spec, perms, a, b))
         if not changed:
             break
-    return Matching(perms, history, sweeps)
+    return Matching({p: t.cpu() for p, t in perms.items()}, history, sweeps)
 
 
 def mean_of(spec: Spec, models: list[dict], perms: list[dict]) -> dict[str, torch.Tensor]:
     """The average of the models, each permuted by its permutations."""
-    return {name: sum(permute(spec, p, name, m[name].double()) for m, p in zip(models, perms)) / len(models)
+    return {name: sum(permute(spec, p, name, m[name]) for m, p in zip(models, perms)) / len(models)
             for name in spec.axes}
 
 

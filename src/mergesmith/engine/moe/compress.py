@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -90,56 +90,81 @@ def read_moe(path: str | Path) -> MoeSource:
                                     hint="experts are read per expert (experts.{e}...) or fused "
                                          "(experts.gate_up_proj, experts.down_proj)")
     if not routers:
-        raise PlanError(f"{ck.label}: no router tensors (model.layers.*.{layout.block}.gate.weight): not an MoE checkpoint",
+        raise PlanError(f"{ck.label}: no router tensors (model.layers.*.{layout.block}.gate.weight): "
+                        "not an MoE checkpoint",
                         hint="moe-compress takes an MoE's folder")
     return MoeSource(ck, layout, n, top_k, routers, View(f"{ck.label} (experts)", ck.config, entries, [ck]), names)
 
 
 def _fused_entry(ck: Checkpoint, prefix: str, e: int, projection: str, name: str) -> Entry:
-    """Expert e's projection inside a fused [E, ...] tensor (gate and up are halves of gate_up)."""
+    """Expert e's projection inside a fused [E, R, C] tensor (gate and up are the halves of
+    gate_up's R): rows are read as rows of the [E·R, C] matrix, so a chunk costs its own bytes."""
     fused, half = FUSED[projection]
-    info = ck.tensors[f"{prefix}.{fused}"]
-    shape = info.shape[1:] if half is None else (info.shape[1] // 2, info.shape[2])
+    stored_name = f"{prefix}.{fused}"
+    info = ck.tensors[stored_name]
+    height = info.shape[1] if half is None else info.shape[1] // 2
+    first = e * info.shape[1] + (half or 0) * height
+    flat = _FlatRows(ck, stored_name)
 
     def read(rows):
-        tensor = ck.read(f"{prefix}.{fused}", (e, e + 1))[0]
-        if half is not None:
-            tensor = tensor.chunk(2, dim=0)[half]
-        return (tensor if rows is None else tensor[rows[0]:rows[1]]).clone()
+        start, stop = rows if rows is not None else (0, height)
+        return flat.read(stored_name, (first + start, first + stop))
 
-    return Entry(TensorInfo(name, info.dtype, tuple(shape), info.file, None), read)
+    return Entry(TensorInfo(name, info.dtype, (height, *info.shape[2:]), info.file, None), read)
+
+
+class _FlatRows(Checkpoint):
+    """One tensor of `ck` read as a matrix: its first two axes merged (for Checkpoint.read's
+    byte-range rows)."""
+
+    def __init__(self, ck: Checkpoint, name: str):
+        info = ck.tensors[name]
+        self.path, self.label = ck.path, ck.label
+        self.tensors = {name: replace(info, shape=(info.shape[0] * info.shape[1], *info.shape[2:]))}
+        self._pickled = {file: {k: t.flatten(0, 1) for k, t in tensors.items() if k == name}
+                         for file, tensors in ck._pickled.items()}
 
 
 # ---- the program ------------------------------------------------------------------------------
 
 def compress_moe(moe: str | Path, out: str | Path, *, method: str, experts: int, data: str | Path | None = None,
                  statistics=None, linkage: str = "ward", rank: int | None = None, sparse: float = 0.0,
-                 align: bool | None = None, keep_router: bool = False, seed: int = 0, samples: int = 128,
-                 max_length: int | None = None, batch_size: int = 8, device: str = "cpu",
-                 shard_size: str | int = "5GB", resume: bool = False, overwrite: bool = False,
-                 progress: bool = False) -> Path:
+                 align: bool | None = None, keep_router: bool = False, adaptive: bool = False, seed: int = 0,
+                 samples: int = 128, max_length: int | None = None, batch_size: int = 8, device: str = "cpu",
+                 calibration_dtype: str = "float32", shard_size: str | int = "5GB", resume: bool = False,
+                 overwrite: bool = False, progress: bool = False) -> Path:
     """Write the MoE at `moe` with `experts` experts per layer to `out` and return its path.
-    `statistics` (calibrate/moe_routing.RoutingStatistics) replaces a run over `data`."""
+    `statistics` (calibrate/moe_routing.RoutingStatistics) replaces a run over `data`. `adaptive`
+    (MC-SMoE's global budget, with `keep_router`): K × layers groups over all layers, more where
+    more experts are used."""
     program, notes = compression_program(moe, method=method, experts=experts, data=data, statistics=statistics,
                                          linkage=linkage, rank=rank, sparse=sparse, align=align,
-                                         keep_router=keep_router, seed=seed, samples=samples,
-                                         max_length=max_length, batch_size=batch_size, device=device,
-                                         progress=progress)
+                                         keep_router=keep_router, adaptive=adaptive, seed=seed,
+                                         samples=samples, max_length=max_length, batch_size=batch_size,
+                                         device=device, calibration_dtype=calibration_dtype, progress=progress)
     return write_program(program, out, shard_size=shard_size, device=device, resume=resume,
                          overwrite=overwrite, progress=progress, notes=notes)
 
 
 def compression_program(moe, *, method: str, experts: int, data=None, statistics=None, linkage="ward",
-                        rank=None, sparse=0.0, align=None, keep_router=False, seed=0, samples=128,
-                        max_length=None, batch_size=8, device="cpu", progress=False
-                        ) -> tuple[Program, dict[str, str]]:
+                        rank=None, sparse=0.0, align=None, keep_router=False, adaptive=False, seed=0,
+                        samples=128, max_length=None, batch_size=8, device="cpu", calibration_dtype="float32",
+                        progress=False) -> tuple[Program, dict[str, str]]:
     source = read_moe(moe)
     _check(source, method, experts, linkage, rank, sparse, data, statistics)
+    if adaptive and not (method == "mc_smoe" and keep_router):
+        raise PlanError("--adaptive is MC-SMoE's per-layer group count, for mc_smoe with --keep-router",
+                        hint="a config holds one expert count for every layer, so only --keep-router "
+                             "(all E slots kept) can give layers different numbers of groups")
+    dtype = getattr(torch, str(calibration_dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise PlanError(f"--calibration-dtype {calibration_dtype!r}: not a floating dtype",
+                        hint="float32, bfloat16 or float16")
     if statistics is None:
         from mergesmith.calibrate.moe_routing import routing_statistics
 
         statistics = routing_statistics(source.ck.path, data, samples=samples, max_length=max_length,
-                                        batch_size=batch_size, seed=seed, device=device,
+                                        batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                                         outputs=method in NEEDS_OUTPUTS, progress=progress)
     missing = sorted(set(source.routers) - set(statistics.layers))
     if missing:
@@ -147,10 +172,12 @@ def compression_program(moe, *, method: str, experts: int, data=None, statistics
     align = method in ALIGNED_BY_DEFAULT if align is None else align
     cache = _Cache()
     outputs, record = [], {}
-    for layer in source.routers:
+    usage = {layer: mc.usage_frequencies(statistics.layers[layer].counts) for layer in source.routers}
+    sizes = dict(zip(usage, mc.layer_group_counts(list(usage.values()), experts * len(usage)) if adaptive
+                     else [experts] * len(usage)))
+    for layer, frequencies in usage.items():
         stats = statistics.layers[layer]
-        frequencies = mc.usage_frequencies(stats.counts)
-        labels = _labels(method, stats, frequencies, experts, linkage, seed)
+        labels = _labels(method, stats, frequencies, sizes[layer], linkage, seed)
         groups = mc.groups(labels)
         record[layer] = {"groups": groups, "frequencies": [round(float(f), 6) for f in frequencies]}
         merged = [_group(source, layer, members, frequencies, method, align, rank, sparse, cache)
@@ -172,12 +199,12 @@ def compression_program(moe, *, method: str, experts: int, data=None, statistics
     summary = (f"{source.ck.label}'s {source.num_experts} experts per layer merged into {experts} by {method} "
                f"(routing statistics over {statistics.examples} calibration examples"
                f"{', members aligned by permutation' if align else ''}"
-               f"{f', rank {rank}' if rank else ''}); "
+               f"{f', rank {rank}' if rank else ''}{', group counts per layer by usage' if adaptive else ''}); "
                + (f"all {count} expert slots kept, each pointing to its group's merge, router unchanged."
                   if keep_router else f"router rows merged by usage; {top_k} experts per token."))
     program = Program(outputs, config, source.ck, f"MoE compressed to {experts} experts ({method})", summary,
                       seed=seed, models={"moe": source.ck})
-    settings = {"method": method, "experts": experts, "align": align, "keep_router": keep_router,
+    settings = {"method": method, "experts": experts, "align": align, "keep_router": keep_router, "adaptive": adaptive,
                 "linkage": linkage if method == "hc_smoe" else None, "rank": rank, "sparse": sparse, "seed": seed}
     layers = ",\n".join(f'  "{layer}": {json.dumps(r)}' for layer, r in record.items())
     text = json.dumps(settings)[:-1] + ', "layers": {\n' + layers + "\n}}\n"  # one line per layer
