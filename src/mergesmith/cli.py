@@ -376,8 +376,11 @@ def moe_compress(
                                          "units onto their group's most used expert (default: mc_smoe only)."),
     keep_router: bool = typer.Option(False, "--keep-router", help="Keep all E expert slots, each its "
                                      "group's merge, and the router unchanged (MC-SMoE's form)."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="mc_smoe with --keep-router: K x layers groups "
+                                  "in all, each layer's count by its experts' usage (MC-SMoE's budget)."),
     seed: int = typer.Option(0, help="Seed of the calibration sample and sub_moe's k-means."),
     device: str = typer.Option("cpu", help="Where to run the calibration: cpu, cuda, cuda:1."),
+    calibration_dtype: str = typer.Option("float32", help="The MoE's dtype for the calibration run."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
     resume: bool = typer.Option(False, help="Continue an interrupted run into OUTPUT."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
@@ -389,8 +392,9 @@ def moe_compress(
 
     path = compress_moe(moe, output, method=method, experts=experts, data=data, samples=samples,
                         max_length=max_length, batch_size=batch_size, linkage=linkage, rank=rank,
-                        sparse=sparse, align=align, keep_router=keep_router, seed=seed, device=device,
-                        shard_size=shard_size, resume=resume, overwrite=overwrite, progress=not quiet)
+                        sparse=sparse, align=align, keep_router=keep_router, adaptive=adaptive, seed=seed,
+                        device=device, calibration_dtype=calibration_dtype, shard_size=shard_size,
+                        resume=resume, overwrite=overwrite, progress=not quiet)
     if not quiet:
         err.print(f"wrote {path}", highlight=False)
 
