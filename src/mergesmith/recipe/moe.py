@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from mergesmith.errors import RecipeError
 from mergesmith.recipe.loader import (
-    MAX_RECIPE_BYTES, _BoundedLoader, _collect_lines, _is_file, _recipe_error, _too_big,
+    MAX_NODES, MAX_RECIPE_BYTES, _BoundedLoader, _collect_lines, _expanded_size, _is_file, _recipe_error,
+    _too_big, _TooLarge,
 )
 from mergesmith.recipe.schema import NO_FILE, _dtype, _model_ref, locate
 
@@ -74,6 +75,8 @@ def load_moe_config(source: str | Path | dict) -> MoeConfig:
     naming the file, line and field."""
     if isinstance(source, dict):
         return _validate(source, NO_FILE, {}, None)
+    if isinstance(source, str) and not source.strip():
+        raise RecipeError("the MoE config is empty", hint="it needs base_model and experts")
     if isinstance(source, str) and not _is_file(source) and ("\n" in source or ":" in source):
         return _parse(source, NO_FILE)
     path = Path(source)
@@ -97,14 +100,17 @@ def _parse(text: str, source: str) -> MoeConfig:
     loader = _BoundedLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}, set()) > MAX_NODES:
+            raise _TooLarge(f"aliases that expand to more than {MAX_NODES} YAML nodes")
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         head = where + (f":{mark.line + 1}" if mark is not None else "")
         raise RecipeError(f"{head}: invalid YAML: {' '.join(str(problem).split())}") from None
-    except Exception as exc:  # the loader's size bounds
-        raise RecipeError(f"{where}: the config has {exc}") from None
+    except _TooLarge as exc:
+        raise RecipeError(f"{where}: the config has {exc}",
+                          hint="an MoE config is a few dozen lines; write repeated parts out") from None
     finally:
         loader.dispose()
     if data is None:
@@ -125,7 +131,8 @@ def _fields_at(owner: tuple) -> list[str] | None:
 
 def _validate(data: Any, source: str, lines: dict, text: str | None) -> MoeConfig:
     if not isinstance(data, dict):
-        raise RecipeError(f"{locate(source, lines, ())}: an MoE config must be a mapping of fields",
+        where = locate(source, lines, ()) if source != NO_FILE else "MoE config"
+        raise RecipeError(f"{where}: an MoE config must be a mapping of fields",
                           hint="start with 'base_model: ...' and 'experts:'")
     try:
         config = MoeConfig.model_validate(data)
