@@ -9,6 +9,7 @@ import transformers
 import mergesmith
 from conftest import read_tensors, run_cli, write_recipe
 from mergesmith.engine.align import align, aligned_view, align_models, permutation_spec
+from mergesmith.engine.plan import build_plan
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import OutputError, PlanError
 from mergesmith.io import Checkpoint
@@ -39,7 +40,7 @@ def _logits(folder):
         return model(torch.tensor([[3, 5, 7, 11, 2, 9, 4]])).logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
 def test_permuting_units_leaves_the_logits_unchanged(arch, tmp_path):
     """Random permutations of every MLP's units, every layer's heads (GQA groups) and the
     residual stream: the function is the same (the spec moves every axis it must), the tensors
@@ -162,4 +163,8 @@ def test_refusals_name_the_model_and_the_reason(zoo, tmp_path, monkeypatch, caps
         "align": {"reference": "elsewhere"}})
     with pytest.raises(PlanError, match=r"r\.yml:\d+: align\.reference: 'elsewhere' is not a model"):
         mergesmith.plan(recipe)
+    data_aware = write_recipe(tmp_path / "d.yml", {"merge_method": "regmean", "align": {}, "models": [
+        {"model": str(llama)}, {"model": str(zoo("llama")["e1"])}]})
+    with pytest.raises(PlanError, match="regmean needs data"):
+        build_plan(data_aware)
     assert not (tmp_path / "out").exists()

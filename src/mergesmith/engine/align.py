@@ -28,7 +28,7 @@ from mergesmith.methods.permutation import Axis, Matching, Spec, indices, weight
 FAMILIES = ("mlp", "heads", "residual")
 METHODS = ("weight_matching", "pleas")
 SCHEMES = ("mean", "reference")
-SUPPORTED = "llama, mistral, qwen2 and gpt2"
+SUPPORTED = "llama, mistral, qwen2, gemma and gpt2"
 
 # tensor name -> {axis: unit kind}; kinds become Axis objects per layer in _axis. A bias follows
 # its weight's output rows; sequence-classification heads (`score`) read the residual stream.
@@ -64,7 +64,7 @@ _GPT2 = [  # Conv1D weights are stored [in, out]
     (_BLOCK + r"mlp\.c_proj\.weight", {0: "mlp", 1: "residual"}),
     (_BLOCK + r"attn\.(bias|masked_bias)", {}),  # causal-mask buffers of old checkpoints
 ]
-_RULES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
+_RULES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA, "gpt2": _GPT2}
 
 
 def _heads(config: dict) -> tuple[int, int, int]:
@@ -282,8 +282,8 @@ def align_recipe_models(recipe, opened: dict, method) -> dict:
     by its view permuted onto the reference (the section's, else base_model, else the first)."""
     section = recipe.align
     if method.needs_data:  # its statistics or learned values would belong to the unaligned models
-        raise PlanError(f"{recipe.where('align')}: align: works with methods that need no data; "
-                        f"{method.name} does", hint="align the models first with `mergesmith align`, "
+        raise PlanError(f"{recipe.where('align')}: only methods that need no data merge models "
+                        f"aligned at plan time; {method.name} needs data", hint="align the models first with `mergesmith align`, "
                         "then merge the aligned folders")
     if recipe.modules:
         raise PlanError(f"{recipe.where('align')}: align: does not support recipes with modules:",
