@@ -199,7 +199,9 @@ class ProgressBar:
             TextColumn("ETA"), TimeRemainingColumn(),
             console=Console(stderr=True), transient=False,
         )
-        self.task = self.progress.add_task(f"merging ({the_plan.method.name})",
+        what = (the_plan.program.title if the_plan.program is not None
+                else f"merging ({the_plan.method.name})")
+        self.task = self.progress.add_task(what,
                                            total=the_plan.total_bytes, name="",
                                            count=f"0/{self.total_tensors}")
 
