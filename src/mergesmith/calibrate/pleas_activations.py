@@ -8,8 +8,9 @@ than the task's data), `samples` random token sequences drawn uniformly, with `s
 tokenizer's vocabulary less its special tokens. Random tokens excite the units without saying
 anything about the task; any text file (`--data`) usually does better.
 
-A pass for layer l stops at layer l's `down_proj` (a hook raises), so the layers above it
-cost nothing.
+Each model is run one decoder layer at a time, its residual stream kept between layers
+(`Stream`), so every layer is computed once per model (twice for the merged one: before and
+after its down_proj is solved).
 """
 
 from __future__ import annotations
@@ -81,40 +82,52 @@ def random_batches(model: CalibrationModel, samples: int, length: int, batch_siz
             for s in range(0, samples, batch_size)]
 
 
-class _Stop(Exception):
-    pass
+class Stream:
+    """A model run one decoder layer at a time over the calibration batches: `states[i]` is the
+    residual stream entering the next layer for batch i, so each layer is computed once (a
+    whole forward per layer would cost L²/2 layers). The decoder stack is called on
+    `inputs_embeds` with only the wanted layer in place, so masks and rotary positions are the
+    model's own."""
 
-
-def layer_activations(module: torch.nn.Module, layer: int, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden units [tokens, width], MLP output [tokens, hidden]) of `layer` at the batch's
-    real tokens, in fp32."""
-    seen = {}
-
-    def hook(_, inputs, output):
-        seen["in"], seen["out"] = inputs[0], output
-        raise _Stop
-
-    handle = module.get_submodule(down_proj(layer)).register_forward_hook(hook)
-    try:
+    def __init__(self, module: torch.nn.Module, batches: list[Batch]):
+        self.module, self.batches = module, batches
+        embed = module.get_input_embeddings()
         with torch.no_grad():
-            module(**batch.inputs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    real = batch.inputs["attention_mask"].bool()
-    return seen["in"][real].float(), seen["out"][real].float()
+            self.states = [embed(batch.inputs["input_ids"]) for batch in batches]
+
+    def layer(self, layer: int, advance: bool = True):
+        """Per batch: (hidden units [tokens, width], MLP output [tokens, hidden]) of `layer` at
+        the real tokens, in fp32; with `advance`, the states move past the layer."""
+        stack = self.module.model
+        block = stack.layers[layer]
+        seen = {}
+        hooks = [block.mlp.down_proj.register_forward_hook(
+                     lambda _, inputs, output: seen.update(units=inputs[0], out=output)),
+                 block.register_forward_hook(lambda _, inputs, output: seen.update(
+                     next=output[0] if isinstance(output, tuple) else output))]
+        layers, stack.layers = stack.layers, torch.nn.ModuleList([block])
+        try:
+            for i, batch in enumerate(self.batches):
+                mask = batch.inputs["attention_mask"]
+                with torch.no_grad():
+                    stack(inputs_embeds=self.states[i], attention_mask=mask)
+                if advance:
+                    self.states[i] = seen["next"]
+                real = mask.bool()
+                yield seen["units"][real].float(), seen["out"][real].float()
+        finally:
+            stack.layers = layers
+            for hook in hooks:
+                hook.remove()
 
 
-def unit_statistics(model_a: torch.nn.Module, model_b: torch.nn.Module, layer: int,
-                    batches: list[Batch], on_batch=lambda count: None
+def unit_statistics(stream_a: Stream, stream_b: Stream, layer: int, on_batch=lambda count: None
                     ) -> tuple[CorrelationSums, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Correlation sums of layer l's units of A and B, and both models' MLP outputs per batch
-    (the least-squares targets)."""
+    (the least-squares targets); both streams move past the layer."""
     sums, targets = None, []
-    for batch in batches:
-        units_a, out_a = layer_activations(model_a, layer, batch)
-        units_b, out_b = layer_activations(model_b, layer, batch)
+    for batch, (units_a, out_a), (units_b, out_b) in zip(stream_a.batches, stream_a.layer(layer),
+                                                          stream_b.layer(layer)):
         sums = sums or CorrelationSums(units_a.shape[1])
         sums.add(units_a, units_b)
         targets.append((out_a.cpu(), out_b.cpu()))
@@ -122,14 +135,14 @@ def unit_statistics(model_a: torch.nn.Module, model_b: torch.nn.Module, layer: i
     return sums, targets
 
 
-def least_squares_statistics(merged: torch.nn.Module, layer: int, batches: list[Batch],
+def least_squares_statistics(merged: Stream, layer: int,
                              targets: list[tuple[torch.Tensor, torch.Tensor]],
                              on_batch=lambda count: None) -> LeastSquaresSums:
     """Normal-equation sums for layer l's down_proj: the merged model's own hidden units against
-    both models' MLP outputs on the same tokens."""
+    both models' MLP outputs on the same tokens. The stream stays before the layer, whose
+    down_proj is still to be set."""
     sums = None
-    for batch, (out_a, out_b) in zip(batches, targets):
-        units, _ = layer_activations(merged, layer, batch)
+    for batch, (units, _), (out_a, out_b) in zip(merged.batches, merged.layer(layer, advance=False), targets):
         sums = sums or LeastSquaresSums(units.shape[1], out_a.shape[1])
         sums.add(units, out_a, out_b)
         on_batch(len(batch.examples))
@@ -165,22 +178,25 @@ def merge_layers(a, b, width: int, batches_from, *, device: str | torch.device =
         raise CalibrationError(f"PLeaS: {tokens} calibration tokens for {width} merged MLP units; "
                                "the least-squares solve needs at least as many tokens as units",
                                hint="raise the number of samples, or give longer texts")
+    streams = [Stream(model, batches) for model in (model_a, model_b, merged)]
     layers = a.config["num_hidden_layers"]
     blocks, downs = [], []
     with progress_bar(progress) as bar:
         for layer in range(layers):
             bar.start(f"PLeaS layer {layer + 1}/{layers}", 2 * sum(len(batch.examples) for batch in batches))
-            sums, targets = unit_statistics(model_a, model_b, layer, batches, on_batch=bar.advance)
+            sums, targets = unit_statistics(*streams[:2], layer, on_batch=bar.advance)
             found = partial_match(sums.correlation(), width)
             with torch.no_grad():
                 for kind in MLP:
                     rows = merged_rows(a.read(mlp_tensor(layer, kind)).float(),
                                        b.read(mlp_tensor(layer, kind)).float(), found)
                     merged.get_submodule(f"model.layers.{layer}.mlp.{kind}").weight.copy_(rows)
-            solve = least_squares_statistics(merged, layer, batches, targets, on_batch=bar.advance)
+            solve = least_squares_statistics(streams[2], layer, targets, on_batch=bar.advance)
             down = solve.solve() if ridge is None else solve.solve(ridge)
             with torch.no_grad():
                 merged.get_submodule(down_proj(layer)).weight.copy_(down)
+            for _ in streams[2].layer(layer):  # the merged stream moves past the finished layer
+                pass
             blocks.append(found)
             downs.append(down.float().cpu())
     return blocks, downs
