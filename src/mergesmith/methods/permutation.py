@@ -160,11 +160,11 @@ def weight_matching(spec: Spec, a: dict[str, torch.Tensor], b: dict[str, torch.T
         changed = False
         for i in torch.randperm(len(names), generator=generator).tolist():
             p = names[i]
-            c = cost(spec, perms, p, a, b)
-            new = match(c).to(device)
+            c = cost(spec, perms, p, a, b).cpu()
+            new, rows = match(c), torch.arange(len(c))
             # a tie (or rounding) must not count as progress, or a sweep could cycle
-            if float(c[torch.arange(len(new)), new].sum()) > float(c[torch.arange(len(new)), perms[p]].sum()) + 1e-12:
-                perms[p], changed = new, True
+            if float(c[rows, new].sum()) > float(c[rows, perms[p].cpu()].sum()) + 1e-12:
+                perms[p], changed = new.to(device), True
         history.append(objective(spec, perms, a, b))
         if not changed:
             break
