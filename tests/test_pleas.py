@@ -93,9 +93,9 @@ def test_keeping_every_unit_gives_both_models_features(pair, tmp_path, one_threa
 
 
 def test_full_width_least_squares_is_numpys_lstsq(pair, tmp_path, one_thread):
-    """Every layer's down_proj is argmin ‖H Wᵀ − Y_A‖² + ‖H Wᵀ − Y_B‖² with H the merged model's
-    own hidden units on the calibration text: np.linalg.lstsq on the stacked system, computed
-    here from the written models one line at a time, gives the same weights."""
+    """Every layer's down_proj is argmin ‖H Wᵀ − Y_A‖² + ‖H Wᵀ − Y_B‖², H the merged
+    model's own hidden units on the calibration text: np.linalg.lstsq on the stacked system,
+    computed here from the written models one line at a time, gives the same weights."""
     a, b = pair
     rng = np.random.default_rng(0)
     lines = [" ".join(f"w{i}" for i in rng.integers(0, 90, size=rng.integers(8, 20))) for _ in range(24)]

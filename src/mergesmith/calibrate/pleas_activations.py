@@ -70,7 +70,8 @@ def random_batches(model: CalibrationModel, samples: int, length: int, batch_siz
                    seed: int) -> list[Batch]:
     tokenizer = model.tokenizer
     special = set(tokenizer.all_special_ids)
-    vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special], dtype=torch.long)
+    size = min(len(tokenizer), model.module.get_input_embeddings().num_embeddings)
+    vocab = torch.tensor([i for i in range(size) if i not in special], dtype=torch.long)
     if len(vocab) == 0:
         raise CalibrationError(f"{model.folder}: the tokenizer has no ordinary tokens to draw")
     length = min(length, model.context or length)
