@@ -14,7 +14,7 @@ from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import OutputError, PlanError
 from mergesmith.io import Checkpoint
 from mergesmith.methods.permutation import objective, weight_matching
-from mergesmith.toy import build_model
+from mergesmith.toy import build_model, default_tokens, save_tokenizer
 
 
 def _random_perms(spec, seed):
@@ -40,13 +40,31 @@ def _logits(folder):
         return model(torch.tensor([[3, 5, 7, 11, 2, 9, 4]])).logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+def _qwen3(folder):
+    """A tiny Qwen3 (q/k norms over each head's dims), every tensor noisy (toy.py has no qwen3)."""
+    config = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, head_dim=8,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(0.05 * torch.randn(tensor.shape))
+    model.save_pretrained(folder)
+    save_tokenizer(folder, default_tokens(96))
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gpt2"])
 def test_permuting_units_leaves_the_logits_unchanged(arch, tmp_path):
     """Random permutations of every MLP's units, every layer's heads (GQA groups) and the
     residual stream: the function is the same (the spec moves every axis it must), the tensors
     are not. The model is base + noise, so norms and (qwen2) q/k/v biases are not constants."""
-    base = build_model(tmp_path / "base", arch, seed=0, layers=2)
-    model = build_model(tmp_path / "model", arch, seed=1, base=base, layers=2)
+    if arch == "qwen3":
+        model = _qwen3(tmp_path / "model")
+    else:
+        base = build_model(tmp_path / "base", arch, seed=0, layers=2)
+        model = build_model(tmp_path / "model", arch, seed=1, base=base, layers=2)
     spec = permutation_spec(Checkpoint(model))
     assert {p.split(".")[0] for p in spec.sizes} == {"mlp", "heads", "residual"}
     out = _permuted_copy(model, _random_perms(spec, 3), tmp_path / "permuted")

@@ -28,7 +28,7 @@ from mergesmith.methods.permutation import Axis, Matching, Spec, indices, weight
 FAMILIES = ("mlp", "heads", "residual")
 METHODS = ("weight_matching", "pleas")
 SCHEMES = ("mean", "reference")
-SUPPORTED = "llama, mistral, qwen2, gemma and gpt2"
+SUPPORTED = "llama, mistral, qwen2, qwen3, gemma and gpt2"
 
 # tensor name -> {axis: unit kind}; kinds become Axis objects per layer in _axis. A bias follows
 # its weight's output rows; sequence-classification heads (`score`) read the residual stream.
@@ -44,6 +44,7 @@ _LLAMA = [
     (_LAYER + r"self_attn\.(k_proj|v_proj)\.bias", {0: "kv"}),
     (_LAYER + r"self_attn\.o_proj\.weight", {0: "residual", 1: "q"}),
     (_LAYER + r"self_attn\.o_proj\.bias", {0: "residual"}),
+    (_LAYER + r"self_attn\.(q_norm|k_norm)\.weight", {}),  # Qwen3: over a head's dims, shared by heads
     (_LAYER + r"mlp\.(gate_proj|up_proj)\.weight", {0: "mlp", 1: "residual"}),
     (_LAYER + r"mlp\.(gate_proj|up_proj)\.bias", {0: "mlp"}),
     (_LAYER + r"mlp\.down_proj\.weight", {0: "residual", 1: "mlp"}),
@@ -64,7 +65,8 @@ _GPT2 = [  # Conv1D weights are stored [in, out]
     (_BLOCK + r"mlp\.c_proj\.weight", {0: "mlp", 1: "residual"}),
     (_BLOCK + r"attn\.(bias|masked_bias)", {}),  # causal-mask buffers of old checkpoints
 ]
-_RULES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA, "gpt2": _GPT2}
+_RULES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
+          "gpt2": _GPT2}
 
 
 def _heads(config: dict) -> tuple[int, int, int]:
