@@ -48,10 +48,14 @@ def moe_blocks(module: torch.nn.Module) -> dict[int, torch.nn.Module]:
             if hasattr(layer.mlp, "gate") and hasattr(getattr(layer.mlp, "experts", None), "gate_up_proj")}
 
 
-def expert_outputs(experts: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Every expert applied to every row of x: [E, T, d]."""
-    gate, up = torch.einsum("td,eid->eti", x, experts.gate_up_proj).chunk(2, dim=-1)
-    return torch.einsum("eti,edi->etd", experts.act_fn(gate) * up, experts.down_proj)
+def expert_output_sums(experts: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Σ_t expert_e(x_t) for every expert e over the rows of x: [E, d] (float64). One expert at a
+    time, so the intermediate activations held are one expert's [T, I]."""
+    sums = []
+    for gate_up, down in zip(experts.gate_up_proj, experts.down_proj):
+        gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+        sums.append((experts.act_fn(gate) * up @ down.T).double().sum(0))
+    return torch.stack(sums)
 
 
 class _Collector:
@@ -74,7 +78,7 @@ class _Collector:
             stats.logit_gram += (logits.T @ logits).cpu()
             stats.tokens += logits.shape[0]
             if self.outputs:
-                stats.output_sum += expert_outputs(block.experts, x).double().sum(1).cpu()
+                stats.output_sum += expert_output_sums(block.experts, x).cpu()
         return record
 
 
