@@ -6,10 +6,12 @@ transformers' `save_pretrained` and mergekit-moe write them) or fused (`experts.
 [E, 2I, H], `experts.down_proj` [E, H, I], as the transformers 5 modules hold them). Output: the
 per-expert layout of engine/moe/layouts.py.
 
-Router: row g of the new router is the usage-weighted mean of its members' rows (no paper gives
-a rule for a smaller router: MC-SMoE keeps all E rows and points every member at the merged
-expert, which `keep_router=True` writes: E experts, the router unchanged, nothing smaller on
-disk but exactly the paper's routing). Experts per token become min(k, K).
+Router: row g of the new router is the usage-weighted mean of its members' rows, so a group of
+identical rows keeps its row (no paper gives a rule for a smaller router: MC-SMoE's and HC-SMoE's
+code keep all E rows and point every member at its group's merged expert (HC-SMoE:
+hcsmoe/merging/grouping_mixtral.py copies the gate and maps experts to groups), which
+`keep_router=True` writes: E expert slots, the router unchanged, nothing smaller on disk but
+exactly the papers' routing). Experts per token become min(k, K).
 """
 
 from __future__ import annotations
