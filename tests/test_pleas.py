@@ -11,7 +11,7 @@ from mergesmith.engine.pleas import pleas_align
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import CalibrationError, PlanError
 from mergesmith.io import Checkpoint
-from mergesmith.methods.pleas import merged_width, partial_match
+from mergesmith.methods.pleas import LeastSquaresSums, merged_width, partial_match
 from mergesmith.toy import build_model
 
 LAYERS = 2
@@ -68,6 +68,27 @@ def test_partial_match_pairs_by_assignment_and_merges_the_most_correlated():
     assert [merged_width(64, b) for b in (1, 1.25, 1.5, 2)] == [64, 80, 96, 128]
     with pytest.raises(ValueError):
         merged_width(64, 2.5)
+
+
+def test_closed_form_is_where_the_authors_optimiser_converges(one_thread):
+    """The authors fit the layer by Adam on the stacked MSE; our closed form is its optimum."""
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 12, generator=generator)
+    y_a, y_b = torch.randn(300, 5, generator=generator), torch.randn(300, 5, generator=generator)
+    sums = LeastSquaresSums(12, 5)
+    sums.add(h[:150], y_a[:150], y_b[:150])  # in two batches, as over calibration batches
+    sums.add(h[150:], y_a[150:], y_b[150:])
+    closed = sums.solve()
+    weight = torch.zeros(5, 12, requires_grad=True)
+    optimiser = torch.optim.Adam([weight], lr=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, 1500)  # theirs, too
+    for _ in range(1500):
+        optimiser.zero_grad()
+        loss = ((h @ weight.T - y_a) ** 2).mean() + ((h @ weight.T - y_b) ** 2).mean()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+    torch.testing.assert_close(weight.detach().double(), closed, rtol=0, atol=1e-5)
 
 
 def test_keeping_every_unit_gives_both_models_features(pair, tmp_path, one_thread):
