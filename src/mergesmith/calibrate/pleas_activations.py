@@ -129,9 +129,9 @@ def unit_statistics(stream_a: Stream, stream_b: Stream, layer: int, on_batch=lam
     sums, targets = None, []
     for batch, (units_a, out_a), (units_b, out_b) in zip(stream_a.batches, stream_a.layer(layer),
                                                           stream_b.layer(layer)):
-        sums = sums or CorrelationSums(units_a.shape[1])
+        sums = sums or CorrelationSums(units_a.shape[1], units_a.device)
         sums.add(units_a, units_b)
-        targets.append((out_a.cpu(), out_b.cpu()))
+        targets.append((out_a, out_b))
         on_batch(len(batch.examples))
     return sums, targets
 
@@ -144,7 +144,7 @@ def least_squares_statistics(merged: Stream, layer: int,
     down_proj is still to be set."""
     sums = None
     for batch, (units, _), (out_a, out_b) in zip(merged.batches, merged.layer(layer, advance=False), targets):
-        sums = sums or LeastSquaresSums(units.shape[1], out_a.shape[1])
+        sums = sums or LeastSquaresSums(units.shape[1], out_a.shape[1], units.device)
         sums.add(units, out_a, out_b)
         on_batch(len(batch.examples))
     return sums

@@ -69,14 +69,14 @@ class CorrelationSums:
     """Running float64 sums over tokens from which the Pearson correlation of every unit of A
     with every unit of B follows: n, Σa, Σb, Σa², Σb², Σ a bᵀ."""
 
-    def __init__(self, units: int):
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    def __init__(self, units: int, device: torch.device | str = "cpu"):
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self.n, self.sa, self.sb = 0, zeros(units), zeros(units)
         self.saa, self.sbb, self.sab = zeros(units), zeros(units), zeros(units, units)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a, b: [tokens, units] activations of A and B on the same tokens."""
-        a, b = a.to(torch.float64).cpu(), b.to(torch.float64).cpu()
+        a, b = (x.to(self.sab.device, torch.float64) for x in (a, b))
         self.n += a.shape[0]
         self.sa += a.sum(0)
         self.sb += b.sum(0)
@@ -93,12 +93,13 @@ class CorrelationSums:
         std_a = (self.saa / n - mean_a ** 2).clamp(min=0).sqrt()
         std_b = (self.sbb / n - mean_b ** 2).clamp(min=0).sqrt()
         scale = torch.outer(std_a, std_b)
-        return torch.where(scale > 0, cov / scale.clamp(min=1e-300), torch.zeros_like(cov))
+        return torch.where(scale > 0, cov / scale.clamp(min=1e-300), torch.zeros_like(cov)).cpu()
 
 
 def partial_match(correlation: torch.Tensor, width: int) -> Blocks:
     """Pair A's units with B's by the LAP on `correlation` ([d, d], A by B), then merge the
     2d − width most correlated pairs (ties: lower A index first) and keep the rest apart."""
+    correlation = correlation.detach().cpu()
     units = correlation.shape[0]
     if not units <= width <= 2 * units:
         raise ValueError(f"width must lie in [{units}, {2 * units}], got {width}")
@@ -116,26 +117,20 @@ def merged_rows(rows_a: torch.Tensor, rows_b: torch.Tensor, blocks: Blocks) -> t
                       rows_a[blocks.only_a], rows_b[blocks.only_b]])
 
 
-def merged_units(units_a: torch.Tensor, units_b: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """The same layout for activations ([tokens, d] each): what the merged layer's units are
-    when both models' units are computed on one input and pairs average."""
-    return merged_rows(units_a.T, units_b.T, blocks).T
-
-
 class LeastSquaresSums:
     """Running float64 HᵀH and Hᵀ(Y_A + Y_B)/2 over tokens: the stacked objective's normal
-    equations, so the tokens need not be held."""
+    equations, so the tokens need not be held. Summed on `device` (the activations')."""
 
-    def __init__(self, width: int, outputs: int):
-        self.gram = torch.zeros(width, width, dtype=torch.float64)
-        self.cross = torch.zeros(width, outputs, dtype=torch.float64)
+    def __init__(self, width: int, outputs: int, device: torch.device | str = "cpu"):
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(width, outputs, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, hidden: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor) -> None:
-        h = hidden.to(torch.float64).cpu()
+        h, y_a, y_b = (x.to(self.gram.device, torch.float64) for x in (hidden, target_a, target_b))
         self.n += h.shape[0]
         self.gram += h.T @ h
-        self.cross += h.T @ ((target_a.to(torch.float64).cpu() + target_b.to(torch.float64).cpu()) / 2)
+        self.cross += h.T @ ((y_a + y_b) / 2)
 
     def solve(self, ridge: float = RIDGE) -> torch.Tensor:
         return least_squares(self.gram, self.cross, ridge)
@@ -145,5 +140,5 @@ def least_squares(gram: torch.Tensor, cross: torch.Tensor, ridge: float = RIDGE)
     """W [outputs, width] with (G + λI) Wᵀ = C, λ = ridge · mean(diag G), in float64."""
     gram, cross = gram.to(torch.float64), cross.to(torch.float64)
     scale = gram.diagonal().mean().clamp(min=1e-300)
-    regularised = gram + ridge * scale * torch.eye(gram.shape[0], dtype=torch.float64)
+    regularised = gram + ridge * scale * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
     return torch.linalg.solve(regularised, cross).T
