@@ -577,8 +577,8 @@ def align_command(
                                "until nothing changes) or reference (each against the reference)."),
     max_sweeps: int = typer.Option(100, min=1, help="Weight matching: most coordinate-descent sweeps."),
     seed: int = typer.Option(0, help="Seed of the sweeps' order (weight matching; PLeaS: its data)."),
-    budget: Optional[float] = typer.Option(None, help="PLeaS: MLP width of the merge, 1 (d) to 2 "
-                                           "(2d)  [default: 1.5]"),
+    budget: Optional[float] = typer.Option(None, help="PLeaS: MLP width of the merge, from 1 (d) "
+                                           "to 2 (2d); 1.5 unless given."),
     data: Optional[Path] = typer.Option(None, help="PLeaS: calibration text file (default: "
                                         "data-free, random tokens)."),
     device: str = typer.Option("cpu", help="Where to compute: cpu, cuda, cuda:1."),
