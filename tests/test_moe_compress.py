@@ -94,7 +94,8 @@ def paired(folder, arch="mixtral"):
     return edit_tensors(folder, edit)
 
 
-@pytest.mark.parametrize("method,arch", [(m, "mixtral") for m in METHODS] + [("mc_smoe", "qwen2_moe")])
+@pytest.mark.parametrize("method,arch", [(m, "mixtral") for m in METHODS] + [("mc_smoe", "qwen2_moe"),
+                                                                             ("sub_moe", "qwen3_moe")])
 def test_identical_pairs_merge_into_half_without_changing_the_logits(method, arch, data, tmp_path):
     """Top-k = E: every expert is active and the layer mixes them by the softmax of the router
     logits, so a pair's two equal logits carry 2·exp(l)/Σ, exactly the merged expert's share
