@@ -9,7 +9,7 @@ import transformers
 from mergesmith.engine.align import align, align_models, aligned_view, open_models, permutation_spec
 from mergesmith.engine.pleas import pleas_align
 from mergesmith.engine.program import Output, Program, write_program
-from mergesmith.errors import CalibrationError, PlanError
+from mergesmith.errors import CalibrationError, OutputError, PlanError
 from mergesmith.io import Checkpoint
 from mergesmith.methods.pleas import LeastSquaresSums, merged_width, partial_match
 from mergesmith.toy import build_model
@@ -191,3 +191,5 @@ def test_output_loads_with_its_new_width_and_bad_inputs_are_refused(pair, tmp_pa
     with pytest.raises(CalibrationError, match="at least as many tokens as units"):
         pleas_align([a, b], tmp_path / "x", budget=2.0, samples=2, max_length=8)
     assert not (tmp_path / "x").exists()
+    with pytest.raises(OutputError, match="already exists"):
+        pleas_align([a, b], out)  # before the weight matching and the forward passes

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from mergesmith.engine.program import Output, Program, write_program
-from mergesmith.errors import CalibrationError, PlanError
+from mergesmith.errors import CalibrationError, OutputError, PlanError
 from mergesmith.io import TensorInfo
 from mergesmith.io.views import Entry, View, computed, reindexed
 from mergesmith.methods.pleas import RIDGE, Blocks, merged_width
@@ -56,6 +56,11 @@ def pleas_align(models, out: str | Path, *, budget: float = 1.5, data: str | Pat
                         hint="give 1 (width d: every MLP unit merged) to 2 (width 2d: none merged)")
     width = merged_width(units, float(budget))
     _check_data(data, samples, max_length, batch_size)
+    target = Path(out)
+    if target.exists() and not (overwrite or resume) and (not target.is_dir() or any(target.iterdir())):
+        # the engine says so too, but only after the forward passes
+        raise OutputError(f"output {target.absolute()} already exists",
+                          hint="choose a new folder or pass --overwrite")
     aligned = _weight_matched(a, b, seed)
 
     from mergesmith.calibrate.pleas_activations import merge_layers, token_batches  # data, above us
@@ -96,7 +101,8 @@ def pleas_program(a, aligned, blocks: list[Blocks], downs: list[torch.Tensor], s
                f"layer), down_proj by least squares on {data}, everything else averaged.")
     return Program(outputs, config, a, f"PLeaS merge (width {width})", summary,
                    record=("pleas.json", json.dumps(settings, indent=2) + "\n"),
-                   dtype=a.tensors[next(iter(a.tensors))].dtype, seed=settings["seed"],
+                   dtype=next(i.dtype for i in a.tensors.values() if i.dtype.is_floating_point),
+                   seed=settings["seed"],
                    models={a.label: a, aligned.label: aligned})
 
 
@@ -104,7 +110,8 @@ def _unit_rows(a, aligned, name: str, blocks: Blocks) -> tuple[View, View]:
     """Two views of gate/up rows whose average is the merged layer's: [A's merged rows, A's kept,
     B's kept] and [B's merged rows, A's kept, B's kept]."""
     kept = [(a, blocks.only_a), (aligned, blocks.only_b)]
-    return tuple(View(f"{ck.label} (PLeaS rows)", {}, {name: _stacked(name, [(ck, index), *kept])}, [a])
+    return tuple(View(f"{ck.label} (PLeaS rows)", {}, {name: _stacked(name, [(ck, index), *kept])},
+                      [a, aligned])
                  for ck, index in ((a, blocks.merged_a), (aligned, blocks.merged_b)))
 
 
