@@ -155,6 +155,11 @@ def test_mc_smoe_merges_by_usage_and_keeps_singletons(mixtral, tmp_path):
         router = src[ROUTER.format(layer)]
         torch.testing.assert_close(got[ROUTER.format(layer)],
                                    torch.stack([(6 * router[0] + router[2]) / 7, (3 * router[1] + 2 * router[3]) / 5]))
+    out = compress_moe(mixtral, tmp_path / "lr", method="mc_smoe", experts=2, statistics=stats, align=False,
+                       rank=4, sparse=0.1)
+    merged = (6 * src[W.format(1, 0, 2)] + src[W.format(1, 2, 2)]) / 7
+    torch.testing.assert_close(read_tensors(out)[W.format(1, 0, 2)], mc.low_rank_plus_sparse(merged, 4, 0.1),
+                               rtol=1e-5, atol=1e-6)
     out = compress_moe(mixtral, tmp_path / "three", method="mc_smoe", experts=3, statistics=stats)
     assert groups(out) == [[0, 2], [1], [3]]  # dominant 0, 1 and 3 (usage 2 > 1)
     got = read_tensors(out)
