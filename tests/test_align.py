@@ -8,7 +8,7 @@ import transformers
 
 import mergesmith
 from conftest import read_tensors, run_cli, write_recipe
-from mergesmith.engine.align import align, aligned_view, align_models, permutation_spec
+from mergesmith.engine.align import FAMILIES, align, aligned_view, align_models, permutation_spec
 from mergesmith.engine.plan import build_plan
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import OutputError, PlanError
@@ -18,18 +18,21 @@ from mergesmith.toy import build_model, default_tokens, save_tokenizer
 
 
 def _random_perms(spec, seed):
-    """A random permutation per unit set, never the identity (so every family really moves)."""
+    """A random permutation per unit set (one per unit for dims within a head), never the
+    identity, so that every family really moves."""
     generator = torch.Generator().manual_seed(seed)
-    perms = {}
-    for name, n in spec.sizes.items():
+
+    def one(n):
         perm = torch.randperm(n, generator=generator)
-        perms[name] = perm.roll(1) if torch.equal(perm, torch.arange(n)) else perm
-    return perms
+        return perm.roll(1) if torch.equal(perm, torch.arange(n)) else perm
+
+    return {name: torch.stack([one(n) for _ in range(spec.sizes[spec.inner[name]])])
+            if name in spec.inner else one(n) for name, n in spec.sizes.items()}
 
 
-def _permuted_copy(folder, perms, out):
+def _permuted_copy(folder, perms, out, units=FAMILIES):
     ck = Checkpoint(folder)
-    view = aligned_view(ck, permutation_spec(ck), perms)
+    view = aligned_view(ck, permutation_spec(ck).only(units), perms)
     program = Program([Output(n, [(view, n)]) for n in sorted(view.tensors)], ck.config, ck, "t", "s.")
     return write_program(program, out)
 
@@ -65,9 +68,10 @@ def test_permuting_units_leaves_the_logits_unchanged(arch, tmp_path):
     else:
         base = build_model(tmp_path / "base", arch, seed=0, layers=2)
         model = build_model(tmp_path / "model", arch, seed=1, base=base, layers=2)
-    spec = permutation_spec(Checkpoint(model))
-    assert {p.split(".")[0] for p in spec.sizes} == {"mlp", "heads", "residual"}
-    out = _permuted_copy(model, _random_perms(spec, 3), tmp_path / "permuted")
+    units = FAMILIES + ("head_dims",) * (arch != "gpt2")  # GPT-2's fused q|k|v keeps a head's dims
+    spec = permutation_spec(Checkpoint(model)).only(units)
+    assert {p.split(".")[0] for p in spec.sizes} == set(units)
+    out = _permuted_copy(model, _random_perms(spec, 3), tmp_path / "permuted", units)
     torch.testing.assert_close(_logits(out), _logits(model), rtol=0, atol=1e-5)
     got, want = read_tensors(out), read_tensors(model)
     assert sum(not torch.equal(got[n], want[n]) for n in want) >= len(spec.axes) - 1
@@ -76,7 +80,7 @@ def test_permuting_units_leaves_the_logits_unchanged(arch, tmp_path):
 def test_weight_matching_recovers_the_permutation_and_the_merge_returns_the_model(
         zoo, tmp_path, monkeypatch, capsys):
     model = zoo("llama")["e1"]
-    spec = permutation_spec(Checkpoint(model))
+    spec = permutation_spec(Checkpoint(model)).only(FAMILIES)
     perms = _random_perms(spec, 7)
     permuted = _permuted_copy(model, perms, tmp_path / "permuted")
     code, _, err = run_cli(monkeypatch, capsys, "align", model, permuted, tmp_path / "aligned")
@@ -123,18 +127,23 @@ def test_objective_never_decreases_and_singular_values_are_unchanged(tmp_path, o
 
 
 def test_three_models_each_recover_their_permutation(zoo, tmp_path):
+    """Also the dims within each value head: copy[i, t] = model[h[i], D[h[i], t]] is undone by
+    h' = h⁻¹ and, for the copy's own head u, D'[u] = D[h[u]]⁻¹."""
     model = zoo("llama")["e2"]
-    spec = permutation_spec(Checkpoint(model))
+    units = FAMILIES + ("head_dims",)
+    spec = permutation_spec(Checkpoint(model)).only(units)
     perms = [_random_perms(spec, seed) for seed in (11, 12)]
-    copies = [_permuted_copy(model, p, tmp_path / f"p{k}") for k, p in enumerate(perms)]
-    written = align([model, *copies], tmp_path / "aligned")
+    copies = [_permuted_copy(model, p, tmp_path / f"p{k}", units) for k, p in enumerate(perms)]
+    written = align([model, *copies], tmp_path / "aligned", units=units)
     assert [p.name for p in written] == ["p0", "p1"]
     want = read_tensors(model)
     for folder, p in zip(written, perms):
         got = read_tensors(folder)
         assert all(torch.equal(got[n], want[n]) for n in want)
         found = json.loads((folder / "alignment.json").read_text())["permutations"]
-        assert found == {name: torch.argsort(perm).tolist() for name, perm in p.items()}
+        inverse = {name: torch.argsort(perm[p[spec.inner[name]]], dim=1) if name in spec.inner
+                   else torch.argsort(perm) for name, perm in p.items()}
+        assert found == {name: perm.tolist() for name, perm in inverse.items()}
 
 
 def test_a_recipe_with_align_merges_the_aligned_models(tmp_path):

@@ -25,7 +25,8 @@ from mergesmith.io.adapted import open_input
 from mergesmith.io.views import View, reindexed, stored
 from mergesmith.methods.permutation import Axis, Matching, Spec, indices, weight_matching_many
 
-FAMILIES = ("mlp", "heads", "residual")
+FAMILIES = ("mlp", "heads", "residual")  # the default units
+OPTIONAL = ("head_dims",)  # dims within each value head (V rows, O columns), with heads
 METHODS = ("weight_matching", "pleas")
 SCHEMES = ("mean", "reference")
 SUPPORTED = "llama, mistral, qwen2, qwen3, gemma and gpt2"
@@ -40,9 +41,11 @@ _LLAMA = [
     (_LAYER + r"(input_layernorm|post_attention_layernorm)\.weight", {0: "residual"}),
     (_LAYER + r"self_attn\.q_proj\.weight", {0: "q", 1: "residual"}),
     (_LAYER + r"self_attn\.q_proj\.bias", {0: "q"}),
-    (_LAYER + r"self_attn\.(k_proj|v_proj)\.weight", {0: "kv", 1: "residual"}),
-    (_LAYER + r"self_attn\.(k_proj|v_proj)\.bias", {0: "kv"}),
-    (_LAYER + r"self_attn\.o_proj\.weight", {0: "residual", 1: "q"}),
+    (_LAYER + r"self_attn\.k_proj\.weight", {0: "kv", 1: "residual"}),
+    (_LAYER + r"self_attn\.k_proj\.bias", {0: "kv"}),
+    (_LAYER + r"self_attn\.v_proj\.weight", {0: "v", 1: "residual"}),
+    (_LAYER + r"self_attn\.v_proj\.bias", {0: "v"}),
+    (_LAYER + r"self_attn\.o_proj\.weight", {0: "residual", 1: "o"}),
     (_LAYER + r"self_attn\.o_proj\.bias", {0: "residual"}),
     (_LAYER + r"self_attn\.(q_norm|k_norm)\.weight", {}),  # Qwen3: over a head's dims, shared by heads
     (_LAYER + r"mlp\.(gate_proj|up_proj)\.weight", {0: "mlp", 1: "residual"}),
@@ -84,9 +87,13 @@ def _axis(kind: str, layer: str | None, config: dict) -> Axis:
     if kind == "mlp":
         return Axis(f"mlp.{layer}")
     # with GQA a key/value head moves together with its group of query heads; dims within a
-    # head stay fixed (RoPE rotates them in pairs)
-    block = {"q": heads // kv * dim, "kv": dim, "qkv": dim, "head": dim}[kind]
-    return Axis(f"heads.{layer}", block=block, parts=3 if kind == "qkv" else 1)
+    # query/key head stay fixed (RoPE rotates them in pairs); those of a value head may move
+    # (its V rows with the O columns of each query head that reads it)
+    block = {"q": heads // kv * dim, "o": heads // kv * dim, "kv": dim, "v": dim, "qkv": dim,
+             "head": dim}[kind]
+    inner = f"head_dims.{layer}" if kind in ("v", "o") else None
+    return Axis(f"heads.{layer}", block=block, parts=3 if kind == "qkv" else 1, inner=inner,
+                inner_block=dim if inner else 1)
 
 
 def permutation_spec(ck) -> Spec:
@@ -112,6 +119,8 @@ def permutation_spec(ck) -> Spec:
         layer = match.group(1) if match.groups() and match.group(1).isdigit() else None
         moved = {axis: _axis(kind, layer, ck.config) for axis, kind in kinds.items()}
         for axis, ax in moved.items():
+            if ax.inner:
+                spec.sizes[ax.inner], spec.inner[ax.inner] = ax.inner_block, ax.perm
             units, left = divmod(info.shape[axis], ax.block * ax.parts)
             if left or spec.sizes.setdefault(ax.perm, units) != units:
                 raise PlanError(f"{ck.label}: tensor {name!r} has {info.shape[axis]} entries on axis "
@@ -161,9 +170,13 @@ def align_models(models: list, *, reference: int = 0, units=FAMILIES, max_sweeps
     products run on `device`, which holds every model's tensors in float32."""
     if len(models) < 2:
         raise PlanError(f"alignment needs two models or more, got {len(models)}")
-    bad = [u for u in units if u not in FAMILIES] or ([] if units else ["(none)"])
+    bad = [u for u in units if u not in FAMILIES + OPTIONAL] or ([] if units else ["(none)"])
     if bad:
-        raise PlanError(f"unknown unit family {bad[0]!r} to align", hint=f"use some of {', '.join(FAMILIES)}")
+        raise PlanError(f"unknown unit family {bad[0]!r} to align",
+                        hint=f"use some of {', '.join(FAMILIES + OPTIONAL)}")
+    if "head_dims" in units and "heads" not in units:
+        raise PlanError("head_dims moves dims within the heads, so it aligns with heads only",
+                        hint="give units heads,head_dims (and mlp, residual as you like)")
     if scheme not in SCHEMES:
         raise PlanError(f"unknown alignment scheme {scheme!r}", hint=f"use {' or '.join(SCHEMES)}")
     ref = models[reference]

@@ -7,7 +7,7 @@ assignment problem (LAP) that every alignment method here reduces to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -55,56 +55,78 @@ def match_units(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Lon
 class Axis:
     """One tensor axis moved by a permutation of `n` units: unit i owns the `block` consecutive
     entries from i·block (a head's rows), and the layout repeats `parts` times along the axis
-    (GPT-2's fused q|k|v columns)."""
+    (GPT-2's fused q|k|v columns). `inner` names a second permutation that reorders each
+    `inner_block` of a unit's entries, one order per unit of the model being permuted (a value
+    head's dims: V rows, and O columns of each query head that reads it)."""
 
     perm: str
     block: int = 1
     parts: int = 1
+    inner: str | None = None
+    inner_block: int = 1
 
 
 @dataclass
 class Spec:
-    """Which tensor axes share which permutation: `sizes[p]` units for permutation p, and
-    `axes[tensor][axis]` for every axis that p moves. A tensor with no moved axis is absent."""
+    """Which tensor axes share which permutation: `sizes[p]` entries for permutation p, and
+    `axes[tensor][axis]` for every axis that p moves. A tensor with no moved axis is absent.
+    An inner permutation (`inner[p]` = its unit permutation) is one order of `sizes[p]` per
+    unit: a [units, sizes[p]] tensor."""
 
     sizes: dict[str, int]
     axes: dict[str, dict[int, Axis]] = field(default_factory=dict)
+    inner: dict[str, str] = field(default_factory=dict)
 
     def touching(self, perm: str) -> list[tuple[str, int]]:
         return [(name, axis) for name, moved in self.axes.items()
-                for axis, ax in moved.items() if ax.perm == perm]
+                for axis, ax in moved.items() if perm in (ax.perm, ax.inner)]
 
     def only(self, families) -> "Spec":
         """The spec restricted to permutations whose name starts with one of `families`
-        ("mlp" keeps "mlp.0", "mlp.1", ...); the others stay the identity."""
+        ("mlp" keeps "mlp.0", "mlp.1", ...); the others stay the identity. An inner permutation
+        is kept only with its unit permutation."""
         keep = {p for p in self.sizes if p.split(".")[0] in set(families)}
-        axes = {name: {a: ax for a, ax in moved.items() if ax.perm in keep}
+        keep -= {p for p, outer in self.inner.items() if outer not in keep}
+        axes = {name: {a: ax if ax.inner in keep else replace(ax, inner=None, inner_block=1)
+                       for a, ax in moved.items() if ax.perm in keep}
                 for name, moved in self.axes.items()}
         return Spec({p: n for p, n in self.sizes.items() if p in keep},
-                    {name: moved for name, moved in axes.items() if moved})
+                    {name: moved for name, moved in axes.items() if moved},
+                    {p: outer for p, outer in self.inner.items() if p in keep})
 
-    def identity(self) -> dict[str, torch.Tensor]:
-        return {p: torch.arange(n) for p, n in self.sizes.items()}
+    def identity(self, perm: str | None = None):
+        """The identity of one permutation, or of all of them (a dict)."""
+        if perm is None:
+            return {p: self.identity(p) for p in self.sizes}
+        if perm in self.inner:
+            return torch.arange(self.sizes[perm]).repeat(self.sizes[self.inner[perm]], 1)
+        return torch.arange(self.sizes[perm])
 
 
-def axis_index(ax: Axis, perm: torch.Tensor) -> torch.Tensor:
-    """The index_select index that moves the axis's units by `perm`."""
-    n = len(perm)
-    unit = (perm[:, None] * ax.block + torch.arange(ax.block, device=perm.device)).reshape(-1)
+def axis_index(ax: Axis, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The index_select index that moves the axis's units by `perms[ax.perm]` and, within each
+    source unit u, its inner blocks by `perms[ax.inner][u]`."""
+    perm = perms[ax.perm]
+    n, device = len(perm), perm.device
+    if ax.inner is None:
+        within = torch.arange(ax.block, device=device).expand(n, -1)
+    else:
+        inner = perms[ax.inner].to(device)[perm]  # [n, inner_block]: the order of each unit moved to i
+        subs = torch.arange(0, ax.block, ax.inner_block, device=device)
+        within = (subs[None, :, None] + inner[:, None, :]).reshape(n, ax.block)
+    unit = (perm[:, None] * ax.block + within).reshape(-1)
     return torch.cat([unit + k * n * ax.block for k in range(ax.parts)])
 
 
 def indices(spec: Spec, perms: dict[str, torch.Tensor], name: str) -> dict[int, torch.Tensor]:
     """{axis: index} that applies `perms` to tensor `name` (io/views.reindexed's argument)."""
-    return {axis: axis_index(ax, perms[ax.perm]) for axis, ax in spec.axes.get(name, {}).items()}
+    return {axis: axis_index(ax, perms) for axis, ax in spec.axes.get(name, {}).items()}
 
 
-def permute(spec: Spec, perms: dict[str, torch.Tensor], name: str, tensor: torch.Tensor,
-            skip: int | None = None) -> torch.Tensor:
-    """π(W): `tensor` with every moved axis but `skip` re-indexed by its permutation."""
+def permute(spec: Spec, perms: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """π(W): `tensor` with every moved axis re-indexed by its permutations."""
     for axis, index in indices(spec, perms, name).items():
-        if axis != skip:
-            tensor = tensor.index_select(axis, index.to(tensor.device))
+        tensor = tensor.index_select(axis, index.to(tensor.device))
     return tensor
 
 
@@ -114,17 +136,28 @@ def _units(tensor: torch.Tensor, axis: int, ax: Axis, n: int) -> torch.Tensor:
     return moved.transpose(0, 1).reshape(n, -1)
 
 
+def _inner_units(tensor: torch.Tensor, axis: int, ax: Axis, n: int) -> torch.Tensor:
+    """[n, inner_block, everything else]: entry t of unit i holds all of its inner position t."""
+    moved = tensor.movedim(axis, 0).reshape(n, ax.block // ax.inner_block, ax.inner_block, -1)
+    return moved.transpose(1, 2).reshape(n, ax.inner_block, -1)
+
+
 def cost(spec: Spec, perms: dict[str, torch.Tensor], perm: str, a: dict, b: dict) -> torch.Tensor:
-    """C_p = Σ over tensors touching p of W_A (π_{−p}(W_B))ᵀ along p's axis (float64 sum of
-    the tensors' products, each in their own dtype: copies of whole models in float64 would
-    double the memory and the time)."""
-    n = spec.sizes[perm]
-    total = torch.zeros(n, n, dtype=torch.float64, device=perms[perm].device)
+    """C_p = Σ over tensors touching p of W_A (π_{−p}(W_B))ᵀ along p's axis: [n, n], or for an
+    inner permutation one [d, d] per unit position of A, [n, d, d]. Each product is in the
+    tensors' dtype (float64 copies of whole models would double the memory and the time);
+    the sum is float64."""
+    free = {**perms, perm: spec.identity(perm).to(perms[perm].device)}
+    total = None
     for name, axis in spec.touching(perm):
         ax = spec.axes[name][axis]
-        wa = _units(a[name], axis, ax, n)
-        wb = _units(permute(spec, perms, name, b[name], skip=axis), axis, ax, n)
-        total += (wa @ wb.T).double()
+        n = spec.sizes[ax.perm]
+        wb = permute(spec, free, name, b[name])
+        if perm == ax.inner:
+            term = torch.bmm(_inner_units(a[name], axis, ax, n), _inner_units(wb, axis, ax, n).transpose(1, 2))
+        else:
+            term = _units(a[name], axis, ax, n) @ _units(wb, axis, ax, n).T
+        total = term.double() if total is None else total + term.double()
     return total
 
 
@@ -141,14 +174,34 @@ class Matching:
     sweeps: int
 
 
+def _gain(c: torch.Tensor, perm: torch.Tensor) -> float:
+    return float(c[torch.arange(len(c)), perm].sum())
+
+
+def _solve(spec: Spec, perms: dict[str, torch.Tensor], p: str, c: torch.Tensor) -> torch.Tensor | None:
+    """The LAP's answer for p where it beats p's current value (a tie or rounding must not count
+    as progress, or sweeps could cycle), else None. An inner permutation solves one LAP per
+    unit position i of A, for the unit of B that sits there."""
+    current = perms[p].cpu()
+    if p not in spec.inner:
+        new = match(c)
+        return new if _gain(c, new) > _gain(c, current) + 1e-12 else None
+    new, changed = current.clone(), False
+    for i, u in enumerate(perms[spec.inner[p]].cpu().tolist()):
+        found = match(c[i])
+        if _gain(c[i], found) > _gain(c[i], current[u]) + 1e-12:
+            new[u], changed = found, True
+    return new if changed else None
+
+
 def weight_matching(spec: Spec, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *,
                     max_sweeps: int = 100, seed: int = 0,
                     init: dict[str, torch.Tensor] | None = None) -> Matching:
     """Permutations of b's units maximising Σ ⟨W_A, π(W_B)⟩ by coordinate descent: each sweep
-    solves one LAP per permutation, in a seeded random order, holding the others; it stops when
-    a sweep changes nothing. Each step can only raise the objective (the old permutation is
-    one of the LAP's candidates). The tensors may live on a GPU (the products are its work);
-    the LAPs are solved on the CPU."""
+    solves the LAPs of one permutation at a time, in a seeded random order, holding the others;
+    it stops when a sweep changes nothing. Each step can only raise the objective (the old
+    permutation is one of the LAP's candidates). The tensors may live on a GPU (the products
+    are its work); the LAPs are solved on the CPU."""
     device = next(iter(a.values())).device
     perms = {p: t.to(device) for p, t in (init or spec.identity()).items()}
     names = sorted(spec.sizes)
@@ -160,10 +213,8 @@ def weight_matching(spec: Spec, a: dict[str, torch.Tensor], b: dict[str, torch.T
         changed = False
         for i in torch.randperm(len(names), generator=generator).tolist():
             p = names[i]
-            c = cost(spec, perms, p, a, b).cpu()
-            new, rows = match(c), torch.arange(len(c))
-            # a tie (or rounding) must not count as progress, or a sweep could cycle
-            if float(c[rows, new].sum()) > float(c[rows, perms[p].cpu()].sum()) + 1e-12:
+            new = _solve(spec, perms, p, cost(spec, perms, p, a, b).cpu())
+            if new is not None:
                 perms[p], changed = new.to(device), True
         history.append(objective(spec, perms, a, b))
         if not changed:

@@ -250,8 +250,8 @@ class AlignSection(_Strict):
 
     method: Literal["weight_matching"] = "weight_matching"
     reference: Optional[StrictStr] = None  # a model of the recipe; default base_model, else the first
-    units: list[Literal["mlp", "heads", "residual"]] = Field(
-        default=["mlp", "heads", "residual"], min_length=1)
+    units: list[Literal["mlp", "heads", "residual", "head_dims"]] = Field(
+        default=["mlp", "heads", "residual"], min_length=1)  # head_dims: a value head's dims, with heads
     scheme: Literal["mean", "reference"] = "mean"  # 3+ models: against the others' mean, or the reference
     max_sweeps: StrictInt = Field(default=100, ge=1)
     seed: StrictInt = 0
