@@ -572,7 +572,8 @@ def align_command(
     method: str = typer.Option("weight_matching", help="weight_matching (Git Re-Basin) or pleas."),
     reference: Optional[str] = typer.Option(None, help="The model the others are aligned to "
                                             "(default: the first); it is not rewritten."),
-    units: str = typer.Option("mlp,heads,residual", help="Weight matching: the units to permute."),
+    units: str = typer.Option("mlp,heads,residual", help="Weight matching: the units to permute "
+                              "(add head_dims for the dims within each value head)."),
     scheme: str = typer.Option("mean", help="3+ models: mean (each against the others' mean, "
                                "until nothing changes) or reference (each against the reference)."),
     max_sweeps: int = typer.Option(100, min=1, help="Weight matching: most coordinate-descent sweeps."),
