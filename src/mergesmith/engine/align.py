@@ -189,12 +189,15 @@ def align_models(models: list, *, reference: int = 0, units=FAMILIES, max_sweeps
             f"{len(spec.sizes)} permutations ({', '.join(units)}), tensors held in memory")
     tensors = [{name: ck.read(name).to(device, torch.float32) for name in spec.axes} for ck in models]
     found = weight_matching_many(spec, tensors, reference=reference, scheme=scheme,
-                                 max_sweeps=max_sweeps, seed=seed)
+                                 max_sweeps=max_sweeps, seed=seed, on_sweep=log and (
+                                     lambda k, sweeps, value: log(f"  {models[k].label}: sweep "
+                                                                  f"{sweeps}, objective {value:.6g}")))
     result = []
     for k, (ck, matching) in enumerate(zip(models, found)):
         if log and k != reference:
-            log(f"  {ck.label}: {matching.sweeps} sweep(s), objective {matching.objective[0]:.6g} "
-                f"-> {matching.objective[-1]:.6g}")
+            rounds = f" in {matching.rounds} round(s) against the others' mean" if matching.rounds else ""
+            log(f"  {ck.label}: {matching.sweeps} sweep(s){rounds}, objective against the reference "
+                f"{matching.objective[0]:.6g} -> {matching.objective[-1]:.6g}")
         view = ck if k == reference else aligned_view(ck, spec, matching.perms)
         if k != reference:
             view.note = f"aligned to {ref.label} by weight matching ({matching.sweeps} sweeps)"
@@ -288,7 +291,7 @@ def _program(item: Aligned, ref, settings: dict) -> Program:
 def _record(item: Aligned) -> str:
     """The permutations found (b aligned = b re-indexed by them), for inspection and reuse."""
     matching = item.matching
-    return json.dumps({"objective": matching.objective, "sweeps": matching.sweeps,
+    return json.dumps({"objective": matching.objective, "sweeps": matching.sweeps, "rounds": matching.rounds,
                        "permutations": {p: t.tolist() for p, t in sorted(matching.perms.items())}}) + "\n"
 
 

@@ -8,6 +8,7 @@ assignment problem (LAP) that every alignment method here reduces to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -172,6 +173,7 @@ class Matching:
     perms: dict[str, torch.Tensor]  # b aligned = permute(spec, perms, name, b[name]) for each name
     objective: list[float]  # before the first sweep, then after each sweep
     sweeps: int
+    rounds: int = 0  # 3+ models, scheme "mean": rounds against the others' mean
 
 
 def _gain(c: torch.Tensor, perm: torch.Tensor) -> float:
@@ -196,7 +198,8 @@ def _solve(spec: Spec, perms: dict[str, torch.Tensor], p: str, c: torch.Tensor) 
 
 def weight_matching(spec: Spec, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *,
                     max_sweeps: int = 100, seed: int = 0,
-                    init: dict[str, torch.Tensor] | None = None) -> Matching:
+                    init: dict[str, torch.Tensor] | None = None,
+                    on_sweep: Callable[[int, float], None] | None = None) -> Matching:
     """Permutations of b's units maximising Σ ⟨W_A, π(W_B)⟩ by coordinate descent: each sweep
     solves the LAPs of one permutation at a time, in a seeded random order, holding the others;
     it stops when a sweep changes nothing. Each step can only raise the objective (the old
@@ -217,6 +220,8 @@ def weight_matching(spec: Spec, a: dict[str, torch.Tensor], b: dict[str, torch.T
             if new is not None:
                 perms[p], changed = new.to(device), True
         history.append(objective(spec, perms, a, b))
+        if on_sweep:
+            on_sweep(sweeps, history[-1])
         if not changed:
             break
     return Matching({p: t.cpu() for p, t in perms.items()}, history, sweeps)
@@ -230,21 +235,26 @@ def mean_of(spec: Spec, models: list[dict], perms: list[dict]) -> dict[str, torc
 
 def weight_matching_many(spec: Spec, models: list[dict], *, reference: int = 0,
                          scheme: str = "mean", max_sweeps: int = 100, max_rounds: int = 20,
-                         seed: int = 0) -> list[Matching]:
+                         seed: int = 0,
+                         on_sweep: Callable[[int, int, float], None] | None = None) -> list[Matching]:
     """Align 3+ models: each to the reference first; with scheme "mean", then repeatedly match
     each non-reference model against the mean of all the others as aligned so far (Git
     Re-Basin's MergeMany with the reference held fixed, which fixes the gauge), until a round
-    changes nothing. Returns one Matching per model (the reference's is the identity)."""
+    changes nothing. Returns one Matching per model (the reference's is the identity); its
+    objective is against the reference: each sweep of the first step (also reported to
+    on_sweep(model, sweep, objective)), then after the rounds."""
     if scheme not in ("reference", "mean"):
         raise ValueError(f"unknown scheme {scheme!r}: use reference or mean")
     ref = models[reference]
     result = [Matching(spec.identity(), [objective(spec, spec.identity(), ref, ref)], 0) if k == reference
-              else weight_matching(spec, ref, m, max_sweeps=max_sweeps, seed=seed + k)
+              else weight_matching(spec, ref, m, max_sweeps=max_sweeps, seed=seed + k,
+                                   on_sweep=_for(on_sweep, k))
               for k, m in enumerate(models)]
     if scheme == "reference" or len(models) < 3:
         return result
+    rounds = 0
     for round_ in range(max_rounds):
-        changed = False
+        rounds, changed = rounds + 1, False
         for k in range(len(models)):
             if k == reference:
                 continue
@@ -254,7 +264,15 @@ def weight_matching_many(spec: Spec, models: list[dict], *, reference: int = 0,
                                     seed=seed + k + round_, init=result[k].perms)
             if any(not torch.equal(found.perms[p], result[k].perms[p]) for p in spec.sizes):
                 changed = True
-            result[k] = found
+            result[k] = Matching(found.perms, result[k].objective, result[k].sweeps + found.sweeps)
         if not changed:
             break
+    for k, m in enumerate(models):
+        if k != reference:
+            history = result[k].objective + [objective(spec, result[k].perms, ref, m)]
+            result[k] = Matching(result[k].perms, history, result[k].sweeps, rounds)
     return result
+
+
+def _for(on_sweep, k: int):
+    return None if on_sweep is None else (lambda sweeps, value: on_sweep(k, sweeps, value))
