@@ -58,7 +58,7 @@ def _qwen3(folder):
     return folder
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2"])
 def test_permuting_units_leaves_the_logits_unchanged(arch, tmp_path):
     """Random permutations of every MLP's units, every layer's heads (GQA groups) and the
     residual stream: the function is the same (the spec moves every axis it must), the tensors
