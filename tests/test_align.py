@@ -1,6 +1,7 @@
 """Weight matching (Git Re-Basin): the permutation spec, the alignment, `mergesmith align`, `align:`."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -175,6 +176,13 @@ def test_refusals_name_the_model_and_the_reason(zoo, tmp_path, monkeypatch, caps
     wide = build_model(tmp_path / "wide", "llama", seed=0, hidden=48)
     with pytest.raises(PlanError, match="different models.*hidden_size"):
         align([llama, wide], tmp_path / "out")
+    odd = tmp_path / "odd"
+    shutil.copytree(llama, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3,
+                                                 "num_key_value_heads": 3, "head_dim": 10}))
+    with pytest.raises(PlanError, match="k_proj.weight' has 16 entries on axis 0: not a whole number"):
+        permutation_spec(Checkpoint(odd))
     bert = zoo("bert")["base"]
     code, _, err = run_cli(monkeypatch, capsys, "align", bert, zoo("bert")["e1"], tmp_path / "out")
     assert code == 1 and "no permutation spec for architecture 'bert'" in err and "hint:" in err

@@ -110,7 +110,7 @@ def permutation_spec(ck) -> Spec:
                         "heads; weight matching needs whole groups of query heads per key/value head")
     spec = Spec({})
     for name, info in ck.tensors.items():
-        found = next(((re.fullmatch(p, name), kinds) for p, kinds in rules if re.fullmatch(p, name)), None)
+        found = next(((m, kinds) for p, kinds in rules if (m := re.fullmatch(p, name))), None)
         if found is None:
             raise PlanError(f"{ck.label}: weight matching has no permutation rule for tensor {name!r} "
                             f"({model_type})", hint=f"it knows the standard tensors of {SUPPORTED} "
@@ -123,9 +123,10 @@ def permutation_spec(ck) -> Spec:
                 spec.sizes[ax.inner], spec.inner[ax.inner] = ax.inner_block, ax.perm
             units, left = divmod(info.shape[axis], ax.block * ax.parts)
             if left or spec.sizes.setdefault(ax.perm, units) != units:
+                why = (f"not a whole number of {ax.perm!r} units of {ax.block * ax.parts}" if left
+                       else f"{units} {ax.perm!r} units where other tensors have {spec.sizes[ax.perm]}")
                 raise PlanError(f"{ck.label}: tensor {name!r} has {info.shape[axis]} entries on axis "
-                                f"{axis}, which do not split into the {spec.sizes[ax.perm]} units of "
-                                f"{ax.perm!r}", hint="config.json does not describe these weights")
+                                f"{axis}: {why}", hint="config.json does not describe these weights")
         if moved:
             spec.axes[name] = moved
     return spec
