@@ -14,7 +14,7 @@ from mergesmith.engine.plan import build_plan
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import OutputError, PlanError
 from mergesmith.io import Checkpoint
-from mergesmith.methods.permutation import objective, weight_matching
+from mergesmith.methods.permutation import weight_matching
 from mergesmith.toy import build_model, default_tokens, save_tokenizer
 
 

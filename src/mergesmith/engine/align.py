@@ -235,8 +235,10 @@ def align(models: list, out: str | Path, *, method: str = "weight_matching",
     names = _folder_names(refs)
     for k, name in enumerate(names):  # before the matching, which may take long
         target = Path(out) / name
-        if k != index and not overwrite and target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise OutputError(f"output {target} already exists", hint="choose a new folder or pass --overwrite")
+        taken = target.exists() and (not target.is_dir() or any(target.iterdir()))
+        if k != index and taken and not overwrite:
+            raise OutputError(f"output {target} already exists",
+                              hint="choose a new folder or pass --overwrite")
     aligned = align_models(open_models(refs), reference=index, units=units, max_sweeps=max_sweeps,
                            seed=seed, scheme=scheme, device=device, log=log)
     ref = aligned[index].source
@@ -284,15 +286,17 @@ def _program(item: Aligned, ref, settings: dict) -> Program:
                f"weight matching ({', '.join(settings['units'])}; {matching.sweeps} sweep(s), "
                f"objective {matching.objective[0]:.6g} -> {matching.objective[-1]:.6g}). It computes "
                "the same function as the original; merge it with the reference like any model.")
-    return Program(outputs, dict(item.source.config), item.source, f"{item.source.label} aligned to {ref.label}",
-                   summary, record=("alignment.yml", yaml.safe_dump(settings, sort_keys=False)),
+    title = f"{item.source.label} aligned to {ref.label}"
+    return Program(outputs, dict(item.source.config), item.source, title, summary,
+                   record=("alignment.yml", yaml.safe_dump(settings, sort_keys=False)),
                    seed=settings["seed"], models={settings["model"]: item.source})
 
 
 def _record(item: Aligned) -> str:
     """The permutations found (b aligned = b re-indexed by them), for inspection and reuse."""
     matching = item.matching
-    return json.dumps({"objective": matching.objective, "sweeps": matching.sweeps, "rounds": matching.rounds,
+    return json.dumps({"objective": matching.objective, "sweeps": matching.sweeps,
+                       "rounds": matching.rounds,
                        "permutations": {p: t.tolist() for p, t in sorted(matching.perms.items())}}) + "\n"
 
 
@@ -302,8 +306,8 @@ def align_recipe_models(recipe, opened: dict, method) -> dict:
     section = recipe.align
     if method.needs_data:  # its statistics or learned values would belong to the unaligned models
         raise PlanError(f"{recipe.where('align')}: only methods that need no data merge models "
-                        f"aligned at plan time; {method.name} needs data", hint="align the models first with `mergesmith align`, "
-                        "then merge the aligned folders")
+                        f"aligned at plan time; {method.name} needs data",
+                        hint="align the models first with `mergesmith align`, then merge the aligned folders")
     if recipe.modules:
         raise PlanError(f"{recipe.where('align')}: align: does not support recipes with modules:",
                         hint="align the models first with `mergesmith align`, then merge the folders")

@@ -155,7 +155,8 @@ def cost(spec: Spec, perms: dict[str, torch.Tensor], perm: str, a: dict, b: dict
         n = spec.sizes[ax.perm]
         wb = permute(spec, free, name, b[name])
         if perm == ax.inner:
-            term = torch.bmm(_inner_units(a[name], axis, ax, n), _inner_units(wb, axis, ax, n).transpose(1, 2))
+            wa, wb = _inner_units(a[name], axis, ax, n), _inner_units(wb, axis, ax, n)
+            term = torch.bmm(wa, wb.transpose(1, 2))
         else:
             term = _units(a[name], axis, ax, n) @ _units(wb, axis, ax, n).T
         total = term.double() if total is None else total + term.double()
