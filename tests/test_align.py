@@ -9,7 +9,7 @@ import transformers
 
 import mergesmith
 from conftest import read_tensors, run_cli, write_recipe
-from mergesmith.engine.align import FAMILIES, align, aligned_view, align_models, permutation_spec
+from mergesmith.engine.weight_matching import FAMILIES, align, aligned_view, align_models, permutation_spec
 from mergesmith.engine.plan import build_plan
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import OutputError, PlanError

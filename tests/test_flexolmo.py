@@ -1,5 +1,5 @@
 """FlexOlmo: a public dense OLMo-2 model and experts trained beside its frozen FFN, merged into one
-FlexOlmo MoE (engine/moe/flexolmo.py); opt-out and opt-in of experts."""
+FlexOlmo MoE (moe/flexolmo.py); opt-out and opt-in of experts."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from conftest import read_tensors
-from mergesmith.engine.moe.flexolmo import add_experts, drop_experts, flexolmo
+from mergesmith.moe.flexolmo import add_experts, drop_experts, flexolmo
 from mergesmith.errors import PlanError
 from mergesmith.toy import build_model, default_tokens, save_tokenizer
 

@@ -1,6 +1,6 @@
 """`mergesmith moe`: dense experts into a Mixtral / Qwen2-MoE / Qwen3-MoE (mergekit-moe's YAML),
-BTX's averaged non-expert tensors, AquilaMoE's upcycling: recipe/moe.py, engine/moe/assemble.py,
-engine/moe/layouts.py, methods/moe_assemble.py."""
+BTX's averaged non-expert tensors, AquilaMoE's upcycling: recipe/moe.py, moe/assemble.py,
+moe/layouts.py, methods/moe_assemble.py."""
 
 import json
 
@@ -10,7 +10,7 @@ import transformers
 import yaml
 
 from conftest import read_tensors, run_cli
-from mergesmith.engine.moe.assemble import build_moe
+from mergesmith.moe.assemble import build_moe
 from mergesmith.errors import PlanError, RecipeError
 from mergesmith.methods.moe_assemble import gaussian_noise
 from mergesmith.recipe.moe import load_moe_config

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import read_tensors, run_cli
 from mergesmith.calibrate.data import draw
 from mergesmith.calibrate.moe_routing import LayerRouting, RoutingStatistics, routing_statistics
-from mergesmith.engine.moe.compress import compress_moe, read_moe
+from mergesmith.moe.compress import compress_moe, read_moe
 from mergesmith.errors import CalibrationError, PlanError
 from mergesmith.methods import moe_compress as mc
 from mergesmith.toy import build_model, build_moe

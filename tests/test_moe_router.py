@@ -1,5 +1,5 @@
 """Router rows of an MoE from prompts (mergekit-moe's gate modes): methods/moe_router.py,
-calibrate/prompt_states.py, engine/moe/gates.py."""
+calibrate/prompt_states.py, moe/gates.py."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from mergesmith.engine.moe.gates import DegenerateRoutersWarning, gate_rows, warn_degenerate
+from mergesmith.moe.gates import DegenerateRoutersWarning, gate_rows, warn_degenerate
 from mergesmith.errors import MethodError, RecipeError
 from mergesmith.io import Checkpoint
 from mergesmith.recipe.moe import load_moe_config

@@ -388,7 +388,7 @@ def moe_compress(
 ) -> None:
     """Shrink an MoE to K experts per layer by merging experts (MC-SMoE, HC-SMoE, Sub-MoE),
     from routing statistics over calibration data; router rows merged to match."""
-    from mergesmith.engine.moe.compress import compress_moe
+    from mergesmith.moe.compress import compress_moe
 
     path = compress_moe(moe, output, method=method, experts=experts, data=data, samples=samples,
                         max_length=max_length, batch_size=batch_size, linkage=linkage, rank=rank,
@@ -424,7 +424,7 @@ def flexolmo_command(
     """FlexOlmo: a public model and experts trained beside its frozen FFN -> one MoE (router rows
     public, 1..N); --drop and --append leave experts out of, or add them to, a built one."""
     from mergesmith.calibrate.data import load_examples
-    from mergesmith.engine.moe import flexolmo as fo
+    from mergesmith.moe import flexolmo as fo
     from mergesmith.recipe import Calibration
 
     experts = experts or []
@@ -591,7 +591,7 @@ def align_command(
     """Permute models' units onto a reference model, so that they can be merged: each other
     model is written, computing the same function, to OUT/<its folder name>. With --method
     pleas: A and B merged by PLeaS into OUT."""
-    from mergesmith.engine.align import align
+    from mergesmith.align import align
 
     if len(paths) < 3:
         raise MergesmithError(f"align: got {len(paths)} path(s)", hint="give two models or more, "
@@ -795,7 +795,7 @@ def moe(
 ) -> None:
     """Assemble dense experts into a Mixtral / Qwen-MoE (mergekit-moe's YAML), or upcycle one
     dense model into N experts; router rows from the experts' prompts."""
-    from mergesmith.engine.moe.assemble import build_moe, upcycle as upcycle_model
+    from mergesmith.moe.assemble import build_moe, upcycle as upcycle_model
 
     options = dict(device=device, shard_size=shard_size, resume=resume, overwrite=overwrite,
                    progress=not quiet)

@@ -137,13 +137,13 @@ class CalibrationModel:
         module.to(device).eval().requires_grad_(False)
         module.config.use_cache = False  # no key/value cache: every pass is one whole forward
         head = _load_head(cal, root, module) if objective == "head" else None
-        return cls(folder, module, _tokenizer(folder), objective, head, cal)
+        return cls(folder, module, folder_tokenizer(folder), objective, head, cal)
 
     def view(self, folder: str | Path, cal: Calibration, root: Path) -> "CalibrationModel":
         """This module read as another checkpoint of the same architecture: that folder's tensor
         names, tokenizer, settings and head. The weights stay as they are (see `load_weights`)."""
         head = _load_head(cal, root, self.module) if cal.head is not None else self.head
-        return CalibrationModel(folder, self.module, _tokenizer(Path(folder)), self.objective, head, cal)
+        return CalibrationModel(folder, self.module, folder_tokenizer(Path(folder)), self.objective, head, cal)
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors (by checkpoint name) into the module, cast to its dtype."""
@@ -207,7 +207,7 @@ class CalibrationModel:
         out = []
         for start in range(0, len(order), size):
             chosen = order[start:start + size]
-            ids, mask = _padded([sequences[i] for i in chosen], _pad_id(self.tokenizer))
+            ids, mask = padded([sequences[i] for i in chosen], pad_id(self.tokenizer))
             out.append(Batch({"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)},
                              self._targets(ids, mask, [examples[i] for i in chosen]), chosen))
         return out
@@ -337,7 +337,7 @@ def _config(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _tokenizer(folder: Path):
+def folder_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
@@ -346,16 +346,16 @@ def _tokenizer(folder: Path):
         raise CalibrationError(f"{folder}: no usable tokenizer: {str(exc).splitlines()[0]}") from None
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if value is not None:
             return value
     return 0
 
 
-def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, tokens in enumerate(sequences):
         ids[row, :len(tokens)] = torch.tensor(tokens)

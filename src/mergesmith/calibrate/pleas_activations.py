@@ -21,7 +21,7 @@ import torch
 
 from mergesmith.calibrate.collect import progress_bar
 from mergesmith.calibrate.data import load_examples
-from mergesmith.calibrate.forward import (Batch, CalibrationModel, _tokenizer, checkpoint_names,
+from mergesmith.calibrate.forward import (Batch, CalibrationModel, folder_tokenizer, checkpoint_names,
                                           quiet_transformers)
 from mergesmith.errors import CalibrationError
 from mergesmith.methods.pleas import (Blocks, CorrelationSums, LeastSquaresSums, merged_rows,
@@ -60,7 +60,7 @@ def token_batches(folder: Path, module: torch.nn.Module, data: str | Path | None
     tokens when `data` is None."""
     cal = Calibration(data=str(data) if data is not None else None, samples=samples,
                       max_length=max_length, batch_size=batch_size, seed=seed)
-    model = CalibrationModel(folder, module, _tokenizer(Path(folder)), "causal", None, cal)
+    model = CalibrationModel(folder, module, folder_tokenizer(Path(folder)), "causal", None, cal)
     if data is not None:
         return model.batches(load_examples(cal, Path.cwd()))
     return random_batches(model, samples, max_length or RANDOM_LENGTH, batch_size, seed)

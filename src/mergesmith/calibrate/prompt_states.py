@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mergesmith.calibrate.collect import progress_bar
-from mergesmith.calibrate.forward import CalibrationModel, _pad_id, _padded, mean_pool
+from mergesmith.calibrate.forward import CalibrationModel, pad_id, padded, mean_pool
 from mergesmith.errors import CalibrationError
 from mergesmith.recipe import Calibration
 
@@ -36,9 +36,9 @@ def load_prompt_model(folder: str | Path, *, device: str | torch.device = "cpu",
 
 def load_prompt_tokenizer(folder: str | Path):
     """The folder's tokenizer (for cheap_embed, which runs no model)."""
-    from mergesmith.calibrate.forward import _tokenizer
+    from mergesmith.calibrate.forward import folder_tokenizer
 
-    return _tokenizer(Path(folder))
+    return folder_tokenizer(Path(folder))
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], who: str, context: int | None = None
@@ -60,14 +60,14 @@ def padded_prompts(tokenizer, prompts: list[str], who: str) -> tuple[torch.Tenso
     """All the prompts as one right-padded batch: ids and attention mask [B, T]."""
     if not prompts:
         raise CalibrationError(f"{who}: no prompts")
-    return _padded(tokenize_prompts(tokenizer, prompts, who), _pad_id(tokenizer))
+    return padded(tokenize_prompts(tokenizer, prompts, who), pad_id(tokenizer))
 
 
 def _batches(model: CalibrationModel, sequences: list[list[int]]):
     size = model.cal.batch_size
-    pad = _pad_id(model.tokenizer)
+    pad = pad_id(model.tokenizer)
     for start in range(0, len(sequences), size):
-        ids, mask = _padded(sequences[start:start + size], pad)
+        ids, mask = padded(sequences[start:start + size], pad)
         yield ids.to(model.device), mask.to(model.device)
 
 

@@ -150,7 +150,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                         hint="run it with `mergesmith merge` or mergesmith.merge, with a calibration: section")
     opened = _open_models(recipe)
     if recipe.align is not None:
-        from mergesmith.engine.align import align_recipe_models  # lazily: it builds on this module
+        from mergesmith.engine.weight_matching import align_recipe_models  # lazily: it builds on this module
 
         opened = align_recipe_models(recipe, opened, method)
     stores = _open_statistics(recipe, method, opened, statistics or {})
@@ -264,11 +264,11 @@ def check_settings(recipe: Recipe, method: MethodSpec) -> list[str]:
 def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
     """Each reference opened once; `BASE+ADAPTER` and adapter folders as adapted views."""
     by_folder: dict = {}
-    return {ref: open_input(ref, by_folder, recipe.base_model, _check_config_matches_weights)
+    return {ref: open_input(ref, by_folder, recipe.base_model, check_config_matches_weights)
             for ref in recipe.model_refs()}
 
 
-def _check_config_matches_weights(ck: Checkpoint) -> None:
+def check_config_matches_weights(ck: Checkpoint) -> None:
     """The output config is a copy of one input's, so it must describe that input's tensors."""
     key = L.layer_count_key(ck.config)
     have = L.num_layers(list(ck.tensors))
@@ -305,13 +305,13 @@ def _check_compatible(recipe: Recipe, slices: list[OutSlice], ref: Checkpoint,
     for ck in merged.values():
         if ck is ref:
             continue
-        found = _config_difference(ref, ck, layers=recipe.slices is None)
+        found = config_difference(ref, ck, layers=recipe.slices is None)
         if found is not None:
             what = f"{ref.label} and {ck.label} are different models: {found}"
             if not allow_crimes:
                 raise PlanError(what, hint=CRIMES_HINT)
             warnings.append(f"{what} (merged anyway: allow_crimes)")
-        only = _tensor_difference(ref, ck)
+        only = tensor_difference(ref, ck)
         if only is not None:
             name, has, lacks = only
             untied = (" (its config says tie_word_embeddings: false, so its embedding is not its "
@@ -322,7 +322,7 @@ def _check_compatible(recipe: Recipe, slices: list[OutSlice], ref: Checkpoint,
                                  "too; merge models of one architecture")
 
 
-def _config_difference(a: Checkpoint, b: Checkpoint, *, layers: bool) -> str | None:
+def config_difference(a: Checkpoint, b: Checkpoint, *, layers: bool) -> str | None:
     for key in ("architectures", "model_type", *SHAPE_KEYS, *(L.LAYER_COUNT_KEYS if layers else ())):
         if key == "tie_word_embeddings":
             mine, theirs = _ties(a), _ties(b)
@@ -335,7 +335,7 @@ def _config_difference(a: Checkpoint, b: Checkpoint, *, layers: bool) -> str | N
     return None
 
 
-def _tensor_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, Checkpoint, Checkpoint] | None:
+def tensor_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, Checkpoint, Checkpoint] | None:
     """(name, the model that has it, the one that lacks it) for the first tensor name (layer
     numbers aside) only one of them has. A tied model's head is its embedding, so it has one."""
     def names(ck: Checkpoint, other: Checkpoint) -> set[str]:

@@ -1,7 +1,7 @@
 """Dense experts into a sparse MoE (mergekit-moe, Branch-Train-MiX, AquilaMoE's scale-out): the
 tensor maths of it, which is small. Expert e's MLP in layer l is source e's, optionally with
 Gaussian noise added (noise_scale) and its down projection scaled (residual_scale), in that
-order, as mergekit-moe does; the rest is placement (engine/moe/).
+order, as mergekit-moe does; the rest is placement (moe/).
 """
 
 from __future__ import annotations

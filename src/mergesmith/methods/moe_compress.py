@@ -1,4 +1,4 @@
-"""Shrinking an MoE by merging its experts (pure tensor maths; the program is engine/moe/compress.py).
+"""Shrinking an MoE by merging its experts (pure tensor maths; the program is moe/compress.py).
 
 Three ways to choose which experts of a layer become one, all followed by a usage-weighted merge:
 - mc_smoe (Li et al., arXiv 2310.01334): the K most used experts are dominant; every other

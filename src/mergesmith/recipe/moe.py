@@ -145,7 +145,7 @@ def _validate(data: Any, source: str, lines: dict, text: str | None) -> MoeConfi
 
 def _check(config: MoeConfig) -> None:
     """What one field alone cannot say (the prompts each gate_mode needs are checked where the
-    rows are made, engine/moe/gates.py)."""
+    rows are made, moe/gates.py)."""
     count = len(config.experts)
     if not 1 <= config.experts_per_token <= count:
         raise RecipeError(f"{config.where('experts_per_token')}: {config.experts_per_token} experts "

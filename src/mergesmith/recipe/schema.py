@@ -245,7 +245,7 @@ class LayerScaling(_Strict):
 
 class AlignSection(_Strict):
     """`align:` permute the merged models' units onto one reference model before merging, for
-    models trained from different initialisations (engine/align.py). Weight matching holds
+    models trained from different initialisations (engine/weight_matching.py). Weight matching holds
     every model's tensors in memory while it solves, at plan time."""
 
     method: Literal["weight_matching"] = "weight_matching"

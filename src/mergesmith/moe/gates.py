@@ -4,8 +4,7 @@
 config order), then, as mergekit-moe's `need_gates`, one row per shared expert (Qwen-MoE's
 `shared_expert_gate`) when the shared experts have prompts or the mode is random; S = 0
 otherwise. The maths is methods/moe_router.py's; the prompts' hidden states come from the base
-model (calibrate/prompt_states.py, imported when a mode needs them: the engine otherwise never
-runs a model).
+model (calibrate/prompt_states.py).
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ import warnings
 
 import torch
 
+from mergesmith.calibrate.prompt_states import (load_prompt_model, load_prompt_tokenizer, padded_prompts,
+                                                prompt_progress, prompt_states)
 from mergesmith.engine.layers import INPUT_EMBEDDINGS
 from mergesmith.errors import PlanError, RecipeError
 from mergesmith.io.checkpoint import Checkpoint
@@ -99,7 +100,6 @@ def _check_prompts(config, experts: list) -> None:
 
 
 def _hidden(base: Checkpoint, experts: list, mode: str, device: str, progress: bool) -> torch.Tensor:
-    from mergesmith.calibrate.prompt_states import load_prompt_model, prompt_progress, prompt_states
 
     model = load_prompt_model(base.path, device=device)
     total = sum(len(e.positive_prompts) + len(e.negative_prompts or ()) for e in experts)
@@ -116,7 +116,6 @@ def _hidden(base: Checkpoint, experts: list, mode: str, device: str, progress: b
 
 
 def _cheap_embed(base: Checkpoint, experts: list, layers: int) -> torch.Tensor:
-    from mergesmith.calibrate.prompt_states import load_prompt_tokenizer, padded_prompts
 
     name = next((n for n in sorted(base.tensors) if INPUT_EMBEDDINGS.search(n)), None)
     if name is None:

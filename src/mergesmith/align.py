@@ -1,8 +1,10 @@
-"""PLeaS for two transformers (methods/pleas.py has the maths): one merged model whose MLP width
+"""Alignment of models that do not share a basin, before they are merged: Git Re-Basin weight
+matching (engine/weight_matching.py: data-free, any number of models, each written permuted) or
+PLeaS for two transformers (methods/pleas.py has the maths): one merged model whose MLP width
 lies between d (every unit merged) and 2d (both models' units kept).
 
 Transformer form:
-1. B is weight-matched to A (engine/align.py: residual stream, attention heads, MLP units), so
+1. B is weight-matched to A (engine/weight_matching.py: residual stream, attention heads, MLP units), so
    that everything outside the MLPs can be averaged.
 2. Bottom up, per layer, on calibration data (calibrate/pleas_activations.py): A's and aligned
    B's MLP hidden units (the input of down_proj) are correlated; a linear assignment pairs them
@@ -29,14 +31,36 @@ from pathlib import Path
 
 import torch
 
+from mergesmith.calibrate.pleas_activations import merge_layers, token_batches
+from mergesmith.engine import weight_matching
 from mergesmith.engine.program import Output, Program, write_program
+from mergesmith.engine.weight_matching import FAMILIES, align_models, open_models, reference_index
 from mergesmith.errors import CalibrationError, OutputError, PlanError
 from mergesmith.io import TensorInfo
 from mergesmith.io.views import Entry, View, computed, reindexed
 from mergesmith.methods.pleas import RIDGE, Blocks, merged_width
 
+METHODS = ("weight_matching", "pleas")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 SAMPLES = 128
+
+
+def align(models: list, out: str | Path, *, method: str = "weight_matching", units=FAMILIES,
+          scheme: str = "mean", max_sweeps: int = 100, log=None, **options) -> list[Path]:
+    """Align `models` by `method` and return the folders written: weight matching writes each
+    model but the reference, permuted, to OUT/<its folder name>; PLeaS merges A and B into OUT
+    (its own options: budget, data, ...), weight-matching B to A first on every unit family."""
+    if method == "weight_matching":
+        return weight_matching.align(models, out, units=units, scheme=scheme, max_sweeps=max_sweeps,
+                                     log=log, **options)
+    if method != "pleas":
+        raise PlanError(f"unknown alignment method {method!r}", hint=f"use {' or '.join(METHODS)}")
+    given = [name for name, value, default in (("units", tuple(units), FAMILIES), ("scheme", scheme, "mean"),
+                                               ("max_sweeps", max_sweeps, 100)) if value != default]
+    if given:
+        raise PlanError(f"PLeaS takes no {given[0]!r}: it weight-matches B to A on "
+                        f"{', '.join(FAMILIES)} itself", hint=f"leave {given[0]} out with --method pleas")
+    return [pleas_align(models, out, **options)]
 
 
 def pleas_align(models, out: str | Path, *, budget: float = 1.5, data: str | Path | None = None,
@@ -63,7 +87,6 @@ def pleas_align(models, out: str | Path, *, budget: float = 1.5, data: str | Pat
                           hint="choose a new folder or pass --overwrite")
     aligned = _weight_matched(a, b, seed)
 
-    from mergesmith.calibrate.pleas_activations import merge_layers, token_batches  # data, above us
 
     batches = partial(token_batches, data=data, samples=samples, max_length=max_length,
                       batch_size=batch_size, seed=seed)
@@ -149,14 +172,13 @@ def _mlp(name: str) -> tuple[int | None, str | None]:
 
 def _inputs(models, reference) -> tuple[object, object]:
     """A (the reference) and B, opened, each with gated bias-free MLPs, else a PlanError.
-    engine/align.py checks that they are one architecture and size."""
-    from mergesmith.engine.align import _reference_index, open_models
+    engine/weight_matching.py checks that they are one architecture and size."""
 
     if len(models) != 2:
         raise PlanError(f"pleas merges two models, got {len(models)}",
                         hint="give A and B; for more, merge the result with the next")
     refs = [m if hasattr(m, "tensors") else str(m) for m in models]
-    first = _reference_index([str(r) for r in refs], reference)
+    first = reference_index([str(r) for r in refs], reference)
     opened = [r if hasattr(r, "tensors") else None for r in refs]
     if None in opened:
         opened = [o or ck for o, ck in zip(opened, open_models([str(r) for r in refs]))]
@@ -186,7 +208,6 @@ def _check_data(data, samples, max_length, batch_size) -> None:
 
 def _weight_matched(a, b, seed: int):
     """B with its residual stream, heads and MLP units permuted onto A by weight matching
-    (engine/align.py), so that everything outside the MLPs can be averaged."""
-    from mergesmith.engine.align import align_models
+    (engine/weight_matching.py), so that everything outside the MLPs can be averaged."""
 
     return align_models([a, b], reference=0, seed=seed)[1].model

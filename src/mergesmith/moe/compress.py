@@ -4,7 +4,7 @@ usage-weighted merge of a group of the old ones (methods/moe_compress.py chooses
 Inputs: Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints, per-expert (`experts.{e}.w1`, as
 transformers' `save_pretrained` and mergekit-moe write them) or fused (`experts.gate_up_proj`
 [E, 2I, H], `experts.down_proj` [E, H, I], as the transformers 5 modules hold them). Output: the
-per-expert layout of engine/moe/layouts.py.
+per-expert layout of moe/layouts.py.
 
 Router: row g of the new router is the usage-weighted mean of its members' rows, so a group of
 identical rows keeps its row (no paper gives a rule for a smaller router: MC-SMoE's and HC-SMoE's
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.engine.moe.layouts import LAYOUTS, Layout, PROJECTIONS
+from mergesmith.calibrate.moe_routing import routing_statistics
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import CalibrationError, PlanError
 from mergesmith.io import Checkpoint
@@ -31,6 +31,7 @@ from mergesmith.io.checkpoint import TensorInfo
 from mergesmith.io.views import Entry, View, computed, reindexed, stored
 from mergesmith.methods import moe_compress as mc
 from mergesmith.methods.permutation import match_units
+from mergesmith.moe.layouts import LAYOUTS, Layout, PROJECTIONS
 
 METHODS = ("mc_smoe", "hc_smoe", "sub_moe")
 ALIGNED_BY_DEFAULT = {"mc_smoe"}  # the paper aligns members to their dominant expert
@@ -163,7 +164,6 @@ def compression_program(moe, *, method: str, experts: int, data=None, statistics
         raise PlanError(f"--calibration-dtype {calibration_dtype!r}: not a floating dtype",
                         hint="float32, bfloat16 or float16")
     if statistics is None:
-        from mergesmith.calibrate.moe_routing import routing_statistics
 
         statistics = routing_statistics(source.ck.path, data, samples=samples, max_length=max_length,
                                         batch_size=batch_size, seed=seed, device=device, dtype=dtype,

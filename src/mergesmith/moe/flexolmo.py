@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mergesmith.calibrate.prompt_states import load_prompt_model, pooled_states, prompt_progress
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import PlanError
 from mergesmith.io.checkpoint import Checkpoint
@@ -239,7 +240,6 @@ def _embed_rows(members: list[Member], embedder: str | Path | None, public: Chec
                         "are texts given", hint="give domain texts for it")
     if not wanted:
         return
-    from mergesmith.calibrate.prompt_states import load_prompt_model, pooled_states, prompt_progress
 
     folder = resolve_model(str(embedder)) if embedder is not None else public.path
     model = load_prompt_model(folder, device=device)

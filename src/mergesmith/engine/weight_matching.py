@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import yaml
 
-from mergesmith.engine.plan import _check_config_matches_weights, _config_difference
+from mergesmith.engine.plan import check_config_matches_weights, config_difference
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import OutputError, PlanError
 from mergesmith.io.adapted import open_input
@@ -27,7 +27,6 @@ from mergesmith.methods.permutation import Axis, Matching, Spec, indices, weight
 
 FAMILIES = ("mlp", "heads", "residual")  # the default units
 OPTIONAL = ("head_dims",)  # dims within each value head (V rows, O columns), with heads
-METHODS = ("weight_matching", "pleas")
 SCHEMES = ("mean", "reference")
 SUPPORTED = "llama, mistral, qwen2, qwen3, gemma and gpt2"
 
@@ -150,7 +149,7 @@ def aligned_view(ck, spec: Spec, perms: dict[str, torch.Tensor], label: str | No
 
 
 def _check_same_model(ref, ck) -> None:
-    found = _config_difference(ref, ck, layers=True)
+    found = config_difference(ref, ck, layers=True)
     if found is not None:
         raise PlanError(f"cannot align {ck.label} to {ref.label}: different models ({found})",
                         hint="weight matching aligns models of one architecture and size")
@@ -208,30 +207,19 @@ def align_models(models: list, *, reference: int = 0, units=FAMILIES, max_sweeps
 
 def open_models(refs: list) -> list:
     cache: dict = {}
-    return [open_input(str(ref), cache, None, _check_config_matches_weights) for ref in refs]
+    return [open_input(str(ref), cache, None, check_config_matches_weights) for ref in refs]
 
 
-def align(models: list, out: str | Path, *, method: str = "weight_matching",
-          reference: str | int | None = None, units=FAMILIES, max_sweeps: int = 100, seed: int = 0,
-          scheme: str = "mean", shard_size: str | int = "5GB", device: str = "cpu",
-          overwrite: bool = False, resume: bool = False, progress: bool = False,
-          log: Callable[[str], None] | None = None, **options) -> list[Path]:
-    """Align `models` (folders or hub ids) onto the reference (default: the first) and write
-    each other model, permuted, to OUT/<its folder name>; returns the folders written.
-    method="pleas" is PLeaS (engine/pleas.py: its own options, e.g. budget, data), which
-    writes one merged model at OUT."""
-    if method == "pleas":
-        from mergesmith.engine.pleas import pleas_align  # lazily: calibration machinery
-
-        return [pleas_align(models, out, reference=reference, shard_size=shard_size, device=device,
-                            overwrite=overwrite, resume=resume, progress=progress, seed=seed,
-                            **options)]  # one merged model at OUT
-    if method != "weight_matching":
-        raise PlanError(f"unknown alignment method {method!r}", hint=f"use {' or '.join(METHODS)}")
-    if options:
-        raise PlanError(f"weight matching takes no option {next(iter(options))!r}")
+def align(models: list, out: str | Path, *, reference: str | int | None = None, units=FAMILIES,
+          max_sweeps: int = 100, seed: int = 0, scheme: str = "mean", shard_size: str | int = "5GB",
+          device: str = "cpu", overwrite: bool = False, resume: bool = False, progress: bool = False,
+          log: Callable[[str], None] | None = None) -> list[Path]:
+    """Align `models` (folders or hub ids) onto the reference (default: the first) by weight
+    matching and write each other model, permuted, to OUT/<its folder name>; returns the folders
+    written. (mergesmith.align.align also offers PLeaS, which needs data.)"""
+    method = "weight_matching"
     refs = [str(m) for m in models]
-    index = _reference_index(refs, reference)
+    index = reference_index(refs, reference)
     names = _folder_names(refs)
     for k, name in enumerate(names):  # before the matching, which may take long
         target = Path(out) / name
@@ -255,7 +243,7 @@ def align(models: list, out: str | Path, *, method: str = "weight_matching",
     return written
 
 
-def _reference_index(refs: list[str], reference: str | int | None) -> int:
+def reference_index(refs: list[str], reference: str | int | None) -> int:
     if reference is None:
         return 0
     if isinstance(reference, int) and 0 <= reference < len(refs):

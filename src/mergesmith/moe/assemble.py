@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 from mergesmith.engine import layers as L
-from mergesmith.engine.moe.layouts import PROJECTIONS, Layout, model_tensor_shapes, moe_config, pick_layout
-from mergesmith.engine.plan import _config_difference, _tensor_difference
+from mergesmith.engine.plan import config_difference, tensor_difference
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import PlanError
 from mergesmith.io.checkpoint import Checkpoint, TensorInfo
 from mergesmith.io.resolve import resolve_model
 from mergesmith.io.views import Entry, View, computed, stored
 from mergesmith.methods.moe_assemble import noise_and_scale
+from mergesmith.moe.gates import gate_rows
+from mergesmith.moe.layouts import PROJECTIONS, Layout, model_tensor_shapes, moe_config, pick_layout
 from mergesmith.recipe.moe import ExpertConfig, MoeConfig, upcycle_config
 
 RECORD = "mergekit_moe_config.yml"  # the config as given, under mergekit-moe's name for it
@@ -92,11 +93,11 @@ def _check_inputs(config: MoeConfig, layout: Layout, base: Checkpoint, models: l
                   allow_identical: bool) -> None:
     """Every expert of the base's architecture, sizes and tensors; distinct unless allowed."""
     for ck in models:
-        found = _config_difference(base, ck, layers=True)
+        found = config_difference(base, ck, layers=True)
         if found is not None:
             raise PlanError(f"expert {ck.label} does not match the base {base.label}: {found}",
                             hint="an MoE's experts are dense models of the base's architecture and size")
-        only = _tensor_difference(base, ck)
+        only = tensor_difference(base, ck)
         if only is not None:
             name, has, lacks = only
             raise PlanError(f"expert {ck.label} and the base {base.label} have different tensors: "
@@ -130,7 +131,6 @@ def _dtype(config: MoeConfig, base: Checkpoint) -> torch.dtype:
 
 
 def _router_rows(config: MoeConfig, base: Checkpoint, device: str, progress: bool) -> torch.Tensor:
-    from mergesmith.engine.moe.gates import gate_rows
 
     shared = config.shared_experts or []
     if shared and config.gate_mode not in ("random", "uniform_random") and not shared[0].positive_prompts:
