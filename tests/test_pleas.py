@@ -8,7 +8,7 @@ import transformers
 
 from mergesmith.engine.weight_matching import (FAMILIES, align_models, aligned_view, open_models,
                                      permutation_spec)
-from mergesmith.align import align, pleas_align
+from mergesmith.alignment import align, pleas_align
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import CalibrationError, OutputError, PlanError
 from mergesmith.io import Checkpoint
@@ -165,7 +165,7 @@ def test_merging_a_model_with_its_permuted_self_returns_it(pair, tmp_path, one_t
 
 def test_output_loads_with_its_new_width_and_bad_inputs_are_refused(pair, tmp_path, one_thread):
     a, b = pair
-    # through mergesmith.align's dispatch, as `mergesmith align --method pleas` calls it
+    # through mergesmith.align (alignment.py's dispatch), as `mergesmith align --method pleas` calls it
     [out] = align([a, b], tmp_path / "out", method="pleas", budget=1.5, samples=8, max_length=16)
     merged = _load(out)
     assert merged.config.intermediate_size == 96

@@ -4,7 +4,12 @@ __version__ = "0.1.0"
 
 from mergesmith.errors import MergesmithError  # noqa: E402
 
-__all__ = ["MergesmithError", "__version__", "merge", "plan", "search"]
+__all__ = ["MergesmithError", "__version__", "merge", "plan", "search", "build_moe", "compress_moe",
+           "align"]
+# name -> (module, attribute): the model-building commands' Python entry points
+_BUILDERS = {"build_moe": ("mergesmith.moe.assemble", "build_moe"),
+             "compress_moe": ("mergesmith.moe.compress", "compress_moe"),
+             "align": ("mergesmith.alignment", "align")}
 
 
 def __getattr__(name):
@@ -13,6 +18,11 @@ def __getattr__(name):
         from mergesmith import pipeline
 
         return getattr(pipeline, name)
+    if name in _BUILDERS:
+        import importlib
+
+        module, attribute = _BUILDERS[name]
+        return getattr(importlib.import_module(module), attribute)
     if name == "search":  # the package mergesmith.search, callable as the search driver
         import importlib
 

@@ -591,7 +591,7 @@ def align_command(
     """Permute models' units onto a reference model, so that they can be merged: each other
     model is written, computing the same function, to OUT/<its folder name>. With --method
     pleas: A and B merged by PLeaS into OUT."""
-    from mergesmith.align import align
+    from mergesmith.alignment import align
 
     if len(paths) < 3:
         raise MergesmithError(f"align: got {len(paths)} path(s)", hint="give two models or more, "

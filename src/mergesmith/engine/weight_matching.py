@@ -216,7 +216,7 @@ def align(models: list, out: str | Path, *, reference: str | int | None = None, 
           log: Callable[[str], None] | None = None) -> list[Path]:
     """Align `models` (folders or hub ids) onto the reference (default: the first) by weight
     matching and write each other model, permuted, to OUT/<its folder name>; returns the folders
-    written. (mergesmith.align.align also offers PLeaS, which needs data.)"""
+    written. (mergesmith.align also offers PLeaS, which needs data.)"""
     method = "weight_matching"
     refs = [str(m) for m in models]
     index = reference_index(refs, reference)

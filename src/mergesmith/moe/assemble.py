@@ -24,16 +24,19 @@ from mergesmith.io.views import Entry, View, computed, stored
 from mergesmith.methods.moe_assemble import noise_and_scale
 from mergesmith.moe.gates import gate_rows
 from mergesmith.moe.layouts import PROJECTIONS, Layout, model_tensor_shapes, moe_config, pick_layout
-from mergesmith.recipe.moe import ExpertConfig, MoeConfig, upcycle_config
+from mergesmith.recipe.moe import ExpertConfig, MoeConfig, load_moe_config, upcycle_config
 
 RECORD = "mergekit_moe_config.yml"  # the config as given, under mergekit-moe's name for it
 IGNORED = ("rotary_emb.inv_freq",)  # buffers older checkpoints saved; no model loads them
 
 
-def build_moe(config: MoeConfig, out: str | Path, *, device: str = "cpu", shard_size: str | int = "5GB",
-              resume: bool = False, overwrite: bool = False, progress: bool = False,
-              allow_identical_experts: bool = False) -> Path:
-    """Write the MoE that `config` describes at `out`; every error before any work."""
+def build_moe(config: MoeConfig | str | Path | dict, out: str | Path, *, device: str = "cpu",
+              shard_size: str | int = "5GB", resume: bool = False, overwrite: bool = False,
+              progress: bool = False, allow_identical_experts: bool = False) -> Path:
+    """Write the MoE that `config` (a MoeConfig, or mergekit-moe's YAML as a file, string or dict)
+    describes at `out`; every error before any work."""
+    if not isinstance(config, MoeConfig):
+        config = load_moe_config(config)
     program = moe_program(config, device=device, progress=progress,
                           allow_identical_experts=allow_identical_experts)
     return write_program(program, out, shard_size=shard_size, device=device, resume=resume,
