@@ -244,8 +244,11 @@ def gather_statistics(recipe: Recipe, method: MethodSpec, *, device: str = "cpu"
         return {}
     root = root_of(recipe)
     stores: dict[str, Path] = {}
+    if method.statistics_from == "base" and recipe.base_model is None:
+        raise RecipeError(f"{recipe.where('merge_method')}: {method.name} reads the base "
+                          "model's activations", hint="add base_model")
     for ref in _experts(recipe):
-        folder = resolve_model(ref)
+        folder = resolve_model(recipe.base_model if method.statistics_from == "base" else ref)
         if method.statistics == ("second_moment",):
             stores[ref] = second_moment_store(folder, _cache(recipe, root))
             continue

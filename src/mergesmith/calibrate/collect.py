@@ -4,6 +4,10 @@ Kinds (keys "<checkpoint tensor name>::<kind>", fp32):
 - gram:   for every linear weight (nn.Linear, transformers' Conv1D), G = (1/n) Σ_t x_t x_tᵀ over the
           n real (unpadded) tokens that reach it, [in, in];
 - act_sq: the diagonal of the same, (1/n) Σ_t x_t², [in];
+- act_abs: (1/n) Σ_t |x_t|, [in], for every linear layer and also every normalization layer
+          (LayerNorm, RMSNorm: their weight scales their input channels); AIM's channel
+          importance (Nobari et al. 2025, code: mean |x| per input channel of each module with a
+          weight, embeddings aside);
 - fisher: the diagonal empirical Fisher F = (1/N) Σ_e (∂ log p(y_e | x_e) / ∂θ)² over the N
           examples, shaped like θ; y_e is the example's label, or the model's own prediction
           where there is none; for a causal LM the true next tokens, log p summed over the text.
@@ -29,8 +33,9 @@ from mergesmith.errors import CalibrationError
 from mergesmith.io.checkpoint import Checkpoint
 from mergesmith.recipe import Calibration
 
-KINDS = ("gram", "fisher", "act_sq")
-FORWARD_KINDS = ("gram", "act_sq")
+KINDS = ("gram", "fisher", "act_sq", "act_abs")
+FORWARD_KINDS = ("gram", "act_sq", "act_abs")
+CHANNEL_KINDS = ("act_abs",)  # gathered for normalization layers too
 FP32 = 4
 
 
@@ -60,7 +65,7 @@ def collect_groups(model: CalibrationModel, examples: list[Example], *, kinds,
     with progress_bar(progress) as bar:
         if forward_kinds:
             batches = model.batches(examples)
-            found = linear_layers(model)
+            found = linear_layers(model, norms=bool(set(forward_kinds) & set(CHANNEL_KINDS)))
             if not found:
                 raise CalibrationError(f"{model.folder}: no linear layers to gather "
                                        f"{' and '.join(forward_kinds)} statistics from")
@@ -90,25 +95,32 @@ class Linear:
     module: torch.nn.Module
     weight: str            # checkpoint tensor name
     in_features: int
+    norm: bool = False     # a normalization layer: only the CHANNEL_KINDS
+
+    def kinds(self, kinds) -> list[str]:
+        return [k for k in kinds if not self.norm or k in CHANNEL_KINDS]
 
     def stats_bytes(self, kinds) -> int:
-        return sum(FP32 * (self.in_features ** 2 if kind == "gram" else self.in_features) for kind in kinds)
+        return sum(FP32 * (self.in_features ** 2 if kind == "gram" else self.in_features)
+                   for kind in self.kinds(kinds))
 
 
-def linear_layers(model: CalibrationModel) -> list[Linear]:
+def linear_layers(model: CalibrationModel, norms: bool = False) -> list[Linear]:
     """nn.Linear and transformers' Conv1D (GPT-2: weight [in, out]) layers whose weight is a
-    checkpoint tensor: a tied output head or a freshly initialised pooler gathers nothing."""
-    return module_linears(model.module, model.checkpoint_name)
+    checkpoint tensor: a tied output head or a freshly initialised pooler gathers nothing.
+    With `norms`, normalization layers too."""
+    return module_linears(model.module, model.checkpoint_name, norms)
 
 
-def module_linears(root: torch.nn.Module, checkpoint_name) -> list[Linear]:
+def module_linears(root: torch.nn.Module, checkpoint_name, norms: bool = False) -> list[Linear]:
     """`linear_layers` of a bare module, `checkpoint_name` mapping its parameter names."""
     found = []
     for name, module in root.named_modules():
         in_features = _in_features(module)
+        norm = in_features is None and norms and _is_norm(module)
         weight = checkpoint_name(f"{name}.weight" if name else "weight")
-        if in_features is not None and weight is not None:
-            found.append(Linear(name, module, weight, in_features))
+        if (in_features is not None or norm) and weight is not None:
+            found.append(Linear(name, module, weight, in_features or module.weight.shape[0], norm))
     return found
 
 
@@ -123,7 +135,8 @@ def reachable_statistics(folder: str | Path, cal: Calibration, kinds, *,
     keys = set()
     for kind in kinds:
         if kind in FORWARD_KINDS:
-            keys |= {f"{layer.weight}::{kind}" for layer in module_linears(module, names.get)}
+            keys |= {f"{layer.weight}::{kind}" for layer in
+                     module_linears(module, names.get, kind in CHANNEL_KINDS) if layer.kinds([kind])}
         elif kind == "fisher":
             keys |= {f"{ck}::fisher" for name, param in module.named_parameters(remove_duplicate=False)
                      if param.is_floating_point() and (ck := names.get(name)) is not None}
@@ -136,6 +149,14 @@ def _in_features(module: torch.nn.Module) -> int | None:
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
         return module.weight.shape[0]  # transformers' Conv1D computes x @ W with W [in, out]
     return None
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    """LayerNorm, RMSNorm and their kin (transformers names each family's own: LlamaRMSNorm,
+    T5LayerNorm, ...): one weight entry per input channel."""
+    weight = getattr(module, "weight", None)
+    return ("Norm" in type(module).__name__ and isinstance(weight, torch.nn.Parameter)
+            and weight.dim() == 1)
 
 
 def execution_order(model: CalibrationModel, batch: Batch, layers: list[Linear]) -> tuple[list[Linear], bool]:
@@ -180,7 +201,7 @@ class StopForward(Exception):
 
 @dataclass
 class _Inputs:
-    """Σ x xᵀ, Σ x² and the token count of one layer's inputs."""
+    """Σ x xᵀ, Σ x², Σ |x| and the token count of one layer's inputs."""
 
     kinds: list[str]
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -208,13 +229,15 @@ def real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def input_statistics(rows: torch.Tensor, kinds) -> dict[str, torch.Tensor]:
-    """Σ_t x_t x_tᵀ and Σ_t x_t² over the rows, in fp32."""
+    """Σ_t x_t x_tᵀ, Σ_t x_t² and Σ_t |x_t| over the rows, in fp32."""
     rows = rows.float()
     out = {}
     if "gram" in kinds:
         out["gram"] = rows.T @ rows
     if "act_sq" in kinds:
         out["act_sq"] = rows.square().sum(0)
+    if "act_abs" in kinds:
+        out["act_abs"] = rows.abs().sum(0)
     return out
 
 
@@ -233,7 +256,7 @@ class InputHooks:
 
     def __init__(self, layers: list[Linear], kinds, stop_after: Linear | None = None):
         self.layers, self.kinds, self.stop_after = layers, list(kinds), stop_after
-        self.sums = {layer.name: _Inputs(self.kinds) for layer in layers}
+        self.sums = {layer.name: _Inputs(layer.kinds(self.kinds)) for layer in layers}
         self.mask: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, int, dict, int] | None = None
         self._handles = []
@@ -250,10 +273,12 @@ class InputHooks:
     def _hook(self, layer: Linear):
         def hook(module, args):
             x = args[0]
+            kinds = layer.kinds(self.kinds)
             # the same tensor, not changed in place since: the sums are those just computed
-            if self._last is None or self._last[0] is not x or self._last[1] != x._version:
+            if (self._last is None or self._last[0] is not x or self._last[1] != x._version
+                    or not set(kinds) <= self._last[2].keys()):
                 rows = real_rows(x.detach(), self.mask)
-                self._last = (x, x._version, input_statistics(rows, self.kinds), rows.shape[0])
+                self._last = (x, x._version, input_statistics(rows, kinds), rows.shape[0])
             self.sums[layer.name].add(self._last[2], self._last[3])
             if layer is self.stop_after:
                 raise StopForward

@@ -394,7 +394,8 @@ def _with_statistics(job: TensorJob, method: MethodSpec, stores: dict[int, Check
             if key not in store.tensors:
                 return job
             shape = store.tensors[key].shape
-            if kind != "gram" and tuple(shape) != tuple(ck.tensors[name].shape):
+            # Gram matrices and per-input-channel vectors (act_abs) are not shaped like it
+            if kind not in ("gram", "act_abs") and tuple(shape) != tuple(ck.tensors[name].shape):
                 raise PlanError(f"{store.label}: {key!r} has shape {list(shape)}, the tensor "
                                 f"{list(ck.tensors[name].shape)}",
                                 hint="the statistics were gathered from another model; collect them again")

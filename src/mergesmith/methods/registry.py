@@ -271,6 +271,10 @@ class MethodSpec:
     # mask, shaped like the tensor). Each reaches `fn` as a keyword of the same name: a list
     # aligned with `experts`, or None for a tensor that has no such statistic.
     statistics: tuple[str, ...] = ()
+    # Whose forward passes give the statistics: "experts" (each on its own calibration data), or
+    # "base" (AIM weighs channels by θ0's activations: the base runs on each expert's data, and
+    # each expert's list entry is that store's statistic).
+    statistics_from: str = "experts"
     # Whether the method also runs without statistics, by a data-free rule of its own (stitch
     # localizes by magnitude); otherwise a merge without them is refused, never a silent fallback.
     optional_statistics: bool = False
