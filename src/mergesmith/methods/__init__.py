@@ -41,6 +41,7 @@ from mergesmith.methods import moe_router  # noqa: F401,E402  (router rows; Flex
 from mergesmith.methods import permutation  # noqa: F401,E402  (weight matching, by mergesmith align)
 from mergesmith.methods import pleas  # noqa: F401,E402  (PLeaS, by mergesmith align --method pleas)
 from mergesmith.methods import llm_merges  # noqa: F401,E402  (VaRM, AIM, OptMerge)
+from mergesmith.methods import mergelock  # noqa: F401,E402  (MergeLock, by mergesmith lock / unlock)
 
 __all__ = [
     "MethodSpec", "Operation", "Param", "TensorContext", "all_methods", "all_operations", "get_method",
