@@ -294,22 +294,7 @@ def check(
     out.print(table)
     for warning in the_plan.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    _check_locks(the_plan.models, loaded.base_model)
     out.print("[green]ok[/]: the recipe is valid and the models fit together")
-
-
-def _check_locks(models: dict, base: Optional[str]) -> None:
-    """A MergeLock-ed input makes the merge useless: name it, with the evidence, and fail."""
-    from mergesmith.engine.mergelock import lock_findings
-    from mergesmith.errors import PlanError
-
-    findings = lock_findings(models, base)
-    for line in findings:
-        err.print(f"[red]locked:[/] {line}", highlight=False)
-    if findings:
-        raise PlanError(f"{len(findings)} input model(s) look MergeLock-ed; the merge would not work",
-                        hint="undo it first: mergesmith unlock LOCKED --reference BASE_OR_SIBLING OUT, "
-                             "then merge OUT")
 
 
 def _check_adapters(recipe: Path) -> None:
@@ -831,41 +816,6 @@ def moe(
                          allow_identical_experts=allow_identical_experts, **options)
     if not quiet:
         err.print(f"wrote {path}", highlight=False)
-
-
-@app.command("lock")
-def lock_command(
-    model: str = typer.Argument(..., help="Model folder or hub id (Llama, Mistral, Qwen2, Gemma)."),
-    output: Path = typer.Argument(..., help="Folder for the locked model."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the transforms (default: fresh OS "
-                                       "randomness, recorded nowhere)."),
-    spread: float = typer.Option(2.0, help="Scales of the transforms lie in [1/spread, spread]."),
-    shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-) -> None:
-    """MergeLock MODEL: random per-head transforms of Q/K and V/O (RoPE- and GQA-aware) that keep
-    its outputs and make merges with related models fail."""
-    from mergesmith.engine.mergelock import lock
-
-    done = lock(model, output, seed=seed, spread=spread, shard_size=shard_size, overwrite=overwrite)
-    err.print(f"wrote {done}", highlight=False)
-
-
-@app.command("unlock")
-def unlock_command(
-    locked: str = typer.Argument(..., help="A MergeLock-ed model folder."),
-    output: Path = typer.Argument(..., help="Folder for the unlocked model."),
-    reference: str = typer.Option(..., help="Its base or a sibling fine-tune (the closer the better)."),
-    shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-) -> None:
-    """Undo a MergeLock: per head, the transform that best maps REFERENCE onto LOCKED is inverted;
-    the outputs stay those of LOCKED, the weights come back near REFERENCE, so it merges again."""
-    from mergesmith.engine.mergelock import unlock
-
-    done = unlock(locked, reference, output, shard_size=shard_size, overwrite=overwrite,
-                  log=lambda line: err.print(line, highlight=False))
-    err.print(f"wrote {done}", highlight=False)
 
 
 @app.command("extract-lora")

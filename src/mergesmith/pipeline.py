@@ -324,7 +324,9 @@ def learn(recipe: Recipe, method: MethodSpec, *, device: str = "cpu",
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
     partial.mkdir(parents=True)
-    stores = _mask_stores(partial, refs, learned.masks) if learned.masks is not None else {}
+    stores = (_mask_stores(partial, refs, learned.masks) if learned.masks is not None else
+              _mask_stores(partial, refs, learned.coefficients, "coefficient")
+              if learned.coefficients is not None else {})
     resolved = _resolved_recipe(recipe, refs, learned)
     note = json.dumps({"method": method.name, "parameters": params, "seconds": seconds,
                        "losses": learned.losses, "weights": learned.weights,
@@ -381,9 +383,13 @@ def _resolved_recipe(recipe: Recipe, refs: list[str], learned) -> Recipe:
             names = sorted(learned.weights, key=lambda n: (-len(n), n))
             weight = [{"filter": n, "value": float(learned.weights[n][i])} for n in names]
             weight.append({"value": 0.0})  # tensors the method did not learn keep the base
-        models.append({"model": ref, "parameters": {"weight": weight}})
+        models.append({"model": ref, "parameters": {"weight": weight}} if learned.method is None
+                      else {"model": ref})
     data["models"] = models
-    if learned.masks is not None:
+    if learned.method is not None:  # a merge of its own applies what was learned (dam_fold)
+        data["merge_method"] = learned.method
+        data.pop("parameters", None)
+    elif learned.masks is not None:
         data["merge_method"] = "stitch"
         data["parameters"] = {"overlap": "sum" if learned.weights is not None else "average"}
     else:
@@ -392,14 +398,16 @@ def _resolved_recipe(recipe: Recipe, refs: list[str], learned) -> Recipe:
     return Recipe(**data)
 
 
-def _mask_stores(folder: Path, refs: list[str], masks: dict[str, list[torch.Tensor]]
-                 ) -> dict[str, Path]:
-    """Each expert's learned masks as a statistics store ("<tensor>::mask") inside `folder`."""
+def _mask_stores(folder: Path, refs: list[str], masks: dict[str, list[torch.Tensor]],
+                 kind: str = "mask") -> dict[str, Path]:
+    """Each expert's learned masks (or float coefficients) as a statistics store
+    ("<tensor>::<kind>") inside `folder`."""
     from mergesmith.calibrate.store import write_store
 
     stores = {}
     for i, ref in enumerate(refs):
         stores[ref] = folder / f"expert-{i}"
-        write_store(stores[ref], {f"{n}::mask": m[i].to(torch.uint8).contiguous()
-                                  for n, m in masks.items()}, {"model": ref, "kinds": ["mask"]})
+        write_store(stores[ref], {f"{n}::{kind}": (m[i].to(torch.uint8) if kind == "mask" else
+                                                   m[i].float()).contiguous()
+                                  for n, m in masks.items()}, {"model": ref, "kinds": [kind]})
     return stores

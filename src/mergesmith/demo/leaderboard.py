@@ -80,6 +80,7 @@ GRIDS: dict[str, dict[str, list]] = {
 NOT_A_MERGE_OF_EXPERTS = {
     "passthrough": "copies layers from one model (frankenmerges)",
     "layer_swap": "needs a per-layer choice of model",
+    "dam_fold": "applies the coefficients that dam learns (dam is on the board)",
 }
 # Adapter methods that do not apply to the demo's LoRA experts.
 NOT_A_MERGE_OF_ADAPTERS = {

@@ -63,11 +63,17 @@ class Learned:
     weights: dict[str, list[float]] | None = None  # tensor -> λi per expert: θ = θ0 + Σ λi τi
     masks: dict[str, list[Tensor]] | None = None  # tensor -> bool mask per expert
     losses: list[float] = field(default_factory=list)  # objective per step
+    # tensor -> float tensor per expert, its shape, stored as the "coefficient" statistic for
+    # `method`, the per-tensor merge that applies them (DAM's dam_fold)
+    coefficients: dict[str, list[Tensor]] | None = None
+    method: str | None = None
 
     def for_tensor(self, name: str) -> dict[str, Any]:
         """The keywords of the method's per-tensor merge for this tensor: task arithmetic's
         weights; with masks, stitch's, which sums the masked τi (learned weights) or averages
         them where masks overlap (masks alone, weights 1): as calibrate/'s resolved recipe."""
+        if self.coefficients is not None:
+            return {"coefficient": self.coefficients.get(name)}
         if self.masks is None:
             return {"weights": self.weights[name]}
         count = len(self.masks[name])
