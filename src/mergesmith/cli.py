@@ -129,6 +129,9 @@ def merge(
     ray_address: Optional[str] = typer.Option(
         None, "--ray-address", help="Join this Ray cluster (implies --ray); the models and "
         "OUTPUT must be on a filesystem every node shares."),
+    onto: Optional[Path] = typer.Option(
+        None, "--onto", metavar="MERGED", help="Continual merging: add RECIPE's models, one at a "
+        "time, to the continual merge in MERGED (merge_method: opcm or continual_*)."),
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (collecting data statistics first if the method needs them)."""
     import time
@@ -180,6 +183,15 @@ def merge(
 
     if adapter_method(recipe):  # LoRA adapters into one adapter folder (engine/adapters.py)
         return _merge_adapters(recipe, output, seed, device, resume, overwrite, quiet, verbose)
+    from mergesmith.engine.continual import continual_merge, is_continual
+
+    if onto is not None or is_continual(recipe):  # one model at a time (engine/continual.py)
+        path = continual_merge(recipe, output, onto=onto, shard_size=shard, device=device,
+                               resume=resume, overwrite=overwrite, progress=not quiet,
+                               allow_crimes=allow_crimes)
+        if not quiet or verbose:
+            err.print(f"wrote {path} (state in {path}/continual/state.json)", highlight=False)
+        return
     the_plan = plan(recipe, seed=seed, shard_size=shard, compat=compat,
                     allow_crimes=allow_crimes)  # every error before any work
     for warning in the_plan.warnings:

@@ -80,6 +80,10 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, device: str = 
 
     if is_multi_stage(recipe):
         return run_stages(recipe, out, device=device, progress=progress, **options)
+    from mergesmith.engine.continual import continual_merge, is_continual
+
+    if options.get("onto") is not None or is_continual(recipe):  # models added one at a time
+        return continual_merge(recipe, out, device=device, progress=progress, **options)
     prepared = prepare(recipe, device=device, progress=progress,
                        allow_crimes=options.get("allow_crimes", False))
     finish = None
@@ -114,6 +118,10 @@ def plan(recipe: Recipe | str | Path | dict, **options: Any):
     """The engine's plan. For a data-aware method it checks the calibration settings and plans
     the same tensors and shards as an average, reading no data."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    from mergesmith.engine.continual import continual_chain, is_continual
+
+    if is_continual(recipe):  # checked as the task arithmetic of its models (and --onto's merge)
+        return continual_chain(recipe, shard_size=options.get("shard_size", "5GB")).checked
     method = _method(recipe)
     if not method.needs_data:
         return engine.plan(recipe, **options)

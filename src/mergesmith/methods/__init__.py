@@ -40,6 +40,7 @@ from mergesmith.methods import moe_assemble  # noqa: F401,E402  (dense experts i
 from mergesmith.methods import moe_router  # noqa: F401,E402  (router rows; FlexOlmo, by mergesmith flexolmo)
 from mergesmith.methods import permutation  # noqa: F401,E402  (weight matching, by mergesmith align)
 from mergesmith.methods import pleas  # noqa: F401,E402  (PLeaS, by mergesmith align --method pleas)
+from mergesmith.methods import continual  # noqa: F401,E402  (OPCM and sequential rules, by merge [--onto])
 from mergesmith.methods import dam, somf  # noqa: F401,E402  (learned safety merges)
 from mergesmith.methods import llm_merges  # noqa: F401,E402  (VaRM, AIM, OptMerge)
 

@@ -257,6 +257,14 @@ class AlignSection(_Strict):
     seed: StrictInt = 0
 
 
+class ContinualSection(_Strict):
+    """`continual:` for a continual rule (merge_method: opcm, continual_*; engine/continual.py):
+    `onto`, an earlier continual merge's folder to add this recipe's models to (as
+    `mergesmith merge --onto`); without it, the models are merged one at a time from the base."""
+
+    onto: Optional[StrictStr] = None
+
+
 class Recipe(_Strict):
     """A whole merge recipe."""
 
@@ -279,6 +287,7 @@ class Recipe(_Strict):
     # rescale, selections) for the methods both have; none (unset): the papers' definitions
     compat: Optional[Literal["none", "mergekit"]] = None
     align: Optional[AlignSection] = None
+    continual: Optional[ContinualSection] = None
 
     _source: str = PrivateAttr(default=NO_FILE)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)

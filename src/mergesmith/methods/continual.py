@@ -1,0 +1,145 @@
+"""Continual merging: models arrive one at a time and are folded into the merge so far, with
+memory for one merged model plus a few scalars (engine/continual.py streams the chains and keeps
+their state beside the merge, engine/side_outputs/continual.py).
+
+Rules, each as FusionBench (FB, tanganke/fusion_bench, fusion_bench/method/opcm/) defines it;
+θ0 the base, τ_t = θ_t − θ0 the t-th model's task vector, τ̄_t = θ̄_t − θ0 the merge after t:
+
+- **opcm** (Tang et al., arXiv 2501.09522; FB opcm.py): S_1 = τ_1; S_t = S_{t−1} + τ_t^⊥, with
+  τ_t^⊥ τ_t projected away from the singular directions of the merge so far (`opcm_project`,
+  linear-layer weights only; other tensors τ_t^⊥ = τ_t); θ̄_t = θ0 + S_t/λ_t with
+  λ_t = ‖S_t‖/n̄_t, the norm over the whole model and n̄_t the mean of ‖τ_1‖..‖τ_t‖ (each over the
+  whole model), so that ‖θ̄_t − θ0‖ = n̄_t. FB writes the step as S_t = λ_{t−1}τ̄_{t−1} + τ_t^⊥;
+  since λ_{t−1}τ̄_{t−1} = S_{t−1} and the projection does not change when its reference is
+  rescaled, the running sum S is what each tensor carries, and only the last division needs
+  the whole model (a first pass of norms, then the written pass).
+- **continual_task_arithmetic** (FB task_arithmetic.py): θ̄_t = θ̄_{t−1} + λτ_t, θ̄_0 = θ0;
+  closed form θ̄_t = θ0 + λ·Σ τ_i (task arithmetic), in any order.
+- **continual_average** (FB weight_average.py): θ̄_t = ((t−1)·θ̄_{t−1} + θ_t)/t; closed form the
+  mean of θ_1..θ_t.
+- **continual_ties** (FB ties_merging.py): τ̄_1 = λτ_1; τ̄_t = τ̄_{t−1} + λ·TIES(τ̄_{t−1}, τ_t), the
+  TIES of the two (trim each to its top-d by magnitude, elect s = sign of the sum of the trimmed
+  two, an entry with no majority taking the majority sign of the tensor's elected signs, sum the
+  agreeing entries: FB's merge_func "sum"). FB trims over the whole flattened model; here
+  per tensor, keeping ⌊d·n⌋ (FB's kthvalue keeps ⌊d·n⌋ + 1), as every mergesmith trim.
+- **continual_magmax** (MagMax, Marczak et al. 2024): per entry the task vector of largest
+  magnitude seen so far, M_t = maxmag(M_{t−1}, τ_t) with M_{t−1} = τ̄_{t−1}/λ; θ̄_t = θ0 + λ·M_t;
+  closed form: the all-at-once `magmax` of τ_1..τ_t (the first on a tie).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergesmith.methods.blocks import disjoint_mean, keep_topk
+from mergesmith.methods.consensus import MAGMAX_PAPER, largest_magnitude
+from mergesmith.methods.registry import register_operation
+
+OPCM_PAPER = ("Tang et al. 2025, Merging Models on the Fly Without Retraining: A Sequential "
+              "Approach to Scalable Continual Model Merging, arXiv 2501.09522")
+FB_CONTINUAL = "FusionBench's continual baselines (tanganke/fusion_bench, method/opcm/)"
+
+# rule -> (its parameters with their defaults (FB's configs), summary, paper)
+RULES = {
+    "opcm": ({"alpha": 0.5}, "project each new task vector away from the merge's singular "
+             "directions, keep the merge's norm at the mean task-vector norm", OPCM_PAPER),
+    "continual_task_arithmetic": ({"lambda": 0.3}, "add λ·τ_t to the merge so far", FB_CONTINUAL),
+    "continual_average": ({}, "running mean of the models", FB_CONTINUAL),
+    "continual_ties": ({"lambda": 0.5, "density": 0.2}, "add λ·TIES(merge so far, τ_t)",
+                       FB_CONTINUAL),
+    "continual_magmax": ({"lambda": 1.0}, "per entry, the largest-magnitude task vector so far",
+                         MAGMAX_PAPER),
+}
+
+for _name, (_params, _summary, _paper) in RULES.items():
+    register_operation(
+        _name, command=f"mergesmith merge [--onto MERGED] RECIPE OUT (merge_method: {_name})",
+        summary=f"continual: {_summary}", paper=_paper, needs="θ0 and models one at a time")
+
+
+def split_rank(sigma: torch.Tensor, alpha: float) -> int:
+    """r_α: the first index i with (σ_0 + … + σ_i)/Σσ > α (singular values, not their squares);
+    0 when none is (FB's argmax of an all-false mask), or when Σσ = 0."""
+    total = float(sigma.sum())
+    if total <= 0:
+        return 0
+    above = (sigma.cumsum(0) / total) > alpha
+    return int(above.nonzero()[0, 0]) if bool(above.any()) else 0
+
+
+def opcm_project(reference: torch.Tensor, tau: torch.Tensor, alpha: float
+                 ) -> tuple[torch.Tensor, dict]:
+    """τ^⊥ of OPCM (FB merge_linear_weights): with reference = U S Vᵀ and P = Uᵀ τ V, zero P's
+    diagonal and its top-left r_α × r_α block, τ^⊥ = U P Vᵀ. Every zeroed entry lies in the k × k
+    block of the reference's rank k, so τ^⊥ = τ − U_k (M ⊙ U_kᵀ τ V_k) V_kᵀ on the thin SVD. FB
+    also zeroes the diagonal beyond the rank, where the full SVD's null-space vectors are any
+    orthonormal completion (LAPACK's choice, not the models'): left out here; on a reference of
+    full rank (a dense fine-tune's) the two agree. In float64; returns τ^⊥ in τ's dtype and
+    {"rank": k, "split_rank": r_α}."""
+    ref, x = reference.double(), tau.double()
+    u, s, vh = torch.linalg.svd(ref, full_matrices=False)
+    floor = float(s[0]) * max(ref.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    k = int((s > floor).sum())
+    r = min(split_rank(s, alpha), k)
+    u, v = u[:, :k], vh[:k].T
+    p = u.T @ x @ v
+    mask = torch.eye(k, dtype=torch.bool)
+    mask[:r, :r] = True
+    removed = u @ (p * mask) @ v.T
+    return (x - removed).to(tau.dtype), {"rank": k, "split_rank": r}
+
+
+def opcm_add(running: torch.Tensor | None, tau: torch.Tensor, alpha: float, project: bool
+             ) -> torch.Tensor:
+    """S_t = S_{t−1} + τ_t^⊥ (S_1 = τ_1); only linear-layer weights (`project`) are projected."""
+    if running is None:
+        return tau.clone()
+    if project and tau.ndim == 2:
+        tau, _ = opcm_project(running, tau, alpha)
+    return running + tau
+
+
+def opcm_scale(total_squares: float, norms: list[float] | tuple[float, float]) -> float:
+    """1/λ_t = n̄_t/‖S_t‖ from Σ‖S_t‖² over the model's tensors and the task-vector norms (a
+    list, or (Σ n_i, t))."""
+    mean = norms[0] / norms[1] if isinstance(norms, tuple) else sum(norms) / len(norms)
+    norm = math.sqrt(total_squares)
+    return mean / norm if norm > 0 else 1.0
+
+
+def ta_add(merged_tau: torch.Tensor, tau: torch.Tensor, lambda_: float) -> torch.Tensor:
+    """τ̄_t = τ̄_{t−1} + λτ_t."""
+    return merged_tau + lambda_ * tau
+
+
+def average_add(merged: torch.Tensor, model: torch.Tensor, count: int) -> torch.Tensor:
+    """θ̄_t = ((t−1)·θ̄_{t−1} + θ_t)/t for the t-th model (`count` = t)."""
+    return (merged * (count - 1) + model) / count
+
+
+def ties_pair(merged_tau: torch.Tensor, tau: torch.Tensor, density: float) -> torch.Tensor:
+    """FB's ties_merging of the two task vectors with merge_func "sum": trim, elect (an even
+    vote takes the majority sign of the tensor's elected signs), sum the agreeing entries."""
+    trimmed = [keep_topk(merged_tau, density), keep_topk(tau, density)]
+    sign = (trimmed[0] + trimmed[1]).sign_()
+    majority = torch.sign(sign.sum())
+    sign = torch.where(sign == 0, majority, sign)
+    return disjoint_mean(trimmed, sign, normalize=False)
+
+
+def ties_add(merged_tau: torch.Tensor | None, tau: torch.Tensor, lambda_: float, density: float
+             ) -> torch.Tensor:
+    """τ̄_t = τ̄_{t−1} + λ·TIES(τ̄_{t−1}, τ_t); τ̄_1 = λτ_1."""
+    if merged_tau is None:
+        return lambda_ * tau
+    return merged_tau + lambda_ * ties_pair(merged_tau, tau, density)
+
+
+def magmax_add(merged_tau: torch.Tensor | None, tau: torch.Tensor, lambda_: float,
+               previous_lambda: float) -> torch.Tensor:
+    """θ̄_t − θ0 = λ·maxmag(τ̄_{t−1}/λ_{t−1}, τ_t); λ·τ_1 for the first."""
+    if merged_tau is None:
+        return lambda_ * tau
+    return lambda_ * largest_magnitude([merged_tau / previous_lambda, tau])
