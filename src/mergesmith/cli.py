@@ -306,7 +306,22 @@ def check(
     out.print(table)
     for warning in the_plan.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    _check_locks(the_plan.models, loaded.base_model)
     out.print("[green]ok[/]: the recipe is valid and the models fit together")
+
+
+def _check_locks(models: dict, base: Optional[str]) -> None:
+    """A MergeLock-ed input makes the merge useless: name it, with the evidence, and fail."""
+    from mergesmith.engine.mergelock import lock_findings
+    from mergesmith.errors import PlanError
+
+    findings = lock_findings(models, base)
+    for line in findings:
+        err.print(f"[red]locked:[/] {line}", highlight=False)
+    if findings:
+        raise PlanError(f"{len(findings)} input model(s) look MergeLock-ed; the merge would not work",
+                        hint="undo it first: mergesmith unlock LOCKED --reference BASE_OR_SIBLING OUT, "
+                             "then merge OUT")
 
 
 def _check_adapters(recipe: Path) -> None:
@@ -830,6 +845,68 @@ def moe(
         err.print(f"wrote {path}", highlight=False)
 
 
+@app.command("lock")
+def lock_command(
+    model: str = typer.Argument(..., help="Model folder or hub id (Llama, Mistral, Qwen2, Gemma)."),
+    output: Path = typer.Argument(..., help="Folder for the locked model."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the transforms (default: fresh OS "
+                                       "randomness, recorded nowhere)."),
+    spread: float = typer.Option(2.0, help="Scales of the transforms lie in [1/spread, spread]."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """MergeLock MODEL: random per-head transforms of Q/K and V/O (RoPE- and GQA-aware) that keep
+    its outputs and make merges with related models fail."""
+    from mergesmith.engine.mergelock import lock
+
+    done = lock(model, output, seed=seed, spread=spread, shard_size=shard_size, overwrite=overwrite)
+    err.print(f"wrote {done}", highlight=False)
+
+
+@app.command("unlock")
+def unlock_command(
+    locked: str = typer.Argument(..., help="A MergeLock-ed model folder."),
+    output: Path = typer.Argument(..., help="Folder for the unlocked model."),
+    reference: str = typer.Option(..., help="Its base or a sibling fine-tune (the closer the better)."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, as for merge."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Undo a MergeLock: per head, the transform that best maps REFERENCE onto LOCKED is inverted;
+    the outputs stay those of LOCKED, the weights come back near REFERENCE, so it merges again."""
+    from mergesmith.engine.mergelock import unlock
+
+    done = unlock(locked, reference, output, shard_size=shard_size, overwrite=overwrite,
+                  log=lambda line: err.print(line, highlight=False))
+    err.print(f"wrote {done}", highlight=False)
+
+
+@app.command("analyze")
+def analyze_command(
+    recipe: Path = typer.Argument(..., help="Recipe YAML whose models to analyse (nothing is merged)."),
+    output: Path = typer.Argument(..., help="Folder for summary.json, tensors.jsonl, plots, report.md."),
+    merged: Optional[Path] = typer.Option(None, help="A merge of the recipe: measure it against "
+                                          "the task vectors too."),
+    density: Optional[float] = typer.Option(None, help="Density of the top-k masks and of the "
+                                            "drops (default: the recipe's, else 0.2)."),
+    rank: int = typer.Option(32, "--rank", min=1, help="Singular values kept of larger matrices "
+                             "(a randomized SVD); smaller ones get their whole spectrum."),
+    seed: Optional[int] = typer.Option(None, help="Seed of DARE's and DELLA's draws (default: "
+                                       "the recipe's, else 0)."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes",
+                                      help="As for merge."),
+    overwrite: bool = typer.Option(False, help="Write into OUTPUT even if it is not empty."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Task-vector statistics of a recipe's models: norms, cosines, sign conflicts, top-k
+    overlap, spectra, what each sparsifying method would drop; per tensor, layer and model."""
+    from mergesmith.analyze import analyze
+
+    path = analyze(recipe, output, merged=merged, density=density, max_rank=rank, seed=seed,
+                   allow_crimes=allow_crimes, overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        err.print(f"report: {path / 'report.md'}  figures: {path / 'summary.json'}", highlight=False)
+
+
 @app.command("extract-lora")
 def extract_lora(
     base: str = typer.Argument(..., help="The base model."),
@@ -867,6 +944,37 @@ def extract_lora(
     for note in result.notes:
         err.print(f"note: {note}", highlight=False, markup=False)
     err.print(ex.summary(result), highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command("pack")
+def pack_command(
+    base: str = typer.Argument(..., help="The base model."),
+    expert: str = typer.Argument(..., help="A fine-tune of BASE."),
+    output: Path = typer.Argument(..., help="Pack folder to write (use it as `model:` in a recipe)."),
+    attention: str = typer.Option("int8:20,int4:180,int2:800", help="Rank tiers of attention "
+                                  "matrices: PRECISION:COUNT,... (fp32/fp16/bf16/int8/int4/int3/int2; "
+                                  "COUNT * = the rest); triplets past the tiers are dropped."),
+    mlp: str = typer.Option("int8:20,int4:180,int2:1200", help="Rank tiers of MLP matrices."),
+    rest: str = typer.Option("full", help="Other tensors: full (GraftLLM), or sparse (ours: the "
+                             "largest |Δ| entries, --density of them)."),
+    density: float = typer.Option(0.1, help="Share of entries `--rest sparse` keeps."),
+    group_size: int = typer.Option(128, help="Entries per quantisation scale along a factor's rows."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+) -> None:
+    """A GraftLLM-style delta pack: θ_ft − θ0 per attention/MLP matrix as an SVD in precision
+    tiers (round-to-nearest quantised), the rest whole; one tensor in memory at a time."""
+    from mergesmith.engine.pack import PackOptions, pack
+    from mergesmith.methods.graft import parse_tiers
+
+    options = PackOptions(parse_tiers(attention, "--attention"), parse_tiers(mlp, "--mlp"), rest,
+                          density, group_size)
+    result = pack(base, expert, output, options, overwrite=overwrite)
+    kinds = ", ".join(f"{n} {k}" for k, n in result.kinds.items() if n)
+    share = result.pack_bytes / result.expert_bytes if result.expert_bytes else 0.0
+    err.print(f"wrote {result.path}: {kinds} tensors; {_bytes(result.pack_bytes)} against "
+              f"{_bytes(result.expert_bytes)} for the expert's weights ({share:.1%}); largest "
+              f"relative error of a low-rank Δ: {result.error:.3g}", highlight=False, markup=False,
+              soft_wrap=True)
 
 
 @app.command()

@@ -186,7 +186,7 @@ def fingerprint(the_plan: Plan, chunk_bytes: int, device: torch.device) -> str:
 class ProgressBar:
     """Tensors, bytes and time left, on stderr."""
 
-    def __init__(self, the_plan: Plan):
+    def __init__(self, the_plan: Plan, title: str | None = None):
         from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                    TimeRemainingColumn)
@@ -199,8 +199,8 @@ class ProgressBar:
             TextColumn("ETA"), TimeRemainingColumn(),
             console=Console(stderr=True), transient=False,
         )
-        what = (the_plan.program.title if the_plan.program is not None
-                else f"merging ({the_plan.method.name})")
+        what = title or (the_plan.program.title if the_plan.program is not None
+                         else f"merging ({the_plan.method.name})")
         self.task = self.progress.add_task(what,
                                            total=the_plan.total_bytes, name="",
                                            count=f"0/{self.total_tensors}")

@@ -1,0 +1,214 @@
+"""The analysis as pictures and a Markdown page: OUT/*.png and OUT/report.md from summary.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergesmith.evaluate.plots import _pyplot, _save
+
+
+def write_report(summary: dict, out: Path) -> Path:
+    """Draw the plots and write report.md beside them; return the report's path."""
+    names = short_names(summary["experts"])
+    plots = [plot_layers(summary, names, out / "layers.png"),
+             plot_similarity(summary, names, out / "similarity.png"),
+             plot_drops(summary, names, out / "drops.png")]
+    if summary["spectra"]:
+        plots.append(plot_spectra(summary, names, out / "spectra.png"))
+    if summary["merged"]:
+        plots.append(plot_merged(summary, names, out / "merged.png"))
+    path = out / "report.md"
+    path.write_text(markdown(summary, names, [p.name for p in plots]))
+    return path
+
+
+def short_names(labels: list[str]) -> list[str]:
+    """Each model's folder name (its label when two share one)."""
+    short = [Path(label).name or label for label in labels]
+    return short if len(set(short)) == len(short) else labels
+
+
+def _layers(summary: dict) -> tuple[list[str], list[dict]]:
+    keys = list(summary["layers"])
+    return keys, [summary["layers"][k] for k in keys]
+
+
+def _pairs(n: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def plot_layers(summary: dict, names: list[str], path: Path) -> Path:
+    """Per layer: ‖τi‖, pairwise cosines, sign conflicts and mask overlap, effective rank."""
+    plt = _pyplot()
+    keys, layers = _layers(summary)
+    x = range(len(keys))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
+    (norm_ax, cos_ax), (conflict_ax, rank_ax) = axes
+    for i, name in enumerate(names):
+        norm_ax.plot(x, [f["norms"][i] for f in layers], marker=".", label=name)
+        if layers[0].get("mean_effective_rank"):
+            rank_ax.plot(x, [f.get("mean_effective_rank", [None] * len(names))[i] for f in layers],
+                         marker=".", label=name)
+    if summary["merged"]:
+        norm_ax.plot(x, [f["merged"]["norm"] for f in layers], "k--", label="merged δ")
+    for i, j in _pairs(len(names)):
+        label = f"{names[i]}·{names[j]}"
+        cos_ax.plot(x, [f["cosine"][i][j] for f in layers], marker=".", label=label)
+        conflict_ax.plot(x, [f["jaccard"][i][j] for f in layers], marker=".",
+                         label=f"top-k overlap {label}")
+    conflict_ax.plot(x, [f["sign_conflict_rate"] for f in layers], "k-", marker=".",
+                     label="sign conflicts (any pair)")
+    titles = ("task-vector norm ‖τi‖", "cosine similarity", "sign conflicts / Jaccard of top-k masks",
+              "mean effective rank (2-D tensors)")
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xticks(list(x), keys, rotation=90, fontsize=7)
+        ax.set_xlabel("layer")
+    return _save(fig, plt, path)
+
+
+def plot_similarity(summary: dict, names: list[str], path: Path) -> Path:
+    """The whole model's cosine and top-k overlap matrices."""
+    plt = _pyplot()
+    model = summary["model"]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 2 + 0.8 * len(names)))
+    for ax, key, title in zip(axes, ("cosine", "jaccard"), ("cosine of τi, τj", "Jaccard of top-k masks")):
+        matrix = [[v if v is not None else float("nan") for v in row] for row in model[key]]
+        image = ax.imshow(matrix, vmin=-1 if key == "cosine" else 0, vmax=1, cmap="coolwarm")
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=45)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return _save(fig, plt, path)
+
+
+def plot_drops(summary: dict, names: list[str], path: Path) -> Path:
+    """Per method, the share of each τi's entries and of its energy ‖τi‖² it would drop."""
+    plt = _pyplot()
+    dropped = summary["model"]["dropped"]
+    methods = list(dropped)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    width = 0.8 / len(names)
+    for ax, what in zip(axes, ("entries", "energy")):
+        for i, name in enumerate(names):
+            values = [dropped[m][what][i] or 0 for m in methods]
+            ax.bar([k + i * width for k in range(len(methods))], values, width, label=name)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(methods))], methods)
+        ax.set_title(f"share of {'entries' if what == 'entries' else 'energy ‖τ‖²'} dropped")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
+def plot_spectra(summary: dict, names: list[str], path: Path) -> Path:
+    """Singular values σk/σ1 of the middle layer's matrices, one panel each."""
+    plt = _pyplot()
+    spectra = summary["spectra"]
+    cols = min(4, len(spectra))
+    rows = -(-len(spectra) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 3 * rows), squeeze=False)
+    labels = names + (["merged δ"] if summary["merged"] else [])
+    for ax, (tensor, sigmas) in zip(axes.flat, spectra.items()):
+        for label, sigma in zip(labels, sigmas):
+            if sigma and sigma[0] > 0:
+                ax.semilogy(range(1, len(sigma) + 1), [s / sigma[0] for s in sigma], label=label)
+        ax.set_title(tensor.split(".", 2)[-1] if tensor.count(".") > 2 else tensor, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(spectra):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("singular values σk / σ1 (middle layer)")
+    return _save(fig, plt, path)
+
+
+def plot_merged(summary: dict, names: list[str], path: Path) -> Path:
+    """Per layer: cos(δ, τi), δ's coefficients on the τi, and the share of δ outside their span."""
+    plt = _pyplot()
+    keys, layers = _layers(summary)
+    x = range(len(keys))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
+    for i, name in enumerate(names):
+        axes[0].plot(x, [f["merged"]["cosine"][i] for f in layers], marker=".", label=name)
+        axes[1].plot(x, [f["merged"]["coefficients"][i] for f in layers], marker=".", label=name)
+    axes[2].plot(x, [f["merged"]["residual"] for f in layers], "k-", marker=".")
+    for ax, title in zip(axes, ("cos(δ, τi)", "δ ≈ Σ ci τi: coefficients ci",
+                                "share of ‖δ‖² outside span(τi)")):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.set_xticks(list(x), keys, rotation=90, fontsize=7)
+    axes[0].legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
+def _f(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(summary: dict, names: list[str], plots: list[str]) -> str:
+    model = summary["model"]
+    n = len(names)
+    parts = [
+        "# Merge analysis",
+        f"Recipe `{summary['recipe']}` ({summary['merge_method']}; densities and weights "
+        f"as {summary['parameters_of']}'s: {summary['densities']}), base `{summary['base']}`, "
+        f"{summary['tensors']} tensors ({summary['elements']:,} entries), "
+        f"{summary['seconds']:.1f} s. Spectra: all singular values up to "
+        f"{summary['max_rank']} + 10, else the top {summary['max_rank']} (randomized SVD).",
+        "## Task vectors",
+        _table(["model", "‖τ‖", "mean effective rank", "mean stable rank"],
+               [[names[i], _f(model["norms"][i]),
+                 _f((model.get("mean_effective_rank") or [None] * n)[i]),
+                 _f((model.get("mean_stable_rank") or [None] * n)[i])] for i in range(n)]),
+        f"Sign conflicts (entries where some τi > 0 and some τj < 0): "
+        f"**{model['sign_conflict_rate']:.2%}** of the entries.",
+        "### Cosine similarity / Jaccard of the top-k masks / pairwise sign conflicts",
+        _table(["pair", "cosine", "Jaccard", "sign conflicts"],
+               [[f"{names[i]} · {names[j]}", _f(model["cosine"][i][j]), _f(model["jaccard"][i][j]),
+                 f"{model['pair_conflict_rate'][i][j]:.2%}"] for i, j in _pairs(n)]),
+        "## What sparsification would drop",
+        "Share of each τi's entries / of its energy ‖τi‖² dropped (ties_elect: after TIES' trim "
+        "and sign election; dare and della: the draws a merge with this seed makes, before "
+        "rescaling).",
+        _table(["method", *names],
+               [[m, *[f"{_f(d['entries'][i])} / {_f(d['energy'][i])}" for i in range(n)]]
+                for m, d in model["dropped"].items()]),
+    ]
+    if summary["merged"]:
+        merged = model["merged"]
+        parts += [
+            f"## Against the merge `{summary['merged']}`",
+            f"‖δ‖ = {_f(merged['norm'])}; share of ‖δ‖² outside the span of the task vectors: "
+            f"{_f(merged['residual'])}.",
+            _table(["model", "cos(δ, τi)", "coefficient ci", "share of ‖δ‖²",
+                    "τi entries δ goes against"],
+                   [[names[i], _f(merged["cosine"][i]), _f(merged["coefficients"][i]),
+                     _f(merged["share"][i]), _f(merged["against"][i])] for i in range(n)]),
+        ]
+    keys, layers = _layers(summary)
+    mean = lambda m: sum(m[i][j] or 0 for i, j in _pairs(n)) / max(1, len(_pairs(n)))  # noqa: E731
+    parts += [
+        "## Per layer",
+        _table(["layer", *[f"‖τ‖ {x}" for x in names], "mean cosine", "sign conflicts",
+                "mean Jaccard"],
+               [[k, *[_f(v) for v in f["norms"]], _f(mean(f["cosine"])),
+                 f"{f['sign_conflict_rate']:.2%}", _f(mean(f["jaccard"]))]
+                for k, f in zip(keys, layers)]),
+        "## Plots",
+        *[f"![{p}]({p})" for p in plots],
+    ]
+    if summary["warnings"]:
+        parts += ["## Warnings", *[f"- {w}" for w in summary["warnings"]]]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,222 @@
+"""`mergesmith analyze`: the figures of analyze/stats.py for every tensor a recipe would merge,
+streamed as a merge is, without merging anything.
+
+The recipe is planned by the engine (engine/plan.py: every error before any read: models,
+names, shapes, vocabularies), and each planned tensor's inputs are read by the engine's own
+reader (engine/run.py's `read_unit`, which also aligns vocabularies), one tensor at a time:
+memory holds one tensor's inputs and task vectors, whatever the model's size. Each tensor's sums
+go to OUT/tensors.jsonl as it is done; the layers' and the model's figures are those of the
+sums added up, in OUT/summary.json; analyze/report.py draws the plots and writes OUT/report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mergesmith.analyze.stats import DEFAULT_DENSITY, DEFAULT_MAX_RANK, add_sums, figures, tensor_sums
+from mergesmith.engine import layers as L
+from mergesmith.engine.api import ProgressBar
+from mergesmith.engine.plan import Plan, TensorJob, build_plan
+from mergesmith.engine.run import Unit, read_unit
+from mergesmith.errors import MergesmithError, OutputError, PlanError
+from mergesmith.io import Checkpoint, resolve_model
+from mergesmith.methods import get_method
+from mergesmith.recipe import Recipe, load_recipe
+
+# Whose parameters (densities, weights) a recipe is planned with when its own method cannot
+# be planned for analysis: one that takes no base, learns from data or reads statistics.
+STAND_IN = "task_arithmetic"
+SMALL_TENSOR = 1 << 20  # entries below which a tensor is analysed on one thread
+SPECTRA_SHOWN = 8  # tensors whose whole spectra the summary keeps (those of the middle layer)
+
+
+def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *, merged: str | Path | None = None,
+            density: float | None = None, max_rank: int = DEFAULT_MAX_RANK,
+            seed: int | None = None, allow_crimes: bool = False, overwrite: bool = False,
+            progress: bool = False, plots: bool = True) -> Path:
+    """Write OUT/summary.json, OUT/tensors.jsonl, the plots and OUT/report.md; return OUT.
+
+    `merged`: a merge of this recipe (or any model of the same tensors) to measure against the
+    task vectors. `density` overrides the recipe's for the masks and drops (default: the
+    recipe's, else 0.2). `max_rank` caps the spectra of larger matrices."""
+    started = time.perf_counter()
+    plan = analysis_plan(recipe, seed=seed, allow_crimes=allow_crimes)
+    jobs = [job for job in plan.jobs if not job.copy]
+    merged_ck = open_merged(merged, jobs) if merged is not None else None
+    if density is not None and not 0 <= density <= 1:
+        raise MergesmithError(f"--density {density}: not in [0, 1]")
+    out = _output(Path(out), overwrite)
+    bar = _bar(plan, jobs) if progress else None
+    total, groups, spectra = None, {}, {}
+    middle = L.num_layers([job.out.name for job in jobs]) // 2
+    try:
+        with open(out / "tensors.jsonl", "w") as lines:
+            for job in jobs:
+                with _threads(job):
+                    sums = job_sums(plan, job, merged_ck, density, max_rank)
+                record = {"name": job.out.name, "layer": job.ctx.layer, "shape": list(job.out.shape),
+                          **figures(sums, len(job.inputs) - 1), "sums": sums}
+                lines.write(json.dumps(record) + "\n")
+                total = add_sums(total, sums)
+                groups[group_of(job.out.name)] = _add_group(groups.get(group_of(job.out.name)), sums)
+                if "spectra" in sums and job.ctx.layer == middle and len(spectra) < SPECTRA_SHOWN:
+                    spectra[job.out.name] = [s["sigma"] for s in sums["spectra"]]
+                if bar:
+                    bar.advance(job.out.nbytes, 1, job.out.name)
+    finally:
+        if bar:
+            bar.stop()
+    experts = len(jobs[0].inputs) - 1
+    summary = {
+        "recipe": str(plan.recipe.source), "merge_method": plan.recipe.merge_method,
+        "parameters_of": plan.method.name, "base": jobs[0].inputs[0][0].label,
+        "experts": [ck.label for ck, _ in jobs[0].inputs[1:]],
+        "merged": merged_ck.label if merged_ck else None,
+        "densities": _densities(jobs[0], density), "max_rank": max_rank, "seed": plan.seed,
+        "tensors": len(jobs), "elements": total["numel"],
+        "model": {**figures(total, experts), **_mean_ranks(groups.values())},
+        "layers": {key: {**figures(g["sums"], experts), **_mean_ranks([g])}
+                   for key, g in sorted(groups.items(), key=lambda kv: _order(kv[0]))},
+        "spectra": spectra, "warnings": plan.warnings,
+    }
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if plots:
+        from mergesmith.analyze.report import write_report
+
+        write_report(summary, out)
+    return out
+
+
+def analysis_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
+                  allow_crimes: bool = False) -> Plan:
+    """The recipe's merge plan, with its own method's parameters where that method can be
+    planned on its own, else planned as task arithmetic (`STAND_IN`); every job has θ0 first."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if not recipe.base_model and not any(s.base_model for s in recipe.slices or ()):
+        raise PlanError(f"{recipe.where('merge_method')}: the recipe has no base_model; the "
+                        "analysis measures task vectors τi = θi − θ0",
+                        hint="add base_model: <the model the experts were tuned from>")
+    try:
+        method = get_method(recipe.merge_method)
+        own = (method.uses_base and method.output == "tensor" and method.learn is None
+               and not method.statistics)
+    except MergesmithError:
+        own = False  # the stand-in's plan names no unknown method; analysis needs none
+    if not own:  # each model weighs 1 unless the recipe weighs it
+        parameters = {"weight": 1.0, **(recipe.parameters or {})}
+        recipe = recipe.model_copy(update={"merge_method": STAND_IN, "parameters": parameters})
+    plan = build_plan(recipe, seed=seed, allow_crimes=allow_crimes)
+    for job in plan.jobs:
+        if not job.copy and not job.has_base:
+            raise PlanError(f"{recipe.where('base_model')}: tensor {job.out.name!r} has no base "
+                            "model among its sources", hint="give base_model for every slice")
+    return plan
+
+
+def open_merged(merged: str | Path, jobs: list[TensorJob]) -> Checkpoint:
+    """The merged model, checked before anything is read: every planned tensor, same shape."""
+    ck = Checkpoint(resolve_model(str(merged)), label=str(merged))
+    for job in jobs:
+        info = ck.tensors.get(job.out.name)
+        if info is None:
+            raise PlanError(f"{ck.label}: has no tensor {job.out.name!r}, which the recipe "
+                            "merges", hint="pass the folder this recipe was merged into")
+        if tuple(info.shape) != tuple(job.out.shape):
+            raise PlanError(f"shapes differ for {job.out.name!r}: the recipe makes "
+                            f"{list(job.out.shape)}, {ck.label} has {list(info.shape)}",
+                            hint="pass the folder this recipe was merged into")
+    return ck
+
+
+def job_sums(plan: Plan, job: TensorJob, merged: Checkpoint | None, density: float | None,
+             max_rank: int) -> dict:
+    """One tensor's sums: its inputs read as a merge reads them, in float32 (the recipe's dtype
+    first, as a merge casts them), task vectors made one at a time."""
+    tensors = read_unit(plan, Unit(job, None, "merge"))
+    cast = (lambda t: t.to(plan.load_dtype).float()) if plan.load_dtype else (lambda t: t.float())
+    base = cast(tensors[0])
+    taus = []
+    for i in range(1, len(tensors)):
+        taus.append(cast(tensors[i]).sub_(base))
+        tensors[i] = None  # the stored copy goes as soon as its task vector exists
+    delta = cast(merged.read(job.out.name)).sub_(base) if merged is not None else None
+    del base, tensors
+    params = job.params
+    n = len(taus)
+    densities = [density] * n if density is not None else params.get("densities") or [DEFAULT_DENSITY] * n
+    return tensor_sums(taus, delta, densities=list(densities), weights=params.get("weights"),
+                       gammas=params.get("gammas"), epsilons=params.get("epsilons"),
+                       ctx=job.ctx, max_rank=max_rank)
+
+
+@contextmanager
+def _threads(job: TensorJob):
+    """One thread for a small tensor: handing its few small products to other threads costs
+    more than the products (10x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    if math.prod(job.out.shape) < SMALL_TENSOR:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def group_of(name: str) -> str:
+    """The layer a tensor belongs to ("3"), else "embeddings" (before the layers) or "head"."""
+    layer = L.layer_of(name)
+    return str(layer) if layer is not None else "embeddings" if L.is_before_layers(name) else "head"
+
+
+def _order(key: str) -> tuple:
+    return (0, 0) if key == "embeddings" else (2, 0) if key == "head" else (1, int(key))
+
+
+def _add_group(group: dict | None, sums: dict) -> dict:
+    group = group or {"sums": None, "ranks": [], "stable": []}
+    group["sums"] = add_sums(group["sums"], sums)
+    if "spectra" in sums:
+        group["ranks"].append([s["effective_rank"] for s in sums["spectra"]])
+        group["stable"].append([s["stable_rank"] for s in sums["spectra"]])
+    return group
+
+
+def _mean_ranks(groups) -> dict:
+    """The mean effective and stable ranks of the 2-D tensors, per task vector (and δ)."""
+    ranks = [r for g in groups for r in g["ranks"]]
+    stable = [r for g in groups for r in g["stable"]]
+    if not ranks:
+        return {}
+    return {"mean_effective_rank": torch.tensor(ranks).mean(0).tolist(),
+            "mean_stable_rank": torch.tensor(stable).mean(0).tolist()}
+
+
+def _densities(job: TensorJob, density: float | None) -> str:
+    if density is not None:
+        return f"{density} (--density)"
+    given = job.params.get("densities")
+    return f"the recipe's ({given} on {job.out.name})" if given else f"{DEFAULT_DENSITY} (default)"
+
+
+def _output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out} exists and is not empty", hint="pass --overwrite, or another OUT")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _bar(plan: Plan, jobs: list[TensorJob]) -> ProgressBar:
+    bar = ProgressBar(plan, title=f"analyzing ({len(jobs[0].inputs) - 1} task vectors)")
+    bar.total_tensors = len(jobs)
+    bar.progress.update(bar.task, total=sum(job.out.nbytes for job in jobs))
+    bar.start()
+    return bar

@@ -1,0 +1,225 @@
+"""The figures of a merge analysis: pure functions of one tensor's task vectors τi = θi − θ0.
+
+Per tensor, `tensor_sums` keeps raw sums that add over tensors (Gram matrices, entry counts,
+kept energies), so a layer's or the model's figures are those of its tensors' sums, exactly;
+`figures` turns sums into the numbers shown:
+
+- norms ‖τi‖ and cosines ⟨τi, τj⟩ / (‖τi‖‖τj‖), from one float64 Gram matrix (blocks.gram64);
+- sign conflicts: entries where some τi > 0 and some τj < 0 (and per pair, τi·τj < 0), as a
+  count and a share of the entries;
+- the Jaccard overlap |Mi ∩ Mj| / |Mi ∪ Mj| of the top-d magnitude masks Mi (keep_topk_mask's
+  cut, entries tied with it kept; zero entries never count as kept);
+- per method, how much sparsification drops: the share of entries and of ‖τi‖² each τi loses in
+  TIES' trim, after TIES' sign election (entries whose sign disagrees with the elected one), in
+  breadcrumbs' band, in DARE's and DELLA's random drops (the same draws as a merge of this
+  recipe and seed: the methods' own sparsifiers);
+- for 2-D tensors, singular values and the effective rank exp(−Σ pk log pk), pk = σk / Σσ
+  (Roy & Vetterli 2007), and the stable rank ‖τ‖²_F / σ1²; spectra of matrices larger than
+  `max_rank` are the top `max_rank` values of a randomized SVD (methods/lowrank.py), so their
+  effective rank is that of the truncated spectrum (marked `exact: false`);
+- against a merge θ* (δ = θ* − θ0): ‖δ‖, cos(δ, τi), the least-squares coefficients c of
+  δ ≈ Σ ci τi (c = λ·wi for task arithmetic), each task's share ci⟨τi, δ⟩ / ‖δ‖² of δ's energy
+  (the shares add up to 1 − residual), the residual share outside the span of the τi, and the
+  share of τi's non-zero entries that δ moves the other way. These last definitions are ours.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergesmith.methods.blocks import (
+    elect_sign, gram64, keep_magnitude_band, kth_largest, topk_count,
+)
+from mergesmith.methods.lowrank import randomized_svd
+from mergesmith.methods.magnitude_trim import band, band_ranks, keep_band
+from mergesmith.methods.random_drop import dare_drops, della_drops
+from mergesmith.methods.registry import TensorContext
+from mergesmith.methods.sparse import as_rows, row_blocks
+
+DEFAULT_DENSITY = 0.2  # the masks' and drops' density when the recipe sets none
+DEFAULT_GAMMA = 0.01  # breadcrumbs' outlier share (mergekit's default)
+DEFAULT_EPSILON = 0.15  # DELLA's spread (its default)
+DEFAULT_MAX_RANK = 32
+OVERSAMPLE = 10  # randomized_svd's; below max_rank + this the spectrum is computed whole
+BLOCK_ELEMENTS = 1 << 18  # entries of each τi handled at once: scratch stays small
+DROPS = ("ties_trim", "ties_elect", "breadcrumbs", "dare", "della")
+
+
+def tensor_sums(taus: list[torch.Tensor], merged: torch.Tensor | None = None, *,
+                densities: list[float], weights: list[float] | None = None,
+                gammas: list[float] | None = None, epsilons: list[float] | None = None,
+                ctx: TensorContext | None = None, max_rank: int = DEFAULT_MAX_RANK) -> dict:
+    """The additive sums of one tensor (see the module); `merged` is δ = θ* − θ0."""
+    n = len(taus)
+    weights = weights or [1.0] * n
+    gammas = gammas or [DEFAULT_GAMMA] * n
+    epsilons = epsilons or [DEFAULT_EPSILON] * n
+    ctx = ctx or TensorContext("tensor")
+    numel = taus[0].numel()
+    vectors = taus + ([merged] if merged is not None else [])
+    sums = {"numel": numel, "gram": gram64(vectors).tolist()}
+    cuts = [_cuts(tau, d, g) for tau, d, g in zip(taus, densities, gammas)]
+    sums.update(_elementwise(taus, merged, cuts, densities, weights, epsilons, ctx))
+    if taus[0].dim() == 2:
+        sums["spectra"] = [spectrum(t, max_rank) for t in vectors]
+    return sums
+
+
+def _cuts(tau: torch.Tensor, density: float, gamma: float) -> dict:
+    """τ's magnitude thresholds: the top-d cut (TIES, the masks) and breadcrumbs' band, from
+    one selection (the methods' kth_largest, band_ranks and band)."""
+    n = tau.numel()
+    k = topk_count(n, density)
+    ranks = band_ranks(n, density, gamma)
+    wanted = sorted({k, *ranks}) if 0 < k < n else ranks
+    values = dict(zip(wanted, kth_largest(tau.abs(), wanted))) if wanted else {}
+    top = 0.0 if k == n else math.inf if k == 0 else values[k]
+    return {"top": top, "band": band(n, density, [values[r] for r in ranks])}
+
+
+def _elementwise(taus, merged, cuts, densities, weights, epsilons, ctx) -> dict:
+    """Counts and kept energies, block of rows by block of rows (each block's own scratch)."""
+    n = len(taus)
+    rows = [as_rows(t) for t in taus]
+    delta = as_rows(merged) if merged is not None else None
+    cols = rows[0].shape[1]
+    dare = dare_drops(ctx, rows[0].device, densities, unbiased=False)
+    della = (della_drops(ctx, rows[0], densities, epsilons, unbiased=False)
+             if all(not 0 < d < 1 or (e <= d and d + e <= 1) for d, e in zip(densities, epsilons))
+             else None)  # d ± ε outside [0, 1]: DELLA refuses these densities
+    pair = torch.zeros(n, n, dtype=torch.int64)
+    overlap = torch.zeros(n, n, dtype=torch.int64)
+    kept = {name: torch.zeros(n, 2, dtype=torch.float64) for name in DROPS}
+    nonzero = torch.zeros(n, dtype=torch.int64)
+    against = torch.zeros(n, dtype=torch.int64)
+    conflicts = 0
+    for block in row_blocks(rows[0], BLOCK_ELEMENTS):
+        at = block.start * cols
+        xs = [r[block].float() for r in rows]
+        signs = [x.sign() for x in xs]
+        conflicts += int(((sum(s > 0 for s in signs) > 0) & (sum(s < 0 for s in signs) > 0)).sum())
+        masks = [(x.abs() >= cut["top"]) & (x != 0) for x, cut in zip(xs, cuts)]
+        for i in range(n):
+            nonzero[i] += int(torch.count_nonzero(xs[i]))
+            for j in range(i, n):
+                pair[i, j] += int((signs[i] * signs[j] < 0).sum())
+                overlap[i, j] += int((masks[i] & masks[j]).sum())
+            if delta is not None:
+                against[i] += int((signs[i] * delta[block].float().sign() < 0).sum())
+        trimmed = [keep_magnitude_band(x, cut["top"]) if cut["top"] > 0 else
+                   x.clone() if cut["top"] == 0 else torch.zeros_like(x)
+                   for x, cut in zip(xs, cuts)]
+        elected = elect_sign(trimmed, weights)
+        _add(kept["ties_trim"], trimmed)
+        _add(kept["ties_elect"], [t * ((t * w * elected) > 0) for t, w in zip(trimmed, weights)])
+        _add(kept["breadcrumbs"], [keep_band(*cut["band"])(x, at) for x, cut in zip(xs, cuts)])
+        _add(kept["dare"], [drop(x.clone(), at) for x, drop in zip(xs, dare)])
+        if della is not None:
+            _add(kept["della"], [drop(x.clone(), at) for x, drop in zip(xs, della)])
+    if della is None:
+        kept.pop("della")
+    out = {"conflicts": conflicts, "pair_conflicts": _symmetric(pair),
+           "mask_overlap": _symmetric(overlap), "nonzero": nonzero.tolist(),
+           "kept": {name: k.tolist() for name, k in kept.items()}}
+    if delta is not None:
+        out["against"] = against.tolist()
+    return out
+
+
+def _add(total: torch.Tensor, kept: list[torch.Tensor]) -> None:
+    """Per τi: how many entries it keeps, and their Σ τ² (float64)."""
+    for i, x in enumerate(kept):
+        total[i, 0] += int(torch.count_nonzero(x))
+        total[i, 1] += float(x.double().square().sum())
+
+
+def _symmetric(upper: torch.Tensor) -> list[list[int]]:
+    """The full matrix from its upper triangle (a few entries: plain Python)."""
+    rows = upper.tolist()
+    return [[rows[min(i, j)][max(i, j)] for j in range(len(rows))] for i in range(len(rows))]
+
+
+def spectrum(x: torch.Tensor, max_rank: int = DEFAULT_MAX_RANK) -> dict:
+    """x's singular values (all, or the top `max_rank` of a seeded randomized SVD when x is
+    larger), its effective and stable ranks."""
+    side = min(x.shape)
+    k = side if side <= max_rank + OVERSAMPLE else max_rank
+    sigma = randomized_svd(x.float(), k, oversample=OVERSAMPLE)[1].double() if side else x.new_zeros(0)
+    energy = float(x.double().square().sum())
+    return {"sigma": sigma.tolist(), "exact": k == side,
+            "effective_rank": effective_rank(sigma),
+            "stable_rank": energy / float(sigma[0]) ** 2 if len(sigma) and sigma[0] > 0 else 0.0,
+            "energy_kept": float(sigma.square().sum() / energy) if energy > 0 else 1.0}
+
+
+def effective_rank(sigma: torch.Tensor) -> float:
+    """exp(H(p)), p = σ / Σσ over the non-zero σ (Roy & Vetterli 2007): k for k equal values."""
+    sigma = sigma[sigma > 0].double()
+    if not len(sigma):
+        return 0.0
+    p = sigma / sigma.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+# --------------------------------------------------------------------------------------------
+# sums -> figures
+
+
+def add_sums(total: dict | None, sums: dict) -> dict:
+    """Two tensors' (or groups') additive sums added; spectra are left out (not additive)."""
+    if total is None:
+        return {k: v for k, v in sums.items() if k != "spectra"}
+    return {key: _plus(total[key], sums[key]) for key in total if key != "spectra"}
+
+
+def _plus(a, b):
+    if isinstance(a, dict):
+        return {k: _plus(a[k], b[k]) for k in a if k in b}
+    if isinstance(a, list):
+        return [_plus(x, y) for x, y in zip(a, b)]
+    return a + b
+
+
+def figures(sums: dict, experts: int) -> dict:
+    """The numbers shown for a tensor or a group, from its sums (None where undefined)."""
+    g = torch.tensor(sums["gram"], dtype=torch.float64)
+    norms = g.diagonal().clamp(min=0).sqrt()
+    n, numel = experts, sums["numel"]
+    out = {"norms": norms[:n].tolist(),
+           "cosine": [[_ratio(g[i, j], norms[i] * norms[j]) for j in range(n)] for i in range(n)],
+           "sign_conflict_rate": sums["conflicts"] / numel,
+           "pair_conflict_rate": [[c / numel for c in row] for row in sums["pair_conflicts"]],
+           "jaccard": [[_ratio(sums["mask_overlap"][i][j], sums["mask_overlap"][i][i]
+                               + sums["mask_overlap"][j][j] - sums["mask_overlap"][i][j])
+                        for j in range(n)] for i in range(n)],
+           "dropped": {name: {"entries": [1 - c / numel for c, _ in kept],
+                              "energy": [_ratio(float(g[i, i]) - e, g[i, i])
+                                         for i, (_, e) in enumerate(kept)]}
+                       for name, kept in sums["kept"].items()}}
+    if len(g) > n:
+        out["merged"] = merged_figures(g, n, sums)
+    if "spectra" in sums:
+        out["effective_rank"] = [s["effective_rank"] for s in sums["spectra"]]
+        out["stable_rank"] = [s["stable_rank"] for s in sums["spectra"]]
+    return out
+
+
+def merged_figures(g: torch.Tensor, n: int, sums: dict) -> dict:
+    """δ (the last row of the Gram matrix) against the τi: see the module."""
+    tt, td, dd = g[:n, :n], g[:n, n], g[n, n]
+    norms = tt.diagonal().clamp(min=0).sqrt()
+    coefficients = torch.linalg.lstsq(tt, td[:, None], driver="gelsd").solution[:, 0]
+    explained = coefficients * td
+    return {"norm": float(dd.clamp(min=0).sqrt()),
+            "cosine": [_ratio(td[i], norms[i] * dd.clamp(min=0).sqrt()) for i in range(n)],
+            "coefficients": coefficients.tolist(),
+            "share": [_ratio(e, dd) for e in explained],
+            "residual": _ratio(dd - explained.sum(), dd),
+            "against": [_ratio(a, z) for a, z in zip(sums["against"], sums["nonzero"])]}
+
+
+def _ratio(a, b) -> float | None:
+    a, b = float(a), float(b)
+    return a / b if b > 0 else None
