@@ -231,7 +231,95 @@ def test_optmerge_merges_through_the_engine(llama, tmp_path):
 def test_the_methods_are_listed_with_what_they_need(monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "methods")
     assert code == 0
-    for name in ("varm", "aim", "optmerge"):
+    for name in ("varm", "aim", "optmerge", "rcp_merging"):
         assert name in out
     assert get_method("aim").needs_data and get_method("aim").statistics_from == "base"
     assert get_method("varm").chunkable and not get_method("optmerge").chunkable
+
+
+# ---- RCP-Merging -----------------------------------------------------------------------------
+
+def test_rcp_mask_zero_keeps_the_reasoning_model_and_one_adds_the_domain_update():
+    from mergesmith.methods.rcp_merging import stitch
+
+    base, reasoning, domain = randn(4, 3), randn(4, 3, seed=1), randn(4, 3, seed=2)
+    ones = torch.ones(4, 3, dtype=torch.bool)
+    for m in (torch.zeros(4, 3, dtype=torch.bool), ones):
+        out = stitch(base, [reasoning, domain], weights=[1.0, 1.0], mask=[ones, m], overlap="sum")
+        torch.testing.assert_close(out, reasoning + m * (domain - base))
+
+
+def test_rcp_votes_by_hand():
+    from mergesmith.methods.rcp_merging import domain_votes
+
+    threshold = torch.tensor([0.0, 1.0, 2.0])
+    s = [torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([1.0, -2.0, -3.0]), torch.tensor([0.0, -0.5, 0.0])]
+    # S + T ≤ 0: [yes, yes, no], [no, yes, yes], [yes, no, no]
+    assert domain_votes(s, threshold).tolist() == [1, 1, -1]
+
+
+def linear_problem(lambda_seed=0):
+    """A softmax regression θ = (w, b) on 3 classes, each text one row: per-text gradients in
+    closed form, ∂ℓ/∂w = (p − e_y) xᵀ, ∂ℓ/∂b = p − e_y."""
+    from mergesmith.methods.adaptive import Batch, MergeProblem
+
+    base = {"w": randn(3, 4, seed=10), "b": randn(3, seed=11)}
+    taus = [{"w": 0.5 * randn(3, 4, seed=s), "b": 0.5 * randn(3, seed=s + 1)} for s in (20, 30)]
+    data = [(randn(5, 4, seed=40 + t), torch.tensor([0, 1, 2, 1, 0][t:] + [2, 1, 0][:t])) for t in (0, 1)]
+    batches = [[Batch(x[i:i + 1], y[i:i + 1]) for i in range(5)] for x, y in data]
+
+    def forward(params, task, x):
+        return x @ params["w"].T + params["b"]
+
+    problem = MergeProblem(base=base, task_vectors=taus, layer_of={"w": None, "b": None},
+                           forward=forward, batches=batches)
+    return problem, data
+
+
+def closed_form_gradients(theta, x, y):
+    for xi, yi in zip(x, y):
+        p = torch.softmax(xi @ theta["w"].T + theta["b"], -1)
+        p[yi] -= 1
+        yield {"w": p[:, None] * xi[None, :], "b": p}
+
+
+def test_rcp_learns_the_codes_mask_on_a_softmax_regression():
+    from mergesmith.methods.rcp_merging import learn_rcp
+
+    problem, data = linear_problem()
+    lam = 3.0
+    base, (tau_r, tau_d) = problem.base, problem.task_vectors
+    theta_r = {n: base[n] + tau_r[n] for n in base}
+    theta_d = {n: base[n] + tau_d[n] for n in base}
+    grads_r = list(closed_form_gradients(theta_r, *data[0]))
+    fisher = {n: sum((g[n] * theta_r[n]) ** 2 for g in grads_r) / len(grads_r) for n in base}
+    learned = learn_rcp(problem, lambda_=lam)
+    taken = 0
+    for n in base:
+        threshold = lam * fisher[n] * (theta_r[n] - theta_d[n]) ** 2
+        votes = sum(torch.where(g[n] * theta_d[n] + threshold <= 0, 1, -1)
+                    for g in closed_form_gradients(theta_d, *data[1]))
+        assert learned.masks[n][0].all() and learned.weights[n] == [1.0, 1.0]
+        assert torch.equal(learned.masks[n][1], votes > 0), n
+        taken += int((votes > 0).sum())
+    assert 0 < taken < 15  # some entries of the 15 taken, not all
+
+
+def test_rcp_recipe_takes_domain_updates_entry_by_entry(llama, tmp_path):
+    recipe = {"merge_method": "rcp_merging", "base_model": str(llama["base"]), "dtype": "float32",
+              "models": [{"model": str(e)} for e in llama["experts"]],
+              "parameters": {"lambda": 0.0},
+              "calibration": {"data": str(llama["data"]), "samples": 4, "batch_size": 1,
+                              "cache": str(tmp_path / "cache")}}
+    out = read_tensors(mergesmith.merge(write_recipe(tmp_path / "rcp.yaml", recipe), tmp_path / "out"))
+    base, reasoning, domain = (read_tensors(f) for f in (llama["base"], *llama["experts"]))
+    taken = total = 0
+    for name, merged in out.items():
+        update, tau = merged - reasoning[name], domain[name] - base[name]
+        took = (update - tau).abs() <= 1e-6
+        assert bool((took | (update.abs() <= 1e-6)).all()), name  # θ_R or θ_R + τ_D per entry
+        taken, total = taken + int((took & (tau != 0)).sum()), total + int((tau != 0).sum())
+    assert 0 < taken < total
+    recipe["calibration"]["batch_size"] = 2
+    with pytest.raises(mergesmith.errors.MergesmithError, match="batch_size: 1"):
+        mergesmith.merge(write_recipe(tmp_path / "rcp2.yaml", recipe), tmp_path / "out2")
