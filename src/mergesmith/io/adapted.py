@@ -17,6 +17,7 @@ import torch
 from mergesmith.errors import PlanError
 from mergesmith.io.adapter import Adapter, is_adapter_folder, match_names, read_adapter
 from mergesmith.io.checkpoint import Checkpoint
+from mergesmith.io.pack import open_pack, pack_parts
 from mergesmith.io.resolve import resolve_model
 
 
@@ -95,7 +96,15 @@ def open_input(ref: str, opened: dict, base_model: str | None, check=lambda ck: 
     """A recipe's model reference opened: a model folder as a Checkpoint; `BASE+ADAPTER`, or a
     bare adapter folder (its base: the recipe's base_model, else the adapter's
     base_model_name_or_path), as an AdaptedCheckpoint. `opened` caches by folder so a model named
-    twice is read once; `check` runs once on each model folder opened."""
+    twice is read once; `check` runs once on each model folder opened. A delta pack (a folder
+    with pack.json, or BASE+PACK) opens as a PackedCheckpoint on its base."""
+    pack = pack_parts(ref, base_model)
+    if pack is not None:
+        base = open_input(pack[0], opened, None, check)
+        key = (pack[0], pack[1].resolve())
+        if key not in opened:
+            opened[key] = open_pack(base, pack[1], ref, pack[2])
+        return opened[key]
     base_ref, adapter_ref, base_from = _split(ref, base_model)
     if adapter_ref is None:
         folder = resolve_model(ref).resolve()
