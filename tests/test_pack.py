@@ -162,6 +162,7 @@ def test_a_pack_of_another_base_is_refused(world, tmp_path, monkeypatch, capsys)
         "models": [{"model": str(packed.path)}, {"model": str(world["e2"])}]})
     code, _, stderr = run_cli(monkeypatch, capsys, "merge", recipe, tmp_path / "out")
     assert code == 1 and "the pack was made on base" in stderr
+    assert "'lm_head.weight' holds other values" in stderr  # the first tensor by name
     assert str(world["base"]) in stderr and str(world["other"]) in stderr
     assert not (tmp_path / "out").exists()
     with pytest.raises(PlanError, match="pack was made on base"):
@@ -185,3 +186,11 @@ def test_cli_pack_reports_its_size_against_the_model(world, tmp_path, monkeypatc
     code, _, stderr = run_cli(monkeypatch, capsys, "pack", world["base"], world["e1"], tmp_path / "x",
                               "--mlp", "int5:3")
     assert code == 1 and "int5:3" in stderr and "Traceback" not in stderr
+
+
+def test_tensors_equal_to_the_base_are_stored_as_nothing(world, tmp_path):
+    packed = pack(world["base"], world["base"], tmp_path / "same")
+    assert packed.kinds == {"lowrank": 0, "sparse": 0, "full": 0, "unchanged": 39}
+    view = open_input(str(packed.path), {}, None)
+    base = read_tensors(world["base"])
+    assert all(torch.equal(view.read(name), tensor) for name, tensor in base.items())

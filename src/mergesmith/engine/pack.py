@@ -28,7 +28,7 @@ from mergesmith.engine import layers as L
 from mergesmith.errors import MergesmithError
 from mergesmith.io import Checkpoint, OutputFolder, OutTensor, resolve_model
 from mergesmith.io.checkpoint import DTYPE_CODES, weight_files
-from mergesmith.io.pack import FORMAT, PACK_FILE, WEIGHTS_FILE, fingerprint
+from mergesmith.io.pack import FORMAT, PACK_FILE, WEIGHTS_FILE, fingerprint, tensor_digests
 from mergesmith.io.writer import ReservedShard
 from mergesmith.methods import graft
 
@@ -135,7 +135,7 @@ def _write(name: str, kind: str, base: Checkpoint, ft: Checkpoint, options: Pack
     info = ft.tensors[name]
     record = {"dtype": DTYPE_CODES[info.dtype], "shape": list(info.shape),
               "module": module_of(name, info.shape)}
-    if kind != "full" and _equal(base, ft, name):
+    if name in base.tensors and base.tensors[name].shape == info.shape and _equal(base, ft, name):
         return {**record, "kind": "unchanged"}
     if kind == "full":
         file.copy(f"{name}.full", ft, name)
@@ -168,10 +168,11 @@ def _equal(base: Checkpoint, ft: Checkpoint, name: str) -> bool:
 
 def _description(base_ref, expert_ref, base: Checkpoint, ft: Checkpoint, options: PackOptions,
                  records: dict) -> dict:
+    digests = tensor_digests(base)
     return {
         "format": FORMAT,
-        "base": {"ref": str(base_ref), "path": str(base.path.resolve()), "fingerprint": fingerprint(base),
-                 "tensors": {n: [str(i.dtype), list(i.shape)] for n, i in sorted(base.tensors.items())}},
+        "base": {"ref": str(base_ref), "path": str(base.path.resolve()), "fingerprint": fingerprint(digests),
+                 "tensors": digests},
         "expert": {"ref": str(expert_ref), "path": str(ft.path.resolve()), "config": ft.config},
         "options": {"attention": [str(t) for t in options.attention], "mlp": [str(t) for t in options.mlp],
                     "rest": options.rest, "density": options.density, "group_size": options.group_size,

@@ -119,34 +119,39 @@ def sparse_delta(numel: int, part) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the base's fingerprint
 
-def fingerprint(ck) -> str:
-    """sha256 of every tensor's name, dtype and shape and the bytes of its first row (at most
-    64 KiB): cheap on any model, and another model of the same architecture (another base, a
-    fine-tune of this one) differs in the first rows it has in common."""
-    digest = hashlib.sha256()
+def tensor_digests(ck) -> dict[str, list]:
+    """name -> [dtype, shape, digest]: the digest hashes the tensor's name, dtype, shape and the
+    bytes of its first row (at most 64 KiB). Cheap on any model, and another model of the same
+    architecture (another base, a fine-tune of this one) differs in the first rows."""
+    out = {}
     for name in sorted(ck.tensors):
         info = ck.tensors[name]
-        digest.update(f"{name}|{info.dtype}|{list(info.shape)}\n".encode())
-        if not info.shape:
-            digest.update(ck.read(name).reshape(-1).view(torch.uint8).numpy().tobytes())
-            continue
-        row = ck.read(name, (0, 1)).reshape(-1)[:max(1, FINGERPRINT_ROW_BYTES // info.dtype.itemsize)]
-        digest.update(row.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        digest = hashlib.sha256(f"{name}|{info.dtype}|{list(info.shape)}\n".encode())
+        row = ck.read(name, (0, 1) if info.shape else None).reshape(-1)
+        row = row[:max(1, FINGERPRINT_ROW_BYTES // info.dtype.itemsize)].contiguous()
+        digest.update(row.view(torch.uint8).numpy().tobytes())
+        out[name] = [str(info.dtype), list(info.shape), digest.hexdigest()[:16]]
+    return out
 
 
-def first_difference(recorded: dict, ck) -> str:
-    """What differs between the base a pack recorded (names -> [dtype, shape]) and `ck`."""
-    have = {n: [str(i.dtype), list(i.shape)] for n, i in ck.tensors.items()}
+def fingerprint(digests: dict[str, list]) -> str:
+    """One hash of a model's tensor_digests."""
+    return hashlib.sha256(repr(sorted(digests.items())).encode()).hexdigest()
+
+
+def first_difference(recorded: dict, have: dict) -> str:
+    """The first tensor (by name) where the base a pack recorded and the model given differ."""
     for name in sorted(set(recorded) | set(have)):
         if name not in have:
             return f"it has no tensor {name!r}"
         if name not in recorded:
             return f"it has a tensor {name!r} the pack's base lacks"
-        if recorded[name] != have[name]:
+        if recorded[name][:2] != have[name][:2]:
             return f"{name!r} is {have[name][0]} {have[name][1]}, the pack's base has " \
                    f"{recorded[name][0]} {recorded[name][1]}"
-    return "same tensor names and shapes, different values"
+        if recorded[name] != have[name]:
+            return f"{name!r} holds other values"
+    return "no tensor differs"
 
 
 # ---------------------------------------------------------------- opening a pack
@@ -209,13 +214,14 @@ class PackedCheckpoint:
 
     def _check_base(self, base_from: str) -> None:
         recorded = self.meta["base"]
-        have = fingerprint(self.base)
+        digests = tensor_digests(self.base)
+        have = fingerprint(digests)
         if have != recorded["fingerprint"]:
             raise PlanError(
                 f"{self.label}: the pack was made on base {recorded['ref']} ({recorded['path']}, "
                 f"fingerprint {recorded['fingerprint'][:12]}), but its base here is "
                 f"{self.base.label}{f' ({base_from})' if base_from else ''} (fingerprint "
-                f"{have[:12]}): {first_difference(recorded['tensors'], self.base)}",
+                f"{have[:12]}): {first_difference(recorded['tensors'], digests)}",
                 hint="a pack stores θ_ft − θ0 of one base; give that base (base_model, or "
                      "BASE+PACK), or pack the expert again on this base")
 
