@@ -907,6 +907,42 @@ def analyze_command(
         err.print(f"report: {path / 'report.md'}  figures: {path / 'summary.json'}", highlight=False)
 
 
+@app.command("negate")
+def negate_command(
+    forget: str = typer.Argument(..., help="The base fine-tuned on what to remove (θ_forget)."),
+    output: Path = typer.Argument(..., help="Folder for negation.json/.md, negated.yaml, model/."),
+    base: str = typer.Option(..., help="The base model θ0 (τ_f = θ_forget − θ0)."),
+    target: Optional[str] = typer.Option(None, help="The model to remove it from (default: the base)."),
+    forget_tasks: list[Path] = typer.Option(..., "--forget-task", help="A task the negation should "
+                                            "lose; repeat for more."),
+    control_tasks: list[Path] = typer.Option(..., "--control-task", help="A task it must keep; λ is "
+                                             "chosen by these. Repeat for more."),
+    lambdas: str = typer.Option("0.1:1:0.1", help="λ values: START:STOP:STEP or V1,V2,... (0 is added)."),
+    floor: float = typer.Option(0.95, help="Share of the original's control score to keep (paper: 0.95)."),
+    split: str = typer.Option("validation", help="The split λ is chosen on."),
+    report_split: str = typer.Option("test", help="The split the chosen λ is reported on."),
+    in_memory: bool = typer.Option(True, help="Merge each λ in memory (no folder per λ)."),
+    model: bool = typer.Option(True, help="Write the negated model at the chosen λ to OUTPUT/model."),
+    batch_size: int = typer.Option(32, help="Examples per forward pass."),
+    device: str = typer.Option("cpu", help="Where to merge and evaluate."),
+    max_examples: Optional[int] = typer.Option(None, help="Score only the first N examples of a split."),
+) -> None:
+    """Forget by task-vector negation: θ_target − λ(θ_forget − θ0) for each λ; the largest λ that
+    keeps every control task above the floor is chosen; a forgetting report says what the
+    forget tasks lose and what the control tasks keep."""
+    from mergesmith.search import parse_grid
+    from mergesmith.search.negation import negate
+
+    result = negate(forget, base=base, target=target, forget_tasks=forget_tasks,
+                    control_tasks=control_tasks, lambdas=parse_grid(f"lambda={lambdas}")[1],
+                    out=output, floor=floor, select_split=split, report_split=report_split,
+                    in_memory=in_memory, device=device, batch_size=batch_size,
+                    max_examples=max_examples, write_model=model,
+                    progress=lambda line: err.print(line, highlight=False))
+    out.print(result.to_markdown(), highlight=False)
+    err.print("wrote " + ", ".join(str(f) for f in result.files.values()), highlight=False)
+
+
 @app.command("extract-lora")
 def extract_lora(
     base: str = typer.Argument(..., help="The base model."),

@@ -45,6 +45,7 @@ from mergesmith.methods import dam, somf  # noqa: F401,E402  (learned safety mer
 from mergesmith.methods import graft  # noqa: F401,E402  (GraftLLM delta packs, by mergesmith pack)
 from mergesmith.methods import llm_merges, rcp_merging  # noqa: F401,E402  (VaRM, AIM, OptMerge; RCP-Merging, learned)
 from mergesmith.methods import mergelock  # noqa: F401,E402  (MergeLock, by mergesmith lock / unlock)
+from mergesmith.methods import negation  # noqa: F401,E402  (task negation, by mergesmith negate)
 
 __all__ = [
     "MethodSpec", "Operation", "Param", "TensorContext", "all_methods", "all_operations", "get_method",
