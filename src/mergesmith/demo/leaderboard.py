@@ -81,6 +81,7 @@ NOT_A_MERGE_OF_EXPERTS = {
     "passthrough": "copies layers from one model (frankenmerges)",
     "layer_swap": "needs a per-layer choice of model",
     "dam_fold": "applies the coefficients that dam learns (dam is on the board)",
+    "rcp_merging": "merges a domain model into a reasoning model: two roles, not peer experts",
 }
 # Adapter methods that do not apply to the demo's LoRA experts.
 NOT_A_MERGE_OF_ADAPTERS = {
