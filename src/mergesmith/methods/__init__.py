@@ -41,7 +41,7 @@ from mergesmith.methods import moe_router  # noqa: F401,E402  (router rows; Flex
 from mergesmith.methods import permutation  # noqa: F401,E402  (weight matching, by mergesmith align)
 from mergesmith.methods import pleas  # noqa: F401,E402  (PLeaS, by mergesmith align --method pleas)
 from mergesmith.methods import continual  # noqa: F401,E402  (OPCM and sequential rules, by merge [--onto])
-from mergesmith.methods import dam, somf  # noqa: F401,E402  (learned safety merges)
+from mergesmith.methods import dam, dam_backdoor, somf  # noqa: F401,E402  (learned safety merges)
 from mergesmith.methods import graft  # noqa: F401,E402  (GraftLLM delta packs, by mergesmith pack)
 from mergesmith.methods import llm_merges, rcp_merging  # noqa: F401,E402  (VaRM, AIM, OptMerge; RCP-Merging, learned)
 from mergesmith.methods import mergelock  # noqa: F401,E402  (MergeLock, by mergesmith lock / unlock)
