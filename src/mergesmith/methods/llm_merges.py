@@ -102,9 +102,10 @@ def relaxation(activation: torch.Tensor, omega: float) -> torch.Tensor:
 
 def along_inputs(factor: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
     """The per-input-channel `factor` shaped to broadcast over a weight of `shape`: along the
-    columns of nn.Linear's [out, in], the rows of Conv1D's [in, out], a norm's entries."""
-    if len(shape) == 1 and shape[0] == factor.numel():
-        return factor
+    columns of nn.Linear's [out, in], the rows of Conv1D's [in, out]; entry by entry where it
+    has one entry per entry (a norm's weight, a scalar)."""
+    if factor.shape == shape or (len(shape) == 1 and factor.numel() == shape[0]):
+        return factor.reshape(shape)
     if len(shape) != 2:
         raise ValueError(f"a per-channel statistic of {factor.numel()} entries for a tensor of "
                          f"shape {list(shape)}")
