@@ -334,6 +334,98 @@ def test_onto_through_the_cli_and_a_continual_section(world, tmp_path, monkeypat
     want = {k: b[k] + taus[0][k] + taus[1][k] for k in b}
     close(read_tensors(tmp_path / "m2"), want)
     close(read_tensors(tmp_path / "m3"), want)
+    code, out, err = run_cli(monkeypatch, capsys, "check", tmp_path / "c.yaml")
+    assert code == 0 and "continual_task_arithmetic — continual" in out.replace("\n", " "), err
     bad = recipe(tmp_path / "d.yaml", "continual_ties", base, experts[:1], alpha=0.5)
     code, _, err = run_cli(monkeypatch, capsys, "merge", bad, tmp_path / "m4", "-q")
     assert code != 0 and "continual_ties takes no parameter 'alpha'" in err
+
+
+# ------------------------------------------------------------------------------------------
+# DOP
+
+
+def fb_dop(base, previous, new, *, alpha, lr, steps, ema_beta, epsilon):
+    """FusionBench's _optimize_weight (mgda, ema, "uv") as written there: autograd per loss,
+    gradients divided by their losses, MinNormSolver's two-vector rule, EMA, Adam on the
+    weighted loss."""
+    models = [previous, new]
+    proj = []
+    for m in models:
+        u, s, vh = torch.linalg.svd(m - base, full_matrices=True)
+        v = vh.T
+        k = torch.searchsorted(s.cumsum(0) / s.sum(), epsilon).item()
+        proj.append((u[:, :k], s[:k], v[:, :k]))
+
+    def loss_of(w, m, p):
+        u, s, v = p
+        d = w - m
+        return (torch.linalg.matrix_norm(torch.diag(s) @ u.T @ d) ** 2
+                + torch.linalg.matrix_norm(d @ v @ torch.diag(s)) ** 2)
+
+    w = torch.nn.Parameter((previous + new) / 2)
+    opt = torch.optim.Adam([w], lr=lr)
+    ema = [alpha, 1 - alpha]
+    for _ in range(steps):
+        grads, losses = [], []
+        for m, p in zip(models, proj):
+            loss = loss_of(w, m, p)
+            opt.zero_grad()
+            loss.backward()
+            grads.append(w.grad.clone() / float(loss.detach()))
+            losses.append(float(loss.detach()))
+        v11, v12, v22 = [float((a * b).sum()) for a, b in ((grads[0], grads[0]), (grads[0], grads[1]),
+                                                           (grads[1], grads[1]))]
+        gamma = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
+        ema = [ema_beta * ema[0] + (1 - ema_beta) * gamma, ema_beta * ema[1] + (1 - ema_beta) * (1 - gamma)]
+        total = sum(c * loss_of(w, m, p) for c, m, p in zip(ema, models, proj))
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    return w.detach()
+
+
+def test_dop_is_fusionbench_dop(one_thread):
+    from mergesmith.methods.continual import dop_merge
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 7, generator=gen)
+    previous = base + 0.1 * torch.randn(9, 7, generator=gen)
+    new = base + 0.1 * torch.randn(9, 7, generator=gen)
+    settings = dict(alpha=0.8, lr=1e-2, steps=40, ema_beta=0.9, epsilon=0.9)
+    ours = dop_merge(base, previous, new, **settings)
+    torch.testing.assert_close(ours, fb_dop(base, previous, new, **settings), rtol=0, atol=2e-5)
+    assert (ours - (previous + new) / 2).abs().max() > 0.05  # it moved from the average
+
+
+def test_dop_edge_cases():
+    """METHODS.md dop (1)-(3): equal models stay; no kept components leave the average;
+    each model's loss is 0 at itself."""
+    from mergesmith.methods.continual import dop_loss, dop_merge, principal
+
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(6, 5, generator=gen)
+    model = base + 0.1 * torch.randn(6, 5, generator=gen)
+    other = base + 0.1 * torch.randn(6, 5, generator=gen)
+    assert torch.equal(dop_merge(base, model, model, lr=1e-2, steps=20), model)
+    torch.testing.assert_close(dop_merge(base, model, other, lr=1e-2, steps=20, epsilon=0.0),
+                               (model + other) / 2, rtol=0, atol=0)
+    u, s, v = principal(model - base, 0.99999)
+    assert s.numel() == 4  # FB keeps those before the one whose cumulative share reaches ε
+    loss, grad = dop_loss(model - model, u, s, v)
+    assert float(loss) == 0 and float(grad.abs().max()) == 0
+
+
+def test_dop_chain_averages_all_but_linear_weights(world, tmp_path, one_thread):
+    from mergesmith.methods.continual import dop_merge
+
+    root, base, experts, _ = world
+    out = chain(tmp_path, "dop", base, experts[:2], "dop", steps=20, lr=1e-3)
+    b, m1, m2 = (read_tensors(f) for f in (base, *experts[:2]))
+    got = read_tensors(out)
+    for k in b:
+        if b[k].ndim == 2 and "embed" not in k:
+            want = dop_merge(b[k], m1[k], m2[k], steps=20, lr=1e-3)
+        else:
+            want = (m1[k] + m2[k]) / 2
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-7, msg=k)

@@ -293,9 +293,12 @@ def check(
         return _check_adapters(recipe)
     loaded = load_recipe(recipe)
     the_plan = plan(loaded, shard_size=shard_size, compat=compat, allow_crimes=allow_crimes)
-    method = get_method(loaded.merge_method)
+    from mergesmith.engine.continual import continual_summary, is_continual
+
+    method = None if is_continual(loaded) else get_method(loaded.merge_method)
     table = Table(show_header=False, box=None)
-    table.add_row("method", f"{method.name} — {method.summary}{_data_needs(method)}")
+    table.add_row("method", continual_summary(loaded) if method is None else
+                  f"{method.name} — {method.summary}{_data_needs(method)}")
     for ref, ck in the_plan.models.items():
         table.add_row("model", f"{ref}  ({len(ck.tensors)} tensors){': ' + ck.note if ck.note else ''}")
     table.add_row("output tensors", str(len(the_plan.jobs)))

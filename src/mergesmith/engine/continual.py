@@ -63,7 +63,7 @@ class Chain:
         return self.state.get("count", 0)
 
     def projected(self, name: str, shape) -> bool:
-        """OPCM projects linear layers' weights: matrices other than the embeddings."""
+        """OPCM projects, DOP optimises, linear layers' weights: matrices but the embeddings."""
         return len(shape) == 2 and not L.is_before_layers(name)
 
 
@@ -123,6 +123,14 @@ def _params(recipe: Recipe, rule: str) -> dict:
     if rule == "opcm" and not 0 <= params["alpha"] < 1:
         raise RecipeError(f"{recipe.where('parameters', 'alpha')}: must be in [0, 1), got "
                           f"{params['alpha']}", hint="FB's default is 0.5")
+    for name in ("alpha", "ema_beta", "epsilon") if rule == "dop" else ():
+        if not 0 <= params[name] <= 1:
+            raise RecipeError(f"{recipe.where('parameters', name)}: must be in [0, 1], got "
+                              f"{params[name]}")
+    if rule == "dop" and (params["steps"] < 0 or params["steps"] != int(params["steps"])
+                          or params["lr"] <= 0):
+        raise RecipeError(f"{recipe.where('parameters')}: dop needs a whole number of steps "
+                          f"≥ 0 and lr > 0, got steps {params['steps']}, lr {params['lr']}")
     if "density" in params and not 0 < params["density"] <= 1:
         raise RecipeError(f"{recipe.where('parameters', 'density')}: must be in (0, 1], got "
                           f"{params['density']}")
@@ -167,6 +175,18 @@ def fold(chain: Chain, job: TensorJob, *, opcm_scale: float = 1.0, inputs: tuple
         for model in models:
             count += 1
             out = model.clone() if out is None else rules.average_add(out, model, count)
+        return out, info
+    if rule == "dop":  # on the models themselves: θ̄_1 = θ_1, then two at a time
+        out, project = merged, chain.projected(job.out.name, job.out.shape)
+        for model in models:
+            if out is None:
+                out = model.clone()
+            elif project:
+                out = rules.dop_merge(base, out, model, alpha=p["alpha"], lr=p["lr"],
+                                      steps=int(p["steps"]), ema_beta=p["ema_beta"],
+                                      epsilon=p["epsilon"])
+            else:
+                out = (out + model) / 2
         return out, info
     taus = [model - base for model in models]
     prior = merged - base if merged is not None else None
@@ -301,3 +321,11 @@ def continual_merge(recipe: Recipe | str | Path | dict, out: str | Path, *,
 
     return write_plan(program_plan(program, parse_size(shard_size)), out, device=device,
                       resume=resume, overwrite=overwrite, progress=progress, finish=finish)
+
+
+def continual_summary(recipe: Recipe) -> str:
+    """One line for `mergesmith check`: the rule and what --onto adds to."""
+    _, summary, paper = rules.RULES[recipe.merge_method]
+    onto = recipe.continual.onto if recipe.continual else None
+    where = f", onto the continual merge in {onto}" if onto else ", one at a time from the base"
+    return f"{recipe.merge_method} — continual: {summary} ({paper}){where}"

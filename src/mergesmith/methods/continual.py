@@ -143,3 +143,73 @@ def magmax_add(merged_tau: torch.Tensor | None, tau: torch.Tensor, lambda_: floa
     if merged_tau is None:
         return lambda_ * tau
     return lambda_ * largest_magnitude([merged_tau / previous_lambda, tau])
+
+
+# ------------------------------------------------------------------------------------------
+# DOP: dual orthogonal projections (FB method/dop/dop.py, config dop.yaml)
+
+DOP_PAPER = ("Continual Model Merging without Data: Dual Projections for Balancing Stability and "
+             "Plasticity, NeurIPS 2025 (code: FusionBench method/dop)")
+RULES["dop"] = ({"alpha": 0.8, "lr": 1e-4, "steps": 200, "ema_beta": 0.999, "epsilon": 0.99999},
+                "per linear weight, Adam on the two models' losses inside their principal "
+                "subspaces, weighted by MGDA; other tensors: the average of the two", DOP_PAPER)
+register_operation("dop", command="mergesmith merge [--onto MERGED] RECIPE OUT (merge_method: dop)",
+                   summary=f"continual: {RULES['dop'][1]}", paper=DOP_PAPER,
+                   needs="θ0 and models one at a time; 200 Adam steps per linear weight")
+
+
+def principal(tau: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, V) of τ's leading components: FB keeps the first searchsorted(cumsum(S)/ΣS, ε)
+    (those before the one where the ratio reaches ε); ε ≥ 1 keeps them all."""
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    total = s.sum()
+    if total <= 0:
+        k = 0
+    elif epsilon >= 1:
+        k = s.numel()
+    else:
+        k = int(torch.searchsorted(s.cumsum(0) / total, torch.tensor([float(epsilon)], dtype=s.dtype)))
+    return u[:, :k], s[:k], vh[:k].T
+
+
+def dop_loss(delta: torch.Tensor, u, s, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss_m = ‖diag(S)Uᵀ Δ‖² + ‖Δ V diag(S)‖² (FB's cal_loss_i, space "uv") for Δ = W − W_m,
+    and its gradient 2·U S² Uᵀ Δ + 2·Δ V S² Vᵀ."""
+    left, right = s[:, None] * (u.T @ delta), (delta @ v) * s
+    loss = left.square().sum() + right.square().sum()
+    grad = 2 * (u @ (s[:, None] * left)) + 2 * ((right * s) @ v.T)
+    return loss, grad
+
+
+def min_norm_pair(g1: torch.Tensor, g2: torch.Tensor) -> float:
+    """γ of the min-norm point γ·g1 + (1 − γ)·g2 (MGDA's two-task solver as FB's MinNormSolver,
+    with its 0.999 / 0.001 ends)."""
+    v11, v12, v22 = float((g1 * g1).sum()), float((g1 * g2).sum()), float((g2 * g2).sum())
+    if v12 >= v11:
+        return 0.999
+    if v12 >= v22:
+        return 0.001
+    return -(v12 - v22) / (v11 + v22 - 2 * v12)
+
+
+def dop_merge(base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor, *, alpha: float = 0.8,
+              lr: float = 1e-4, steps: int = 200, ema_beta: float = 0.999,
+              epsilon: float = 0.99999) -> torch.Tensor:
+    """FB's _optimize_weight with mgda and ema on: W from the average of the two, Adam on
+    Σ_m c_m Loss_m, c from MGDA of the loss-normalised gradients, smoothed by an EMA started at
+    (α, 1 − α). A loss of 0 (W already the model's inside its subspaces) contributes a zero
+    gradient, where FB's division by it would give NaN."""
+    models = [previous.float(), new.float()]
+    bases = [principal(m - base.float(), epsilon) for m in models]
+    w = ((models[0] + models[1]) / 2).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([w], lr=lr)
+    weights = [alpha, 1 - alpha]
+    for _ in range(int(steps)):
+        with torch.no_grad():
+            pairs = [dop_loss(w - m, *b) for m, b in zip(models, bases)]
+            normed = [g / loss if loss > 0 else torch.zeros_like(g) for loss, g in pairs]
+            gamma = min_norm_pair(*normed)
+            weights = [ema_beta * c + (1 - ema_beta) * x for c, x in zip(weights, (gamma, 1 - gamma))]
+            w.grad = weights[0] * pairs[0][1] + weights[1] * pairs[1][1]
+        optimizer.step()
+    return w.detach()
