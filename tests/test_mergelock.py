@@ -101,9 +101,10 @@ def test_fits_and_invariants_are_exact():
     assert math.isclose(size, float(torch.sum((xb @ yb.T) ** 2)), rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 def test_lock_keeps_the_logits_and_the_invariants_and_moves_the_weights(family, arch):
-    """Tiny Llama with GQA (4 query heads, 2 key/value heads) and Qwen2 with q/k/v biases."""
+    """Tiny Llama with GQA (4 query heads, 2 key/value heads), Qwen2 with q/k/v biases, Gemma
+    with tied embeddings."""
     f = family(arch)
     torch.testing.assert_close(_logits(f["locked"]), _logits(f["e1"]), rtol=1e-5, atol=1e-5)
     layers = evidence(Checkpoint(f["locked"]), Checkpoint(f["e1"]))

@@ -192,14 +192,24 @@ def lock_findings(models: dict[str, object], reference: str | None = None) -> li
     anchor = names.index(reference) if reference in names else 0
     ref = usable[anchor][1]
     others = [(r, ck) for i, (r, ck) in enumerate(usable) if i != anchor]
-    found = {r: [e for e in evidence(ck, ref) if e.locked] for r, ck in others}
-    if len(others) >= 2 and all(found.values()):
-        between = [e for e in evidence(others[0][1], others[1][1]) if e.locked]
-        if not between:
-            return [_finding(names[anchor], others[0][0], evidence(ref, others[0][1]))]
+    found = dict(zip([r for r, _ in others], _locked_layers([ck for _, ck in others], ref)))
+    if len(others) >= 2 and all(found.values()) and not _locked_layers([others[0][1]], others[1][1])[0]:
+        return [_finding(names[anchor], others[0][0], _locked_layers([ref], others[0][1])[0])]
     either = len(usable) == 2 and reference not in names  # two models, neither is the base
     return [_finding(r, names[anchor] + (f" (or {names[anchor]} against {r})" if either else ""), layers)
             for r, layers in found.items() if layers]
+
+
+def _locked_layers(models: list, ref) -> list[list[Evidence]]:
+    """Per model, its layers that look locked against `ref` (each of ref's layers read once)."""
+    heads, found = attention_heads(ref), [[] for _ in models]
+    for layer in range(layer_count(ref)):
+        theirs = layer_weights(ref, layer)
+        for locked, ck in zip(found, models):
+            one = layer_evidence(layer, layer_weights(ck, layer), theirs, heads)
+            if one.locked:
+                locked.append(one)
+    return found
 
 
 def _comparable(ck, first) -> bool:
@@ -214,12 +224,11 @@ def _comparable(ck, first) -> bool:
 
 
 def _finding(model: str, against: str, layers: list[Evidence]) -> str:
-    flagged = [e for e in layers if e.locked] or layers
-    worst = max(flagged, key=lambda e: e.weights)
-    invariant = max(max(e.qk, e.vo) for e in flagged)
-    spans = _spans([e.layer for e in flagged])
+    worst = max(e.weights for e in layers)
+    invariant = max(max(e.qk, e.vo) for e in layers)
+    spans = _spans([e.layer for e in layers])
     return (f"{model} looks MergeLock-ed (against {against}) in layer(s) {spans}: "
-            f"attention weights up to {worst.weights:.0%} apart while the per-head W_Q·W_Kᵀ and "
+            f"attention weights up to {worst:.0%} apart while the per-head W_Q·W_Kᵀ and "
             f"W_V·W_O differ by at most {invariant:.1%}; merging it will not cancel its transforms")
 
 
