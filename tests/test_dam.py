@@ -97,10 +97,20 @@ def test_a_short_run_lowers_the_kl_loss():
     assert sum(learned.losses[-5:]) < 0.7 * sum(learned.losses[:5])
 
 
-def test_init_average_is_refused_where_tanh_cannot_reach_one_over_n():
+@pytest.mark.parametrize("non_linearity", ["tanh", "sigmoid"])
+def test_init_average_is_refused_where_f_cannot_reach_one_over_n(non_linearity):
     problem = mlp_problem(experts=1)
     with pytest.raises(mergesmith.errors.MethodError, match="init average"):
-        learn("dam", problem, init="average", steps=0)
+        learn("dam", problem, init="average", non_linearity=non_linearity, steps=0)
+
+
+@pytest.mark.parametrize("non_linearity", ["sigmoid", "none", "relu"])
+def test_init_average_starts_at_the_average_for_every_non_linearity(non_linearity):
+    problem = mlp_problem(experts=2)
+    learned = learn("dam", problem, init="average", non_linearity=non_linearity, steps=0)
+    name = "layers.2.weight"
+    average = sum(problem.base[name] + tau[name] for tau in problem.task_vectors) / 2
+    torch.testing.assert_close(fold(problem, learned)[name], average)
 
 
 def test_dam_from_a_recipe_writes_the_fold_of_its_stored_coefficients(zoo, tmp_path):

@@ -90,9 +90,9 @@ def start_value(count: int, init: str, non_linearity: str) -> float:
     """The code's c = 1/N, or f⁻¹(1/N) so that Σi f(ci) Wi starts at the average."""
     if init == "code":
         return 1.0 / count
-    if non_linearity == "tanh" and count == 1:
-        raise MethodError("dam: init average needs tanh(c) = 1 for one model, which no c gives",
-                          hint="use init: code, or another non_linearity")
+    if non_linearity in ("tanh", "sigmoid") and count == 1:
+        raise MethodError(f"dam: init average needs {non_linearity}(c) = 1 for one model, which "
+                          "no c gives", hint="use init: code, or non_linearity none or relu")
     return INVERSES[non_linearity](1.0 / count)
 
 
