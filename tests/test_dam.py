@@ -123,7 +123,8 @@ def test_dam_from_a_recipe_writes_the_fold_of_its_stored_coefficients(zoo, tmp_p
     recipe = write_recipe(tmp_path / "dam.yaml", {
         "merge_method": "dam", "base_model": str(models["base"]), "dtype": "float32",
         "models": [{"model": str(models[f"e{i}"]), "calibration": cal} for i, cal in zip((1, 2), cals)],
-        "calibration": {"samples": 6, "max_length": 16, "batch_size": 3, "cache": str(tmp_path / "cache")},
+        "calibration": {"samples": 6, "max_length": 16, "batch_size": 3,
+                        "cache": str(tmp_path / "cache")},
         "parameters": {"steps": 3, "lr": 0.05}})
     folder = mergesmith.merge(recipe, tmp_path / "out")
     learned = json.loads((folder / "learned.json").read_text())

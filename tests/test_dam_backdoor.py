@@ -40,7 +40,8 @@ def token_problem(experts: int = 2, batches: int = 2, rows: int = 16, seed: int 
     gen = torch.Generator().manual_seed(seed)
     module = TokenModel()
     base = {n: torch.randn(p.shape, generator=gen) * 0.5 for n, p in module.named_parameters()}
-    taus = [{n: torch.randn(t.shape, generator=gen) * 0.5 for n, t in base.items()} for _ in range(experts)]
+    taus = [{n: torch.randn(t.shape, generator=gen) * 0.5 for n, t in base.items()}
+            for _ in range(experts)]
     heads = [torch.randn(C, D, generator=gen) for _ in range(experts)]
 
     def forward(params, task, ids):
@@ -71,7 +72,8 @@ def test_with_the_mask_all_ones_and_no_adamerging_the_build_is_task_arithmetic()
 
 def test_masks_are_reproducible_from_the_seed_and_shared_by_the_task_vectors():
     problem = token_problem()
-    runs = [learn("dam_backdoor", problem, steps=3, adamerging_steps=2, lr=0.05, seed=s) for s in (1, 1, 2)]
+    runs = [learn("dam_backdoor", problem, steps=3, adamerging_steps=2, lr=0.05, seed=s)
+            for s in (1, 1, 2)]
     names = list(problem.base)
     assert all(torch.equal(runs[0].masks[n][0], runs[1].masks[n][0]) for n in names)
     assert runs[0].weights == runs[1].weights and runs[0].losses == runs[1].losses
@@ -88,7 +90,8 @@ def test_weights_are_the_final_lambdas_over_each_tensors_kept_fraction():
         fractions.add(round(float(m.mean()), 6))
         assert learned.weights[name] == pytest.approx([0.4 / float(m.mean())] * 2)
         delta = problem.task_vectors[0][name] + problem.task_vectors[1][name]
-        torch.testing.assert_close(merge_tensor(problem, learned, name), theta0 + 0.4 * m / m.mean() * delta)
+        torch.testing.assert_close(merge_tensor(problem, learned, name),
+                                   theta0 + 0.4 * m / m.mean() * delta)
     assert len(fractions) > 1
 
 

@@ -13,7 +13,7 @@ a bias. The code starts every ci at 1/N (so the start is tanh(1/N) Σ Wi, not th
 
     Σi T²·KL(softmax(zi/T) ‖ softmax(z/T)) on model i's samples   (T = 2)
     + similarity · Σ_tensors mean_{i<j} cos(ci, cj)  (0.01, raw c's, not the biases' scalars)
-    + l1 · Σ ‖ci‖₁ + l2 · Σ ‖ci‖₂                      (the code's 1e-6 each, off by default)
+    + l1 · Σ ‖ci‖₁ + l2 · Σ ‖ci‖₂                   (the code's 1e-6 each, off by default)
 
 with Adam (the code: AdamW/MoFO, lr 1e-3). The code's embedding and norm coefficients stay at
 their start unless asked (`train_embeddings`, `train_norms`), as here.
@@ -97,7 +97,7 @@ def start_value(count: int, init: str, non_linearity: str) -> float:
 
 
 def folded(problem: MergeProblem, scales: dict[str, list[Tensor]]) -> dict[str, Tensor]:
-    """Σi ai ⊙ (θ0 + τi) = (Σi ai) ⊙ θ0 + Σi ai ⊙ τi per tensor: no expert is built whole."""
+    """Σi ai ⊙ (θ0 + τi) = (Σi ai) ⊙ θ0 + Σi ai ⊙ τi per tensor: no expert built whole."""
     out = {}
     for name, theta0 in problem.base.items():
         a = scales[name]

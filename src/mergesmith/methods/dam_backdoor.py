@@ -130,7 +130,8 @@ def learn_dam_backdoor(problem: MergeProblem, *, lambda_: float = 0.3, temperatu
             lambdas.fill_(lambda_)
         lambda_opt.zero_grad(set_to_none=True)
         fixed = {name: m.detach() for name, m in masks.items()}
-        backward_tasks(problem, merged(problem, lambdas, fixed), list(enumerate(schedule[3 * step])), clean)
+        backward_tasks(problem, merged(problem, lambdas, fixed),
+                       list(enumerate(schedule[3 * step])), clean)
         lambda_opt.step()
         params = merged(problem, lambdas.detach(), masks)
         trigger_opt.zero_grad(set_to_none=True)
@@ -143,7 +144,8 @@ def learn_dam_backdoor(problem: MergeProblem, *, lambda_: float = 0.3, temperatu
     draw = torch.Generator(device=device).manual_seed(seed + 1)
     binary = {name: export_mask(s.detach(), export, draw) for name, s in logits.items()}
     kept = {name: float(m.float().mean()) for name, m in binary.items()}
-    fixed = {name: (m.float() / kept[name] if kept[name] > 0 else m.float()) for name, m in binary.items()}
+    fixed = {name: m.float() / kept[name] if kept[name] > 0 else m.float()
+             for name, m in binary.items()}
     with torch.no_grad():
         lambdas.fill_(lambda_)
     ada_schedule = batch_schedule(problem.batches, adamerging_steps, seed + 2)
@@ -163,7 +165,8 @@ register(
     paper=DAM_BACKDOOR_PAPER,
     needs_base=True,
     params=(
-        Param("lambda", default=0.3, arg="lambda_", doc="λ at the start of every step (the code's 0.3)"),
+        Param("lambda", default=0.3, arg="lambda_",
+              doc="λ at the start of every step (the code's 0.3)"),
         Param("temperature", default=0.5, minimum=1e-6, doc="Concrete temperature T"),
         Param("init_logit", default=0.0, doc="mask logits at the start (keep ½)"),
         Param("adv_weight", default=0.1, minimum=0.0, doc="weight of the triggered inputs' entropy"),
