@@ -267,9 +267,9 @@ def test_state_is_bounded_in_the_number_of_models(world, tmp_path, one_thread):
     s2, s4 = (json.loads((f / "continual" / "state.json").read_text()) for f in (two, four))
     assert set(s2["projections"]) == set(s4["projections"])
     assert len(s2["projections"]) == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
-    fixed = lambda s: {k: v for k, v in s.items() if k not in ("order", "norms", "weights", "count",  # noqa: E731
-                                                               "scale", "projections")}
-    assert fixed(s2) == fixed(s4)
+    per_step = ("order", "norms", "weights", "count", "scale", "projections")
+    assert {k: v for k, v in s2.items() if k not in per_step} == \
+        {k: v for k, v in s4.items() if k not in per_step}
     assert len(s4["order"]) == len(s4["norms"]) == 4
     assert sum(f.stat().st_size for f in four.glob("*.safetensors")) == \
         sum(f.stat().st_size for f in two.glob("*.safetensors"))
@@ -322,7 +322,8 @@ def test_onto_through_the_cli_and_a_continual_section(world, tmp_path, monkeypat
     code, _, err = run_cli(monkeypatch, capsys, "merge", first, tmp_path / "m1", "-q")
     assert code == 0, err
     second = recipe(tmp_path / "b.yaml", "continual_task_arithmetic", base, experts[1:2], **{"lambda": 1.0})
-    code, _, err = run_cli(monkeypatch, capsys, "merge", second, tmp_path / "m2", "--onto", tmp_path / "m1", "-q")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", second, tmp_path / "m2",
+                           "--onto", tmp_path / "m1", "-q")
     assert code == 0, err
     data = {"merge_method": "continual_task_arithmetic", "base_model": str(base),
             "models": [{"model": str(experts[1])}], "parameters": {"lambda": 1.0},
@@ -377,7 +378,7 @@ def fb_dop(base, previous, new, *, alpha, lr, steps, ema_beta, epsilon):
         v11, v12, v22 = [float((a * b).sum()) for a, b in ((grads[0], grads[0]), (grads[0], grads[1]),
                                                            (grads[1], grads[1]))]
         gamma = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
-        ema = [ema_beta * ema[0] + (1 - ema_beta) * gamma, ema_beta * ema[1] + (1 - ema_beta) * (1 - gamma)]
+        ema = [ema_beta * c + (1 - ema_beta) * x for c, x in zip(ema, (gamma, 1 - gamma))]
         total = sum(c * loss_of(w, m, p) for c, m, p in zip(ema, models, proj))
         opt.zero_grad()
         total.backward()
@@ -414,6 +415,13 @@ def test_dop_edge_cases():
     assert s.numel() == 4  # FB keeps those before the one whose cumulative share reaches ε
     loss, grad = dop_loss(model - model, u, s, v)
     assert float(loss) == 0 and float(grad.abs().max()) == 0
+    # the projector form dop_merge uses on wide spectra is the same loss and gradient
+    from mergesmith.methods.continual import _loss_of
+
+    delta = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    u, s, v = principal((model - base).double(), 1.0)
+    for got, want in zip(_loss_of((u, s, v))(delta), dop_loss(delta, u, s, v)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_dop_chain_averages_all_but_linear_weights(world, tmp_path, one_thread):

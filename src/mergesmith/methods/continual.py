@@ -25,6 +25,12 @@ Rules, each as FusionBench (FB, tanganke/fusion_bench, fusion_bench/method/opcm/
 - **continual_magmax** (MagMax, Marczak et al. 2024): per entry the task vector of largest
   magnitude seen so far, M_t = maxmag(M_{t−1}, τ_t) with M_{t−1} = τ̄_{t−1}/λ; θ̄_t = θ0 + λ·M_t;
   closed form: the all-at-once `magmax` of τ_1..τ_t (the first on a tie).
+- **dop** (FB dop.py, dop.yaml; paper's arXiv id unconfirmed): θ̄_1 = θ_1; then per linear
+  weight, W from the average of θ̄_{t−1} and θ_t, Adam on c_1·Loss_prev + c_2·Loss_new, each
+  Loss_m the deviation W − W_m inside τ_m's principal subspaces weighted by its singular values
+  (`dop_loss`), c from MGDA smoothed by an EMA (`dop_merge`); other tensors: the average of the
+  two, so older models' share there halves at every step. No closed form; tested against FB's
+  loop.
 """
 
 from __future__ import annotations
@@ -200,16 +206,31 @@ def dop_merge(base: torch.Tensor, previous: torch.Tensor, new: torch.Tensor, *, 
     (α, 1 − α). A loss of 0 (W already the model's inside its subspaces) contributes a zero
     gradient, where FB's division by it would give NaN."""
     models = [previous.float(), new.float()]
-    bases = [principal(m - base.float(), epsilon) for m in models]
+    losses = [_loss_of(principal(m - base.float(), epsilon)) for m in models]
     w = ((models[0] + models[1]) / 2).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([w], lr=lr)
     weights = [alpha, 1 - alpha]
     for _ in range(int(steps)):
         with torch.no_grad():
-            pairs = [dop_loss(w - m, *b) for m, b in zip(models, bases)]
+            pairs = [loss(w - m) for m, loss in zip(models, losses)]
             normed = [g / loss if loss > 0 else torch.zeros_like(g) for loss, g in pairs]
             gamma = min_norm_pair(*normed)
             weights = [ema_beta * c + (1 - ema_beta) * x for c, x in zip(weights, (gamma, 1 - gamma))]
             w.grad = weights[0] * pairs[0][1] + weights[1] * pairs[1][1]
         optimizer.step()
     return w.detach()
+
+
+def _loss_of(components):
+    """`dop_loss` for one model's (U, S, V), by the cheaper of two equal forms: the factors
+    (4·m·n·k per call), or the projectors A = U S² Uᵀ and B = V S² Vᵀ formed once, the
+    gradient 2(AΔ + ΔB) and the loss ½⟨Δ, gradient⟩ (m·n·(m + n) per call)."""
+    u, s, v = components
+    if 4 * s.numel() < u.shape[0] + v.shape[0]:
+        return lambda delta: dop_loss(delta, u, s, v)
+    a, b = (u * s.square()) @ u.T, (v * s.square()) @ v.T
+
+    def loss(delta):
+        grad = 2 * (a @ delta + delta @ b)
+        return (delta * grad).sum() / 2, grad
+    return loss

@@ -68,9 +68,9 @@ def read_state(merged: Path) -> dict:
         state = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {state.get('format') if isinstance(state, dict) else None!r}, "
-                              f"expected {FORMAT}")
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{path}: unknown format {found!r}, expected {FORMAT}")
     if state.get("weights") != weights_digest(merged):
         raise MergesmithError(f"--onto {merged}: its weights are not the ones {SIDE_FOLDER}/{STATE} "
                               "was written with (changed after the merge, or the state was copied "
