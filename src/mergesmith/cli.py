@@ -384,7 +384,9 @@ def _data_needs(spec) -> str:
     if spec.statistics == ("second_moment",):
         return "\nneeds optimizer state"
     if spec.statistics:
-        return f"\n{'data optional' if spec.optional_statistics else 'needs data'} ({', '.join(spec.statistics)})"
+        source = " of the base" if spec.statistics_from == "base" else ""
+        return (f"\n{'data optional' if spec.optional_statistics else 'needs data'} "
+                f"({', '.join(spec.statistics)}{source})")
     return ""
 
 
