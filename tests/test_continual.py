@@ -335,6 +335,8 @@ def test_onto_through_the_cli_and_a_continual_section(world, tmp_path, monkeypat
     want = {k: b[k] + taus[0][k] + taus[1][k] for k in b}
     close(read_tensors(tmp_path / "m2"), want)
     close(read_tensors(tmp_path / "m3"), want)
+    code, _, err = run_cli(monkeypatch, capsys, "merge", first, tmp_path / "m5", "--ray", "-q")
+    assert code != 0 and "a continual merge runs here" in err
     code, out, err = run_cli(monkeypatch, capsys, "check", tmp_path / "c.yaml")
     assert code == 0 and "continual_task_arithmetic — continual" in out.replace("\n", " "), err
     bad = recipe(tmp_path / "d.yaml", "continual_ties", base, experts[:1], alpha=0.5)

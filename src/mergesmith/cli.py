@@ -186,6 +186,9 @@ def merge(
     from mergesmith.engine.continual import continual_merge, is_continual
 
     if onto is not None or is_continual(recipe):  # one model at a time (engine/continual.py)
+        if spread:
+            raise MergesmithError("--ray / --workers / --ray-address: a continual merge runs here",
+                                  hint="drop them; OPCM's norms need every tensor before the write")
         path = continual_merge(recipe, output, onto=onto, shard_size=shard, device=device,
                                resume=resume, overwrite=overwrite, progress=not quiet,
                                allow_crimes=allow_crimes)

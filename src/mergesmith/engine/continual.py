@@ -19,6 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -157,19 +158,21 @@ def _base_digest(base) -> str:
 # per tensor
 
 
-def _inputs(chain: Chain, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor | None, list]:
-    """θ0, the earlier merge (or None) and the new models of one tensor, in fp32."""
-    read = [ck.read(name).float() for ck, name in job.inputs]
-    merged = read.pop(1) if chain.onto is not None else None
-    return read[0], merged, read[1:]
+def _inputs(chain: Chain, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor | None, Iterator]:
+    """θ0, the earlier merge (or None) and the new models of one tensor, in fp32; the models
+    are read one at a time as they are folded in, so a recipe of many holds two at once."""
+    (base_ck, name), *rest = job.inputs
+    merged = rest.pop(0)[0].read(name).float() if chain.onto is not None else None
+    return base_ck.read(name).float(), merged, (ck.read(n).float() for ck, n in rest)
 
 
-def fold(chain: Chain, job: TensorJob, *, opcm_scale: float = 1.0, inputs: tuple | None = None
-         ) -> tuple[torch.Tensor, dict]:
+def fold(chain: Chain, job: TensorJob, *, opcm_scale: float = 1.0) -> tuple[torch.Tensor, dict]:
     """One output tensor of the chain in fp32 and, for OPCM, ‖S_t‖² on it and the last
     projection's ranks (the merge is θ0 + S_t·`opcm_scale`)."""
-    base, merged, models = inputs if inputs is not None else _inputs(chain, job)
+    base, merged, models = _inputs(chain, job)
     p, rule, info = chain.params, chain.rule, {}
+    if rule == "opcm":
+        return _opcm_fold(chain, job, base, merged, models, opcm_scale)
     if rule == "continual_average":
         count, out = chain.count, merged
         for model in models:
@@ -188,19 +191,9 @@ def fold(chain: Chain, job: TensorJob, *, opcm_scale: float = 1.0, inputs: tuple
             else:
                 out = (out + model) / 2
         return out, info
-    taus = [model - base for model in models]
     prior = merged - base if merged is not None else None
-    if rule == "opcm":
-        running = prior * chain.state["scale"] if prior is not None else None
-        project = chain.projected(job.out.name, job.out.shape)
-        for tau in taus:
-            if project and running is not None:
-                tau, info["projection"] = rules.opcm_project(running, tau, p["alpha"])
-            running = tau.clone() if running is None else running + tau
-        info["sum_squares"] = float(running.double().square().sum())
-        return base + running * opcm_scale, info
     previous = chain.state.get("scale", p["lambda"])  # MagMax's λ of the earlier merge
-    for tau in taus:
+    for tau in (model - base for model in models):
         if rule == "continual_task_arithmetic":
             prior = rules.ta_add(prior if prior is not None else torch.zeros_like(tau), tau,
                                  p["lambda"])
@@ -210,6 +203,20 @@ def fold(chain: Chain, job: TensorJob, *, opcm_scale: float = 1.0, inputs: tuple
             prior = rules.magmax_add(prior, tau, p["lambda"], previous)
             previous = p["lambda"]
     return base + prior, info
+
+
+def _opcm_fold(chain: Chain, job: TensorJob, base, merged, models, scale: float):
+    """θ0 + S_t·scale, with ‖S_t‖², the new models' ‖τ‖² and the last projection's ranks."""
+    running = (merged - base) * chain.state["scale"] if merged is not None else None
+    project = chain.projected(job.out.name, job.out.shape)
+    info = {"squares": []}
+    for tau in (model - base for model in models):
+        info["squares"].append(float(tau.double().square().sum()))
+        if project and running is not None:
+            tau, info["projection"] = rules.opcm_project(running, tau, chain.params["alpha"])
+        running = tau if running is None else running + tau
+    info["sum_squares"] = float(running.double().square().sum())
+    return base + running * scale, info
 
 
 def _merged(chain: Chain) -> list[TensorJob]:
@@ -222,14 +229,17 @@ def norms_pass(chain: Chain) -> None:
     squares = [0.0] * len(chain.experts)
     total = 0.0
     for job in _merged(chain):
-        base, merged, models = inputs = _inputs(chain, job)
         if chain.rule == "opcm":
-            _, info = fold(chain, job, inputs=inputs)
+            _, info = fold(chain, job)
             total += info["sum_squares"]
             if "projection" in info:
                 chain.projections[job.out.name] = [info["projection"]["rank"],
                                                    info["projection"]["split_rank"]]
-        squares = [s + float((m - base).double().square().sum()) for s, m in zip(squares, models)]
+            tensor_squares = info["squares"]
+        else:
+            base, _, models = _inputs(chain, job)
+            tensor_squares = [float((m - base).double().square().sum()) for m in models]
+        squares = [a + b for a, b in zip(squares, tensor_squares)]
     chain.norms = [math.sqrt(s) for s in squares]
     if chain.rule == "opcm":
         chain.scale = rules.opcm_scale(total, [*chain.state.get("norms", []), *chain.norms])
