@@ -326,3 +326,11 @@ def test_rcp_recipe_takes_domain_updates_entry_by_entry(llama, tmp_path):
     recipe["calibration"]["batch_size"] = 2
     with pytest.raises(mergesmith.errors.MergesmithError, match="batch_size: 1"):
         mergesmith.merge(write_recipe(tmp_path / "rcp2.yaml", recipe), tmp_path / "out2")
+
+
+def test_aim_averages_the_bases_activations_over_the_models_calibration_sets():
+    base, experts = randn(3, 4), [randn(3, 4, seed=1), randn(3, 4, seed=2)]
+    a, b = torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.tensor([3.0, 0.0, 0.0, 1.0])
+    out = aim(base, experts, weights=[1.0, 1.0], omega=0.5, act_abs=[a, b], ctx=ctx())
+    r = 1 - torch.tensor([2.0, 0.0, 1.0, 1.0]) / 2 * 0.5  # mean a = [2, 0, 1, 1]
+    torch.testing.assert_close(out, base + (experts[0] + experts[1] - 2 * base) * r)

@@ -17,6 +17,8 @@ existing merge θ_m; with several, their `merge` (task arithmetic, their λ is t
 the relaxation). ω = 0.4 as in the paper's runs (the function's default is 0.2). Tensors
 without a statistic (biases, embeddings) keep the whole update, as in that code. A channel no
 token reaches (a_c = 0) keeps its whole update; a module that sees only zeros keeps all of it.
+The base runs on each model entry's calibration data (the code: one set, pile-val); where the
+entries give different data, a is the mean of the per-set means.
 
 OptMerge (Wei et al. 2025, arXiv:2505.19892; read from the authors' code, WalkerWorldPeace/
 MLLMerging, LLaMA-Factory/model_merging.py, `wudi_merging2`, the script's default method): per
@@ -136,7 +138,8 @@ def aim(base: torch.Tensor, experts: list[torch.Tensor], *, weights: list[float]
     update = weighted_sum(task_vectors(base, experts), weights)
     name = ctx.name if ctx is not None else ""
     if act_abs is not None and not EMBEDDING.search(name):
-        update.mul_(along_inputs(relaxation(act_abs[0], omega), base.shape, name))
+        activation = torch.stack(act_abs).mean(0)  # one entry per model's calibration data
+        update.mul_(along_inputs(relaxation(activation, omega), base.shape, name))
     return update.add_(base)
 
 
