@@ -158,6 +158,25 @@ def test_aim_recipe_relaxes_with_the_base_models_activations(llama, tmp_path):
     assert not torch.equal(out[name], merged[name])  # relaxed where the base is active
 
 
+def test_aim_relaxes_gpt2_conv1d_weights_along_their_input_rows(zoo, llama, tmp_path):
+    models = zoo("gpt2")
+    recipe = write_recipe(tmp_path / "aim.yaml", {
+        "merge_method": "aim", "base_model": str(models["base"]), "dtype": "float32",
+        "models": [{"model": str(models["e1"])}],
+        "calibration": {"data": str(llama["data"]), "batch_size": 4, "cache": str(tmp_path / "c")}})
+    out = read_tensors(mergesmith.merge(recipe, tmp_path / "out"))
+    (store,) = [p for p in (tmp_path / "c").iterdir() if (p / "config.json").is_file()]
+    stats = read_statistics(store)
+    base, merged = read_tensors(models["base"]), read_tensors(models["e1"])
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+                 "transformer.h.1.mlp.c_proj.weight", "transformer.h.0.ln_1.weight"):
+        a = stats[f"{name}::act_abs"]
+        assert a.numel() == base[name].shape[0]  # Conv1D: [in, out]
+        r = 1 - a / a.max() * 0.6  # ω = 0.4
+        expected = base[name] + (merged[name] - base[name]) * (r[:, None] if a.numel() != base[name].numel() else r)
+        torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-7)
+
+
 # ---- OptMerge --------------------------------------------------------------------------------
 
 def authors_optmerge(taus: list[torch.Tensor], steps: int, lr: float) -> torch.Tensor:
