@@ -297,6 +297,12 @@ def test_onto_refuses_what_is_not_a_continual_merge_of_this_base(world, tmp_path
     wrong = recipe(tmp_path / "r3.yaml", "opcm", other, experts[1:2])
     with pytest.raises(MergesmithError, match="merged onto base .* whose weights differ"):
         continual_merge(wrong, tmp_path / "y", onto=first)
+    # per-model parameters
+    weighted = write_recipe(tmp_path / "r5.yaml", {
+        "merge_method": "opcm", "base_model": str(base),
+        "models": [{"model": str(experts[1]), "parameters": {"weight": 2.0}}]})
+    with pytest.raises(MergesmithError, match="takes no per-model parameters"):
+        continual_merge(weighted, tmp_path / "v", onto=first)
     # another rule
     ta = recipe(tmp_path / "r4.yaml", "continual_task_arithmetic", base, experts[1:2])
     with pytest.raises(MergesmithError, match="was merged with opcm"):
@@ -312,7 +318,7 @@ def test_onto_refuses_what_is_not_a_continual_merge_of_this_base(world, tmp_path
     save_file(tensors, str(tampered / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(MergesmithError, match="not the ones continual/state.json was written with"):
         continual_merge(add, tmp_path / "w", onto=tampered)
-    for out in ("x", "y", "z", "w"):
+    for out in ("x", "y", "z", "w", "v"):
         assert not (tmp_path / out).exists()
 
 

@@ -58,6 +58,7 @@ class Chain:
     scale: float = 1.0  # OPCM's 1/λ_t, found by the norms pass
     norms: list[float] = field(default_factory=list)  # ‖τ_i‖ of the new models
     projections: dict = field(default_factory=dict)
+    checked: object = None  # the plan of the models' task arithmetic: names, shapes, config
 
     @property
     def count(self) -> int:
@@ -85,6 +86,11 @@ def continual_chain(recipe: Recipe | str | Path | dict, onto: str | Path | None 
                           hint="task vectors are differences from it")
     if not recipe.models:
         raise RecipeError(f"{recipe.where('models')}: give the models to add, in order, under models:")
+    for i, model in enumerate(recipe.models):
+        if model.parameters:
+            raise RecipeError(f"{recipe.where('models', i, 'parameters')}: a continual rule "
+                              "takes no per-model parameters", hint="give them once, under "
+                              "the recipe's parameters:")
     onto = onto if onto is not None else (recipe.continual.onto if recipe.continual else None)
     params = _params(recipe, rule)
     state = {}
@@ -104,10 +110,9 @@ def continual_chain(recipe: Recipe | str | Path | dict, onto: str | Path | None 
     base = checked.models[recipe.base_model]
     if onto is not None:
         _check_base(Path(onto), state, base, recipe)
-    chain = Chain(recipe, rule, params, base, [(r, checked.models[r]) for r in refs],
-                  checked.models[str(onto)] if onto is not None else None, state, checked.jobs)
-    chain.checked = checked
-    return chain
+    return Chain(recipe, rule, params, base, [(r, checked.models[r]) for r in refs],
+                 checked.models[str(onto)] if onto is not None else None, state, checked.jobs,
+                 checked=checked)
 
 
 def _params(recipe: Recipe, rule: str) -> dict:
