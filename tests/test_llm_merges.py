@@ -136,6 +136,19 @@ def test_act_abs_is_the_mean_absolute_input_of_real_tokens(llama):
     assert "model.embed_tokens.weight::act_abs" not in stats
 
 
+def test_act_abs_beside_gram_in_one_pass_equals_each_alone(llama):
+    cal = Calibration(data=str(llama["data"]), batch_size=3)
+    examples = load_examples(cal, llama["root"])
+    both = collect(llama["base"], examples, cal, llama["root"], kinds=["gram", "act_abs"],
+                   max_stats_bytes=1 << 14)  # several groups
+    alone = {**collect(llama["base"], examples, cal, llama["root"], kinds=["gram"]),
+             **collect(llama["base"], examples, cal, llama["root"], kinds=["act_abs"])}
+    assert both.keys() == alone.keys()
+    assert "model.norm.weight::act_abs" in both and "model.norm.weight::gram" not in both
+    for key in both:
+        torch.testing.assert_close(both[key], alone[key], rtol=1e-6, atol=1e-7)
+
+
 def test_aim_recipe_relaxes_with_the_base_models_activations(llama, tmp_path):
     cache = tmp_path / "cache"
     recipe = write_recipe(tmp_path / "aim.yaml", {
