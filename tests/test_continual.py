@@ -445,3 +445,18 @@ def test_dop_chain_averages_all_but_linear_weights(world, tmp_path, one_thread):
         else:
             want = (m1[k] + m2[k]) / 2
         torch.testing.assert_close(got[k], want, rtol=0, atol=1e-7, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_continual_rules_on_cuda_match_the_cpu(world, tmp_path):
+    root, base, experts, _ = world
+    for rule, params in (("opcm", {"alpha": 0.5}), ("dop", {"steps": 20, "lr": 1e-3}),
+                         ("continual_ties", {}), ("continual_magmax", {})):
+        outs = []
+        for device in ("cpu", "cuda"):
+            first = tmp_path / f"{rule}-{device}-1"
+            continual_merge(recipe(tmp_path / "a.yaml", rule, base, experts[:1], **params), first,
+                            device=device)
+            outs.append(continual_merge(recipe(tmp_path / "b.yaml", rule, base, experts[1:3], **params),
+                                        tmp_path / f"{rule}-{device}-2", onto=first, device=device))
+        close(read_tensors(outs[0]), read_tensors(outs[1]), atol=1e-5)

@@ -59,6 +59,7 @@ class Chain:
     norms: list[float] = field(default_factory=list)  # ‖τ_i‖ of the new models
     projections: dict = field(default_factory=dict)
     checked: object = None  # the plan of the models' task arithmetic: names, shapes, config
+    device: torch.device = torch.device("cpu")  # where the rules compute (SVDs, DOP's Adam)
 
     @property
     def count(self) -> int:
@@ -166,9 +167,12 @@ def _base_digest(base) -> str:
 def _inputs(chain: Chain, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor | None, Iterator]:
     """θ0, the earlier merge (or None) and the new models of one tensor, in fp32; the models
     are read one at a time as they are folded in, so a recipe of many holds two at once."""
+    def read(ck, name):
+        return ck.read(name).to(chain.device, torch.float32)
+
     (base_ck, name), *rest = job.inputs
-    merged = rest.pop(0)[0].read(name).float() if chain.onto is not None else None
-    return base_ck.read(name).float(), merged, (ck.read(n).float() for ck, n in rest)
+    merged = read(*rest.pop(0)) if chain.onto is not None else None
+    return read(base_ck, name), merged, (read(ck, n) for ck, n in rest)
 
 
 def fold(chain: Chain, job: TensorJob, *, opcm_scale: float = 1.0) -> tuple[torch.Tensor, dict]:
@@ -271,7 +275,7 @@ class ChainView(View):
                 self._held = None  # let go of the last tensor before computing the next
                 job = self.jobs[name]
                 tensor, _ = fold(self.chain, job, opcm_scale=self.chain.scale)
-                tensor = tensor.to(job.out.dtype).contiguous()
+                tensor = tensor.to("cpu", job.out.dtype).contiguous()
                 if rows is None:
                     return tensor
                 self._held = (name, tensor)
@@ -324,9 +328,10 @@ def continual_merge(recipe: Recipe | str | Path | dict, out: str | Path, *,
                     progress: bool = False, allow_crimes: bool = False, **_: object) -> Path:
     """Add the recipe's models, in order, to the merge in `onto` (or to the base) and write
     the result with its state at `out`."""
-    from mergesmith.engine.api import parse_size, write_plan
+    from mergesmith.engine.api import _device, parse_size, write_plan  # _device: --device checked
 
     chain = continual_chain(recipe, onto, shard_size=shard_size, allow_crimes=allow_crimes)
+    chain.device = _device(device)
     norms_pass(chain)
     program = continual_program(chain)
     state = next_state(chain)

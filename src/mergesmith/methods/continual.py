@@ -91,7 +91,7 @@ def opcm_project(reference: torch.Tensor, tau: torch.Tensor, alpha: float
     r = min(split_rank(s, alpha), k)
     u, v = u[:, :k], vh[:k].T
     p = u.T @ x @ v
-    mask = torch.eye(k, dtype=torch.bool)
+    mask = torch.eye(k, dtype=torch.bool, device=x.device)
     mask[:r, :r] = True
     removed = u @ (p * mask) @ v.T
     return (x - removed).to(tau.dtype), {"rank": k, "split_rank": r}
@@ -174,7 +174,8 @@ def principal(tau: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Te
     elif epsilon >= 1:
         k = s.numel()
     else:
-        k = int(torch.searchsorted(s.cumsum(0) / total, torch.tensor([float(epsilon)], dtype=s.dtype)))
+        reach = torch.tensor([float(epsilon)], dtype=s.dtype, device=s.device)
+        k = int(torch.searchsorted(s.cumsum(0) / total, reach))
     return u[:, :k], s[:k], vh[:k].T
 
 
