@@ -210,3 +210,53 @@ def test_lock_and_unlock_commands_and_refusals(family, tmp_path, monkeypatch, ca
     with pytest.raises(PlanError, match="different models"):
         unlock(f["locked"], other, tmp_path / "u3")
     assert not (tmp_path / "g").exists() and not (tmp_path / "u3").exists()
+
+
+def _copies(n, low, high, gen):
+    """Sequences of 8 random tokens, then the same 8 again: the second half needs attention (an
+    induction head), which is what the lock transforms."""
+    half = torch.randint(low, high, (n, 8), generator=gen) + 2  # ids 0, 1 are [UNK], [PAD]
+    return torch.cat([half, half], dim=1)
+
+
+def _train_copy(folder, out, low, high, steps, lr, seed):
+    gen = torch.Generator().manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        ids = _copies(32, low, high, gen)
+        labels = ids.clone()
+        labels[:, :8] = -100  # the first half is random: only the copy is learnable
+        optimizer.zero_grad()
+        model(ids, labels=labels).loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    return out
+
+
+def _copy_accuracy(folder):
+    ids = _copies(64, 0, 90, torch.Generator().manual_seed(99))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        predicted = model(ids).logits[:, 8:-1].argmax(-1)
+    return float((predicted == ids[:, 9:]).float().mean())
+
+
+def test_a_merge_with_the_locked_model_loses_a_skill_that_lives_in_attention(tmp_path, one_thread):
+    """Base pre-trained to copy (an attention skill); two fine-tunes on different tokens. Their
+    average copies; the average with one of them locked does not (the paper: > 95% drop);
+    unlocked from the base, it copies again."""
+    torch.manual_seed(0)
+    raw = build_model(tmp_path / "raw", "llama", seed=0, layers=2)
+    base = _train_copy(raw, tmp_path / "base", 0, 90, steps=150, lr=1e-2, seed=0)
+    e1 = _train_copy(base, tmp_path / "e1", 0, 45, steps=10, lr=1e-3, seed=1)
+    e2 = _train_copy(base, tmp_path / "e2", 45, 90, steps=10, lr=1e-3, seed=2)
+    locked = lock(e1, tmp_path / "locked", seed=3)
+    unlocked = unlock(locked, base, tmp_path / "unlocked")
+    plain = _copy_accuracy(_merge(tmp_path, "plain", [e1, e2], base))
+    broken = _copy_accuracy(_merge(tmp_path, "broken", [locked, e2], base))
+    fixed = _copy_accuracy(_merge(tmp_path, "fixed", [unlocked, e2], base))
+    assert _copy_accuracy(locked) == _copy_accuracy(e1) > 0.5  # chance: 1/90
+    # (how well a 150-step model copies depends on the seed; what the lock does to it does not)
+    assert plain > 0.5 and broken < plain / 3 and abs(fixed - plain) < 0.02
