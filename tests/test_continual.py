@@ -68,6 +68,8 @@ def test_opcm_projection_is_orthogonal_to_the_kept_directions():
     keep = ~torch.eye(8, dtype=torch.bool)
     keep[:2, :2] = False
     torch.testing.assert_close(p[keep], q[keep], rtol=0, atol=1e-12)
+    # so the added update is orthogonal to the merge so far: ⟨U S Vᵀ, τ⊥⟩ = Σ σ_i P_ii = 0
+    assert abs(float((reference * out).sum())) < 1e-10 < abs(float((reference * tau).sum()))
 
 
 def test_split_rank_when_no_index_exceeds_alpha():
