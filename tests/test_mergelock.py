@@ -99,6 +99,14 @@ def test_fits_and_invariants_are_exact():
     gap, size = product_gap(xa, ya, xb, yb)
     assert math.isclose(gap, float(torch.sum((xa @ ya.T - xb @ yb.T) ** 2)), rel_tol=1e-9)
     assert math.isclose(size, float(torch.sum((xb @ yb.T) ** 2)), rel_tol=1e-9)
+    # batched over 4 query heads whose key/value factors come in 2 groups (GQA)
+    xa, xb = (torch.randn(4, 10, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    ya, yb = (torch.randn(2, 12, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    gap, size = product_gap(xa, ya, xb, yb, group=2)
+    assert math.isclose(gap, sum(float(torch.sum((xa[h] @ ya[h // 2].T - xb[h] @ yb[h // 2].T) ** 2))
+                                 for h in range(4)), rel_tol=1e-9)
+    assert math.isclose(size, sum(float(torch.sum((xb[h] @ yb[h // 2].T) ** 2)) for h in range(4)),
+                        rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])

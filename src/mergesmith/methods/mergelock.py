@@ -175,29 +175,32 @@ def fit_transform(ref: torch.Tensor, locked: torch.Tensor, rope: bool) -> torch.
     return rotation_scaling(((r1 * l1 + r2 * l2).sum(0)) / norm, ((r2 * l1 - r1 * l2).sum(0)) / norm)
 
 
-def product_gap(xa: torch.Tensor, ya: torch.Tensor, xb: torch.Tensor,
-                yb: torch.Tensor) -> tuple[float, float]:
-    """(‖Xa Yaᵀ − Xb Ybᵀ‖², ‖Xb Ybᵀ‖²) for [n, r] and [m, r] factors, from r × r Gram
-    matrices: the n × m products (d × d per head) are never formed."""
-    xa, ya, xb, yb = (t.double() for t in (xa, ya, xb, yb))
-    aa = torch.sum((xa.T @ xa) * (ya.T @ ya))
-    bb = torch.sum((xb.T @ xb) * (yb.T @ yb))
-    ab = torch.sum((xa.T @ xb) * (ya.T @ yb))
+def product_gap(xa: torch.Tensor, ya: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+                group: int = 1) -> tuple[float, float]:
+    """(‖Xa Yaᵀ − Xb Ybᵀ‖², ‖Xb Ybᵀ‖²) for [n, r] and [m, r] factors, or batches of them
+    [B, n, r] summed over the batch, where each Y of a batch [B / group, m, r] serves `group`
+    consecutive X's (GQA). From r × r Gram matrices: the n × m products are never formed."""
+    xa, ya, xb, yb = (t.double().reshape(-1, *t.shape[-2:]) for t in (xa, ya, xb, yb))
+
+    def gram(u, w, shared=False):
+        g = torch.bmm(u.transpose(1, 2), w)
+        return g.repeat_interleave(group, 0) if shared else g
+
+    aa = torch.sum(gram(xa, xa) * gram(ya, ya, True))
+    bb = torch.sum(gram(xb, xb) * gram(yb, yb, True))
+    ab = torch.sum(gram(xa, xb) * gram(ya, yb, True))
     return float((aa - 2 * ab + bb).clamp_min(0)), float(bb)
 
 
 def head_factors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 heads: Heads) -> list[tuple[torch.Tensor, ...]]:
-    """Per query head h of group g: (W_Q^h, W_K^g, W_O^hᵀ, W_V^g) as [in, d_h] factors, so that
-    G_QK = W_Q^h W_K^gᵀ and G_VOᵀ = W_O^hᵀ W_V^gᵀ. q/k/v are weights with their bias appended as a
-    last input column (PyTorch layout [h·d_h, d(+1)]); o is o_proj.weight [d, h·d_h]."""
+                 heads: Heads) -> tuple[torch.Tensor, ...]:
+    """(W_Q^h, W_K^g, W_O^hᵀ, W_V^g) as batches over query heads h ([heads, in, d_h]) and over
+    key/value heads g ([kv, in, d_h]), so that G_QK = W_Q^h W_K^gᵀ and G_VOᵀ = W_O^hᵀ W_V^gᵀ with
+    g = h // group (product_gap's `group`). q/k/v are weights with their bias appended as a last
+    input column (PyTorch layout [h·d_h, d(+1)]); o is o_proj.weight [d, h·d_h]."""
     d = heads.dim
-    out = []
-    for h in range(heads.queries):
-        g = h // heads.group
-        out.append((q[h * d:(h + 1) * d].T, k[g * d:(g + 1) * d].T, o[:, h * d:(h + 1) * d],
-                    v[g * d:(g + 1) * d].T))
-    return out
+    per_head = lambda w: w.reshape(-1, d, w.shape[-1]).transpose(1, 2)  # noqa: E731
+    return per_head(q), per_head(k), o.reshape(o.shape[0], heads.queries, d).transpose(0, 1), per_head(v)
 
 
 @dataclass
@@ -220,11 +223,9 @@ def layer_evidence(layer: int, mine: dict[str, torch.Tensor], ref: dict[str, tor
     """`mine`, `ref`: {"q", "k", "v", "o": weights (q/k/v with bias columns)} of one layer."""
     diff = sum(float((mine[n].double() - ref[n].double()).pow(2).sum()) for n in "qkvo")
     size = sum(float(ref[n].double().pow(2).sum()) for n in "qkvo")
-    qk = vo = [0.0, 0.0]
-    for (qa, ka, oa, va), (qb, kb, ob, vb) in zip(head_factors(*(mine[n] for n in "qkvo"), heads),
-                                                  head_factors(*(ref[n] for n in "qkvo"), heads)):
-        qk = [s + t for s, t in zip(qk, product_gap(qa, ka, qb, kb))]
-        vo = [s + t for s, t in zip(vo, product_gap(oa, va, ob, vb))]
+    qa, ka, oa, va = head_factors(*(mine[n] for n in "qkvo"), heads)
+    qb, kb, ob, vb = head_factors(*(ref[n] for n in "qkvo"), heads)
+    qk, vo = product_gap(qa, ka, qb, kb, heads.group), product_gap(oa, va, ob, vb, heads.group)
     rel = lambda pair: math.sqrt(pair[0] / pair[1]) if pair[1] > 0 else 0.0  # noqa: E731
     return Evidence(layer, rel((diff, size)), rel(qk), rel(vo))
 
