@@ -22,7 +22,7 @@ from mergesmith.errors import PlanError
 from mergesmith.io.adapted import open_input
 from mergesmith.io.views import Entry, View, stored
 from mergesmith.methods.mergelock import (Evidence, Heads, LayerLock, check_lock, draw_lock, fit_lock,
-                                          layer_evidence, transform_o, transform_rows)
+                                          layer_evidence, transform_o, transform_rows, weight_distance)
 
 # decoders whose attention is q/k/v/o_proj with RoPE over whole heads and nothing between the
 # projection and the rotation (Qwen3's and Gemma 3's per-head q/k norms would not commute)
@@ -151,8 +151,8 @@ def unlock(locked, reference, out: str | Path, *, log: Callable[[str], None] | N
         mine, theirs = layer_weights(ck, layer), layer_weights(ref, layer)
         fitted = fit_lock(mine, theirs, heads)
         locks[layer] = fitted.inverse()
-        before.append(layer_evidence(layer, mine, theirs, heads).weights)
-        after.append(layer_evidence(layer, _apply(mine, locks[layer], heads), theirs, heads).weights)
+        before.append(weight_distance(mine, theirs))
+        after.append(weight_distance(_apply(mine, locks[layer], heads), theirs))
     if log:
         log(f"unlock: attention weights {max(before):.1%} -> {max(after):.1%} from {ref.label} "
             f"(largest over {len(locks)} layers)")

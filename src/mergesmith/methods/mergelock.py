@@ -221,13 +221,18 @@ class Evidence:
 def layer_evidence(layer: int, mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
                    heads: Heads) -> Evidence:
     """`mine`, `ref`: {"q", "k", "v", "o": weights (q/k/v with bias columns)} of one layer."""
-    diff = sum(float((mine[n].double() - ref[n].double()).pow(2).sum()) for n in "qkvo")
-    size = sum(float(ref[n].double().pow(2).sum()) for n in "qkvo")
     qa, ka, oa, va = head_factors(*(mine[n] for n in "qkvo"), heads)
     qb, kb, ob, vb = head_factors(*(ref[n] for n in "qkvo"), heads)
     qk, vo = product_gap(qa, ka, qb, kb, heads.group), product_gap(oa, va, ob, vb, heads.group)
     rel = lambda pair: math.sqrt(pair[0] / pair[1]) if pair[1] > 0 else 0.0  # noqa: E731
-    return Evidence(layer, rel((diff, size)), rel(qk), rel(vo))
+    return Evidence(layer, weight_distance(mine, ref), rel(qk), rel(vo))
+
+
+def weight_distance(mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """‖mine − ref‖ / ‖ref‖ over a layer's attention weights (layer_evidence's layout)."""
+    diff = sum(float((mine[n].double() - ref[n].double()).pow(2).sum()) for n in "qkvo")
+    size = sum(float(ref[n].double().pow(2).sum()) for n in "qkvo")
+    return math.sqrt(diff / size) if size > 0 else 0.0
 
 
 def fit_lock(locked: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], heads: Heads) -> LayerLock:
