@@ -12,7 +12,6 @@ sums added up, in OUT/summary.json; analyze/report.py draws the plots and writes
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,6 @@ from mergesmith.recipe import Recipe, load_recipe
 # Whose parameters (densities, weights) a recipe is planned with when its own method cannot
 # be planned for analysis: one that takes no base, learns from data or reads statistics.
 STAND_IN = "task_arithmetic"
-SMALL_TENSOR = 1 << 20  # entries below which a tensor is analysed on one thread
 SPECTRA_SHOWN = 8  # tensors whose whole spectra the summary keeps (those of the middle layer)
 
 
@@ -58,7 +56,7 @@ def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *, merged: str 
     try:
         with open(out / "tensors.jsonl", "w") as lines:
             for job in jobs:
-                with _threads(job):
+                with _one_thread():
                     sums = job_sums(plan, job, merged_ck, density, max_rank)
                 record = {"name": job.out.name, "layer": job.ctx.layer, "shape": list(job.out.shape),
                           **figures(sums, len(job.inputs) - 1), "sums": sums}
@@ -157,12 +155,13 @@ def job_sums(plan: Plan, job: TensorJob, merged: Checkpoint | None, density: flo
 
 
 @contextmanager
-def _threads(job: TensorJob):
-    """One thread for a small tensor: handing its few small products to other threads costs
-    more than the products (10x on a busy 2-core machine)."""
+def _one_thread():
+    """The analysis runs on one thread, as a merge's element-wise work does (engine/run.py's
+    merge_threads): its operations are small (blocks of rows, sketches of 42 columns), and
+    handing them to other threads cost 3x (element-wise) to 9x (spectra) more on a busy 2-core
+    machine (measured on a 2048×768 tensor)."""
     threads = torch.get_num_threads()
-    if math.prod(job.out.shape) < SMALL_TENSOR:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:

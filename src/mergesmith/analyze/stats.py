@@ -129,10 +129,11 @@ def _elementwise(taus, merged, cuts, densities, weights, epsilons, ctx) -> dict:
 
 
 def _add(total: torch.Tensor, kept: list[torch.Tensor]) -> None:
-    """Per τi: how many entries it keeps, and their Σ τ² (float64)."""
+    """Per τi: how many entries it keeps, and their Σ τ² (a block's in fp32, added in float64)."""
     for i, x in enumerate(kept):
-        total[i, 0] += int(torch.count_nonzero(x))
-        total[i, 1] += float(x.double().square().sum())
+        flat = x.reshape(-1)
+        total[i, 0] += int(torch.count_nonzero(flat))
+        total[i, 1] += float(torch.dot(flat, flat))
 
 
 def _symmetric(upper: torch.Tensor) -> list[list[int]]:
