@@ -149,3 +149,25 @@ def test_negate_refuses_bad_settings_before_merging(world, tmp_path):
         negate(str(world["forget"]), forget_tasks=[world["forget_task"]],
                control_tasks=[world["control_task"]], lambdas=[1.0], floor=1.5, **common)
     assert not (tmp_path / "out").exists()
+
+
+def test_negating_a_lora_adapter_subtracts_lambda_s_b_a(world, tmp_path):
+    """An adapter as the forget model (`BASE+ADAPTER`): ΔW = −λ·s·B·A on every adapted module,
+    s = alpha / r, and nothing else moves."""
+    from safetensors.torch import load_file
+    from test_adapter_io import make_adapter
+
+    adapter = make_adapter(world["base"], tmp_path / "lora", "llama", r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj"])
+    got = _merged(negation_recipe(str(world["base"]), f"{world['base']}+{adapter}", 0.5), tmp_path / "neg")
+    lora, base = load_file(str(adapter / "adapter_model.safetensors")), read_tensors(world["base"])
+    adapted = 0
+    for name, tensor in base.items():
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        if f"{prefix}.lora_A.weight" in lora:
+            delta = -0.5 * (8 / 4) * lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]
+            torch.testing.assert_close(got[name], tensor + delta, rtol=1e-6, atol=1e-6)
+            adapted += 1
+        else:
+            assert torch.equal(got[name], tensor)
+    assert adapted == 2 * 2  # q and v of both layers
