@@ -137,8 +137,8 @@ def lock(model, out: str | Path, *, seed: int | None = None, spread: float = 2.0
 def unlock(locked, reference, out: str | Path, *, log: Callable[[str], None] | None = None,
            **write) -> Path:
     """Write `locked` with the transforms that best take `reference` to it undone, layer by
-    layer: the same outputs as `locked`, its weights back near the reference (exactly the
-    pre-lock weights when the reference is the model that was locked)."""
+    layer: the same outputs as `locked`, its weights back near the reference (the pre-lock
+    weights, to float rounding, when the reference is the model that was locked)."""
     ck, ref = _open(locked), _open(reference)
     heads = attention_heads(ck)
     found = config_difference(ref, ck, layers=True)
