@@ -184,7 +184,7 @@ def lock_findings(models: dict[str, object], reference: str | None = None) -> li
     first model), naming the layers and the evidence; models MergeLock cannot read are skipped.
     When every other model looks locked against the reference but not against each other, the
     reference is the locked one."""
-    unique = list({id(ck): (ref, ck) for ref, ck in models.items()}.values())
+    unique = [(r, ck) for r, ck in {id(ck): (r, ck) for r, ck in models.items()}.values() if _readable(ck)]
     usable = [(r, ck) for r, ck in unique if _comparable(ck, unique[0][1])]
     if len(usable) < 2:
         return []
@@ -212,13 +212,18 @@ def _locked_layers(models: list, ref) -> list[list[Evidence]]:
     return found
 
 
-def _comparable(ck, first) -> bool:
+def _readable(ck) -> bool:
     try:
-        heads = attention_heads(ck)
+        attention_heads(ck)
     except PlanError:
         return False
+    return True
+
+
+def _comparable(ck, first) -> bool:
     names = [_name(layer, k) for layer in range(layer_count(ck)) for k in "qkvo"]
-    return (heads == attention_heads(first) and config_difference(ck, first, layers=True) is None
+    return (attention_heads(ck) == attention_heads(first)
+            and config_difference(ck, first, layers=True) is None
             and all(n in ck.tensors and n in first.tensors and ck.tensors[n].shape == first.tensors[n].shape
                     for n in names))
 
