@@ -171,3 +171,13 @@ def test_negating_a_lora_adapter_subtracts_lambda_s_b_a(world, tmp_path):
         else:
             assert torch.equal(got[name], tensor)
     assert adapted == 2 * 2  # q and v of both layers
+
+
+def test_on_disk_sweep_scores_like_the_in_memory_one(world, tmp_path):
+    tasks = dict(forget_tasks=[world["forget_task"]], control_tasks=[world["control_task"]], lambdas=[0.5])
+    runs = [negate(str(world["forget"]), base=str(world["base"]), out=tmp_path / name, in_memory=memory,
+                   write_model=False, **tasks) for name, memory in (("memory", True), ("disk", False))]
+    assert sorted(p.name for p in (tmp_path / "disk" / "merges").iterdir()) == ["lambda-0", "lambda-0.5"]
+    assert not (tmp_path / "memory" / "merges").exists() and not (tmp_path / "memory" / "model").exists()
+    for a, b in zip(*(run.points for run in runs)):
+        assert a.lam == b.lam and a.scores == pytest.approx(b.scores, rel=1e-6)
