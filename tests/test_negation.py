@@ -37,10 +37,13 @@ def _fine_tune(base, out, texts, steps, lr):
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     ids = torch.tensor([tokenizer(t)["input_ids"] for t in texts])
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: thread hand-offs cost more than the work (conftest)
     for _ in range(steps):
         optimizer.zero_grad()
         model(ids, labels=ids).loss.backward()
         optimizer.step()
+    torch.set_num_threads(threads)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
