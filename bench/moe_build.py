@@ -1,7 +1,7 @@
 """Dense experts into one Mixtral MoE, mergesmith moe against mergekit-moe in the same run.
 
     .venv/bin/python bench/moe_build.py [--size 100m|1b] [--experts 2,4] [--dtypes bfloat16,float32]
-        [--gate-modes random,hidden] [--tools mergekit,mergesmith] [--repeat 1] [--idle-wait 30]
+        [--gate-modes random,hidden] [--tools mergekit,mergesmith] [--repeat 1] [--idle-wait 15]
         [--work bench/work] [--json bench/results/moe-build-100m.json]
 
 The experts are the bench model's four checkpoints (bench/models.py: expert1..3, then base; the
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-modes", type=csv, default=["random", "hidden"])
     ap.add_argument("--tools", type=csv, default=["mergekit", "mergesmith"])
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--idle-wait", type=float, default=30.0, help="seconds to wait for a quiet machine")
+    ap.add_argument("--idle-wait", type=float, default=15.0, help="seconds to wait for a quiet machine")
     ap.add_argument("--parity", action=argparse.BooleanOptionalAction, default=None,
                     help="compare the last case's outputs (default: at 100m)")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work")
