@@ -58,8 +58,8 @@ def plot_layers(summary: dict, names: list[str], path: Path) -> Path:
                          label=f"top-k overlap {label}")
     conflict_ax.plot(x, [f["sign_conflict_rate"] for f in layers], "k-", marker=".",
                      label="sign conflicts (any pair)")
-    titles = ("task-vector norm ‖τi‖", "cosine similarity", "sign conflicts / Jaccard of top-k masks",
-              "mean effective rank (2-D tensors)")
+    titles = ("task-vector norm ‖τi‖", "cosine similarity",
+              "sign conflicts / Jaccard of top-k masks", "mean effective rank (2-D tensors)")
     for ax, title in zip(axes.flat, titles):
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -75,7 +75,8 @@ def plot_similarity(summary: dict, names: list[str], path: Path) -> Path:
     plt = _pyplot()
     model = summary["model"]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 2 + 0.8 * len(names)))
-    for ax, key, title in zip(axes, ("cosine", "jaccard"), ("cosine of τi, τj", "Jaccard of top-k masks")):
+    titles = ("cosine of τi, τj", "Jaccard of top-k masks")
+    for ax, key, title in zip(axes, ("cosine", "jaccard"), titles):
         matrix = [[v if v is not None else float("nan") for v in row] for row in model[key]]
         image = ax.imshow(matrix, vmin=-1 if key == "cosine" else 0, vmax=1, cmap="coolwarm")
         for i, row in enumerate(matrix):
@@ -148,7 +149,9 @@ def plot_merged(summary: dict, names: list[str], path: Path) -> Path:
 
 
 def _f(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    if value is None:
+        return "–"
+    return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
 def _table(header: list[str], rows: list[list]) -> str:

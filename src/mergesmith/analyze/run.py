@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.analyze.stats import DEFAULT_DENSITY, DEFAULT_MAX_RANK, add_sums, figures, tensor_sums
+from mergesmith.analyze.stats import (
+    DEFAULT_DENSITY, DEFAULT_MAX_RANK, add_sums, figures, tensor_sums,
+)
 from mergesmith.engine import layers as L
 from mergesmith.engine.api import ProgressBar
 from mergesmith.engine.plan import Plan, TensorJob, build_plan
@@ -31,11 +33,12 @@ from mergesmith.recipe import Recipe, load_recipe
 # Whose parameters (densities, weights) a recipe is planned with when its own method cannot
 # be planned for analysis: one that takes no base, learns from data or reads statistics.
 STAND_IN = "task_arithmetic"
+DELLA_METHODS = ("della", "della_linear")  # recipes whose analysis shows DELLA's drops
 SPECTRA_SHOWN = 8  # tensors whose whole spectra the summary keeps (those of the middle layer)
 
 
-def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *, merged: str | Path | None = None,
-            density: float | None = None, max_rank: int = DEFAULT_MAX_RANK,
+def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
+            merged: str | Path | None = None, density: float | None = None, max_rank: int = DEFAULT_MAX_RANK,
             seed: int | None = None, allow_crimes: bool = False, overwrite: bool = False,
             progress: bool = False, plots: bool = True) -> Path:
     """Write OUT/summary.json, OUT/tensors.jsonl, the plots and OUT/report.md; return OUT.
@@ -58,11 +61,12 @@ def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *, merged: str 
             for job in jobs:
                 with _one_thread():
                     sums = job_sums(plan, job, merged_ck, density, max_rank)
-                record = {"name": job.out.name, "layer": job.ctx.layer, "shape": list(job.out.shape),
-                          **figures(sums, len(job.inputs) - 1), "sums": sums}
+                record = {"name": job.out.name, "layer": job.ctx.layer,
+                          "shape": list(job.out.shape), **figures(sums, len(job.inputs) - 1), "sums": sums}
                 lines.write(json.dumps(record) + "\n")
                 total = add_sums(total, sums)
-                groups[group_of(job.out.name)] = _add_group(groups.get(group_of(job.out.name)), sums)
+                key = group_of(job.out.name)
+                groups[key] = _add_group(groups.get(key), sums)
                 if "spectra" in sums and job.ctx.layer == middle and len(spectra) < SPECTRA_SHOWN:
                     spectra[job.out.name] = [s["sigma"] for s in sums["spectra"]]
                 if bar:
@@ -148,10 +152,12 @@ def job_sums(plan: Plan, job: TensorJob, merged: Checkpoint | None, density: flo
     del base, tensors
     params = job.params
     n = len(taus)
-    densities = [density] * n if density is not None else params.get("densities") or [DEFAULT_DENSITY] * n
+    densities = ([density] * n if density is not None
+                 else params.get("densities") or [DEFAULT_DENSITY] * n)
     return tensor_sums(taus, delta, densities=list(densities), weights=params.get("weights"),
                        gammas=params.get("gammas"), epsilons=params.get("epsilons"),
-                       ctx=job.ctx, max_rank=max_rank)
+                       ctx=job.ctx, max_rank=max_rank,
+                       della=plan.method.name in DELLA_METHODS)
 
 
 @contextmanager

@@ -12,7 +12,8 @@ kept energies), so a layer's or the model's figures are those of its tensors' su
 - per method, how much sparsification drops: the share of entries and of ‖τi‖² each τi loses in
   TIES' trim, after TIES' sign election (entries whose sign disagrees with the elected one), in
   breadcrumbs' band, in DARE's and DELLA's random drops (the same draws as a merge of this
-  recipe and seed: the methods' own sparsifiers);
+  recipe and seed: the methods' own sparsifiers; DELLA's only when asked, `della=True`: its
+  per-row ranking costs as much as all the other figures together);
 - for 2-D tensors, singular values and the effective rank exp(−Σ pk log pk), pk = σk / Σσ
   (Roy & Vetterli 2007), and the stable rank ‖τ‖²_F / σ1²; spectra of matrices larger than
   `max_rank` are the top `max_rank` values of a randomized SVD (methods/lowrank.py), so their
@@ -50,7 +51,8 @@ DROPS = ("ties_trim", "ties_elect", "breadcrumbs", "dare", "della")
 def tensor_sums(taus: list[torch.Tensor], merged: torch.Tensor | None = None, *,
                 densities: list[float], weights: list[float] | None = None,
                 gammas: list[float] | None = None, epsilons: list[float] | None = None,
-                ctx: TensorContext | None = None, max_rank: int = DEFAULT_MAX_RANK) -> dict:
+                ctx: TensorContext | None = None, max_rank: int = DEFAULT_MAX_RANK,
+                della: bool = True) -> dict:
     """The additive sums of one tensor (see the module); `merged` is δ = θ* − θ0."""
     n = len(taus)
     weights = weights or [1.0] * n
@@ -59,11 +61,13 @@ def tensor_sums(taus: list[torch.Tensor], merged: torch.Tensor | None = None, *,
     ctx = ctx or TensorContext("tensor")
     numel = taus[0].numel()
     vectors = taus + ([merged] if merged is not None else [])
-    sums = {"numel": numel, "gram": gram64(vectors).tolist()}
+    gram = gram64(vectors)
+    sums = {"numel": numel, "gram": gram.tolist()}
     cuts = [_cuts(tau, d, g) for tau, d, g in zip(taus, densities, gammas)]
-    sums.update(_elementwise(taus, merged, cuts, densities, weights, epsilons, ctx))
+    sums.update(_elementwise(taus, merged, cuts, densities, weights, epsilons if della else None,
+                             ctx))
     if taus[0].dim() == 2:
-        sums["spectra"] = [spectrum(t, max_rank) for t in vectors]
+        sums["spectra"] = [spectrum(t, max_rank, float(gram[i, i])) for i, t in enumerate(vectors)]
     return sums
 
 
@@ -86,9 +90,9 @@ def _elementwise(taus, merged, cuts, densities, weights, epsilons, ctx) -> dict:
     delta = as_rows(merged) if merged is not None else None
     cols = rows[0].shape[1]
     dare = dare_drops(ctx, rows[0].device, densities, unbiased=False)
-    della = (della_drops(ctx, rows[0], densities, epsilons, unbiased=False)
-             if all(not 0 < d < 1 or (e <= d and d + e <= 1) for d, e in zip(densities, epsilons))
-             else None)  # d ± ε outside [0, 1]: DELLA refuses these densities
+    della = (della_drops(ctx, rows[0], densities, epsilons, unbiased=False) if epsilons and
+             all(not 0 < d < 1 or (e <= d and d + e <= 1) for d, e in zip(densities, epsilons))
+             else None)  # not asked for, or d ± ε outside [0, 1]: DELLA refuses these densities
     pair = torch.zeros(n, n, dtype=torch.int64)
     overlap = torch.zeros(n, n, dtype=torch.int64)
     kept = {name: torch.zeros(n, 2, dtype=torch.float64) for name in DROPS}
@@ -142,13 +146,15 @@ def _symmetric(upper: torch.Tensor) -> list[list[int]]:
     return [[rows[min(i, j)][max(i, j)] for j in range(len(rows))] for i in range(len(rows))]
 
 
-def spectrum(x: torch.Tensor, max_rank: int = DEFAULT_MAX_RANK) -> dict:
+def spectrum(x: torch.Tensor, max_rank: int = DEFAULT_MAX_RANK, energy: float | None = None
+             ) -> dict:
     """x's singular values (all, or the top `max_rank` of a seeded randomized SVD when x is
-    larger), its effective and stable ranks."""
+    larger), its effective and stable ranks; `energy`: ‖x‖²_F when known."""
     side = min(x.shape)
     k = side if side <= max_rank + OVERSAMPLE else max_rank
-    sigma = randomized_svd(x.float(), k, oversample=OVERSAMPLE)[1].double() if side else x.new_zeros(0)
-    energy = float(x.double().square().sum())
+    sigma = (randomized_svd(x.float(), k, oversample=OVERSAMPLE)[1].double() if side
+             else x.new_zeros(0, dtype=torch.float64))
+    energy = float(gram64([x])[0, 0]) if energy is None else energy
     return {"sigma": sigma.tolist(), "exact": k == side,
             "effective_rank": effective_rank(sigma),
             "stable_rank": energy / float(sigma[0]) ** 2 if len(sigma) and sigma[0] > 0 else 0.0,
