@@ -1,7 +1,7 @@
 """MoE quality on the demo's tasks: experts, their MoE, its compressed versions, dense merges.
 
-    .venv/bin/python bench/moe_quality.py [--work bench/work] [--top-k 2] [--keep 2]
-        [--json bench/results/moe-quality.json]
+    .venv/bin/python bench/moe_quality.py [--work bench/work] [--gate-mode hidden] [--top-k 2]
+        [--keep 2] [--json bench/results/moe-quality.json]
 
 A tiny Llama (bench/tiny_lm.py: BPE tokenizer over the demo's texts, label words as tokens) is
 pretrained as a language model on the four demo tasks' train texts (src/mergesmith/demo/tasks),
@@ -9,12 +9,14 @@ then one expert per task fine-tunes its MLPs (only: an MoE takes attention, norm
 from `base_model`) to answer `[BOS] text [SEP]` with the task's label word. Scores are label-word
 accuracy on each task's test split (the argmax over that task's label words at [SEP]).
 
-Rows: the base; each expert; the MoE of the four (`mergesmith moe`, `gate_mode: hidden`, each
-task's train texts as its expert's positive prompts) and the same config through mergekit-moe;
+Rows: the base; each expert; the MoE of the four (`mergesmith moe`, `gate_mode: hidden` by
+default, each task's train texts as its expert's positive prompts) and the same config through
+mergekit-moe;
 the MoE compressed to K = --keep experts by `mergesmith moe-compress` with mc_smoe, hc_smoe and
 sub_moe (calibrated on the tasks' train texts); dense merges of the experts (task_arithmetic and
 ties through mergesmith.merge, lambda picked on the validation splits). Models are cached under
---work/moe-quality; the first run trains them (~2-3 min on 2 cores).
+--work/moe-quality; the first run trains them (~4-5 min on 2 busy cores). The script also prints
+how often the router's first choice at [SEP] is the task's own expert.
 """
 
 from __future__ import annotations
