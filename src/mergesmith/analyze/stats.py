@@ -30,9 +30,8 @@ import math
 
 import torch
 
-from mergesmith.methods.blocks import (
-    elect_sign, gram64, keep_magnitude_band, kth_largest, topk_count,
-)
+from mergesmith.methods.blocks import elect_sign, gram64, keep_magnitude_band, topk_count
+from mergesmith.methods.kth import kth_largest_magnitudes
 from mergesmith.methods.lowrank import randomized_svd
 from mergesmith.methods.magnitude_trim import band, band_ranks, keep_band
 from mergesmith.methods.random_drop import dare_drops, della_drops
@@ -73,12 +72,15 @@ def tensor_sums(taus: list[torch.Tensor], merged: torch.Tensor | None = None, *,
 
 def _cuts(tau: torch.Tensor, density: float, gamma: float) -> dict:
     """τ's magnitude thresholds: the top-d cut (TIES, the masks) and breadcrumbs' band, from
-    one selection (the methods' kth_largest, band_ranks and band)."""
+    one radix select over blocks of rows (methods/kth.py, as a streamed TIES finds its cuts:
+    2x faster than a partition of |τ|, and no full-size scratch), and band_ranks and band."""
     n = tau.numel()
     k = topk_count(n, density)
     ranks = band_ranks(n, density, gamma)
     wanted = sorted({k, *ranks}) if 0 < k < n else ranks
-    values = dict(zip(wanted, kth_largest(tau.abs(), wanted))) if wanted else {}
+    rows = as_rows(tau)
+    blocks = [rows[b] for b in row_blocks(rows, BLOCK_ELEMENTS)]
+    values = dict(zip(wanted, kth_largest_magnitudes(blocks, wanted))) if wanted else {}
     top = 0.0 if k == n else math.inf if k == 0 else values[k]
     return {"top": top, "band": band(n, density, [values[r] for r in ranks])}
 
