@@ -200,3 +200,21 @@ def test_states_do_not_depend_on_the_batches(base, mode):
     alone = torch.stack([prompt_states(single, [p], mode) for p in prompts]).mean(0)
     torch.testing.assert_close(whole, pairs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(whole, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_base_runs_its_prompts_in_bf16(base, tmp_path):
+    """As mergekit-moe: the prompt forwards of a bf16 base run in bf16 (an fp32 copy doubles
+    the memory), and the rows are the bf16 model's states, normalised in fp32."""
+    folder = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(base).to(torch.bfloat16).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    cfg = config(folder, [{"positive_prompts": ["w3 w4 w5"]}, {"positive_prompts": ["w9 w10"]}])
+    rows = gate_rows(cfg, Checkpoint(folder))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer("w3 w4 w5", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    want = unit(torch.stack([h[0, -1].float() for h in hidden[:-1]]))
+    assert rows.dtype == torch.float32
+    torch.testing.assert_close(rows[:, 0], want, rtol=0, atol=1e-6)

@@ -4,7 +4,9 @@
 config order), then, as mergekit-moe's `need_gates`, one row per shared expert (Qwen-MoE's
 `shared_expert_gate`) when the shared experts have prompts or the mode is random; S = 0
 otherwise. The maths is methods/moe_router.py's; the prompts' hidden states come from the base
-model (calibrate/prompt_states.py).
+model (calibrate/prompt_states.py), run in the base's stored precision when that is bf16 or
+fp32 (as mergekit-moe, which runs its forwards in bf16: an fp32 copy of a bf16 base would double
+the memory), and in fp32 otherwise.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def gate_rows(config, base: Checkpoint, *, device: str = "cpu", seed: int = 0,
     return rows
 
 
+def _forward_dtype(base: Checkpoint) -> torch.dtype:
+    """The base's stored float precision if the prompt forwards can run in it, else fp32."""
+    stored = {info.dtype for info in base.tensors.values() if info.dtype.is_floating_point}
+    return stored.pop() if len(stored) == 1 and stored <= {torch.bfloat16, torch.float32} else torch.float32
+
+
 def warn_degenerate(rows: torch.Tensor) -> list[int]:
     """Warn (as mergekit's warn_degenerate_gates) about layers whose rows are nearly dependent."""
     layers = degenerate_layers(rows)
@@ -101,7 +109,7 @@ def _check_prompts(config, experts: list) -> None:
 
 def _hidden(base: Checkpoint, experts: list, mode: str, device: str, progress: bool) -> torch.Tensor:
 
-    model = load_prompt_model(base.path, device=device)
+    model = load_prompt_model(base.path, device=device, dtype=_forward_dtype(base))
     total = sum(len(e.positive_prompts) + len(e.negative_prompts or ()) for e in experts)
     rows = []
     with prompt_progress(progress) as bar:
