@@ -38,15 +38,16 @@ def test_cosine_conflicts_and_masks_of_hand_made_task_vectors():
 
 def test_what_ties_and_breadcrumbs_would_drop_by_hand():
     f = figures(tensor_sums([T1, T2], densities=[0.5, 0.5], gammas=[0.2, 0.2]), 2)["dropped"]
-    # trim: τ1 keeps 4, -3, 2 (29 of 31); τ2 keeps 5, 3, 2, -2 (42 of 43)
-    assert f["ties_trim"]["entries"] == pytest.approx([3 / 6, 2 / 6])
+    # shares of the 5 non-zero entries of each. trim: τ1 keeps 4, -3, 2 (29 of 31); τ2 keeps
+    # 5, 3, 2, -2 (42 of 43)
+    assert f["ties_trim"]["entries"] == pytest.approx([2 / 5, 1 / 5])
     assert f["ties_trim"]["energy"] == pytest.approx([2 / 31, 1 / 43])
     # elect: Σ = [0, 4, 0, 5, 4, -2]; entry 2 (−3 against +3) elects no sign: both lose it
-    assert f["ties_elect"]["entries"] == pytest.approx([4 / 6, 3 / 6])
+    assert f["ties_elect"]["entries"] == pytest.approx([3 / 5, 2 / 5])
     assert f["ties_elect"]["energy"] == pytest.approx([11 / 31, 10 / 43])
     # breadcrumbs, d = 0.5, γ = 0.2 on 6 entries: skip the largest, keep down to the 4th
     # largest (ties kept): τ1 keeps |τ| in [1, 3]: 1, 2, -3, -1 (15 of 31)
-    assert f["breadcrumbs"]["entries"][0] == pytest.approx(2 / 6)
+    assert f["breadcrumbs"]["entries"][0] == pytest.approx(1 / 5)
     assert f["breadcrumbs"]["energy"][0] == pytest.approx(16 / 31)
 
 

@@ -169,7 +169,9 @@ def markdown(summary: dict, names: list[str], plots: list[str]) -> str:
         f"as {summary['parameters_of']}'s: {summary['densities']}), base `{summary['base']}`, "
         f"{summary['tensors']} tensors ({summary['elements']:,} entries), "
         f"{summary['seconds']:.1f} s. Spectra: all singular values up to "
-        f"{summary['max_rank']} + 10, else the top {summary['max_rank']} (randomized SVD).",
+        f"{summary['max_rank']} + 10, else the top {summary['max_rank']} (randomized SVD; "
+        f"the effective rank is then that of the top {summary['max_rank']}, at most "
+        f"{summary['max_rank']}; the stable rank ‖τ‖²/σ1² is exact).",
         "## Task vectors",
         _table(["model", "‖τ‖", "mean effective rank", "mean stable rank"],
                [[names[i], _f(model["norms"][i]),
@@ -182,9 +184,9 @@ def markdown(summary: dict, names: list[str], plots: list[str]) -> str:
                [[f"{names[i]} · {names[j]}", _f(model["cosine"][i][j]), _f(model["jaccard"][i][j]),
                  f"{model['pair_conflict_rate'][i][j]:.2%}"] for i, j in _pairs(n)]),
         "## What sparsification would drop",
-        "Share of each τi's entries / of its energy ‖τi‖² dropped (ties_elect: after TIES' trim "
-        "and sign election; dare and della: the draws a merge with this seed makes, before "
-        "rescaling).",
+        "Share of each τi's non-zero entries / of its energy ‖τi‖² dropped (ties_elect: after "
+        "TIES' trim and sign election; dare and della: the draws a merge with this seed makes, "
+        "before rescaling; della only for a DELLA recipe).",
         _table(["method", *names],
                [[m, *[f"{_f(d['entries'][i])} / {_f(d['energy'][i])}" for i in range(n)]]
                 for m, d in model["dropped"].items()]),

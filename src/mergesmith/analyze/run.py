@@ -38,8 +38,8 @@ SPECTRA_SHOWN = 8  # tensors whose whole spectra the summary keeps (those of the
 
 
 def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
-            merged: str | Path | None = None, density: float | None = None, max_rank: int = DEFAULT_MAX_RANK,
-            seed: int | None = None, allow_crimes: bool = False, overwrite: bool = False,
+            merged: str | Path | None = None, density: float | None = None,
+            max_rank: int = DEFAULT_MAX_RANK, seed: int | None = None, allow_crimes: bool = False, overwrite: bool = False,
             progress: bool = False, plots: bool = True) -> Path:
     """Write OUT/summary.json, OUT/tensors.jsonl, the plots and OUT/report.md; return OUT.
 
@@ -62,7 +62,8 @@ def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
                 with _one_thread():
                     sums = job_sums(plan, job, merged_ck, density, max_rank)
                 record = {"name": job.out.name, "layer": job.ctx.layer,
-                          "shape": list(job.out.shape), **figures(sums, len(job.inputs) - 1), "sums": sums}
+                          "shape": list(job.out.shape), **figures(sums, len(job.inputs) - 1),
+                          "sums": sums}
                 lines.write(json.dumps(record) + "\n")
                 total = add_sums(total, sums)
                 key = group_of(job.out.name)

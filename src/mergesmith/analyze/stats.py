@@ -9,7 +9,8 @@ kept energies), so a layer's or the model's figures are those of its tensors' su
   count and a share of the entries;
 - the Jaccard overlap |Mi ∩ Mj| / |Mi ∪ Mj| of the top-d magnitude masks Mi (keep_topk_mask's
   cut, entries tied with it kept; zero entries never count as kept);
-- per method, how much sparsification drops: the share of entries and of ‖τi‖² each τi loses in
+- per method, how much sparsification drops: the share of its non-zero entries and of ‖τi‖²
+  each τi loses in
   TIES' trim, after TIES' sign election (entries whose sign disagrees with the elected one), in
   breadcrumbs' band, in DARE's and DELLA's random drops (the same draws as a merge of this
   recipe and seed: the methods' own sparsifiers; DELLA's only when asked, `della=True`: its
@@ -203,7 +204,8 @@ def figures(sums: dict, experts: int) -> dict:
            "jaccard": [[_ratio(sums["mask_overlap"][i][j], sums["mask_overlap"][i][i]
                                + sums["mask_overlap"][j][j] - sums["mask_overlap"][i][j])
                         for j in range(n)] for i in range(n)],
-           "dropped": {name: {"entries": [1 - c / numel for c, _ in kept],
+           "dropped": {name: {"entries": [_ratio(z - c, z)
+                                          for (c, _), z in zip(kept, sums["nonzero"])],
                               "energy": [_ratio(float(g[i, i]) - e, g[i, i])
                                          for i, (_, e) in enumerate(kept)]}
                        for name, kept in sums["kept"].items()}}
