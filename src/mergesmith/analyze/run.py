@@ -39,8 +39,9 @@ SPECTRA_SHOWN = 8  # tensors whose whole spectra the summary keeps (those of the
 
 def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
             merged: str | Path | None = None, density: float | None = None,
-            max_rank: int = DEFAULT_MAX_RANK, seed: int | None = None, allow_crimes: bool = False, overwrite: bool = False,
-            progress: bool = False, plots: bool = True) -> Path:
+            max_rank: int = DEFAULT_MAX_RANK, seed: int | None = None,
+            allow_crimes: bool = False, overwrite: bool = False, progress: bool = False,
+            plots: bool = True) -> Path:
     """Write OUT/summary.json, OUT/tensors.jsonl, the plots and OUT/report.md; return OUT.
 
     `merged`: a merge of this recipe (or any model of the same tensors) to measure against the
