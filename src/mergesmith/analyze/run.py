@@ -213,10 +213,10 @@ def _densities(job: TensorJob, density: float | None) -> str:
 
 
 def _output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file", hint="name a folder for OUT")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{out} exists and is not empty", hint="pass --overwrite, or another OUT")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
