@@ -60,8 +60,8 @@ def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
     try:
         with open(out / "tensors.jsonl", "w") as lines:
             for job in jobs:
-                with _one_thread():
-                    sums = job_sums(plan, job, merged_ck, density, max_rank)
+                with _one_thread() as threads:
+                    sums = job_sums(plan, job, merged_ck, density, max_rank, threads)
                 record = {"name": job.out.name, "layer": job.ctx.layer,
                           "shape": list(job.out.shape), **figures(sums, len(job.inputs) - 1),
                           "sums": sums}
@@ -140,7 +140,7 @@ def open_merged(merged: str | Path, jobs: list[TensorJob]) -> Checkpoint:
 
 
 def job_sums(plan: Plan, job: TensorJob, merged: Checkpoint | None, density: float | None,
-             max_rank: int) -> dict:
+             max_rank: int, threads: int = 1) -> dict:
     """One tensor's sums: its inputs read as a merge reads them, in float32 (the recipe's dtype
     first, as a merge casts them), task vectors made one at a time."""
     tensors = read_unit(plan, Unit(job, None, "merge"))
@@ -159,19 +159,20 @@ def job_sums(plan: Plan, job: TensorJob, merged: Checkpoint | None, density: flo
     return tensor_sums(taus, delta, densities=list(densities), weights=params.get("weights"),
                        gammas=params.get("gammas"), epsilons=params.get("epsilons"),
                        ctx=job.ctx, max_rank=max_rank,
-                       della=plan.method.name in DELLA_METHODS)
+                       della=plan.method.name in DELLA_METHODS, threads=threads)
 
 
 @contextmanager
 def _one_thread():
-    """The analysis runs on one thread, as a merge's element-wise work does (engine/run.py's
-    merge_threads): its operations are small (blocks of rows, sketches of 42 columns), and
-    handing them to other threads cost 3x (element-wise) to 9x (spectra) more on a busy 2-core
-    machine (measured on a 2048×768 tensor)."""
+    """The analysis runs on one of torch's threads, as a merge's element-wise work does
+    (engine/run.py's merge_threads): its operations are small (blocks of rows, sketches of 42
+    columns), and splitting each among threads cost 3x (element-wise) to 9x (spectra) more on a
+    busy 2-core machine (measured on a 2048×768 tensor). The element-wise sums share their
+    blocks out among that many threads instead (yields the count)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 

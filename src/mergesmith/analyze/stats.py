@@ -37,7 +37,7 @@ from mergesmith.methods.lowrank import randomized_svd
 from mergesmith.methods.magnitude_trim import band, band_ranks, keep_band
 from mergesmith.methods.random_drop import dare_drops, della_drops
 from mergesmith.methods.registry import TensorContext
-from mergesmith.methods.sparse import as_rows, row_blocks
+from mergesmith.methods.sparse import as_rows, in_parallel, row_blocks
 
 DEFAULT_DENSITY = 0.2  # the masks' and drops' density when the recipe sets none
 DEFAULT_GAMMA = 0.01  # breadcrumbs' outlier share (mergekit's default)
@@ -52,8 +52,9 @@ def tensor_sums(taus: list[torch.Tensor], merged: torch.Tensor | None = None, *,
                 densities: list[float], weights: list[float] | None = None,
                 gammas: list[float] | None = None, epsilons: list[float] | None = None,
                 ctx: TensorContext | None = None, max_rank: int = DEFAULT_MAX_RANK,
-                della: bool = True) -> dict:
-    """The additive sums of one tensor (see the module); `merged` is δ = θ* − θ0."""
+                della: bool = True, threads: int = 1) -> dict:
+    """The additive sums of one tensor (see the module); `merged` is δ = θ* − θ0. `threads`:
+    how many share out the element-wise sums (each one of torch's threads)."""
     n = len(taus)
     weights = weights or [1.0] * n
     gammas = gammas or [DEFAULT_GAMMA] * n
@@ -65,7 +66,7 @@ def tensor_sums(taus: list[torch.Tensor], merged: torch.Tensor | None = None, *,
     sums = {"numel": numel, "gram": gram.tolist()}
     cuts = [_cuts(tau, d, g) for tau, d, g in zip(taus, densities, gammas)]
     sums.update(_elementwise(taus, merged, cuts, densities, weights, epsilons if della else None,
-                             ctx))
+                             ctx, threads))
     if taus[0].dim() == 2:
         sums["spectra"] = [spectrum(t, max_rank, float(gram[i, i])) for i, t in enumerate(vectors)]
     return sums
@@ -86,8 +87,9 @@ def _cuts(tau: torch.Tensor, density: float, gamma: float) -> dict:
     return {"top": top, "band": band(n, density, [values[r] for r in ranks])}
 
 
-def _elementwise(taus, merged, cuts, densities, weights, epsilons, ctx) -> dict:
-    """Counts and kept energies, block of rows by block of rows (each block's own scratch)."""
+def _elementwise(taus, merged, cuts, densities, weights, epsilons, ctx, threads: int = 1) -> dict:
+    """Counts and kept energies, block of rows by block of rows (each block's own scratch); the
+    blocks shared out among `threads` threads, each adding up its own (sparse.in_parallel)."""
     n = len(taus)
     rows = [as_rows(t) for t in taus]
     delta = as_rows(merged) if merged is not None else None
@@ -96,43 +98,61 @@ def _elementwise(taus, merged, cuts, densities, weights, epsilons, ctx) -> dict:
     della = (della_drops(ctx, rows[0], densities, epsilons, unbiased=False) if epsilons and
              all(not 0 < d < 1 or (e <= d and d + e <= 1) for d, e in zip(densities, epsilons))
              else None)  # not asked for, or d ± ε outside [0, 1]: DELLA refuses these densities
-    pair = torch.zeros(n, n, dtype=torch.int64)
-    overlap = torch.zeros(n, n, dtype=torch.int64)
-    kept = {name: torch.zeros(n, 2, dtype=torch.float64) for name in DROPS}
-    nonzero = torch.zeros(n, dtype=torch.int64)
-    against = torch.zeros(n, dtype=torch.int64)
-    conflicts = 0
-    for block in row_blocks(rows[0], BLOCK_ELEMENTS):
-        at = block.start * cols
-        xs = [r[block].float() for r in rows]
-        signs = [x.sign() for x in xs]
-        conflicts += int(((sum(s > 0 for s in signs) > 0) & (sum(s < 0 for s in signs) > 0)).sum())
-        masks = [(x.abs() >= cut["top"]) & (x != 0) for x, cut in zip(xs, cuts)]
-        for i in range(n):
-            nonzero[i] += int(torch.count_nonzero(xs[i]))
-            for j in range(i, n):
-                pair[i, j] += int((signs[i] * signs[j] < 0).sum())
-                overlap[i, j] += int((masks[i] & masks[j]).sum())
-            if delta is not None:
-                against[i] += int((signs[i] * delta[block].float().sign() < 0).sum())
-        trimmed = [keep_magnitude_band(x, cut["top"]) if cut["top"] > 0 else
-                   x.clone() if cut["top"] == 0 else torch.zeros_like(x)
-                   for x, cut in zip(xs, cuts)]
-        elected = elect_sign(trimmed, weights)
-        _add(kept["ties_trim"], trimmed)
-        _add(kept["ties_elect"], [t * ((t * w * elected) > 0) for t, w in zip(trimmed, weights)])
-        _add(kept["breadcrumbs"], [keep_band(*cut["band"])(x, at) for x, cut in zip(xs, cuts)])
-        _add(kept["dare"], [drop(x.clone(), at) for x, drop in zip(xs, dare)])
-        if della is not None:
-            _add(kept["della"], [drop(x.clone(), at) for x, drop in zip(xs, della)])
-    if della is None:
-        kept.pop("della")
-    out = {"conflicts": conflicts, "pair_conflicts": _symmetric(pair),
-           "mask_overlap": _symmetric(overlap), "nonzero": nonzero.tolist(),
-           "kept": {name: k.tolist() for name, k in kept.items()}}
+    parts = []
+
+    def count(blocks: list[slice]) -> None:
+        acc = {"conflicts": torch.zeros((), dtype=torch.int64),
+               "pair": torch.zeros(n, n, dtype=torch.int64),
+               "overlap": torch.zeros(n, n, dtype=torch.int64),
+               "nonzero": torch.zeros(n, dtype=torch.int64),
+               "against": torch.zeros(n, dtype=torch.int64),
+               **{name: torch.zeros(n, 2, dtype=torch.float64) for name in DROPS}}
+        for block in blocks:
+            xs = [r[block].float() for r in rows]
+            d = delta[block].float() if delta is not None else None
+            _block(acc, xs, d, block.start * cols, cuts, weights, dare, della)
+        parts.append(acc)
+
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(threads)  # in_parallel's count of threads
+    try:
+        in_parallel(count, row_blocks(rows[0], BLOCK_ELEMENTS))
+    finally:
+        torch.set_num_threads(intra_op)
+    acc = {key: sum(part[key] for part in parts) for key in parts[0]}
+    out = {"conflicts": int(acc["conflicts"]), "pair_conflicts": _symmetric(acc["pair"]),
+           "mask_overlap": _symmetric(acc["overlap"]), "nonzero": acc["nonzero"].tolist(),
+           "kept": {name: acc[name].tolist() for name in DROPS
+                    if name != "della" or della is not None}}
     if delta is not None:
-        out["against"] = against.tolist()
+        out["against"] = acc["against"].tolist()
     return out
+
+
+def _block(acc: dict, xs: list[torch.Tensor], delta: torch.Tensor | None, at: int, cuts,
+           weights, dare, della) -> None:
+    """One block of rows of each τi (entry `at` on) into the sums `acc`."""
+    n = len(xs)
+    signs = [x.sign() for x in xs]
+    acc["conflicts"] += ((sum(s > 0 for s in signs) > 0) & (sum(s < 0 for s in signs) > 0)).sum()
+    masks = [(x.abs() >= cut["top"]) & (x != 0) for x, cut in zip(xs, cuts)]
+    for i in range(n):
+        acc["nonzero"][i] += torch.count_nonzero(xs[i])
+        for j in range(i, n):
+            acc["pair"][i, j] += (signs[i] * signs[j] < 0).sum()
+            acc["overlap"][i, j] += (masks[i] & masks[j]).sum()
+        if delta is not None:
+            acc["against"][i] += (signs[i] * delta.sign() < 0).sum()
+    trimmed = [keep_magnitude_band(x, cut["top"]) if cut["top"] > 0 else
+               x.clone() if cut["top"] == 0 else torch.zeros_like(x)
+               for x, cut in zip(xs, cuts)]
+    elected = elect_sign(trimmed, weights)
+    _add(acc["ties_trim"], trimmed)
+    _add(acc["ties_elect"], [t * ((t * w * elected) > 0) for t, w in zip(trimmed, weights)])
+    _add(acc["breadcrumbs"], [keep_band(*cut["band"])(x, at) for x, cut in zip(xs, cuts)])
+    _add(acc["dare"], [drop(x.clone(), at) for x, drop in zip(xs, dare)])
+    if della is not None:
+        _add(acc["della"], [drop(x.clone(), at) for x, drop in zip(xs, della)])
 
 
 def _add(total: torch.Tensor, kept: list[torch.Tensor]) -> None:
