@@ -265,7 +265,7 @@ def test_the_methods_are_listed_with_what_they_need(monkeypatch, capsys):
     assert code == 0
     for name in ("varm", "aim", "optmerge", "rcp_merging"):
         assert name in out
-    from mergesmith.cli import _data_needs
+    from mergesmith.cli.merging import _data_needs
 
     assert "needs data (act_abs of the base)" in _data_needs(get_method("aim"))
     assert get_method("aim").needs_data and get_method("aim").statistics_from == "base"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mergesmith.engine import api as engine
-from mergesmith.engine import layers as L
+from mergesmith.io import tensor_names as L
 from mergesmith.errors import MergesmithError, PlanError, RecipeError
 from mergesmith.io import Checkpoint, resolve_model
 from mergesmith.methods import MethodSpec, get_method

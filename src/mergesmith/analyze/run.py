@@ -21,7 +21,7 @@ import torch
 from mergesmith.analyze.stats import (
     DEFAULT_DENSITY, DEFAULT_MAX_RANK, add_sums, figures, tensor_sums,
 )
-from mergesmith.engine import layers as L
+from mergesmith.io import tensor_names as L
 from mergesmith.engine.api import ProgressBar
 from mergesmith.engine.plan import Plan, TensorJob, build_plan
 from mergesmith.engine.run import Unit, read_unit

@@ -13,7 +13,7 @@ import torch
 
 from mergesmith.calibrate.data import head_path, load_examples
 from mergesmith.calibrate.forward import CalibrationModel, objective_of
-from mergesmith.engine import layers as L
+from mergesmith.io import tensor_names as L
 from mergesmith.errors import CalibrationError
 from mergesmith.io import Checkpoint
 from mergesmith.methods.adaptive import Batch, MergeProblem

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from mergesmith.engine import layers as L
+from mergesmith.io import tensor_names as L
 from mergesmith.engine.plan import TensorJob, build_plan
 from mergesmith.engine.program import Output, Program, program_plan
 from mergesmith.engine.side_outputs import continual as state_file

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.engine import layers as L
+from mergesmith.io import tensor_names as L
 from mergesmith.errors import MergesmithError
 from mergesmith.io import Checkpoint, OutputFolder, OutTensor, resolve_model
 from mergesmith.io.checkpoint import DTYPE_CODES, weight_files

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from mergesmith.engine import layers as L
+from mergesmith.io import tensor_names as L
 from mergesmith.engine.modules import module_prefix, set_config_value
 from mergesmith.engine.params import ParamResolver
 from mergesmith.engine.vocab import VocabPlan, chat_template_for, plan_vocab

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.engine.layers import INPUT_EMBEDDINGS
+from mergesmith.io.tensor_names import INPUT_EMBEDDINGS
 from mergesmith.errors import PlanError
 from mergesmith.io import Checkpoint
 from mergesmith.recipe.schema import ModelToken, ZeroToken

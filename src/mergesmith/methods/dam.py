@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mergesmith.engine.layers import is_before_layers
+from mergesmith.io.tensor_names import is_before_layers
 from mergesmith.errors import MethodError
 from mergesmith.methods.adaptive import (
     Learned,

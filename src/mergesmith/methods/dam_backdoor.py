@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mergesmith.engine.layers import INPUT_EMBEDDINGS
+from mergesmith.io.tensor_names import INPUT_EMBEDDINGS
 from mergesmith.errors import MethodError
 from mergesmith.methods.adaptive import (
     Learned,

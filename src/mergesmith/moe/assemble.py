@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.engine import layers as L
+from mergesmith.io import tensor_names as L
 from mergesmith.engine.plan import config_difference, tensor_difference
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import PlanError

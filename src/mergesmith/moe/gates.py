@@ -17,7 +17,7 @@ import torch
 
 from mergesmith.calibrate.prompt_states import (load_prompt_model, load_prompt_tokenizer, padded_prompts,
                                                 prompt_progress, prompt_states)
-from mergesmith.engine.layers import INPUT_EMBEDDINGS
+from mergesmith.io.tensor_names import INPUT_EMBEDDINGS
 from mergesmith.errors import PlanError, RecipeError
 from mergesmith.io.checkpoint import Checkpoint
 from mergesmith.methods.moe_router import (

@@ -57,7 +57,7 @@ class DataFlowSpec(_Strict):
 
 class DataFlowSpace(SearchSpace):
     def __init__(self, recipe: Recipe, raw: dict):
-        from mergesmith.engine import layers as L
+        from mergesmith.io import tensor_names as L
         from mergesmith.io.adapted import open_input
 
         at = ("search", "dataflow")

@@ -251,7 +251,7 @@ def layer_groups(layers: int, groups: int) -> list[tuple[int, int]]:
 def outside_tensors(recipe: Recipe) -> tuple[list[str], list[str]]:
     """The tensors of the recipe's first model before its layers (embeddings) and after them
     (final norm, head), by full name."""
-    from mergesmith.engine import layers as L
+    from mergesmith.io import tensor_names as L
     from mergesmith.io.adapted import open_input
 
     ref = recipe.models[0].model  # a model folder or an adapter on one: the same tensor names

@@ -281,7 +281,7 @@ def _space(recipe: Recipe, section: SearchSection) -> SearchSpace:
 
 def model_layers(recipe: Recipe, refs: list[str] | None = None) -> dict[str, int]:
     """Layers of each model of the recipe (or of `refs`), read from the checkpoint headers."""
-    from mergesmith.engine import layers as L
+    from mergesmith.io import tensor_names as L
     from mergesmith.io import Checkpoint, resolve_model
 
     refs = refs or [m.model for m in recipe.models or []]

@@ -1,0 +1,5 @@
+"""`python -m mergesmith.cli`."""
+
+from mergesmith.cli import main
+
+main()
