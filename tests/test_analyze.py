@@ -14,7 +14,7 @@ from conftest import read_tensors, run_cli, write_recipe
 from mergesmith.analyze import analyze
 from mergesmith.analyze import run as analyze_run
 from mergesmith.analyze.stats import add_sums, figures, spectrum, tensor_sums
-from mergesmith.errors import PlanError
+from mergesmith.errors import OutputError, PlanError
 from mergesmith.methods import get_method
 from mergesmith.methods.registry import TensorContext
 from mergesmith.toy import build_model
@@ -189,6 +189,19 @@ def test_models_of_mismatched_shapes_are_refused(zoo, tmp_path):
     with pytest.raises(PlanError, match="shapes differ"):
         analyze(recipe, tmp_path / "out2", allow_crimes=True)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_an_out_inside_an_input_is_refused_even_with_overwrite(zoo, tmp_path):
+    models = zoo("llama")
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "task_arithmetic",
+                                                "base_model": str(models["base"]),
+                                                "models": [{"model": str(models["e1"]),
+                                                            "parameters": {"weight": 1.0}}]})
+    before = sorted(p.name for p in models["e1"].iterdir())
+    for out in (models["e1"], models["e1"] / "analysis"):
+        with pytest.raises(OutputError, match="the input"):
+            analyze(recipe, out, overwrite=True)
+    assert sorted(p.name for p in models["e1"].iterdir()) == before
 
 
 def test_one_tensors_inputs_in_memory_at_a_time(zoo, tmp_path, monkeypatch):

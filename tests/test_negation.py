@@ -10,7 +10,7 @@ import yaml
 
 import mergesmith
 from conftest import read_tensors, run_cli, write_recipe
-from mergesmith.errors import MergesmithError
+from mergesmith.errors import MergesmithError, OutputError
 from mergesmith.evaluate import evaluate_model, load_task
 from mergesmith.methods.negation import negated
 from mergesmith.search.negation import NegationPoint, choose_lambda, negate, negation_recipe
@@ -152,6 +152,11 @@ def test_negate_refuses_bad_settings_before_merging(world, tmp_path):
         negate(str(world["forget"]), forget_tasks=[world["forget_task"]],
                control_tasks=[world["control_task"]], lambdas=[1.0], floor=1.5, **common)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(OutputError, match="the input"):  # the report would land in the base's folder
+        negate(str(world["forget"]), forget_tasks=[world["forget_task"]],
+               control_tasks=[world["control_task"]], lambdas=[1.0], base=str(world["base"]),
+               out=world["base"] / "negation")
+    assert not (world["base"] / "negation").exists()
 
 
 def test_negating_a_lora_adapter_subtracts_lambda_s_b_a(world, tmp_path):

@@ -27,6 +27,7 @@ from mergesmith.engine.plan import Plan, TensorJob, build_plan
 from mergesmith.engine.run import Unit, read_unit
 from mergesmith.errors import MergesmithError, OutputError, PlanError
 from mergesmith.io import Checkpoint, resolve_model
+from mergesmith.io.output import refuse_overlap
 from mergesmith.methods import get_method
 from mergesmith.recipe import Recipe, load_recipe
 
@@ -53,7 +54,8 @@ def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
     merged_ck = open_merged(merged, jobs) if merged is not None else None
     if density is not None and not 0 <= density <= 1:
         raise MergesmithError(f"--density {density}: not in [0, 1]")
-    out = _output(Path(out), overwrite)
+    inputs = [p for ck in plan.models.values() for p in ck.sources]
+    out = _output(Path(out), overwrite, inputs + ([Path(merged)] if merged is not None else []))
     bar = _bar(plan, jobs) if progress else None
     total, groups, spectra = None, {}, {}
     middle = L.num_layers([job.out.name for job in jobs]) // 2
@@ -213,7 +215,8 @@ def _densities(job: TensorJob, density: float | None) -> str:
     return f"the recipe's ({given} on {job.out.name})" if given else f"{DEFAULT_DENSITY} (default)"
 
 
-def _output(out: Path, overwrite: bool) -> Path:
+def _output(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
+    refuse_overlap(out, inputs, what="the analysis")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} is a file", hint="name a folder for OUT")
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -29,6 +29,26 @@ def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def refuse_overlap(target: Path, inputs: Iterable[str | Path], also: Iterable[Path] = (),
+                   what: str = "the merge") -> None:
+    """Refuse an output `target` (and the `also` paths written with it) that is, contains or
+    lies inside an input (symlinks followed)."""
+    mine = [Path(p).resolve() for p in (target, *also)]
+    for item in inputs:
+        given = Path(item).expanduser()
+        source = given.resolve()
+        for path in mine:
+            relation = ("is" if path == source else "contains" if source.is_relative_to(path)
+                        else "lies inside" if path.is_relative_to(source) else None)
+            if relation:
+                raise OutputError(
+                    f"output {target} {relation} the input {given}"
+                    + (f" ({source})" if source != given.absolute() else ""),
+                    hint=f"write {what} to a folder outside every input; --overwrite "
+                    "would replace it whole",
+                )
+
+
 class OutputFolder:
     """`inputs`: the files and folders the merge reads (models, statistics, the recipe); the
     target may not be, contain or lie inside any of them, since --overwrite replaces it whole."""
@@ -80,21 +100,7 @@ class OutputFolder:
         self._save_manifest()
 
     def _check_inputs(self, inputs: Iterable[str | Path]) -> None:
-        """Refuse a target that is, contains or lies inside an input (symlinks followed)."""
-        mine = [p.resolve() for p in (self.target, self.partial)]
-        for item in inputs:
-            given = Path(item).expanduser()
-            source = given.resolve()
-            for path in mine:
-                relation = ("is" if path == source else "contains" if source.is_relative_to(path)
-                            else "lies inside" if path.is_relative_to(source) else None)
-                if relation:
-                    raise OutputError(
-                        f"output {self.target} {relation} the input {given}"
-                        + (f" ({source})" if source != given.absolute() else ""),
-                        hint="write the merge to a folder outside every input; --overwrite "
-                        "would replace it whole",
-                    )
+        refuse_overlap(self.target, inputs, also=[self.partial])
 
     def _lock(self) -> None:
         """Hold `.<name>.lock` exclusively, or say which merge holds it."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from mergesmith.errors import MergesmithError
+from mergesmith.io.output import refuse_overlap
 from mergesmith.evaluate import Task, evaluate_models, load_task, normalized_score
 from mergesmith.recipe import Recipe, load_recipe
 
@@ -105,6 +106,9 @@ def negate(forget: str, *, base: str, target: str | None = None, forget_tasks: l
     forget_list = [t if isinstance(t, Task) else load_task(t) for t in forget_tasks]
     control_list = [t if isinstance(t, Task) else load_task(t) for t in control_tasks]
     _check(forget_list, control_list, lambdas, floor, select_split, report_split)
+    # the report and the model go into OUT: never into, over or around a model read (BASE+ADAPTER: both)
+    refuse_overlap(Path(out), [part for ref in (base, forget, target) if ref for part in str(ref).split("+")
+                               if Path(part).expanduser().exists()], what="the negation")
     tasks = forget_list + control_list
     grid = sorted({0.0, *map(float, lambdas)})
     score = _scorer(tasks, base, forget, target, Path(out), device, batch_size, max_examples, in_memory)
