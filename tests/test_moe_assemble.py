@@ -241,3 +241,55 @@ def test_bad_inputs_are_refused_naming_what_is_wrong(dense, tmp_path, monkeypatc
     config.write_text(text.replace("expert_per_token: 3\n", "").replace("source_model", "source_modle", 1))
     with pytest.raises(RecipeError, match=r"moe.yml:4: experts\[0\].source_modle: unknown field"):
         load_moe_config(config)
+
+
+@pytest.mark.parametrize("layout, model_type, fields", [
+    ("mixtral", "llama", {}), ("mixtral", "llama", {"tie_word_embeddings": True, "attention_bias": True}),
+    ("mixtral", "mistral", {"head_dim": 16}), ("qwen2_moe", "llama", {"num_key_value_heads": 4}),
+    ("qwen2_moe", "qwen2", {"tie_word_embeddings": True}), ("qwen3_moe", "qwen3", {"head_dim": 16}),
+    ("qwen3_moe", "qwen3", {"attention_bias": True, "tie_word_embeddings": True}),
+])
+def test_layout_table_is_the_modeling_codes_parameters(layout, model_type, fields):
+    """non_expert_shapes, the check's table, against a transformers model of the same MoE config
+    built on the meta device (what the check built before); qkv_bias off for Qwen2-MoE too."""
+    from mergesmith.moe.layouts import LAYOUTS, moe_config, non_expert_shapes
+
+    base = {"model_type": model_type, "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **fields}
+    moe = moe_config(LAYOUTS[layout], base, 3, 2, "float32", None)
+    for config in [moe] + ([{**moe, "qkv_bias": False}] if layout == "qwen2_moe" else []):
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+        want = {n: tuple(p.shape) for n, p in model.named_parameters() if ".mlp." not in n}
+        assert non_expert_shapes(LAYOUTS[layout], config) == want
+
+
+def altered(src, dst, config=None, add=None, drop=()):
+    """A copy of the model folder `src` with config fields changed and tensors added or dropped."""
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    tensors = {n: t for n, t in read_tensors(src).items() if n not in drop}
+    save_file({**tensors, **(add or {})}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    return dst
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"add": {f"model.layers.{l}.self_attn.q_proj.bias": torch.zeros(32) for l in range(2)},
+      "config": {"attention_bias": True}},
+     "'model.layers.0.self_attn.q_proj.bias' has no place in a mixtral model"),
+    ({"config": {"num_key_value_heads": 4}},
+     r"model.layers.0.self_attn.k_proj.weight is \[16, 32\]; a mixtral model of its config holds \[32, 32\]"),
+    ({"drop": ("lm_head.weight",)}, "has no tensor 'lm_head.weight', which a mixtral model holds"),
+])
+def test_tensors_the_layout_has_no_place_for_are_refused(dense, tmp_path, change, match):
+    """The base's non-MLP tensors against the layout's: one it lacks a place for (attention
+    biases in Mixtral), one of another shape than its config implies, one the layout needs and
+    the base lacks (an untied head); refused before anything is written."""
+    models = [altered(dense[k], tmp_path / k, **change) for k in ("base", "e1", "e2")]
+    config = moe_yaml(tmp_path / "moe.yml", models[0], [(m, {}) for m in models[1:]], gate_mode="random")
+    with pytest.raises(PlanError, match=match):
+        build_moe(load_moe_config(config), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

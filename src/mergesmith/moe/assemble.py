@@ -23,7 +23,7 @@ from mergesmith.io.resolve import resolve_model
 from mergesmith.io.views import Entry, View, computed, stored
 from mergesmith.methods.moe_assemble import noise_and_scale
 from mergesmith.moe.gates import gate_rows
-from mergesmith.moe.layouts import PROJECTIONS, Layout, model_tensor_shapes, moe_config, pick_layout
+from mergesmith.moe.layouts import PROJECTIONS, Layout, moe_config, non_expert_shapes, pick_layout
 from mergesmith.recipe.moe import ExpertConfig, MoeConfig, load_moe_config, upcycle_config
 
 RECORD = "mergekit_moe_config.yml"  # the config as given, under mergekit-moe's name for it
@@ -152,7 +152,7 @@ def _non_expert_outputs(config: MoeConfig, layout: Layout, base: Checkpoint,
     """The base's tensors but its MLPs (or the experts' mean), checked against the tensors a
     transformers model of the MoE config holds; attention biases that the layout has and the
     dense model lacks (Qwen-MoE from Llama) are zeros, as mergekit-moe writes them."""
-    want = {n: s for n, s in model_tensor_shapes(moe).items() if ".mlp." not in n}
+    want = non_expert_shapes(layout, moe)
     have = [n for n in base.tensors if ".mlp." not in n and not n.endswith(IGNORED)]
     outputs = []
     for name in have:

@@ -123,13 +123,30 @@ def moe_config(layout: Layout, base_config: dict, experts: int, top_k: int, dtyp
     return json.loads(out.to_json_string(use_diff=True))
 
 
-def model_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """The parameters a transformers model of this config holds, with their shapes (built on
-    the meta device: no memory), a tied output head once, as its embedding: what the MoE's
-    non-expert tensors are checked against."""
-    import torch
-    import transformers as tf
-
-    with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**config))
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+def non_expert_shapes(layout: Layout, config: dict) -> dict[str, tuple[int, ...]]:
+    """The tensors besides the MoE blocks that a transformers model of this layout and config
+    (moe_config's) holds, with their shapes, a tied output head once, as its embedding: what the
+    base's tensors are checked against. A table of the modeling code's parameters rather than a
+    model built on the meta device, whose import costs more start-up than writing a small MoE;
+    tests/test_moe_assemble.py checks it against that model."""
+    hidden, vocab, heads = config["hidden_size"], config["vocab_size"], config["num_attention_heads"]
+    kv = config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    linear = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv * head_dim, hidden),
+              "v_proj": (kv * head_dim, hidden), "o_proj": (hidden, heads * head_dim)}
+    biased = {"mixtral": (), "qwen2_moe": ("q_proj", "k_proj", "v_proj") if config.get("qkv_bias", True) else (),
+              "qwen3_moe": tuple(linear) if config.get("attention_bias", False) else ()}[layout.name]
+    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
+    for proj, shape in linear.items():
+        layer[f"self_attn.{proj}.weight"] = shape
+        if proj in biased:
+            layer[f"self_attn.{proj}.bias"] = shape[:1]
+    if layout.name == "qwen3_moe":  # normed per head
+        layer.update({"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)})
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    shapes.update((f"model.layers.{l}.{name}", shape)
+                  for l in range(config["num_hidden_layers"]) for name, shape in layer.items())
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
