@@ -156,6 +156,11 @@ def test_recipe_analysis_writes_json_plots_and_report(analysed):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "## What sparsification would drop" in report and "![merged.png](merged.png)" in report
+    page = (out / "report.html").read_text()
+    # the same content as one page: every table row, the plots embedded (it can be sent alone)
+    assert page.count("<tr>") == sum(line.startswith("| ") for line in report.splitlines())
+    assert page.count('<img src="data:image/png;base64,') == report.count("![")
+    assert "<h2>What sparsification would drop</h2>" in page and "<strong>" in page
 
 
 def test_cli_analyze_and_bad_inputs(analysed, zoo, tmp_path, monkeypatch, capsys):
@@ -163,7 +168,8 @@ def test_cli_analyze_and_bad_inputs(analysed, zoo, tmp_path, monkeypatch, capsys
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "base_model": str(models["base"]),
                                                 "models": [{"model": str(models["e1"])},
                                                            {"model": str(models["e2"])}]})
-    code, _, err = run_cli(monkeypatch, capsys, "analyze", recipe, tmp_path / "out", "-q", "--density", "0.3")
+    code, _, err = run_cli(monkeypatch, capsys, "analyze", recipe, tmp_path / "out", "-q", "--density", "0.3",
+                           "--chunk-size", "1KiB")
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["parameters_of"] == "task_arithmetic" and summary["densities"] == "0.3 (--density)"
@@ -223,3 +229,80 @@ def test_one_tensors_inputs_in_memory_at_a_time(zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(analyze_run, "read_unit", tracked)
     analyze(recipe, tmp_path / "out", plots=False)
     assert len(most) > 30 and max(most) == 0
+
+
+def test_streamed_blocks_give_the_whole_tensors_sums(analysed, tmp_path, monkeypatch):
+    """The same analysis read in blocks of 1 KiB (every matrix in several blocks, each read once
+    per pass) and read whole: counts equal; sums of squares and products, added in float64 from
+    fp32 blocks that now end elsewhere, and spectra equal to fp32 rounding. With the default
+    rank every spectrum of the toy model is exact (a Gram matrix); with rank 4 it is sketched."""
+    models, merged, whole_out = analysed
+    recipe = whole_out.parent / "ties.yaml"
+    reads = []
+    read = analyze_run.read_unit
+
+    def tracked(plan, unit, source=None):
+        tensors = read(plan, unit, source)
+        reads.append((unit.job.out.name, unit.rows, tensors[0].numel()))
+        return tensors
+
+    sketched = analyze(recipe, tmp_path / "whole4", merged=merged, max_rank=4, plots=False)
+    monkeypatch.setattr(analyze_run, "read_unit", tracked)
+    for rank, whole_out, passes in ((32, whole_out, 3), (4, sketched, 6)):
+        reads.clear()
+        out = analyze(recipe, tmp_path / f"streamed{rank}", merged=merged, chunk_size=1024,
+                      max_rank=rank, plots=False)
+        whole = {r["name"]: r for r in map(json.loads, (whole_out / "tensors.jsonl").read_text().splitlines())}
+        streamed = [json.loads(line) for line in (out / "tensors.jsonl").read_text().splitlines()]
+        assert [r["name"] for r in streamed] == list(whole)
+        blocked = {name for name, rows, _ in reads if rows is not None}
+        assert len(blocked) >= 18  # the square and tall matrices (wide ones too when sketched)
+        for name, rows, numel in reads:  # no read larger than a block unless it is one row
+            if name in blocked:
+                assert rows is not None and (numel * 4 <= 1024 or rows[1] - rows[0] == 1)
+        for s in streamed:
+            w = whole[s["name"]]
+            a, b = s["sums"], w["sums"]
+            for key in ("numel", "conflicts", "pair_conflicts", "mask_overlap", "nonzero", "against"):
+                assert a[key] == b[key], (s["name"], key)
+            for method in b["kept"]:
+                assert [c for c, _ in a["kept"][method]] == [c for c, _ in b["kept"][method]]
+                assert [e for _, e in a["kept"][method]] == pytest.approx(
+                    [e for _, e in b["kept"][method]], rel=1e-6)
+            torch.testing.assert_close(torch.tensor(a["gram"]), torch.tensor(b["gram"]),
+                                       rtol=1e-6, atol=0)
+            assert len(a.get("spectra", [])) == len(b.get("spectra", []))
+            for x, y in zip(a.get("spectra", []), b.get("spectra", [])):
+                assert x["exact"] == y["exact"] == (rank == 32)
+                assert x["sigma"] == pytest.approx(y["sigma"], rel=1e-4)
+        # each block read once per pass: 3, or 6 when the spectra are sketched (2 + 2q)
+        name = "model.layers.1.self_attn.q_proj.weight"
+        blocks = {rows for n, rows, _ in reads if n == name}
+        assert len(blocks) > 1 and sum(n == name for n, *_ in reads) == passes * len(blocks)
+
+
+def test_range_sketch_in_blocks_is_randomized_svd():
+    from mergesmith.methods.lowrank import RangeSketch, randomized_svd
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((90, 50), (50, 90)):
+        x = _matrix([9, 5, 3, 2, 1, 0.5], *shape).float() + 1e-3 * torch.randn(*shape, generator=gen)
+        sketch = RangeSketch(shape, 4, oversample=6, power_iterations=2, seed=1)
+        for _ in range(sketch.passes):
+            for start in range(0, shape[0], 7):
+                sketch.add(start, x[start:start + 7])
+            sketch.end_pass()
+        _, s, _ = randomized_svd(x, 4, oversample=6, power_iterations=2, seed=1)
+        torch.testing.assert_close(sketch.values(), s, rtol=1e-5, atol=0)
+        exact_top = torch.linalg.svdvals(x.double())[:4]
+        assert sketch.values().tolist() == pytest.approx(exact_top.tolist(), rel=1e-3)
+        exact = RangeSketch(shape, 6, exact=True)
+        if shape[0] > shape[1]:  # a tall matrix's exact spectrum adds up over blocks
+            for start in range(0, shape[0], 7):
+                exact.add(start, x[start:start + 7])
+        else:  # a wide one's couples its rows: one block
+            with pytest.raises(ValueError, match="all its rows"):
+                exact.add(0, x[:7])
+            exact.add(0, x)
+        exact.end_pass()
+        torch.testing.assert_close(exact.values(), torch.linalg.svdvals(x.double())[:6], rtol=1e-6, atol=0)

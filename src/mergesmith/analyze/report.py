@@ -1,14 +1,18 @@
-"""The analysis as pictures and a Markdown page: OUT/*.png and OUT/report.md from summary.json."""
+"""The analysis as pictures and a page: OUT/*.png, OUT/report.md and OUT/report.html (the
+plots embedded, one file to send) from summary.json."""
 
 from __future__ import annotations
 
+import base64
+import html as html_lib
+import re
 from pathlib import Path
 
 from mergesmith.evaluate.plots import _pyplot, _save
 
 
 def write_report(summary: dict, out: Path) -> Path:
-    """Draw the plots and write report.md beside them; return the report's path."""
+    """Draw the plots and write report.md and report.html beside them; return report.md's path."""
     names = short_names(summary["experts"])
     plots = [plot_layers(summary, names, out / "layers.png"),
              plot_similarity(summary, names, out / "similarity.png"),
@@ -17,8 +21,10 @@ def write_report(summary: dict, out: Path) -> Path:
         plots.append(plot_spectra(summary, names, out / "spectra.png"))
     if summary["merged"]:
         plots.append(plot_merged(summary, names, out / "merged.png"))
+    content = blocks(summary, names, [p.name for p in plots])
+    (out / "report.html").write_text(html(content, images=out))
     path = out / "report.md"
-    path.write_text(markdown(summary, names, [p.name for p in plots]))
+    path.write_text(markdown(content))
     return path
 
 
@@ -154,66 +160,125 @@ def _f(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def markdown(summary: dict, names: list[str], plots: list[str]) -> str:
+def blocks(summary: dict, names: list[str], plots: list[str]) -> list[tuple]:
+    """The report's content, written once for both pages: ("h", level, text), ("p", text),
+    ("table", header, rows), ("img", file name), ("ul", items); text may hold **bold** and
+    `code`."""
     model = summary["model"]
     n = len(names)
     parts = [
-        "# Merge analysis",
-        f"Recipe `{summary['recipe']}` ({summary['merge_method']}; densities and weights "
-        f"as {summary['parameters_of']}'s: {summary['densities']}), base `{summary['base']}`, "
-        f"{summary['tensors']} tensors ({summary['elements']:,} entries), "
-        f"{summary['seconds']:.1f} s. Spectra: all singular values up to "
-        f"{summary['max_rank']} + 10, else the top {summary['max_rank']} (randomized SVD; "
-        f"the effective rank is then that of the top {summary['max_rank']}, at most "
-        f"{summary['max_rank']}; the stable rank ‖τ‖²/σ1² is exact).",
-        "## Task vectors",
-        _table(["model", "‖τ‖", "mean effective rank", "mean stable rank"],
-               [[names[i], _f(model["norms"][i]),
-                 _f((model.get("mean_effective_rank") or [None] * n)[i]),
-                 _f((model.get("mean_stable_rank") or [None] * n)[i])] for i in range(n)]),
-        f"Sign conflicts (entries where some τi > 0 and some τj < 0): "
-        f"**{model['sign_conflict_rate']:.2%}** of the entries.",
-        "### Cosine similarity / Jaccard of the top-k masks / pairwise sign conflicts",
-        _table(["pair", "cosine", "Jaccard", "sign conflicts"],
-               [[f"{names[i]} · {names[j]}", _f(model["cosine"][i][j]), _f(model["jaccard"][i][j]),
-                 f"{model['pair_conflict_rate'][i][j]:.2%}"] for i, j in _pairs(n)]),
-        "## What sparsification would drop",
-        "Share of each τi's non-zero entries / of its energy ‖τi‖² dropped (ties_elect: after "
-        "TIES' trim and sign election; dare and della: the draws a merge with this seed makes, "
-        "before rescaling; della only for a DELLA recipe).",
-        _table(["method", *names],
-               [[m, *[f"{_f(d['entries'][i])} / {_f(d['energy'][i])}" for i in range(n)]]
-                for m, d in model["dropped"].items()]),
+        ("h", 1, "Merge analysis"),
+        ("p", f"Recipe `{summary['recipe']}` ({summary['merge_method']}; densities and weights "
+              f"as {summary['parameters_of']}'s: {summary['densities']}), base "
+              f"`{summary['base']}`, {summary['tensors']} tensors ({summary['elements']:,} "
+              f"entries), {summary['seconds']:.1f} s. Spectra: all singular values up to "
+              f"{summary['max_rank']} + 10, else the top {summary['max_rank']} (randomized SVD; "
+              f"the effective rank is then that of the top {summary['max_rank']}, at most "
+              f"{summary['max_rank']}; the stable rank ‖τ‖²/σ1² is exact)."),
+        ("h", 2, "Task vectors"),
+        ("table", ["model", "‖τ‖", "mean effective rank", "mean stable rank"],
+         [[names[i], _f(model["norms"][i]),
+           _f((model.get("mean_effective_rank") or [None] * n)[i]),
+           _f((model.get("mean_stable_rank") or [None] * n)[i])] for i in range(n)]),
+        ("p", f"Sign conflicts (entries where some τi > 0 and some τj < 0): "
+              f"**{model['sign_conflict_rate']:.2%}** of the entries."),
+        ("h", 3, "Cosine similarity / Jaccard of the top-k masks / pairwise sign conflicts"),
+        ("table", ["pair", "cosine", "Jaccard", "sign conflicts"],
+         [[f"{names[i]} · {names[j]}", _f(model["cosine"][i][j]), _f(model["jaccard"][i][j]),
+           f"{model['pair_conflict_rate'][i][j]:.2%}"] for i, j in _pairs(n)]),
+        ("h", 2, "What sparsification would drop"),
+        ("p", "Share of each τi's non-zero entries / of its energy ‖τi‖² dropped (ties_elect: "
+              "after TIES' trim and sign election; dare and della: the draws a merge with this "
+              "seed makes, before rescaling; della only for a DELLA recipe)."),
+        ("table", ["method", *names],
+         [[m, *[f"{_f(d['entries'][i])} / {_f(d['energy'][i])}" for i in range(n)]]
+          for m, d in model["dropped"].items()]),
     ]
     if summary["merged"]:
         merged = model["merged"]
         parts += [
-            f"## Against the merge `{summary['merged']}`",
-            f"‖δ‖ = {_f(merged['norm'])}; share of ‖δ‖² outside the span of the task vectors: "
-            f"{_f(merged['residual'])}.",
-            _table(["model", "cos(δ, τi)", "coefficient ci", "share of ‖δ‖²",
-                    "τi entries δ goes against"],
-                   [[names[i], _f(merged["cosine"][i]), _f(merged["coefficients"][i]),
-                     _f(merged["share"][i]), _f(merged["against"][i])] for i in range(n)]),
+            ("h", 2, f"Against the merge `{summary['merged']}`"),
+            ("p", f"‖δ‖ = {_f(merged['norm'])}; share of ‖δ‖² outside the span of the task "
+                  f"vectors: {_f(merged['residual'])}."),
+            ("table", ["model", "cos(δ, τi)", "coefficient ci", "share of ‖δ‖²",
+                       "τi entries δ goes against"],
+             [[names[i], _f(merged["cosine"][i]), _f(merged["coefficients"][i]),
+               _f(merged["share"][i]), _f(merged["against"][i])] for i in range(n)]),
         ]
     keys, layers = _layers(summary)
     mean = lambda m: sum(m[i][j] or 0 for i, j in _pairs(n)) / max(1, len(_pairs(n)))  # noqa: E731
     parts += [
-        "## Per layer",
-        _table(["layer", *[f"‖τ‖ {x}" for x in names], "mean cosine", "sign conflicts",
-                "mean Jaccard"],
-               [[k, *[_f(v) for v in f["norms"]], _f(mean(f["cosine"])),
-                 f"{f['sign_conflict_rate']:.2%}", _f(mean(f["jaccard"]))]
-                for k, f in zip(keys, layers)]),
-        "## Plots",
-        *[f"![{p}]({p})" for p in plots],
+        ("h", 2, "Per layer"),
+        ("table", ["layer", *[f"‖τ‖ {x}" for x in names], "mean cosine", "sign conflicts",
+                   "mean Jaccard"],
+         [[k, *[_f(v) for v in f["norms"]], _f(mean(f["cosine"])),
+           f"{f['sign_conflict_rate']:.2%}", _f(mean(f["jaccard"]))]
+          for k, f in zip(keys, layers)]),
+        ("h", 2, "Plots"),
+        *[("img", p) for p in plots],
     ]
     if summary["warnings"]:
-        parts += ["## Warnings", *[f"- {w}" for w in summary["warnings"]]]
-    return "\n\n".join(parts) + "\n"
+        parts += [("h", 2, "Warnings"), ("ul", summary["warnings"])]
+    return parts
+
+
+def markdown(content: list[tuple]) -> str:
+    """`blocks` as a Markdown page (GitHub's tables)."""
+    out = []
+    for kind, *rest in content:
+        if kind == "h":
+            out.append("#" * rest[0] + " " + rest[1])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "table":
+            header, rows = rest
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out.append("\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |"
+                                           for row in rows]))
+        elif kind == "img":
+            out.append(f"![{rest[0]}]({rest[0]})")
+        else:
+            out.append("\n".join(f"- {item}" for item in rest[0]))
+    return "\n\n".join(out) + "\n"
+
+
+HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+              "padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
+              "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 .2em}")
+
+
+def html(content: list[tuple], images: Path | None = None) -> str:
+    """`blocks` as one HTML page; with `images` (their folder) the plots are embedded as data
+    URIs, so the page can be sent on its own."""
+    out = []
+    for kind, *rest in content:
+        if kind == "h":
+            out.append(f"<h{rest[0]}>{_inline(rest[1])}</h{rest[0]}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline(rest[0])}</p>")
+        elif kind == "table":
+            header, rows = rest
+            head = "".join(f"<th>{_inline(str(c))}</th>" for c in header)
+            body = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>"
+                           for row in rows)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            source = rest[0]
+            if images is not None:
+                data = base64.b64encode((images / source).read_bytes()).decode("ascii")
+                source = f"data:image/png;base64,{data}"
+            out.append(f'<p><img src="{source}" alt="{html_lib.escape(rest[0])}"></p>')
+        else:
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in rest[0]) + "</ul>")
+    title = next((text for kind, *rest in content if kind == "h" for text in rest[1:2]), "")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
+            f"{html_lib.escape(title)}</title><style>{HTML_STYLE}</style></head><body>\n"
+            + "\n".join(out) + "\n</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with **bold** and `code` as HTML."""
+    text = html_lib.escape(text, quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)

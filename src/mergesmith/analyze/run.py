@@ -3,15 +3,18 @@ streamed as a merge is, without merging anything.
 
 The recipe is planned by the engine (engine/plan.py: every error before any read: models,
 names, shapes, vocabularies), and each planned tensor's inputs are read by the engine's own
-reader (engine/run.py's `read_unit`, which also aligns vocabularies), one tensor at a time:
-memory holds one tensor's inputs and task vectors, whatever the model's size. Each tensor's sums
-go to OUT/tensors.jsonl as it is done; the layers' and the model's figures are those of the
-sums added up, in OUT/summary.json; analyze/report.py draws the plots and writes OUT/report.md.
+reader (engine/run.py's `read_unit`, which also aligns vocabularies), one tensor at a time, in
+blocks of rows as a streamed merge reads them, once per pass of stats.TensorSums (3, or 6 for
+a matrix whose spectrum is sketched): memory holds one block of one tensor's inputs and task
+vectors, whatever the model's size. Each tensor's sums go to OUT/tensors.jsonl as it is done;
+the layers' and the model's figures are those of the sums added up, in OUT/summary.json;
+analyze/report.py draws the plots and writes OUT/report.md and OUT/report.html.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,12 +22,12 @@ from pathlib import Path
 import torch
 
 from mergesmith.analyze.stats import (
-    DEFAULT_DENSITY, DEFAULT_MAX_RANK, add_sums, figures, tensor_sums,
+    DEFAULT_DENSITY, DEFAULT_MAX_RANK, OVERSAMPLE, TensorSums, add_sums, figures,
 )
 from mergesmith.io import tensor_names as L
-from mergesmith.engine.api import ProgressBar
+from mergesmith.engine.api import ProgressBar, parse_size
 from mergesmith.engine.plan import Plan, TensorJob, build_plan
-from mergesmith.engine.run import Unit, read_unit
+from mergesmith.engine.run import DEFAULT_CHUNK_BYTES, Unit, read_unit
 from mergesmith.errors import MergesmithError, OutputError, PlanError
 from mergesmith.io import Checkpoint, resolve_model
 from mergesmith.io.output import refuse_overlap
@@ -42,12 +45,14 @@ def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
             merged: str | Path | None = None, density: float | None = None,
             max_rank: int = DEFAULT_MAX_RANK, seed: int | None = None,
             allow_crimes: bool = False, overwrite: bool = False, progress: bool = False,
-            plots: bool = True) -> Path:
-    """Write OUT/summary.json, OUT/tensors.jsonl, the plots and OUT/report.md; return OUT.
+            plots: bool = True, chunk_size: str | int = DEFAULT_CHUNK_BYTES) -> Path:
+    """Write OUT/summary.json, OUT/tensors.jsonl, the plots, OUT/report.md and report.html;
+    return OUT.
 
     `merged`: a merge of this recipe (or any model of the same tensors) to measure against the
     task vectors. `density` overrides the recipe's for the masks and drops (default: the
-    recipe's, else 0.2). `max_rank` caps the spectra of larger matrices."""
+    recipe's, else 0.2). `max_rank` caps the spectra of larger matrices. `chunk_size`: the
+    blocks of rows read at once, in float32 bytes per input (as `merge --chunk-size`)."""
     started = time.perf_counter()
     plan = analysis_plan(recipe, seed=seed, allow_crimes=allow_crimes)
     jobs = [job for job in plan.jobs if not job.copy]
@@ -57,13 +62,16 @@ def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
     inputs = [p for ck in plan.models.values() for p in ck.sources]
     out = _output(Path(out), overwrite, inputs + ([Path(merged)] if merged is not None else []))
     bar = _bar(plan, jobs) if progress else None
+    advance = (lambda nbytes: bar.advance(int(nbytes), 0)) if bar else None
+    chunk_bytes = parse_size(chunk_size)
     total, groups, spectra = None, {}, {}
     middle = L.num_layers([job.out.name for job in jobs]) // 2
     try:
         with open(out / "tensors.jsonl", "w") as lines:
             for job in jobs:
                 with _one_thread() as threads:
-                    sums = job_sums(plan, job, merged_ck, density, max_rank, threads)
+                    sums = job_sums(plan, job, merged_ck, density, max_rank, threads, chunk_bytes,
+                                    advance)
                 record = {"name": job.out.name, "layer": job.ctx.layer,
                           "shape": list(job.out.shape), **figures(sums, len(job.inputs) - 1),
                           "sums": sums}
@@ -74,7 +82,7 @@ def analyze(recipe: Recipe | str | Path | dict, out: str | Path, *,
                 if "spectra" in sums and job.ctx.layer == middle and len(spectra) < SPECTRA_SHOWN:
                     spectra[job.out.name] = [s["sigma"] for s in sums["spectra"]]
                 if bar:
-                    bar.advance(job.out.nbytes, 1, job.out.name)
+                    bar.advance(0, 1, job.out.name)
     finally:
         if bar:
             bar.stop()
@@ -142,26 +150,61 @@ def open_merged(merged: str | Path, jobs: list[TensorJob]) -> Checkpoint:
 
 
 def job_sums(plan: Plan, job: TensorJob, merged: Checkpoint | None, density: float | None,
-             max_rank: int, threads: int = 1) -> dict:
-    """One tensor's sums: its inputs read as a merge reads them, in float32 (the recipe's dtype
-    first, as a merge casts them), task vectors made one at a time."""
-    tensors = read_unit(plan, Unit(job, None, "merge"))
-    cast = (lambda t: t.to(plan.load_dtype).float()) if plan.load_dtype else (lambda t: t.float())
-    base = cast(tensors[0])
-    taus = []
-    for i in range(1, len(tensors)):
-        taus.append(cast(tensors[i]).sub_(base))
-        tensors[i] = None  # the stored copy goes as soon as its task vector exists
-    delta = cast(merged.read(job.out.name)).sub_(base) if merged is not None else None
-    del base, tensors
+             max_rank: int, threads: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+             advance=None) -> dict:
+    """One tensor's sums (stats.TensorSums): its inputs read as a streamed merge reads them
+    (engine/run.py's read_unit, blocks of rows of `chunk_bytes` in float32 per input), once per
+    pass, and cast to float32 (the recipe's dtype first, as a merge casts them). A tensor that
+    is one block is read once. `advance(nbytes)`: progress, the tensor's bytes over its passes."""
     params = job.params
-    n = len(taus)
+    n = len(job.inputs) - 1
     densities = ([density] * n if density is not None
                  else params.get("densities") or [DEFAULT_DENSITY] * n)
-    return tensor_sums(taus, delta, densities=list(densities), weights=params.get("weights"),
-                       gammas=params.get("gammas"), epsilons=params.get("epsilons"),
-                       ctx=job.ctx, max_rank=max_rank,
-                       della=plan.method.name in DELLA_METHODS, threads=threads)
+    sums = TensorSums(job.out.shape, n, merged=merged is not None, densities=list(densities),
+                      weights=params.get("weights"), gammas=params.get("gammas"),
+                      epsilons=params.get("epsilons"), ctx=job.ctx, max_rank=max_rank,
+                      della=plan.method.name in DELLA_METHODS, threads=threads)
+    blocks = row_blocks(job, chunk_bytes, max_rank)
+    held = None
+    for _ in range(sums.passes):
+        for rows in blocks:
+            vectors = held or task_vectors(plan, job, rows, merged)
+            held = vectors if len(blocks) == 1 else None
+            sums.add(rows[0] if rows else 0, vectors[:n], vectors[n] if merged else None)
+            del vectors
+            if advance:
+                share = (rows[1] - rows[0]) / job.out.shape[0] if rows else 1.0
+                advance(job.out.nbytes * share / sums.passes)
+        sums.end_pass()
+    return sums.result()
+
+
+def row_blocks(job: TensorJob, chunk_bytes: int, max_rank: int) -> list[tuple[int, int] | None]:
+    """The blocks of rows a tensor is read in: `chunk_bytes` of float32 per input, or the whole
+    tensor (None) when it is that small, a vector, aligned to a joint vocabulary (read whole,
+    as a merge reads it), or a wide matrix whose exact spectrum couples all its rows."""
+    shape = job.out.shape
+    if len(shape) < 2 or job.vocab_axis or 4 * math.prod(shape) <= chunk_bytes:
+        return [None]
+    if len(shape) == 2 and shape[0] < shape[1] and shape[0] <= max_rank + OVERSAMPLE:
+        return [None]
+    step = max(1, chunk_bytes // (4 * math.prod(shape[1:])))
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
+def task_vectors(plan: Plan, job: TensorJob, rows: tuple[int, int] | None,
+                 merged: Checkpoint | None) -> list[torch.Tensor]:
+    """τi = θi − θ0 for these rows of the job's tensor, and δ = θ* − θ0 last with `merged`."""
+    tensors = read_unit(plan, Unit(job, rows, "merge"))
+    cast = (lambda t: t.to(plan.load_dtype).float()) if plan.load_dtype else (lambda t: t.float())
+    base = cast(tensors[0])
+    vectors = []
+    for i in range(1, len(tensors)):
+        vectors.append(cast(tensors[i]).sub_(base))
+        tensors[i] = None  # the stored copy goes as soon as its task vector exists
+    if merged is not None:
+        vectors.append(cast(merged.read(job.out.name, rows)).sub_(base))
+    return vectors
 
 
 @contextmanager

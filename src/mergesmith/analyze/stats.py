@@ -32,8 +32,8 @@ import math
 import torch
 
 from mergesmith.methods.blocks import elect_sign, gram64, keep_magnitude_band, topk_count
-from mergesmith.methods.kth import kth_largest_magnitudes
-from mergesmith.methods.lowrank import randomized_svd
+from mergesmith.methods.kth import MagnitudeSelect
+from mergesmith.methods.lowrank import RangeSketch
 from mergesmith.methods.magnitude_trim import band, band_ranks, keep_band
 from mergesmith.methods.random_drop import dare_drops, della_drops
 from mergesmith.methods.registry import TensorContext
@@ -48,85 +48,143 @@ BLOCK_ELEMENTS = 1 << 18  # entries of each τi handled at once: scratch stays s
 DROPS = ("ties_trim", "ties_elect", "breadcrumbs", "dare", "della")
 
 
-def tensor_sums(taus: list[torch.Tensor], merged: torch.Tensor | None = None, *,
-                densities: list[float], weights: list[float] | None = None,
-                gammas: list[float] | None = None, epsilons: list[float] | None = None,
-                ctx: TensorContext | None = None, max_rank: int = DEFAULT_MAX_RANK,
-                della: bool = True, threads: int = 1) -> dict:
-    """The additive sums of one tensor (see the module); `merged` is δ = θ* − θ0. `threads`:
-    how many share out the element-wise sums (each one of torch's threads)."""
-    n = len(taus)
-    weights = weights or [1.0] * n
-    gammas = gammas or [DEFAULT_GAMMA] * n
-    epsilons = epsilons or [DEFAULT_EPSILON] * n
-    ctx = ctx or TensorContext("tensor")
-    numel = taus[0].numel()
-    vectors = taus + ([merged] if merged is not None else [])
-    gram = gram64(vectors)
-    sums = {"numel": numel, "gram": gram.tolist()}
-    cuts = [_cuts(tau, d, g) for tau, d, g in zip(taus, densities, gammas)]
-    sums.update(_elementwise(taus, merged, cuts, densities, weights, epsilons if della else None,
-                             ctx, threads))
-    if taus[0].dim() == 2:
-        sums["spectra"] = [spectrum(t, max_rank, float(gram[i, i])) for i, t in enumerate(vectors)]
-    return sums
+class TensorSums:
+    """The additive sums of one tensor (see the module), its task vectors (and δ) given block
+    of rows by block of rows, pass by pass, so that memory holds one block of each whatever the
+    tensor's size: `add(start, taus, merged)` every block of a pass (start: its first row),
+    then `end_pass()`, `passes` times; then `result()`.
+
+    Pass 0 adds up the Gram matrix and counts the cuts' high bits (methods/kth.py); pass 1
+    their low bits; pass 2 counts and sums element-wise, against the cuts now known; the
+    spectra's sketches (lowrank.RangeSketch: one product with the tensor per pass, 2 + 2q of
+    them) run alongside from pass 0 on. Whole tensors are one block (`tensor_sums`)."""
+
+    def __init__(self, shape, experts: int, *, merged: bool = False, densities: list[float],
+                 weights: list[float] | None = None, gammas: list[float] | None = None,
+                 epsilons: list[float] | None = None, ctx: TensorContext | None = None,
+                 max_rank: int = DEFAULT_MAX_RANK, della: bool = True, threads: int = 1):
+        self.shape, self.n, self.merged = torch.Size(shape), experts, merged
+        self.numel = math.prod(self.shape)
+        self.densities = densities
+        self.weights = weights or [1.0] * experts
+        self.epsilons = (epsilons or [DEFAULT_EPSILON] * experts) if della else None
+        self.ctx, self.threads = ctx or TensorContext("tensor"), threads
+        gammas = gammas or [DEFAULT_GAMMA] * experts
+        self.bands = [band_ranks(self.numel, d, g) for d, g in zip(densities, gammas)]
+        self.tops = [topk_count(self.numel, d) for d in densities]
+        self.selects = [MagnitudeSelect(sorted({k, *ranks}) if 0 < k < self.numel else ranks)
+                        for k, ranks in zip(self.tops, self.bands)]
+        self.sketches = ([matrix_sketch(self.shape, max_rank) for _ in range(experts + merged)]
+                         if len(self.shape) == 2 and self.numel else [])
+        self.passes = max([3] + [s.passes for s in self.sketches])
+        self.step, self.gram, self.cuts, self.drops, self.parts = 0, None, None, None, []
+
+    def add(self, start: int, taus: list[torch.Tensor], merged: torch.Tensor | None = None
+            ) -> None:
+        vectors = taus + ([merged] if merged is not None else [])
+        if self.step == 0:
+            part = gram64(vectors)
+            self.gram = part if self.gram is None else self.gram.add_(part)
+        if self.step < 2:
+            for select, tau in zip(self.selects, taus):
+                if select.ks:
+                    select.count(tau)
+        if self.step == 2:
+            self.parts.append(self._elementwise(start, taus, merged))
+        intra_op = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for sketch, x in zip(self.sketches, vectors):
+                if self.step < sketch.passes:
+                    sketch.add(start, x.float())
+        finally:
+            torch.set_num_threads(intra_op)
+
+    def end_pass(self) -> None:
+        for select in self.selects:
+            select.end_pass()
+        for sketch in self.sketches:
+            if self.step < sketch.passes:
+                sketch.end_pass()
+        self.step += 1
+        if self.step == 2:
+            self.cuts = [self._cuts(top, ranks, density, dict(zip(select.ks, select.values()))
+                                    if select.ks else {})
+                         for top, ranks, density, select
+                         in zip(self.tops, self.bands, self.densities, self.selects)]
+
+    def result(self) -> dict:
+        """The sums, once every pass is done."""
+        acc = {key: sum(part[key] for part in self.parts) for key in self.parts[0]}
+        sums = {"numel": self.numel, "gram": self.gram.tolist(),
+                "conflicts": int(acc["conflicts"]), "pair_conflicts": _symmetric(acc["pair"]),
+                "mask_overlap": _symmetric(acc["overlap"]), "nonzero": acc["nonzero"].tolist(),
+                "kept": {name: acc[name].tolist() for name in DROPS
+                         if name != "della" or self.drops[1] is not None}}
+        if self.merged:
+            sums["against"] = acc["against"].tolist()
+        if self.sketches:
+            sums["spectra"] = [spectrum_figures(s.values().double(), s.exact,
+                                                float(self.gram[i, i]))
+                               for i, s in enumerate(self.sketches)]
+        return sums
+
+    def _cuts(self, k: int, ranks: list[int], density: float, values: dict[int, float]
+              ) -> dict:
+        """τ's magnitude thresholds: the top-k cut (TIES, the masks; entries tied with it
+        kept) and breadcrumbs' band (magnitude_trim.band)."""
+        top = 0.0 if k == self.numel else math.inf if k == 0 else values[k]
+        return {"top": top, "band": band(self.numel, density, [values[r] for r in ranks])}
+
+    def _elementwise(self, start: int, taus: list[torch.Tensor], merged: torch.Tensor | None
+                     ) -> dict:
+        """Counts and kept energies of a block of rows, in blocks of BLOCK_ELEMENTS (each
+        one's own scratch) shared out among `threads` threads, each adding up its own
+        (sparse.in_parallel)."""
+        n = self.n
+        rows = [as_rows(t) for t in taus]
+        delta = as_rows(merged) if merged is not None else None
+        cols = rows[0].shape[1]
+        if self.drops is None:  # the merge's own draws, at each entry's offset in the tensor
+            d, e = self.densities, self.epsilons
+            della = (della_drops(self.ctx, rows[0], d, e, unbiased=False) if e and
+                     all(not 0 < x < 1 or (y <= x and x + y <= 1) for x, y in zip(d, e))
+                     else None)  # not asked for, or d ± ε outside [0, 1]: DELLA refuses these
+            self.drops = (dare_drops(self.ctx, rows[0].device, d, unbiased=False), della)
+        parts = []
+
+        def count(blocks: list[slice]) -> None:
+            acc = {"conflicts": torch.zeros((), dtype=torch.int64),
+                   "pair": torch.zeros(n, n, dtype=torch.int64),
+                   "overlap": torch.zeros(n, n, dtype=torch.int64),
+                   "nonzero": torch.zeros(n, dtype=torch.int64),
+                   "against": torch.zeros(n, dtype=torch.int64),
+                   **{name: torch.zeros(n, 2, dtype=torch.float64) for name in DROPS}}
+            for block in blocks:
+                xs = [r[block].float() for r in rows]
+                d = delta[block].float() if delta is not None else None
+                _block(acc, xs, d, (start + block.start) * cols, self.cuts, self.weights,
+                       *self.drops)
+            parts.append(acc)
+
+        intra_op = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # in_parallel's count of threads
+        try:
+            in_parallel(count, row_blocks(rows[0], BLOCK_ELEMENTS))
+        finally:
+            torch.set_num_threads(intra_op)
+        return {key: sum(part[key] for part in parts) for key in parts[0]}
 
 
-def _cuts(tau: torch.Tensor, density: float, gamma: float) -> dict:
-    """τ's magnitude thresholds: the top-d cut (TIES, the masks) and breadcrumbs' band, from
-    one radix select over blocks of rows (methods/kth.py, as a streamed TIES finds its cuts:
-    2x faster than a partition of |τ|, and no full-size scratch), and band_ranks and band."""
-    n = tau.numel()
-    k = topk_count(n, density)
-    ranks = band_ranks(n, density, gamma)
-    wanted = sorted({k, *ranks}) if 0 < k < n else ranks
-    rows = as_rows(tau)
-    blocks = [rows[b] for b in row_blocks(rows, BLOCK_ELEMENTS)]
-    values = dict(zip(wanted, kth_largest_magnitudes(blocks, wanted))) if wanted else {}
-    top = 0.0 if k == n else math.inf if k == 0 else values[k]
-    return {"top": top, "band": band(n, density, [values[r] for r in ranks])}
-
-
-def _elementwise(taus, merged, cuts, densities, weights, epsilons, ctx, threads: int = 1) -> dict:
-    """Counts and kept energies, block of rows by block of rows (each block's own scratch); the
-    blocks shared out among `threads` threads, each adding up its own (sparse.in_parallel)."""
-    n = len(taus)
-    rows = [as_rows(t) for t in taus]
-    delta = as_rows(merged) if merged is not None else None
-    cols = rows[0].shape[1]
-    dare = dare_drops(ctx, rows[0].device, densities, unbiased=False)
-    della = (della_drops(ctx, rows[0], densities, epsilons, unbiased=False) if epsilons and
-             all(not 0 < d < 1 or (e <= d and d + e <= 1) for d, e in zip(densities, epsilons))
-             else None)  # not asked for, or d ± ε outside [0, 1]: DELLA refuses these densities
-    parts = []
-
-    def count(blocks: list[slice]) -> None:
-        acc = {"conflicts": torch.zeros((), dtype=torch.int64),
-               "pair": torch.zeros(n, n, dtype=torch.int64),
-               "overlap": torch.zeros(n, n, dtype=torch.int64),
-               "nonzero": torch.zeros(n, dtype=torch.int64),
-               "against": torch.zeros(n, dtype=torch.int64),
-               **{name: torch.zeros(n, 2, dtype=torch.float64) for name in DROPS}}
-        for block in blocks:
-            xs = [r[block].float() for r in rows]
-            d = delta[block].float() if delta is not None else None
-            _block(acc, xs, d, block.start * cols, cuts, weights, dare, della)
-        parts.append(acc)
-
-    intra_op = torch.get_num_threads()
-    torch.set_num_threads(threads)  # in_parallel's count of threads
-    try:
-        in_parallel(count, row_blocks(rows[0], BLOCK_ELEMENTS))
-    finally:
-        torch.set_num_threads(intra_op)
-    acc = {key: sum(part[key] for part in parts) for key in parts[0]}
-    out = {"conflicts": int(acc["conflicts"]), "pair_conflicts": _symmetric(acc["pair"]),
-           "mask_overlap": _symmetric(acc["overlap"]), "nonzero": acc["nonzero"].tolist(),
-           "kept": {name: acc[name].tolist() for name in DROPS
-                    if name != "della" or della is not None}}
-    if delta is not None:
-        out["against"] = acc["against"].tolist()
-    return out
+def tensor_sums(taus: list[torch.Tensor], merged: torch.Tensor | None = None, **options
+                ) -> dict:
+    """TensorSums of whole tensors (one block per pass); `merged` is δ = θ* − θ0; `options`
+    those of TensorSums (densities required)."""
+    sums = TensorSums(taus[0].shape, len(taus), merged=merged is not None, **options)
+    for _ in range(sums.passes):
+        sums.add(0, taus, merged)
+        sums.end_pass()
+    return sums.result()
 
 
 def _block(acc: dict, xs: list[torch.Tensor], delta: torch.Tensor | None, at: int, cuts,
@@ -171,14 +229,27 @@ def _symmetric(upper: torch.Tensor) -> list[list[int]]:
 
 def spectrum(x: torch.Tensor, max_rank: int = DEFAULT_MAX_RANK, energy: float | None = None
              ) -> dict:
-    """x's singular values (all, or the top `max_rank` of a seeded randomized SVD when x is
-    larger), its effective and stable ranks; `energy`: ‖x‖²_F when known."""
-    side = min(x.shape)
-    k = side if side <= max_rank + OVERSAMPLE else max_rank
-    sigma = (randomized_svd(x.float(), k, oversample=OVERSAMPLE)[1].double() if side
-             else x.new_zeros(0, dtype=torch.float64))
+    """The figures of x's singular values: all of them, or the top `max_rank` of a seeded
+    randomized SVD when x is larger (TensorSums' sketch, x one block); `energy`: ‖x‖²_F."""
+    sketch = matrix_sketch(x.shape, max_rank)
+    for _ in range(sketch.passes):
+        sketch.add(0, x.float())
+        sketch.end_pass()
     energy = float(gram64([x])[0, 0]) if energy is None else energy
-    return {"sigma": sigma.tolist(), "exact": k == side,
+    return spectrum_figures(sketch.values().double(), sketch.exact, energy)
+
+
+def matrix_sketch(shape, max_rank: int) -> RangeSketch:
+    """The sketch of a matrix's spectrum: exact up to max_rank + OVERSAMPLE singular values."""
+    side = min(shape)
+    k = side if side <= max_rank + OVERSAMPLE else max_rank
+    return RangeSketch(shape, k, oversample=OVERSAMPLE, exact=k == side)
+
+
+def spectrum_figures(sigma: torch.Tensor, exact: bool, energy: float) -> dict:
+    """The figures of the singular values σ (float64) of a matrix x with ‖x‖²_F = energy:
+    all of them (`exact`), or its top ones."""
+    return {"sigma": sigma.tolist(), "exact": exact,
             "effective_rank": effective_rank(sigma),
             "stable_rank": energy / float(sigma[0]) ** 2 if len(sigma) and sigma[0] > 0 else 0.0,
             "energy_kept": float(sigma.square().sum() / energy) if energy > 0 else 1.0}

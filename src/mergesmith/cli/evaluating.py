@@ -143,7 +143,8 @@ def search_command(
 @app.command("analyze")
 def analyze_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML whose models to analyse (nothing is merged)."),
-    output: Path = typer.Argument(..., help="Folder for summary.json, tensors.jsonl, plots, report.md."),
+    output: Path = typer.Argument(..., help="Folder for summary.json, tensors.jsonl, plots, "
+                                  "report.md and report.html."),
     merged: Optional[Path] = typer.Option(None, help="A merge of the recipe: measure it against "
                                           "the task vectors too."),
     density: Optional[float] = typer.Option(None, help="Density of the top-k masks and of the "
@@ -155,6 +156,8 @@ def analyze_command(
     allow_crimes: bool = typer.Option(False, "--allow-crimes/--no-allow-crimes",
                                       help="As for merge."),
     overwrite: bool = typer.Option(False, help="Write into OUTPUT even if it is not empty."),
+    chunk_size: str = typer.Option("8MiB", help="Rows read at once, in fp32 bytes per input "
+                                   "(as for merge)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Task-vector statistics of a recipe's models: norms, cosines, sign conflicts, top-k
@@ -162,9 +165,11 @@ def analyze_command(
     from mergesmith.analyze import analyze
 
     path = analyze(recipe, output, merged=merged, density=density, max_rank=rank, seed=seed,
-                   allow_crimes=allow_crimes, overwrite=overwrite, progress=not quiet)
+                   allow_crimes=allow_crimes, overwrite=overwrite, progress=not quiet,
+                   chunk_size=chunk_size)
     if not quiet:
-        err.print(f"report: {path / 'report.md'}  figures: {path / 'summary.json'}", highlight=False)
+        err.print(f"report: {path / 'report.html'} (and report.md)  figures: "
+                  f"{path / 'summary.json'}", highlight=False)
 
 
 @app.command("negate")

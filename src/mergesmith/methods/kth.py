@@ -76,16 +76,42 @@ def bits_value(high: int, low: int) -> float:
     return float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
 
 
+class MagnitudeSelect:
+    """kth_largest_magnitudes for a caller that reads the chunks itself: `count(chunk)` every
+    chunk in one pass, `end_pass()`, again in a second pass, then `values()`."""
+
+    def __init__(self, ks: list[int]):
+        self.ks, self.high, self.located, self.lows = ks, None, None, None
+
+    def count(self, chunk: torch.Tensor) -> None:
+        bits = magnitude_bits(chunk)
+        if self.located is None:
+            part = high_histogram(bits)
+            self.high = part if self.high is None else self.high.add_(part)
+        else:
+            for h in self.lows:
+                self.lows[h] += low_histogram(bits, h)
+
+    def end_pass(self) -> None:
+        if self.located is None:
+            self.located = [locate(self.high, k) for k in self.ks]
+            self.lows = {h: self.high.new_zeros(LOW_BINS) for h, _ in self.located}
+
+    def values(self) -> list[float]:
+        return [bits_value(h, locate(self.lows[h], rank)[0]) for h, rank in self.located]
+
+
 def kth_largest_magnitudes(chunks: Iterable[torch.Tensor] | torch.Tensor,
                            ks: list[int]) -> list[float]:
     """The k-th largest |x| (fp32) for each k, 1 ≤ k ≤ numel, over the entries of all chunks
     (an iterable read twice, or one tensor): both passes."""
     chunks = [chunks] if isinstance(chunks, torch.Tensor) else chunks
-    high = sum(high_histogram(magnitude_bits(chunk)) for chunk in chunks)
-    located = [locate(high, k) for k in ks]
-    lows = {h: sum(low_histogram(magnitude_bits(chunk), h) for chunk in chunks)
-            for h in {h for h, _ in located}}
-    return [bits_value(h, locate(lows[h], rank)[0]) for h, rank in located]
+    select = MagnitudeSelect(ks)
+    for _ in range(2):
+        for chunk in chunks:
+            select.count(chunk)
+        select.end_pass()
+    return select.values()
 
 
 def kth_smallest_values(chunks: Iterable[torch.Tensor] | torch.Tensor,

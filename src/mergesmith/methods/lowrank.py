@@ -141,24 +141,81 @@ def randomized_svd(x: torch.Tensor, k: int, *, oversample: int = 10, power_itera
     Gaussian n×(k+p), Q = orth(Y), then the exact SVD of the small Qᵀx. Computed in `dtype`
     (default: float32, or x's dtype when wider); σ at the noise floor dropped as in the exact
     path. When k + p reaches min(m, n) a sketch saves nothing: the exact triplets are returned."""
-    m, n = x.shape
-    width = k + oversample
-    if width >= min(m, n):
+    if k + oversample >= min(x.shape):
         u, s, vh = top_singular_triplets(x, k)
         return u.to(_working(x, dtype)), s.to(_working(x, dtype)), vh.to(_working(x, dtype))
-    a = x.to(_working(x, dtype))
-    if m < n:  # sketch the smaller side: the QRs below are then m×(k+p)
-        v, s, uh = randomized_svd(a.mT, k, oversample=oversample,
-                                  power_iterations=power_iterations, seed=seed, dtype=dtype)
-        return uh.mT, s, v.mT
-    gen = torch.Generator(device=a.device).manual_seed(seed)
-    omega = torch.randn(n, width, generator=gen, dtype=a.dtype, device=a.device)
-    q = torch.linalg.qr(a @ omega).Q
-    for _ in range(power_iterations):  # each pass sharpens the spectrum's decay by σ²
-        q = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ q).Q).Q
-    small_u, s, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
-    keep = int(torch.count_nonzero(s[:k] > noise_floor(s[:1], x.shape)))
-    return q @ small_u[:, :keep], s[:keep], vh[:keep]
+    sketch = RangeSketch(x.shape, k, oversample=oversample, power_iterations=power_iterations,
+                         seed=seed, dtype=_working(x, dtype), device=x.device)
+    for _ in range(sketch.passes):
+        sketch.add(0, x)
+        sketch.end_pass()
+    return sketch.factors()
+
+
+class RangeSketch:
+    """randomized_svd of an m×n matrix x that is read block of rows by block of rows: each of
+    its 2 + 2q products with x is one pass over the blocks (`add` each block with its first
+    row, then `end_pass`), so x is never whole in memory; only the sketches (m or n by k + p)
+    are. The smaller side is sketched, as Halko et al. advise: for a tall x the products
+    alternate x·M (a block of rows of the result per block of x) and xᵀ·M (a sum over the
+    blocks), for a wide x the other way round; each result but the last is orthonormalized by
+    QR and becomes the next M. `exact=True` (for k + p ≥ min(m, n), where a sketch saves
+    nothing): one pass adding up the smaller Gram matrix in float64 instead, whose eigenvalues
+    are the exact σ² (a wide x must then come as one block: x xᵀ couples all its rows)."""
+
+    def __init__(self, shape, k: int, *, oversample: int = 10, power_iterations: int = 2,
+                 seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, exact: bool = False):
+        m, n = shape
+        self.shape, self.k, self.exact = torch.Size(shape), k, exact
+        self.tall = m >= n
+        self.passes = 1 if exact else 2 + 2 * power_iterations
+        self.step, self.product = 0, None
+        if not exact:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            self.operand = torch.randn(n if self.tall else m, k + oversample, generator=gen,
+                                       dtype=dtype, device=device)
+
+    def add(self, start: int, block: torch.Tensor) -> None:
+        """Rows start … start + len(block) of x, in this pass."""
+        if self.exact:
+            if not self.tall and len(block) != self.shape[0]:
+                raise ValueError("an exact spectrum of a wide matrix needs all its rows at once")
+            a = block.double()
+            part = a.mT @ a if self.tall else a @ a.mT
+        elif (self.step % 2 == 0) == self.tall:  # x·M: these rows of the product
+            if self.product is None:
+                self.product = block.new_empty(self.shape[0], self.operand.shape[1],
+                                               dtype=self.operand.dtype)
+            self.product[start:start + len(block)] = block.to(self.operand.dtype) @ self.operand
+            return
+        else:  # xᵀ·M: this block's share of the sum
+            part = block.to(self.operand.dtype).mT @ self.operand[start:start + len(block)]
+        self.product = part if self.product is None else self.product.add_(part)
+
+    def end_pass(self) -> None:
+        self.step += 1
+        if self.step < self.passes:
+            self.operand, self.product = torch.linalg.qr(self.product).Q, None
+
+    def values(self) -> torch.Tensor:
+        """The k largest singular values above the noise floor (float64 when exact)."""
+        if self.exact:
+            sigma = spectrum_of_gram(self.product, self.shape)[0]
+            return sigma[:min(self.k, int(torch.count_nonzero(sigma)))]
+        s = torch.linalg.svdvals(self.product)
+        return s[:self._kept(s)]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_k, σ_k, V_kᵀ): the last product is (Qᵀ·x)ᵀ for a tall x, with Q the last
+        operand, and (x·Q) for a wide one, so the SVD of its transpose gives both sides."""
+        small_u, s, vh = torch.linalg.svd(self.product.mT, full_matrices=False)
+        keep = self._kept(s)
+        basis = self.operand @ small_u[:, :keep]
+        return (basis, s[:keep], vh[:keep]) if self.tall else (vh[:keep].mT, s[:keep], basis.mT)
+
+    def _kept(self, s: torch.Tensor) -> int:
+        return int(torch.count_nonzero(s[:self.k] > noise_floor(s[:1], self.shape)))
 
 
 def _working(x: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
