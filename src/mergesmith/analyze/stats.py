@@ -91,14 +91,9 @@ class TensorSums:
                     select.count(tau)
         if self.step == 2:
             self.parts.append(self._elementwise(start, taus, merged))
-        intra_op = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            for sketch, x in zip(self.sketches, vectors):
-                if self.step < sketch.passes:
-                    sketch.add(start, x.float())
-        finally:
-            torch.set_num_threads(intra_op)
+        for sketch, x in zip(self.sketches, vectors):  # on the caller's one thread: see
+            if self.step < sketch.passes:  # run.py's _one_thread
+                sketch.add(start, x.float())
 
     def end_pass(self) -> None:
         for select in self.selects:
