@@ -16,9 +16,11 @@ uniformly inside the bin. Ours: the residual is summed over the objectives, and 
 uniform along the direction up to the cube's face (the code draws it from a configured law).
 
 The authors' code can also squash the quadratic through a sigmoid (accuracy) or softplus (loss)
-and fit it by curve_fit; the paper's surrogate, the plain quadratic, is the one here. Nested MAP
-(a binary tree of two-task fits, each merge a new model) needs to know which dimensions belong
-to which model, which the search space does not say: not here.
+and fit it by curve_fit; the paper's surrogate, the plain quadratic, is the one here.
+
+Nested MAP (`variant: nested`, search/algorithms/map_nested.py): a binary tree of two-model
+fits, the closest-scoring pair first, each chosen merge a new model of the pool; it needs the
+space to be one `weight` per model of task_arithmetic and one objective per model.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from mergesmith.search.optimizers import (
 NAME = "map"
 DEFAULTS = {"samples": None, "front": None, "algorithm": "nsga3", "generations": 150,
             "pop_size": 100, "variant": "plain", "rounds": 2, "per_round": None, "temperature": 0.07,
-            "lamba": 0.5, "std_percentage": 20, "std_sample": 30}
+            "lamba": 0.5, "std_percentage": 20, "std_sample": 30, "preferences": None}
 
 
 def unknowns(d: int) -> int:
@@ -190,17 +192,23 @@ def spread(points: np.ndarray, count: int, objectives: int) -> np.ndarray:
     return np.vstack([head, rest[np.unique(take)]])
 
 
+def map_options(settings) -> dict:
+    options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
+    if options["algorithm"] not in ("nsga2", "nsga3"):
+        raise RecipeError(f"search.options.algorithm: {options['algorithm']!r} is not nsga2 or "
+                          "nsga3", hint="MAP finds the surrogate front with NSGA-III (default) or NSGA-II")
+    if options["variant"] not in ("plain", "bayesian", "nested"):
+        raise RecipeError(f"search.options.variant: {options['variant']!r} is not plain, "
+                          "bayesian or nested")
+    return options
+
+
 class MAP(SeedAlgorithm):
     def __init__(self, space, settings, seed: int):
-        self.options = read_options(NAME, getattr(settings, "options", None), DEFAULTS)
-        if self.options["algorithm"] not in ("nsga2", "nsga3"):
-            raise RecipeError(f"search.options.algorithm: {self.options['algorithm']!r} is not "
-                              "nsga2 or nsga3",
-                              hint="MAP finds the surrogate front with NSGA-III (default) or NSGA-II")
-        if self.options["variant"] not in ("plain", "bayesian"):
-            raise RecipeError(f"search.options.variant: {self.options['variant']!r} is not "
-                              "plain or bayesian",
-                              hint="nested MAP is not available")
+        self.options = map_options(settings)
+        if self.options["preferences"] is not None:
+            raise RecipeError("search.options.preferences: only nested MAP reads preferences",
+                              hint="set variant: nested, or leave preferences out")
         self.rounds = int(self.options["rounds"]) if self.options["variant"] == "bayesian" else 0
         self.dim, self.seed = len(space), seed
         need = unknowns(self.dim)
@@ -261,5 +269,10 @@ class MAP(SeedAlgorithm):
 
 
 @register_optimizer(NAME, objectives="any")
-def make_map(space, settings, seed: int) -> MAP:
+def make_map(space, settings, seed: int):
+    options = map_options(settings)
+    if options["variant"] == "nested":
+        from mergesmith.search.algorithms.map_nested import NestedMAP
+
+        return NestedMAP(space, settings, seed, options)
     return MAP(space, settings, seed)
