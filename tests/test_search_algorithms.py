@@ -441,8 +441,8 @@ def test_bad_option_values_are_refused():
         make("m2n2", 3, options={"crossover": "uniform"})
     with pytest.raises(RecipeError, match="bc_range"):
         make("cycleqd", 3, options={"bc_range": [1.0, 0.0]})
-    with pytest.raises(RecipeError, match="variant: 'nested'"):
-        make("map", 3, options={"variant": "nested"})
+    with pytest.raises(RecipeError, match="variant: 'tree'"):
+        make("map", 3, options={"variant": "tree"})
 
 
 def test_map_finds_the_toy_merge_weights_from_a_few_merges(zoo, tmp_path):

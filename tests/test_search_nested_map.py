@@ -6,10 +6,12 @@ weighted choice on the front, the chosen merge joining the pool)."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
 import pytest
+import yaml
 
 from mergesmith.errors import MergesmithError, RecipeError
 from mergesmith.search.algorithms import map_nested
@@ -236,3 +238,9 @@ def test_toy_models_end_to_end_the_last_candidate_is_the_nested_merge(zoo, tmp_p
     weights = [last["params"][name] for name in sorted(last["params"])]
     assert np.abs(np.array(weights) - TARGET_WEIGHTS).max() < 0.01, last
     assert list(optimizer_of(tmp_path / "out").tree[0]["weights"].values()) == pytest.approx(weights)
+    # the search's answer is the tree's last merge, written as result.yaml, its tree in summary.json
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["result"]["weights"].values()) == pytest.approx(weights)
+    assert len(summary["result"]["tree"]) == 1 and result.files["result"].name == "result.yaml"
+    models = yaml.safe_load(result.files["result"].read_text())["models"]
+    assert [m["parameters"]["weight"] for m in models] == pytest.approx(weights)

@@ -107,8 +107,9 @@ def search(problem, out: str | Path, *, workers: int = 1, ray_address: str | Non
     if loop.pending:  # logged by a longer run than this one (its budget was cut on resume)
         records = [r for r in records if (r["id"], r["fidelity"]) not in loop.pending]
         _atomic_write(out / LOG, "".join(json.dumps(r) + "\n" for r in records).encode())
+    outcome = getattr(loop.state.optimizer, "outcome", None)
     return write_outputs(problem, out, records, seconds=loop.elapsed(), stopped=stopped,
-                         generations=state.generation)
+                         generations=state.generation, outcome=outcome and outcome())
 
 
 def _problem(problem):

@@ -5,6 +5,8 @@
 - pareto.json and front.png (several objectives): the candidates no other candidate dominates.
 - convergence.png: every candidate's score and the best so far, by candidate id.
 - summary.json: candidates, evaluations, failures, seconds, candidates per minute, best scores.
+- result.yaml, and `result` in summary.json: the answer of an optimizer that has its own
+  (`outcome()`: nested MAP's last merge of its tree, with the tree).
 
 Only full-fidelity scores compete; ties go to the earlier candidate.
 """
@@ -20,7 +22,7 @@ from mergesmith.search.optimizers import non_dominated
 
 
 def write_outputs(problem, out: Path, records: list[dict], *, seconds: float, stopped: str,
-                  generations: int):
+                  generations: int, outcome: tuple[np.ndarray, dict] | None = None):
     from mergesmith.search.driver import SearchResult
 
     full = [r for r in records if r["fidelity"] == 1.0 and r["scores"] is not None]
@@ -49,6 +51,10 @@ def write_outputs(problem, out: Path, records: list[dict], *, seconds: float, st
         "best": best and {"id": best["id"], "scores": best["scores"], "params": best["params"]},
         "pareto": len(pareto) or None,
     }
+    if outcome is not None:
+        point, summary["result"] = outcome
+        files["result"] = out / "result.yaml"
+        files["result"].write_text(problem.space.recipe(point).to_yaml())
     files["summary"] = _json(out / "summary.json", summary)
     return SearchResult(out=out, best=best, pareto=pareto, candidates=candidates,
                         evaluations=len(records), seconds=seconds, stopped=stopped, files=files)

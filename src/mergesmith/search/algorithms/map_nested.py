@@ -254,3 +254,10 @@ class NestedMAP(SeedAlgorithm):
             return None
         return {m: float(w) for m, w in zip(self.models, self.pool[0]["weights"])}
 
+    def outcome(self) -> tuple[np.ndarray, dict] | None:
+        """The search's own answer, which is the tree's last merge rather than the best-scored
+        candidate: its point and what to report (search/outputs.py writes result.yaml)."""
+        if not self.done():
+            return None
+        return self._point(self.pool[0]["weights"]), {"weights": self.result(), "tree": self.tree}
+
