@@ -23,8 +23,9 @@ holds [0, 1], and the fitness `objectives: each` with objective k belonging to t
 of the recipe (the base model left out), in recipe order.
 
 The tree (pairs merged, chosen coefficients, flat weights, scores) is `tree` on the optimizer,
-pickled in OUT/state.pkl after each generation; the result is the last candidate of
-candidates.jsonl. best.yaml and pareto.json stay those of every evaluated candidate.
+pickled in OUT/state.pkl after each generation. The result, the tree's last merge (also the last
+candidate of candidates.jsonl), is `outcome()`: OUT/result.yaml, and the tree under `result` in
+OUT/summary.json. best.yaml and pareto.json stay those of every evaluated candidate.
 
 Ours, not the authors': the samples are uniform in [0, 1]^2 as plain MAP draws them (the code
 mixes one-hot, isotropic and grid points); failed samples are left out of the fit and, where
