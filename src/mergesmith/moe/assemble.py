@@ -9,7 +9,9 @@ tensor (or row block) at a time whatever the number of experts.
 
 from __future__ import annotations
 
+import gc
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,10 +39,27 @@ def build_moe(config: MoeConfig | str | Path | dict, out: str | Path, *, device:
     describes at `out`; every error before any work."""
     if not isinstance(config, MoeConfig):
         config = load_moe_config(config)
-    program = moe_program(config, device=device, progress=progress,
-                          allow_identical_experts=allow_identical_experts)
+    with _collector_paused():
+        program = moe_program(config, device=device, progress=progress,
+                              allow_identical_experts=allow_identical_experts)
     return write_program(program, out, shard_size=shard_size, device=device, resume=resume,
                          overwrite=overwrite, progress=progress)
+
+
+@contextmanager
+def _collector_paused():
+    """No cyclic garbage collection while the program is planned: planning imports transformers'
+    config classes (and, for prompt gates, its modeling code), some 170k objects that live
+    until exit, which the collector would walk again and again as they arrive (~0.4 s of a 1B
+    build: bench/README.md). Back on before the writing, whose first collection frees
+    planning's cycles (the prompt model's)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def upcycle(model: str, experts: int, out: str | Path, *, noise_scale: float | None = None,
