@@ -152,7 +152,8 @@ def main(argv=None) -> int:
         name = f"{gate}-{dtype}-{n}x"
         config = root / f"{name}.yaml"
         config.write_text(moe_config(folders, n, dtype, gate, vocab))
-        inputs = [f for d in ORDER[:n] for f in models.weight_files(dirs[d])]
+        # the base is read too (its non-MLP tensors) when it is not among the experts
+        inputs = [f for d in dict.fromkeys([*ORDER[:n], "base"]) for f in models.weight_files(dirs[d])]
         last = check and ci == len(cases) - 1
         for rep, tool in itertools.product(range(args.repeat), args.tools):
             row = run_case(tool, config, root / "out" / tool, inputs, args.idle_wait, keep=last)
