@@ -2,6 +2,7 @@
 BTX's averaged non-expert tensors, AquilaMoE's upcycling: recipe/moe.py, moe/assemble.py,
 moe/layouts.py, methods/moe_assemble.py."""
 
+import gc
 import json
 
 import pytest
@@ -111,6 +112,7 @@ def test_expert_slots_are_their_sources_bitwise_and_btx_averages(dense, tmp_path
     config = moe_yaml(tmp_path / "moe.yml", dense["base"], [(m, {}) for m in sources], gate_mode="random",
                       non_expert="average")
     got = read_tensors(build_moe(load_moe_config(config), tmp_path / "out", shard_size="30KB"))
+    assert gc.isenabled()  # paused while planning only
     src = [read_tensors(m) for m in sources]
     for layer in range(2):
         for e in range(3):
@@ -293,3 +295,4 @@ def test_tensors_the_layout_has_no_place_for_are_refused(dense, tmp_path, change
     with pytest.raises(PlanError, match=match):
         build_moe(load_moe_config(config), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert gc.isenabled()  # paused while planning only
