@@ -36,12 +36,6 @@ def moe(
 ) -> None:
     """Assemble dense experts into a Mixtral / Qwen-MoE (mergekit-moe's YAML), or upcycle one
     dense model into N experts; router rows from the experts' prompts."""
-    import atexit
-    import gc
-
-    # torch's and transformers' modules live until exit, where the collector would walk their
-    # ~340k objects once more: ~0.5 s of a 1B build's 6 (bench/README.md, MoE build)
-    atexit.register(gc.freeze)
     from mergesmith.moe.assemble import build_moe, upcycle as upcycle_model
 
     options = dict(device=device, shard_size=shard_size, resume=resume, overwrite=overwrite,
