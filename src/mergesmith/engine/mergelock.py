@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import yaml
 
-from mergesmith.engine.plan import check_config_matches_weights, config_difference
+from mergesmith.engine.compatibility import check_config_matches_weights, config_difference
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import PlanError
 from mergesmith.io.adapted import open_input

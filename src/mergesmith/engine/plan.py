@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 
 from mergesmith.io import tensor_names as L
+from mergesmith.engine.compatibility import check_compatible, check_config_matches_weights, ties
+from mergesmith.engine.compatibility import config_difference, tensor_difference  # noqa: F401 TEMPORARY
 from mergesmith.engine.modules import module_prefix, set_config_value
 from mergesmith.engine.params import ParamResolver
 from mergesmith.engine.vocab import VocabPlan, chat_template_for, plan_vocab
@@ -31,13 +33,7 @@ from mergesmith.recipe.schema import LayerScaling
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPAT = ("none", "mergekit")  # the recipe's `compat:` values, also `--compat`
-# Config fields that fix the shape of the computation: models that differ in one do not compute
-# the same function of their tensors, so averaging those tensors means nothing.
-SHAPE_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "ffn_dim",
-              "num_attention_heads", "n_head", "num_key_value_heads", "head_dim",
-              "tie_word_embeddings")
 NO_MATCH = "the statistics do not match the checkpoint's tensor names"
-CRIMES_HINT = "pass --allow-crimes (allow_crimes=True) if you mean to merge them anyway"
 
 
 @dataclass
@@ -159,7 +155,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     resolver = ParamResolver(recipe, method)
     warnings = check_settings(recipe, method)
     ref = slices[0].base or slices[0].sources[0]
-    _check_compatible(recipe, slices, ref.ckpt, allow_crimes, warnings)
+    check_compatible(recipe, slices, ref.ckpt, allow_crimes, warnings)
     vocab = plan_vocab(recipe, opened, ref.ckpt)
     chat_template = chat_template_for(recipe, opened)
     if method.side is not None:
@@ -266,89 +262,6 @@ def _open_models(recipe: Recipe) -> dict[str, Checkpoint]:
     by_folder: dict = {}
     return {ref: open_input(ref, by_folder, recipe.base_model, check_config_matches_weights)
             for ref in recipe.model_refs()}
-
-
-def check_config_matches_weights(ck: Checkpoint) -> None:
-    """The output config is a copy of one input's, so it must describe that input's tensors."""
-    key = L.layer_count_key(ck.config)
-    have = L.num_layers(list(ck.tensors))
-    said = ck.config.get(key) if key else None
-    # the numbered blocks may also hold multi-token-prediction layers after the last one
-    # (DeepSeek-V3), or a longer decoder stack of an encoder-decoder (T5)
-    stacks = [said + (ck.config.get("num_nextn_predict_layers") or 0) if isinstance(said, int) else 0]
-    stacks += [ck.config[k] for k in ("num_decoder_layers", "decoder_layers", "encoder_layers")
-               if isinstance(ck.config.get(k), int)]
-    if isinstance(said, int) and have and have != max(stacks):
-        raise PlanError(f"{ck.label}: config.json says {key}: {said}, but its weights have "
-                        f"{have} layers", hint="the config belongs to another model; fix or replace it")
-    vocab = ck.config.get("vocab_size")
-    embedding = next((n for n in sorted(ck.tensors) if L.INPUT_EMBEDDINGS.search(n)), None)
-    rows = ck.tensors[embedding].shape[0] if embedding and ck.tensors[embedding].shape else None
-    if isinstance(vocab, int) and rows is not None and rows != vocab:
-        raise PlanError(f"{ck.label}: config.json says vocab_size: {vocab}, but {embedding!r} has "
-                        f"{rows} rows", hint="the config belongs to another model; fix or replace it")
-
-
-def _ties(ck: Checkpoint) -> bool:
-    """Whether the model's output head is its input embedding (transformers' default: yes)."""
-    return ck.config.get("tie_word_embeddings", True) is not False
-
-
-def _check_compatible(recipe: Recipe, slices: list[OutSlice], ref: Checkpoint,
-                      allow_crimes: bool, warnings: list[str]) -> None:
-    """Refuse models that are not the same architecture: the first difference of architecture,
-    config or tensor names between `ref` and each other model merged. With allow_crimes a
-    difference of architecture or config is a warning; a tensor some models lack stays an error
-    (it would be dropped, or invented from other tensors)."""
-    merged = {id(s.ckpt): s.ckpt for sl in slices for s in [*sl.sources, sl.base, sl.lines_base]
-              if s is not None}
-    for ck in merged.values():
-        if ck is ref:
-            continue
-        found = config_difference(ref, ck, layers=recipe.slices is None)
-        if found is not None:
-            what = f"{ref.label} and {ck.label} are different models: {found}"
-            if not allow_crimes:
-                raise PlanError(what, hint=CRIMES_HINT)
-            warnings.append(f"{what} (merged anyway: allow_crimes)")
-        only = tensor_difference(ref, ck)
-        if only is not None:
-            name, has, lacks = only
-            untied = (" (its config says tie_word_embeddings: false, so its embedding is not its "
-                      "output head)" if L.tied_embedding(set(lacks.tensors), name) else "")
-            raise PlanError(f"{ref.label} and {ck.label} have different tensors: {has.label} has "
-                            f"{name!r}, {lacks.label} has no such tensor{untied}",
-                            hint="mergesmith never drops or invents a tensor, with allow_crimes "
-                                 "too; merge models of one architecture")
-
-
-def config_difference(a: Checkpoint, b: Checkpoint, *, layers: bool) -> str | None:
-    for key in ("architectures", "model_type", *SHAPE_KEYS, *(L.LAYER_COUNT_KEYS if layers else ())):
-        if key == "tie_word_embeddings":
-            mine, theirs = _ties(a), _ties(b)
-        elif key in a.config and key in b.config:  # a field one config leaves out is no evidence
-            mine, theirs = a.config[key], b.config[key]
-        else:
-            continue
-        if mine != theirs:
-            return f"{key} {mine!r} against {theirs!r}"
-    return None
-
-
-def tensor_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, Checkpoint, Checkpoint] | None:
-    """(name, the model that has it, the one that lacks it) for the first tensor name (layer
-    numbers aside) only one of them has. A tied model's head is its embedding, so it has one."""
-    def names(ck: Checkpoint, other: Checkpoint) -> set[str]:
-        found = {n if L.layer_of(n) is None else L.with_layer(n, 0) for n in ck.tensors}
-        if _ties(ck):
-            own = set(ck.tensors)
-            found |= {n for n in other.tensors if L.layer_of(n) is None and L.tied_embedding(own, n)}
-        return found
-
-    mine, theirs = names(a, b), names(b, a)
-    for name in sorted(mine ^ theirs):
-        return (name, a, b) if name in mine else (name, b, a)
-    return None
 
 
 def _open_statistics(recipe: Recipe, method: MethodSpec, opened: dict[str, Checkpoint],
@@ -510,7 +423,7 @@ def _input_name(source: Source, template: str, offset: int | None) -> str:
     if name in source.ckpt.tensors:
         return name
     tied = L.tied_embedding(set(source.ckpt.tensors), name)
-    if tied is not None and _ties(source.ckpt):
+    if tied is not None and ties(source.ckpt):
         return tied
     if tied is not None:
         raise PlanError(f"{source.ckpt.label}: has no tensor {name!r}, and its config says "
