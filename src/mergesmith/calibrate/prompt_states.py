@@ -26,12 +26,20 @@ from mergesmith.recipe import Calibration
 MODES = ("hidden", "hidden_last", "hidden_avg")
 
 
-def load_prompt_model(folder: str | Path, *, device: str | torch.device = "cpu",
+def load_prompt_model(source, *, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32, batch_size: int = 8) -> CalibrationModel:
-    """The model's bare decoder (no LM head: only hidden states are read) and its tokenizer."""
+    """The model's bare decoder (no LM head: only hidden states are read) and its tokenizer.
+    `source`: a model folder, or an opened input (io/adapted.py's open_input): a `BASE+ADAPTER`
+    view (or a delta pack) runs as mergekit reads that reference elsewhere, the adapter merged in:
+    its base's module with every weight read through the view, one tensor at a time."""
+    folder = Path(getattr(source, "path", source))
     cal = Calibration(batch_size=batch_size)
-    return CalibrationModel.load(folder, cal, Path(folder), device=device, dtype=dtype,
-                                 objective="features")
+    model = CalibrationModel.load(folder, cal, folder, device=device, dtype=dtype, objective="features")
+    if len(getattr(source, "sources", ())) > 1:  # the folder's weights are not the model's
+        with torch.no_grad():
+            for name, param in model.parameters().items():
+                param.copy_(source.read(name))
+    return model
 
 
 def load_prompt_tokenizer(folder: str | Path):

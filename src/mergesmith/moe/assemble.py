@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from mergesmith.io import tensor_names as L
-from mergesmith.engine.plan import config_difference, tensor_difference
+from mergesmith.engine.compatibility import check_config_matches_weights, config_difference, tensor_difference
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import PlanError
+from mergesmith.io.adapted import open_input
 from mergesmith.io.checkpoint import Checkpoint, TensorInfo
-from mergesmith.io.resolve import resolve_model
 from mergesmith.io.views import Entry, View, computed, stored
 from mergesmith.methods.moe_assemble import noise_and_scale
 from mergesmith.moe.gates import gate_rows
@@ -67,7 +67,7 @@ def upcycle(model: str, experts: int, out: str | Path, *, noise_scale: float | N
             seed: int = 0, **options) -> Path:
     """AquilaMoE's scale-out of one dense model into `experts` experts (recipe/moe.py's
     upcycle_config); a Qwen-MoE's shared expert starts with a zero down projection."""
-    ck = Checkpoint(resolve_model(model), label=model)
+    ck = open_model(model, {})
     layout = pick_layout(architecture, ck.config.get("model_type"), None, ck.label,
                          where="--architecture")
     config = upcycle_config(model, experts, noise_scale=noise_scale, experts_per_token=experts_per_token,
@@ -78,15 +78,16 @@ def upcycle(model: str, experts: int, out: str | Path, *, noise_scale: float | N
 def moe_program(config: MoeConfig, *, device: str = "cpu", progress: bool = False,
                 allow_identical_experts: bool = False) -> Program:
     opened: dict[str, Checkpoint] = {}
+    by_folder: dict = {}
 
-    def open_model(ref: str) -> Checkpoint:
+    def opener(ref: str) -> Checkpoint:
         if ref not in opened:
-            opened[ref] = Checkpoint(resolve_model(ref), label=ref)
+            opened[ref] = open_model(ref, by_folder, config.base_model)
         return opened[ref]
 
-    base = open_model(config.base_model)
-    experts = [open_model(e.source_model) for e in config.experts]
-    shared = [open_model(e.source_model) for e in config.shared_experts or ()]
+    base = opener(config.base_model)
+    experts = [opener(e.source_model) for e in config.experts]
+    shared = [opener(e.source_model) for e in config.shared_experts or ()]
     layout = pick_layout(config.architecture, base.config.get("model_type"), len(shared), base.label,
                          where=config.where("architecture"))
     _check_inputs(config, layout, base, experts + shared, allow_identical_experts)
@@ -100,7 +101,7 @@ def moe_program(config: MoeConfig, *, device: str = "cpu", progress: bool = Fals
     view = View("experts and routers", moe, entries, [base, *experts, *shared])
     outputs += [Output(name, [(view, name)], layer=layer_of[name]) for name in entries]
 
-    source = open_model(config.tokenizer_source) if config.tokenizer_source else base
+    source = opener(config.tokenizer_source) if config.tokenizer_source else base
     what = "the experts' mean" if config.non_expert == "average" else f"{config.base_model}"
     summary = (f"a {layout.name} mixture of {len(experts)} experts ({config.experts_per_token} per "
                f"token{', one shared expert' if shared else ''}) assembled from dense models: each "
@@ -109,6 +110,13 @@ def moe_program(config: MoeConfig, *, device: str = "cpu", progress: bool = Fals
     return Program(outputs, moe, source, f"MoE of {len(experts)} experts ({layout.name})", summary,
                    record=(RECORD, config._text or config.to_yaml()), dtype=dtype, seed=config.seed,
                    models={ref: ck for ref, ck in opened.items()})
+
+
+def open_model(ref: str, by_folder: dict, base_model: str | None = None) -> Checkpoint:
+    """A model reference opened as the merge engine opens a recipe's: a folder or hub id, or
+    mergekit's `BASE+ADAPTER` (a bare adapter folder: on `base_model`), as a view that applies
+    the adapter tensor by tensor as the experts stream."""
+    return open_input(ref, by_folder, base_model, check_config_matches_weights)
 
 
 def _check_inputs(config: MoeConfig, layout: Layout, base: Checkpoint, models: list[Checkpoint],
@@ -133,7 +141,7 @@ def _check_inputs(config: MoeConfig, layout: Layout, base: Checkpoint, models: l
         if ".mlp." in name and not any(name.endswith(f".mlp.{p}.weight") for p in PROJECTIONS):
             raise PlanError(f"{base.label}: MLP tensor {name!r} has no place in an MoE expert",
                             hint="experts are gate/up/down projections without biases")
-    refs = {ck.path.resolve() for ck in models[:len(config.experts)]}
+    refs = {tuple(Path(p).resolve() for p in ck.sources) for ck in models[:len(config.experts)]}
     if len(refs) == 1 and not (allow_identical or config.allow_identical_experts):
         raise PlanError(f"{config.where('experts')}: every expert is {config.experts[0].source_model}: "
                         "the MoE would compute what that model does, at more cost",

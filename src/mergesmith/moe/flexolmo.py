@@ -31,7 +31,6 @@ from mergesmith.calibrate.prompt_states import load_prompt_model, pooled_states,
 from mergesmith.engine.program import Output, Program, write_program
 from mergesmith.errors import PlanError
 from mergesmith.io.checkpoint import Checkpoint
-from mergesmith.io.resolve import resolve_model
 from mergesmith.io.views import View, computed, reindexed, stored
 from mergesmith.methods.moe_router import mean_embedding
 
@@ -133,7 +132,11 @@ def drop_experts(folder: str | Path, drop: list[int], out: str | Path, **write) 
 # ---- members and checks ----------------------------------------------------------------------
 
 def _open(ref: str | Path) -> Checkpoint:
-    return Checkpoint(resolve_model(str(ref)), label=str(ref))
+    """As `mergesmith moe` opens its models: `BASE+ADAPTER` too (an adapter on the FFN only, or
+    the expert's shared tensors stop being the public model's)."""
+    from mergesmith.moe.assemble import open_model
+
+    return open_model(str(ref), {})
 
 
 def _check_public(pub: Checkpoint) -> None:
@@ -241,11 +244,11 @@ def _embed_rows(members: list[Member], embedder: str | Path | None, public: Chec
     if not wanted:
         return
 
-    folder = resolve_model(str(embedder)) if embedder is not None else public.path
-    model = load_prompt_model(folder, device=device)
+    source = _open(embedder) if embedder is not None else public
+    model = load_prompt_model(source, device=device)
     width, d_model = model.module.config.hidden_size, public.config["hidden_size"]
     if width != d_model:
-        raise PlanError(f"{folder}: the embedder's hidden size is {width}, the model's is {d_model}",
+        raise PlanError(f"{source.label}: the embedder's hidden size is {width}, the model's is {d_model}",
                         hint="router rows are domain embeddings used as they are: the sizes must match")
     with prompt_progress(progress) as bar:
         bar.start("domain embeddings (texts)", sum(len(m.texts) for m in wanted))

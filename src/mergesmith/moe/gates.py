@@ -4,7 +4,8 @@
 config order), then, as mergekit-moe's `need_gates`, one row per shared expert (Qwen-MoE's
 `shared_expert_gate`) when the shared experts have prompts or the mode is random; S = 0
 otherwise. The maths is methods/moe_router.py's; the prompts' hidden states come from the base
-model (calibrate/prompt_states.py), run in the base's stored precision when that is bf16 or
+model (calibrate/prompt_states.py; a `BASE+ADAPTER` base runs with its adapter merged in, and
+cheap_embed reads its adapted embedding), run in the base's stored precision when that is bf16 or
 fp32 (as mergekit-moe, which runs its forwards in bf16: an fp32 copy of a bf16 base would double
 the memory), and in fp32 otherwise.
 """
@@ -109,7 +110,7 @@ def _check_prompts(config, experts: list) -> None:
 
 def _hidden(base: Checkpoint, experts: list, mode: str, device: str, progress: bool) -> torch.Tensor:
 
-    model = load_prompt_model(base.path, device=device, dtype=_forward_dtype(base))
+    model = load_prompt_model(base, device=device, dtype=_forward_dtype(base))
     total = sum(len(e.positive_prompts) + len(e.negative_prompts or ()) for e in experts)
     rows = []
     with prompt_progress(progress) as bar:

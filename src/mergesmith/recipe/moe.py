@@ -4,6 +4,8 @@ Every field of mergekit-moe's YAML is accepted with its meaning (base_model, exp
 positive/negative prompts, noise_scale, residual_scale, gate_mode, dtype, experts_per_token,
 shared_experts, architecture); ours are tokenizer_source, allow_identical_experts (mergekit's
 --i-understand-this-is-not-useful-without-training), non_expert (BTX), norm_topk_prob and seed.
+A model reference may be mergekit's `BASE+ADAPTER` (a PEFT LoRA merged in as the experts stream,
+moe/assemble.py), which mergekit-moe 0.1.5 itself refuses ("LoRA not merged").
 Errors read 'moe.yml:7: experts[1].source_model: <what is wrong>', as for a recipe.
 """
 
@@ -20,7 +22,7 @@ from mergesmith.recipe.loader import (
     MAX_NODES, MAX_RECIPE_BYTES, _BoundedLoader, _collect_lines, _expanded_size, _is_file, _recipe_error,
     _too_big, _TooLarge,
 )
-from mergesmith.recipe.schema import NO_FILE, _dtype, _model_ref, locate
+from mergesmith.recipe.schema import NO_FILE, _adapter_form, _dtype, _model_ref, locate
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
 
@@ -37,6 +39,7 @@ class ExpertConfig(BaseModel):
     residual_scale: Optional[float] = None  # multiplies the down projection
 
     _check_ref = field_validator("source_model")(_model_ref)
+    _plain = field_validator("source_model")(_adapter_form)
 
 
 class MoeConfig(BaseModel):
@@ -56,6 +59,7 @@ class MoeConfig(BaseModel):
     seed: int = 0
 
     _check_ref = field_validator("base_model")(_model_ref)
+    _plain = field_validator("base_model", "tokenizer_source")(_adapter_form)
     _normalise_dtype = field_validator("dtype")(_dtype)
 
     _source: str = NO_FILE
