@@ -18,7 +18,6 @@ import torch
 
 from mergesmith.io import tensor_names as L
 from mergesmith.engine.compatibility import check_compatible, check_config_matches_weights, ties
-from mergesmith.engine.compatibility import config_difference, tensor_difference  # noqa: F401 TEMPORARY
 from mergesmith.engine.modules import module_prefix, set_config_value
 from mergesmith.engine.params import ParamResolver
 from mergesmith.engine.vocab import VocabPlan, chat_template_for, plan_vocab
