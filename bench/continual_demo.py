@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from mergesmith.demo.run import prepare_demo
+    from mergesmith.embedded.world import prepare_demo
     from mergesmith.engine.continual import continual_merge
     from mergesmith.evaluate import load_task
     from mergesmith.recipe import load_recipe

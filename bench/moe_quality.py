@@ -4,7 +4,7 @@
         [--keep 2] [--json bench/results/moe-quality.json]
 
 A tiny Llama (bench/tiny_lm.py: BPE tokenizer over the demo's texts, label words as tokens) is
-pretrained as a language model on the four demo tasks' train texts (src/mergesmith/demo/tasks),
+pretrained as a language model on the four demo tasks' train texts (src/mergesmith/embedded/tasks),
 then one expert per task fine-tunes its MLPs (only: an MoE takes attention, norms and embeddings
 from `base_model`) to answer `[BOS] text [SEP]` with the task's label word. Scores are label-word
 accuracy on each task's test split (the argmax over that task's label words at [SEP]).

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from mergesmith.demo import prepare_demo
-from mergesmith.demo.assets import cache_dir
+from mergesmith.embedded.assets import cache_dir
 from mergesmith.demo.leaderboard import TUNING_EXAMPLES, _tune, method_recipe
-from mergesmith.demo.run import TASKS
+from mergesmith.embedded.world import TASKS
 from mergesmith.evaluate import load_task, summarize
 from mergesmith.methods import get_method
 from mergesmith.recipe import load_recipe

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergesmith.demo.run import TASKS
+from mergesmith.embedded.world import TASKS
 
 
 def experts(toy: bool, cache: Path | None) -> tuple[Path, list[Path]]:
     from mergesmith.demo import prepare_demo
-    from mergesmith.demo.assets import base_model_folder, cache_dir
+    from mergesmith.embedded.assets import base_model_folder, cache_dir
 
     if not toy:
         setup = prepare_demo(cache=cache)

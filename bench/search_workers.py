@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from mergesmith.demo import prepare_demo
-from mergesmith.demo.assets import cache_dir
-from mergesmith.demo.run import TASKS
+from mergesmith.embedded.assets import cache_dir
+from mergesmith.embedded.world import TASKS
 from mergesmith.search.driver import search
 
 

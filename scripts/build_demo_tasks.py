@@ -1,4 +1,4 @@
-"""Rebuild the demo's task files (src/mergesmith/demo/tasks/) from text that ships in packages.
+"""Rebuild the demo's task files (src/mergesmith/embedded/tasks/) from text that ships in packages.
 
 Installs nothing. It reads what these packages put on disk; install them first:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "mergesmith" / "demo" / "tasks"
+OUT = Path(__file__).resolve().parents[1] / "src" / "mergesmith" / "embedded" / "tasks"
 FORTUNES = Path("/usr/share/games/fortunes")
 WORDNET = Path("/usr/share/wordnet")
 SIZES = {"train": 800, "validation": 200, "test": 400}

@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import run_cli
 
-from mergesmith.demo import leaderboard, run
+from mergesmith.demo import leaderboard
+from mergesmith.embedded import world as run
 from mergesmith.demo.leaderboard import (DEFAULT_METHODS, demo_methods, leaderboard_rows, run_leaderboard,
                                          skip_reason)
-from mergesmith.demo.run import prepare_demo
+from mergesmith.embedded.world import prepare_demo
 from mergesmith.errors import MergesmithError
 from mergesmith.evaluate import evaluate_model, load_task
 from mergesmith.methods import all_methods, get_method

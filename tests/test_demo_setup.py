@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergesmith.demo import assets, finetune
-from mergesmith.demo.run import FAST_TASKS, TASKS, TASKS_DIR, prepare_demo
+from mergesmith.embedded import assets, finetune
+from mergesmith.embedded.world import FAST_TASKS, TASKS, TASKS_DIR, prepare_demo
 from mergesmith.errors import ModelNotFoundError
 from mergesmith.evaluate import load_task
 

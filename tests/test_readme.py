@@ -46,7 +46,7 @@ import pytest
 import torch
 import yaml
 
-from mergesmith.demo.run import TASKS, TASKS_DIR
+from mergesmith.embedded.world import TASKS, TASKS_DIR
 from mergesmith.methods import all_methods, get_method
 from mergesmith.toy import build_model, default_tokens
 

@@ -297,7 +297,7 @@ def test_worker_scores_candidates_and_fails_nan_or_raising_fitness(world):
 
 
 def test_demo_task_names_are_the_demos_tasks_with_their_heads(tmp_path, monkeypatch):
-    from mergesmith.demo import run
+    from mergesmith.embedded import world as run
 
     fitness = load_fitness({"tasks": ["sentiment"], "demo": {"fast": True, "cache": str(tmp_path)}})
     monkeypatch.setattr(run, "prepare_expert", lambda *args: None)  # the tasks alone, not trained

@@ -165,7 +165,7 @@ def test_demo_search_row(tmp_path, one_thread):
     """`mergesmith demo --method search`: a time-bounded CMA-ES row, its best recipe scored on
     test beside the references, searched once and then taken from the cache."""
     from mergesmith.demo.leaderboard import run_leaderboard
-    from mergesmith.demo.run import prepare_demo
+    from mergesmith.embedded.world import prepare_demo
 
     setup = prepare_demo(fast=True, seed=0, cache=tmp_path / "cache", progress=False)
 

@@ -227,9 +227,9 @@ def demo(
     import time
 
     from mergesmith.demo import search_row
-    from mergesmith.demo.assets import cache_dir
+    from mergesmith.embedded.assets import cache_dir
     from mergesmith.demo.leaderboard import demo_methods, rich_table, run_leaderboard
-    from mergesmith.demo.run import prepare_demo
+    from mergesmith.embedded.world import prepare_demo
 
     start = time.perf_counter()
 

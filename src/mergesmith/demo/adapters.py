@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergesmith.demo.assets import base_model_folder, building, cache_dir, tiny_base_folder
-from mergesmith.demo.finetune import (FAST, RECIPE_VERSION, Log, Settings, _silent, _split_features,
+from mergesmith.embedded.assets import base_model_folder, building, cache_dir, tiny_base_folder
+from mergesmith.embedded.finetune import (FAST, RECIPE_VERSION, Log, Settings, _silent, _split_features,
                                       accuracy, digest, load_encoder, train)
 from mergesmith.evaluate.run import quiet_transformers
 from mergesmith.evaluate.tasks import load_task
@@ -98,8 +98,8 @@ def prepare_adapter_demo(fast: bool = False, seed: int = 0, cache: Path | None =
                          progress: bool = True) -> AdapterDemo:
     """The base model, each task's frozen head (shared with the full demo) and each task's
     LoRA expert, trained only if not cached."""
-    from mergesmith.demo.finetune import prepare_task
-    from mergesmith.demo.run import FAST_TASKS, SETTINGS, TASKS, TASKS_DIR, _say
+    from mergesmith.embedded.finetune import prepare_task
+    from mergesmith.embedded.world import FAST_TASKS, SETTINGS, TASKS, TASKS_DIR, _say
 
     root = cache_dir(cache)
     settings = (FAST if fast else SETTINGS).with_seed(seed)

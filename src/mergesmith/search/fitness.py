@@ -142,9 +142,9 @@ def _tasks(spec: dict, base: Path) -> list:
 
 def _demo_task(name: str, options: dict) -> Path:
     """The demo's task with its frozen head, as the demo prepares it (fitted on first use)."""
-    from mergesmith.demo.assets import base_model_folder, cache_dir, tiny_base_folder
-    from mergesmith.demo.finetune import FAST, prepare_task
-    from mergesmith.demo.run import SETTINGS, TASKS, TASKS_DIR
+    from mergesmith.embedded.assets import base_model_folder, cache_dir, tiny_base_folder
+    from mergesmith.embedded.finetune import FAST, prepare_task
+    from mergesmith.embedded.world import SETTINGS, TASKS, TASKS_DIR
 
     if name not in TASKS:
         raise RecipeError(f"search.fitness.tasks: {name!r} is neither a task file or folder nor "

@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergesmith.demo.assets import base_model_folder, cache_dir, tiny_base_folder
-from mergesmith.demo.finetune import FAST, Settings, prepare_expert, prepare_task
+from mergesmith.embedded.assets import base_model_folder, cache_dir, tiny_base_folder
+from mergesmith.embedded.finetune import FAST, Settings, prepare_expert, prepare_task
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 TASKS = ("topic", "language", "sentiment", "part_of_speech")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mergesmith.demo.assets import building
+from mergesmith.embedded.assets import building
 from mergesmith.evaluate.run import _mean_pool as mean_pool
 from mergesmith.evaluate.run import quiet_transformers
 from mergesmith.evaluate.tasks import Task, load_task
