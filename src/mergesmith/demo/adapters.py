@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mergesmith.embedded.assets import base_model_folder, building, cache_dir, tiny_base_folder
-from mergesmith.embedded.finetune import (FAST, RECIPE_VERSION, Log, Settings, _silent, _split_features,
+from mergesmith.embedded.finetune import (FAST, RECIPE_VERSION, Log, Settings, silent, split_features,
                                       accuracy, digest, load_encoder, train)
 from mergesmith.evaluate.run import quiet_transformers
 from mergesmith.evaluate.tasks import load_task
@@ -47,7 +47,7 @@ class AdapterExpert:
 
 
 def prepare_adapter_expert(task_file: Path, base: Path, cache_root: Path, settings: Settings,
-                           lora: LoraSettings = LORA, log: Log = _silent) -> AdapterExpert:
+                           lora: LoraSettings = LORA, log: Log = silent) -> AdapterExpert:
     """The task's expert as a LoRA adapter on `base`, trained under the task's frozen head with
     the full experts' schedule (finetune.train), cached like them."""
     task = load_task(task_file)
@@ -68,7 +68,7 @@ def prepare_adapter_expert(task_file: Path, base: Path, cache_root: Path, settin
     train(model, tokenizer, task, load_file(task.head), Settings(**{**asdict(settings),
                                                                      "learning_rate": lora.learning_rate}))
     seconds = time.perf_counter() - started
-    score = accuracy(*_split_features(model, tokenizer, task, "validation", settings), load_file(task.head))
+    score = accuracy(*split_features(model, tokenizer, task, "validation", settings), load_file(task.head))
     log(f"{task.name}: LoRA expert trained in {seconds:.0f} s, validation accuracy {score:.3f}")
     with building(target) as folder, quiet_transformers():
         model.save_pretrained(folder / ADAPTER)
@@ -99,13 +99,13 @@ def prepare_adapter_demo(fast: bool = False, seed: int = 0, cache: Path | None =
     """The base model, each task's frozen head (shared with the full demo) and each task's
     LoRA expert, trained only if not cached."""
     from mergesmith.embedded.finetune import prepare_task
-    from mergesmith.embedded.world import FAST_TASKS, SETTINGS, TASKS, TASKS_DIR, _say
+    from mergesmith.embedded.world import FAST_TASKS, SETTINGS, TASKS, TASKS_DIR, say
 
     root = cache_dir(cache)
     settings = (FAST if fast else SETTINGS).with_seed(seed)
     lora = FAST_LORA if fast else LORA
     base = tiny_base_folder(root, seed) if fast else base_model_folder(root)
-    log = _say if progress else (lambda message: None)
+    log = say if progress else (lambda message: None)
     tasks, experts = {}, {}
     for name in FAST_TASKS if fast else TASKS:
         tasks[name] = prepare_task(TASKS_DIR / name / "task.yaml", base, root, settings, log)

@@ -111,11 +111,11 @@ def accuracy(x: torch.Tensor, y: torch.Tensor, head: dict[str, torch.Tensor]) ->
 Log = Callable[[str], None]
 
 
-def _silent(message: str) -> None:
+def silent(message: str) -> None:
     pass
 
 
-def prepare_task(task_file: Path, base: Path, cache_root: Path, settings: Settings, log: Log = _silent) -> Path:
+def prepare_task(task_file: Path, base: Path, cache_root: Path, settings: Settings, log: Log = silent) -> Path:
     """The task copied into the cache with its frozen head (`head.safetensors`), fitted on first use."""
     from safetensors.torch import save_file
 
@@ -127,8 +127,8 @@ def prepare_task(task_file: Path, base: Path, cache_root: Path, settings: Settin
         return target / "task.yaml"
     log(f"{source.name}: fitting the frozen head on the base model's features")
     encoder, tokenizer = load_encoder(base)
-    train_x, train_y = _split_features(encoder, tokenizer, source, "train", settings)
-    valid_x, valid_y = _split_features(encoder, tokenizer, source, "validation", settings)
+    train_x, train_y = split_features(encoder, tokenizer, source, "train", settings)
+    valid_x, valid_y = split_features(encoder, tokenizer, source, "validation", settings)
     head = fit_head(train_x, train_y, len(source.labels), settings.head_l2)
     with building(target) as folder:
         for file in source.data.values():
@@ -143,7 +143,7 @@ def prepare_task(task_file: Path, base: Path, cache_root: Path, settings: Settin
     return target / "task.yaml"
 
 
-def prepare_expert(task_file: Path, base: Path, cache_root: Path, settings: Settings, log: Log = _silent) -> Path:
+def prepare_expert(task_file: Path, base: Path, cache_root: Path, settings: Settings, log: Log = silent) -> Path:
     """The encoder fine-tuned on the task (whose head is frozen), saved as a Hugging Face folder."""
     task = load_task(task_file)
     key = digest("expert", RECIPE_VERSION, task.fingerprint, base.name, asdict(settings))
@@ -158,7 +158,7 @@ def prepare_expert(task_file: Path, base: Path, cache_root: Path, settings: Sett
     started, cpu_started = time.perf_counter(), time.process_time()
     second_moments = train(encoder, tokenizer, task, head, settings)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    score = accuracy(*_split_features(encoder, tokenizer, task, "validation", settings), head)
+    score = accuracy(*split_features(encoder, tokenizer, task, "validation", settings), head)
     log(f"{task.name}: expert trained in {seconds:.0f} s, validation accuracy {score:.3f}")
     with building(target) as folder, quiet_transformers():
         encoder.save_pretrained(folder)
@@ -223,7 +223,7 @@ def _batches(count: int, size: int, steps: int, generator: torch.Generator) -> l
     return [stream[i * size:(i + 1) * size] for i in range(steps)]
 
 
-def _split_features(encoder, tokenizer, task: Task, split: str,
+def split_features(encoder, tokenizer, task: Task, split: str,
                     settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features and label indices of the split (its first `train_examples` rows in fast mode)."""
     rows = task.examples(split)[:settings.train_examples]

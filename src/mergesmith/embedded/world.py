@@ -37,7 +37,7 @@ def prepare_demo(fast: bool = False, seed: int = 0, cache: Path | None = None,
     root = cache_dir(cache)
     settings = (FAST if fast else SETTINGS).with_seed(seed)
     base = tiny_base_folder(root, seed) if fast else base_model_folder(root)
-    log = _say if progress else (lambda message: None)
+    log = say if progress else (lambda message: None)
     tasks, experts = {}, {}
     for name in FAST_TASKS if fast else TASKS:
         tasks[name] = prepare_task(TASKS_DIR / name / "task.yaml", base, root, settings, log)
@@ -45,5 +45,5 @@ def prepare_demo(fast: bool = False, seed: int = 0, cache: Path | None = None,
     return DemoSetup(base=base, experts=experts, tasks=tasks, settings=settings)
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
