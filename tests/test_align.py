@@ -147,7 +147,7 @@ def test_three_models_each_recover_their_permutation(zoo, tmp_path):
         assert found == {name: perm.tolist() for name, perm in inverse.items()}
 
 
-def test_a_recipe_with_align_merges_the_aligned_models(tmp_path):
+def test_a_recipe_with_align_merges_the_aligned_models(tmp_path, capsys):
     """`align:` in a recipe equals aligning the folders first, then merging them."""
     a = build_model(tmp_path / "a", "llama", seed=0, layers=2)
     b = build_model(tmp_path / "b", "llama", seed=1, layers=2)
@@ -159,7 +159,10 @@ def test_a_recipe_with_align_merges_the_aligned_models(tmp_path):
         "units": ["mlp", "residual"], "max_sweeps": 5, "reference": str(a)}})
     folders = write_recipe(tmp_path / "folders.yml", {**recipe, "models": models(aligned)})
     plain = write_recipe(tmp_path / "plain.yml", {**recipe, "models": models(b)})
-    got = read_tensors(mergesmith.merge(in_recipe, tmp_path / "m1"))
+    got = read_tensors(mergesmith.merge(in_recipe, tmp_path / "m1", progress=True))
+    # the weight matching at plan time reports its sweeps as `mergesmith align` does
+    err = capsys.readouterr().err
+    assert f"weight matching 1 model(s) onto {a}" in err and f"  {b}: sweep 1, objective" in err
     want = read_tensors(mergesmith.merge(folders, tmp_path / "m2"))
     unaligned = read_tensors(mergesmith.merge(plain, tmp_path / "m3"))
     assert all(torch.equal(got[n], want[n]) for n in want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -39,16 +40,23 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
+def _stderr(line: str) -> None:
+    """A progress line of planning work, on stderr beside the progress bar that follows it."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
          shard_size: str | int = "5GB", statistics: dict[str, str | Path] | None = None,
-         compat: str | None = None, allow_crimes: bool = False) -> Plan:
+         compat: str | None = None, allow_crimes: bool = False,
+         log: Callable[[str], None] | None = None) -> Plan:
     """Validate a recipe against its models' headers and return the merge plan (reads no weights).
 
     `statistics` maps model references to statistics stores (calibrate/) for methods that read them.
     `compat="mergekit"` overrides the recipe's `compat:`: mergekit 0.1.5's arithmetic.
-    `allow_crimes` merges models of different architectures or configs (a warning, not an error)."""
+    `allow_crimes` merges models of different architectures or configs (a warning, not an error).
+    `log` gets the lines of long planning work (an `align:` section's weight matching)."""
     return build_plan(recipe, seed=seed, shard_bytes=parse_size(shard_size), statistics=statistics,
-                      compat=compat, allow_crimes=allow_crimes)
+                      compat=compat, allow_crimes=allow_crimes, log=log)
 
 
 def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: str | int = "5GB",
@@ -77,7 +85,7 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path, *, shard_size: st
         return merge_adapters(recipe, out, seed=seed, device=device, resume=resume,
                               overwrite=overwrite).path
     the_plan = plan(recipe, seed=seed, shard_size=shard_size, statistics=statistics,
-                    compat=compat, allow_crimes=allow_crimes)
+                    compat=compat, allow_crimes=allow_crimes, log=_stderr if progress else None)
     return write_plan(the_plan, out, device=device, resume=resume, overwrite=overwrite,
                       chunk_size=chunk_size, progress=progress, notes=notes, finish=finish,
                       copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,

@@ -122,7 +122,8 @@ class Plan:
 def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
                shard_bytes: int = 5 * 1000**3,
                statistics: dict[str, str | Path] | None = None,
-               allow_crimes: bool = False, compat: str | None = None) -> Plan:
+               allow_crimes: bool = False, compat: str | None = None,
+               log: Callable[[str], None] | None = None) -> Plan:
     """`statistics` maps a model reference of the recipe to its statistics store (calibrate/),
     for methods that read statistics. `allow_crimes` (mergekit's name) merges models whose
     architectures or configs differ, with a warning; their tensor sets must still agree."""
@@ -147,7 +148,7 @@ def build_plan(recipe: Recipe | str | Path | dict, *, seed: int | None = None,
     if recipe.align is not None:
         from mergesmith.engine.weight_matching import align_recipe_models  # lazily: it builds on this module
 
-        opened = align_recipe_models(recipe, opened, method)
+        opened = align_recipe_models(recipe, opened, method, log=log)
     stores = _open_statistics(recipe, method, opened, statistics or {})
     groups = _groups(recipe, opened, method)
     slices = [out_slice for _, _, group in groups for out_slice in group]

@@ -288,9 +288,11 @@ def _record(item: Aligned) -> str:
                        "permutations": {p: t.tolist() for p, t in sorted(matching.perms.items())}}) + "\n"
 
 
-def align_recipe_models(recipe, opened: dict, method) -> dict:
+def align_recipe_models(recipe, opened: dict, method, log: Callable[[str], None] | None = None
+                        ) -> dict:
     """A recipe's `align:` section applied at plan time: each model the recipe merges replaced
-    by its view permuted onto the reference (the section's, else base_model, else the first)."""
+    by its view permuted onto the reference (the section's, else base_model, else the first);
+    `log` gets the matching's progress lines, as `mergesmith align` prints them."""
     section = recipe.align
     if method.needs_data:  # its statistics or learned values would belong to the unaligned models
         raise PlanError(f"{recipe.where('align')}: only methods that need no data merge models "
@@ -310,7 +312,8 @@ def align_recipe_models(recipe, opened: dict, method) -> dict:
     models = list({id(opened[r]): opened[r] for r in refs}.values())  # a folder named twice is one model
     try:
         aligned = align_models(models, reference=models.index(opened[reference]), units=section.units,
-                               max_sweeps=section.max_sweeps, seed=section.seed, scheme=section.scheme)
+                               max_sweeps=section.max_sweeps, seed=section.seed, scheme=section.scheme,
+                               log=log)
     except PlanError as exc:
         raise PlanError(f"{recipe.where('align')}: {exc.message}", hint=exc.hint) from None
     views = {id(item.source): item.model for item in aligned}
